@@ -1,0 +1,29 @@
+"""Install the SimMatch training system: the library and its DALI pipelines and launcher."""
+from setuptools import find_packages, setup
+
+setup(
+    name="simmatch",
+    version="0.1.0",
+    description="SimMatch semi-supervised training at ImageNet scale: DALI, DDP, AMP, SLURM",
+    python_requires=">=3.10",
+    packages=find_packages(include=["simmatch", "simmatch.*", "dali_pipelines", "dali_pipelines.*",
+                                    "slurm", "slurm.*"]),
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "pyyaml",
+        "pandas",
+        "submitit",
+        "safetensors",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        # DALI for CUDA 13 drivers (r580+); clusters on CUDA 12 drivers install the `dali-cuda120` extra.
+        "dali": ["nvidia-dali-cuda130>=2.4,<2.5"],
+        "dali-cuda120": ["nvidia-dali-cuda120>=2.4,<2.5"],
+        "demo": ["scikit-learn", "matplotlib"],
+        "test": ["pytest", "scikit-learn", "matplotlib"],
+        "tensorboard": ["tensorboard"],
+    },
+)

@@ -1,0 +1,336 @@
+"""Typed run configuration: YAML files and dotted overrides into one dataclass tree.
+
+Defaults live only in the dataclasses below. A YAML file (optionally naming a `base:` file
+it extends) and `key=value` overrides are merged on top; an unknown key or a value of the
+wrong type is a `ConfigError` naming the key and its source. Values that follow from the
+config and the data (scaled LR, steps per epoch, bank size) are computed once, in `derive`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from simmatch.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how each stream decodes and augments them."""
+
+    root: str = ""  # ImageNet-style tree: root/train/<class>/*, root/val/<class>/*
+    train_dir: str = "train"
+    val_dir: str = "val"
+    labeled_list: str = ""  # file of labeled image paths (relative to train_dir), one per line
+    labeled_percent: float = 0.0  # used when labeled_list is empty
+    labeled_per_class: int = 0  # used when labeled_list is empty and labeled_percent is 0
+    unlabeled_list: str = ""  # default: every training image
+    split_seed: int = 0
+    num_classes: int = 1000
+    backend: str = "dali"  # dali | torch | synthetic
+    device: str = "auto"  # auto | gpu | cpu
+    crop_size: int = 224
+    val_resize: int = 256  # shorter side before the center crop
+    min_scale: float = 0.2
+    max_scale: float = 1.0
+    strong: str = "simclr"  # simclr | randaugment
+    jitter: float = 0.4  # brightness, contrast, saturation strength
+    hue: float = 0.1
+    jitter_prob: float = 0.8
+    gray_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma_min: float = 0.1
+    blur_sigma_max: float = 2.0
+    randaug_n: int = 2
+    randaug_m: int = 10
+    num_strong: int = 1  # strong views per unlabeled image (augmentation anchoring)
+    num_threads: int = 4
+    prefetch: int = 2
+    hw_decoder_load: float = 0.65
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    synthetic_size: int = 1024  # images per split for the synthetic backend
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # any torchvision resnet name
+    small_input: bool = False  # 3x3 stride-1 stem and no max-pool, for images of 32 px or less
+    width: int = 64  # first-stage width of the small nets (resnet_tiny only)
+    proj_dim: int = 128
+    ema_momentum: float = 0.999
+    init_from: str = ""  # run directory or checkpoint whose trunk initialises the student
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simmatch"  # simmatch | fixmatch | supervised
+    tau: float = 0.7  # confidence threshold of the class pseudo-label
+    temperature: float = 0.1  # t of the similarity softmax
+    alpha: float = 0.9  # blend of p_w and the aggregated q_w
+    lambda_u: float = 10.0
+    lambda_in: float = 5.0
+    dist_align: bool = True
+    da_len: int = 256
+    da_target: str = "uniform"  # uniform | labeled (labeled-label marginal, ReMixMatch)
+    bank_momentum: float = 0.0  # 0: overwrite rows; >0: temporal ensemble (small K)
+    propagate_after_epochs: int = 0  # official: L_in and aggregation start after epoch 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.03
+    base_batch: int = 64  # lr is given for this global labeled batch and scaled linearly
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    decay_bn_bias: bool = False  # True restores the official decay of BN and biases
+    warmup_epochs: float = 5.0
+    epochs: float = 400.0
+    iters: int = 0  # >0 overrides epochs: total optimizer steps
+    impl: str = "foreach"  # foreach | fused | plain
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # global labeled batch, divided over the ranks
+    mu: int = 5  # unlabeled images per labeled image
+    amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_ckpts: int = 3
+    async_ckpt: bool = True  # write checkpoints in a background thread after a host copy
+    eval_every: int = 0  # 0: only at the end
+    tensorboard: bool = False
+    run_dir: str = ""  # default: <output_root>/<config name>
+    output_root: str = "runs"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = ""
+
+
+@dataclass
+class Derived:
+    """Values that follow from the config, the world size and the data; computed in one place."""
+
+    world_size: int
+    batch_per_rank: int  # labeled images per rank per step
+    unlabeled_per_rank: int
+    lr: float  # scaled to the global labeled batch
+    steps_per_epoch: int  # one epoch = one pass over the unlabeled set
+    total_iters: int
+    warmup_iters: int
+    propagate_after_iters: int
+    num_labeled: int  # K, the bank size
+    num_unlabeled: int
+
+
+def derive(cfg: Config, world_size: int, num_labeled: int, num_unlabeled: int) -> Derived:
+    """Compute everything that depends on the config together with the run's environment."""
+    t = cfg.train
+    if t.batch_size % world_size != 0:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} does not divide by the world size {world_size}")
+    per_rank = t.batch_size // world_size
+    unl_global = t.batch_size * t.mu
+    uses_unlabeled = cfg.method.name != "supervised"
+    denom = unl_global if uses_unlabeled else t.batch_size
+    pool = num_unlabeled if uses_unlabeled else num_labeled
+    steps = max(1, math.ceil(pool / max(1, denom)))
+    total = cfg.optim.iters if cfg.optim.iters > 0 else max(1, round(cfg.optim.epochs * steps))
+    return Derived(
+        world_size=world_size,
+        batch_per_rank=per_rank,
+        unlabeled_per_rank=per_rank * t.mu,
+        lr=cfg.optim.lr * t.batch_size / cfg.optim.base_batch,
+        steps_per_epoch=steps,
+        total_iters=total,
+        warmup_iters=round(cfg.optim.warmup_epochs * steps),
+        propagate_after_iters=cfg.method.propagate_after_epochs * steps,
+        num_labeled=num_labeled,
+        num_unlabeled=num_unlabeled,
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, source)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key} has unsupported type {_type_name(tp)}")
+
+
+def _merge(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
+    """Write `updates` into the dataclass `obj` in place, rejecting unknown keys."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise ConfigError(f"{source}: unknown config key '{full}'")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, source, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, source))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """The file's mapping, preceded by those of the files it names as `base`."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    layers: list[tuple[dict, str]] = []
+    base = data.pop("base", None)
+    if base:
+        base_path = (path.parent / base).resolve()
+        if base_path in seen:
+            raise ConfigError(f"{path}: base '{base}' forms a cycle")
+        layers += _read_yaml(base_path, seen + (path.resolve(),))
+    layers.append((data, str(path)))
+    return layers
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so numbers, booleans and lists work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (and its bases), then each `key=value` override."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        for data, source in _read_yaml(path):
+            _merge(cfg, data, source)
+        if not cfg.name:
+            cfg.name = path.stem
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge(cfg, _nest(key, value), "command line")
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "data.backend": ("dali", "torch", "synthetic"),
+    "data.device": ("auto", "gpu", "cpu"),
+    "data.strong": ("simclr", "randaugment"),
+    "method.name": ("simmatch", "fixmatch", "supervised", "isd"),
+    "method.da_target": ("uniform", "labeled"),
+    "optim.impl": ("foreach", "fused", "plain"),
+    "train.amp": ("auto", "bf16", "fp16", "none"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Reject values that type-check but cannot work."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "train.batch_size": cfg.train.batch_size, "train.mu": cfg.train.mu,
+        "data.num_classes": cfg.data.num_classes, "data.crop_size": cfg.data.crop_size,
+        "data.num_strong": cfg.data.num_strong, "method.da_len": cfg.method.da_len,
+        "train.log_every": cfg.train.log_every, "train.ckpt_every": cfg.train.ckpt_every,
+        "train.keep_ckpts": cfg.train.keep_ckpts,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if not 0.0 <= cfg.model.ema_momentum <= 1.0:
+        raise ConfigError(f"model.ema_momentum={cfg.model.ema_momentum} must lie in [0, 1]")
+    if not 0.0 <= cfg.method.bank_momentum < 1.0:
+        raise ConfigError(f"method.bank_momentum={cfg.method.bank_momentum} must lie in [0, 1)")
+    if not 0.0 < cfg.data.min_scale <= cfg.data.max_scale <= 1.0:
+        raise ConfigError("data.min_scale and data.max_scale must satisfy 0 < min <= max <= 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict, source: str = "saved config") -> Config:
+    cfg = Config()
+    _merge(cfg, data, source)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the fully resolved config (atomically) so that the run can be reproduced."""
+    from simmatch.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,124 @@
+"""Rank, world size and collectives that also work in a single process with no process group."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(backend: str | None = None, timeout_s: int = 1800) -> None:
+    """Join the process group described by the torchrun/SLURM environment, if there is one.
+
+    NCCL when CUDA is available, gloo otherwise. A single process without WORLD_SIZE stays
+    without a process group: every helper below then acts as the identity.
+    """
+    if is_dist() or int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every rank along dim 0 (same shape on every rank), rank order."""
+    if not is_dist() or world_size() == 1:
+        return tensor
+    out = torch.empty((world_size() * tensor.shape[0], *tensor.shape[1:]),
+                      dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor.contiguous())
+    return out
+
+
+@torch.no_grad()
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, returned as a new tensor (the input is left as it was)."""
+    if not is_dist() or world_size() == 1:
+        return tensor.clone()
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / world_size()
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.clone()
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when `flag` is true on at least one (a collective: call on all ranks)."""
+    if not is_dist() or world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank."""
+    if not is_dist() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable object, in rank order (a one-element list without a group)."""
+    if not is_dist() or world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating buffers (BN running statistics) over ranks, in place, in one collective,
+    so that every rank's copy, and the EMA teacher that follows it, stays identical."""
+    if not is_dist() or world_size() == 1:
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.reshape(-1) for b in bufs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size()
+    torch._foreach_copy_(bufs, list(flat.split([b.numel() for b in bufs])))

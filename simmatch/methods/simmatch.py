@@ -1,0 +1,135 @@
+"""SimMatch (CVPR 2022): class and instance pseudo-labels that propagate through a labeled bank.
+
+FixMatch is the special case without the bank (lambda_in = 0, p_hat = p_w). Targets are
+computed in fp32 under no_grad; every cross-entropy uses log_softmax.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from simmatch.alignment import DistributionAlignment
+from simmatch.bank import LabeledBank
+from simmatch.methods.base import Batch, Method
+from simmatch.models import Network
+
+
+def pseudo_labels(p_w: torch.Tensor, q_w: torch.Tensor, bank_labels: torch.Tensor,
+                  alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimMatch's label propagation.
+
+    p_w [B x C]: aligned class probabilities of the weak view (rows sum to 1).
+    q_w [B x K]: similarity distribution over the bank (rows sum to 1).
+    bank_labels [K]: class of each bank slot.
+    Returns p_hat [B x C] = alpha p_w + (1 - alpha) aggregate(q_w), and
+    q_hat [B x K] = normalize(q_w * unfold(p_w)).
+    """
+    index = bank_labels.long().unsqueeze(0).expand(q_w.shape[0], -1)
+    p_unfold = torch.gather(p_w, 1, index)  # p_unfold[i, j] = p_w[i, bank_labels[j]]
+    q_hat = q_w * p_unfold
+    q_hat = q_hat / q_hat.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    q_agg = torch.zeros_like(p_w).scatter_add_(1, index, q_w)  # sum of q_w per class
+    p_hat = alpha * p_w + (1.0 - alpha) * q_agg
+    return p_hat, q_hat
+
+
+def fp32(device: torch.device):
+    """Autocast off: targets and losses are computed in full precision."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def soft_cross_entropy(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample H(target, softmax(logits))."""
+    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
+
+
+class SimMatch(Method):
+    def __init__(self, student: Network, ema_momentum: float, bank_labels: torch.Tensor,
+                 num_classes: int, *, tau: float, temperature: float, alpha: float,
+                 lambda_u: float, lambda_in: float, dist_align: bool = True, da_len: int = 256,
+                 da_target: torch.Tensor | None = None, bank_momentum: float = 0.0,
+                 propagate_after_iters: int = 0, use_bank: bool = True, seed: int = 0):
+        super().__init__(student, ema_momentum)
+        self.tau, self.temperature, self.alpha = tau, temperature, alpha
+        self.lambda_u, self.lambda_in = lambda_u, lambda_in
+        self.propagate_after_iters = propagate_after_iters
+        self.use_bank = use_bank
+        self.da = DistributionAlignment(num_classes, da_len, da_target) if dist_align else None
+        self.bank = None
+        if use_bank:
+            if student.head is None:
+                raise ValueError("SimMatch needs a projection head (model.proj_dim > 0)")
+            dim = student.head[-1].out_features
+            self.bank = LabeledBank(len(bank_labels), dim, bank_labels, bank_momentum, seed)
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def _targets(self, labeled: Batch, unlabeled: Batch, iteration: int):
+        b = labeled["x"].shape[0]
+        logits, emb = self.teacher(torch.cat([labeled["x"], unlabeled["weak"]]))
+        p_w = torch.softmax(logits[b:].float(), dim=1)
+        if self.da is not None:
+            p_w = self.da(p_w)
+        propagate = self.use_bank and iteration >= self.propagate_after_iters
+        q_hat = None
+        if propagate:
+            with fp32(p_w.device):
+                q_w = torch.softmax(emb[b:].float() @ self.bank.features.T / self.temperature, dim=1)
+                p_hat, q_hat = pseudo_labels(p_w, q_w, self.bank.labels, self.alpha)
+        else:
+            p_hat = p_w
+        if self.use_bank:  # written in after_step: this step's targets use the bank as it was
+            self._pending = (emb[:b].float().clone(), labeled["y"].clone(), labeled["index"].clone())
+        return p_hat, q_hat
+
+    def training_losses(self, student, labeled: Batch, unlabeled: Batch | None,
+                        iteration: int) -> dict[str, torch.Tensor]:
+        assert unlabeled is not None
+        b, bu = labeled["x"].shape[0], unlabeled["weak"].shape[0]
+        p_hat, q_hat = self._targets(labeled, unlabeled, iteration)
+        strong = list(unlabeled["strong"])
+        logits, emb = student(torch.cat([labeled["x"], *strong]))
+        with fp32(logits.device):
+            return self._losses(logits, emb, labeled, unlabeled, p_hat, q_hat, len(strong))
+
+    def _losses(self, logits, emb, labeled: Batch, unlabeled: Batch, p_hat, q_hat,
+                views: int) -> dict[str, torch.Tensor]:
+        b, bu = labeled["x"].shape[0], unlabeled["weak"].shape[0]
+        loss_x = F.cross_entropy(logits[:b].float(), labeled["y"])
+
+        conf, pred = p_hat.max(dim=1)
+        mask = (conf >= self.tau).float()
+        loss_u = logits.new_zeros((), dtype=torch.float32)
+        loss_in = logits.new_zeros((), dtype=torch.float32)
+        for k in range(views):  # augmentation anchoring: every strong view, same target
+            part = slice(b + k * bu, b + (k + 1) * bu)
+            loss_u = loss_u + (soft_cross_entropy(p_hat, logits[part]) * mask).mean()
+            if q_hat is not None:
+                sim = emb[part].float() @ self.bank.features.T / self.temperature
+                loss_in = loss_in + soft_cross_entropy(q_hat, sim).mean()
+        loss_u, loss_in = loss_u / views, loss_in / views
+        loss = loss_x + self.lambda_u * loss_u
+        if q_hat is not None:
+            loss = loss + self.lambda_in * loss_in
+        elif emb is not None:
+            loss = loss + 0.0 * emb.sum()  # keeps DDP's set of used parameters fixed
+
+        y_u = unlabeled["y"]
+        known = (y_u >= 0).float()
+        correct = (pred == y_u).float() * known
+        return {
+            "loss": loss,
+            "loss_x": loss_x.detach(),
+            "loss_u": loss_u.detach(),
+            "loss_in": loss_in.detach(),
+            "mask": mask.mean(),
+            "pl_acc": correct.sum() / known.sum().clamp(min=1),
+            "pl_acc_masked": (correct * mask).sum() / (known * mask).sum().clamp(min=1),
+        }
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        if self._pending is not None:
+            self.bank.update(*self._pending)
+            self._pending = None

@@ -1,0 +1,63 @@
+"""The labeled bank with two real gloo processes writing different rows."""
+import torch
+import torch.nn.functional as F
+
+from simmatch.bank import LabeledBank
+
+K, D = 12, 4
+
+
+def _rows(rank, step):
+    g = torch.Generator().manual_seed(100 * rank + step)
+    feats = F.normalize(torch.randn(3, D, generator=g), dim=1)
+    idx = torch.tensor([0, 1, 2]) + 3 * rank + 6 * (step % 2)  # disjoint slots per rank
+    return feats, idx
+
+
+def _bank_worker(rank, world, momentum):
+    labels = torch.arange(K) % 5
+    bank = LabeledBank(K, D, labels, momentum=momentum, seed=3)
+    for step in range(3):
+        feats, idx = _rows(rank, step)
+        bank.update(feats, labels[idx], idx)
+    return bank.state_dict()
+
+
+def _reference(world, momentum):
+    labels = torch.arange(K) % 5
+    feats = F.normalize(torch.randn(K, D, generator=torch.Generator().manual_seed(3)), dim=1)
+    for step in range(3):
+        for r in range(world):
+            new, idx = _rows(r, step)
+            for row, i in zip(new, idx.tolist()):
+                if momentum > 0:
+                    v = momentum * feats[i] + (1 - momentum) * row
+                    feats[i] = v / v.norm()
+                else:
+                    feats[i] = row
+    return feats, labels
+
+
+def test_two_ranks_hold_identical_correct_banks(gloo, tmp_path):
+    states = gloo(_bank_worker, 2, tmp_path, 0.0)
+    ref, labels = _reference(2, 0.0)
+    for st in states:
+        torch.testing.assert_close(st["features"], ref)
+        assert torch.equal(st["labels"], labels)
+    assert torch.equal(states[0]["features"], states[1]["features"])
+
+
+def test_momentum_mode_keeps_rows_unit_norm(gloo, tmp_path):
+    states = gloo(_bank_worker, 2, tmp_path, 0.7)
+    ref, _ = _reference(2, 0.7)
+    for st in states:
+        torch.testing.assert_close(st["features"], ref)
+        torch.testing.assert_close(st["features"].norm(dim=1), torch.ones(K))
+
+
+def test_single_process_without_group():
+    bank = LabeledBank(5, 2, torch.tensor([0, 1, 0, 1, 2]))
+    bank.update(torch.tensor([[1.0, 0.0]]), torch.tensor([2]), torch.tensor([3]))
+    torch.testing.assert_close(bank.features[3], torch.tensor([1.0, 0.0]))
+    assert bank.labels[3] == 2
+    assert "features" in bank.state_dict()
