@@ -60,9 +60,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # any torchvision resnet name
+    arch: str = "resnet50"  # a torchvision ResNet name, or resnet10 (one block per stage)
     small_input: bool = False  # 3x3 stride-1 stem and no max-pool, for images of 32 px or less
-    width: int = 64  # first-stage width of the small nets (resnet_tiny only)
     proj_dim: int = 128
     ema_momentum: float = 0.999
     init_from: str = ""  # run directory or checkpoint whose trunk initialises the student

@@ -20,11 +20,19 @@ def _small_input_stem(net: torchvision.models.ResNet) -> None:
     net.maxpool = nn.Identity()
 
 
+def resnet10(num_classes: int = 1000) -> torchvision.models.ResNet:
+    """One BasicBlock per stage: the smallest ResNet with torchvision's layer names (CPU demos, tests)."""
+    return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+
+
 def build_backbone(arch: str, num_classes: int, small_input: bool = False) -> torchvision.models.ResNet:
-    """A torchvision ResNet by name (`resnet18` ... `wide_resnet50_2`), randomly initialised."""
-    if not arch.startswith(("resnet", "wide_resnet", "resnext")) or not hasattr(torchvision.models, arch):
-        raise ConfigError(f"model.arch={arch!r} is not a torchvision ResNet")
-    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    """A torchvision ResNet by name (`resnet10`, `resnet18` ... `wide_resnet50_2`), randomly initialised."""
+    if arch == "resnet10":
+        net = resnet10(num_classes)
+    elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    else:
+        raise ConfigError(f"model.arch={arch!r} is not a torchvision ResNet (or resnet10)")
     if small_input:
         _small_input_stem(net)
     return net

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Export trained weights as a torchvision ResNet state_dict (.pth and .safetensors).
+
+`python tools/export.py RUN_DIR|CKPT --which student|teacher --out FILE [--head-out FILE]`
+The result loads into `torchvision.models.resnet50()` with strict=True, fc included.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from simmatch.errors import cli_errors  # noqa: E402
+
+
+@cli_errors
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("source", help="run directory (newest checkpoint) or checkpoint file")
+    ap.add_argument("--which", default="teacher", choices=["student", "teacher"],
+                    help="which network to export (default: teacher, the EMA model)")
+    ap.add_argument("--out", required=True, help="output path; .pth and .safetensors are written")
+    ap.add_argument("--head-out", default=None, help="also write the projection head here")
+    args = ap.parse_args()
+    from simmatch.export import export
+
+    res = export(args.source, args.which, args.out, args.head_out)
+    ok = res["max_abs_diff"] == 0.0
+    print(f"exported {args.which} of {res['checkpoint']} (iteration {res['iteration']}, {res['arch']}"
+          f"{', small-input stem' if res['small_input'] else ''})")
+    for p in res["written"]:
+        print(f"  wrote {p}")
+    print(f"check: exported logits {'equal' if ok else 'DIFFER FROM'} the training model's "
+          f"(max abs diff {res['max_abs_diff']:.3g})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
