@@ -56,6 +56,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     synthetic_size: int = 1024  # images per split for the synthetic backend
+    val_batch: int = 0  # per-rank validation batch; 0: the per-rank unlabeled batch (B * mu)
 
 
 @dataclass
@@ -274,6 +275,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             _merge(cfg, data, source)
         if not cfg.name:
             cfg.name = path.stem
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply `key=value` overrides in place, then validate the whole config."""
     for text in overrides:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value), "command line")

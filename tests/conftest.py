@@ -50,3 +50,31 @@ def gloo():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower end-to-end tests (CI runs them too)")
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """scikit-learn's digits as a JPEG tree at 16 px (written once per test session)."""
+    from simmatch.data.digits import write_digits
+
+    root = tmp_path_factory.mktemp("digits16")
+    write_digits(root, size=16)
+    return root
+
+
+def tiny_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
+    """A digits run that takes seconds: resnet10 at 16 px, tiny batches."""
+    values = {
+        "data.root": str(root), "data.backend": "dali", "data.device": "cpu", "data.num_threads": 1,
+        "train.batch_size": 8, "train.mu": 2, "train.log_every": 1, "train.ckpt_every": 1000,
+        "train.run_dir": str(run_dir), "optim.iters": 8, "model.proj_dim": 16,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def run_tool(*args: str, timeout: int = 300, **popen) -> "subprocess.CompletedProcess":
+    import subprocess
+
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **popen)

@@ -1,0 +1,1 @@
+"""The one training engine: loop, DDP, AMP, optimizer, schedule, checkpoints, evaluation, logging."""

@@ -1,0 +1,266 @@
+"""The training loop shared by every method.
+
+Per step: draw the labeled (and unlabeled) batch, let the method compute its losses
+(teacher without grad, student with), backward through AMP's scaler, SGD step, average the
+student's BN buffers over ranks, let the method update its teacher and bank. Metrics stay on
+the device until `log_every`; checkpoints are atomic and hold everything exact resume needs.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from simmatch import checkpoint as ckpt
+from simmatch import distributed as dist
+from simmatch.config import Config, Derived, derive, to_dict
+from simmatch.engine import rng
+from simmatch.engine.evaluate import evaluate
+from simmatch.engine.metrics import MetricsFile, MetricWindow, Progress, format_eta, setup_logging
+from simmatch.engine.optim import build_optimizer, lr_at, set_lr
+from simmatch.engine.stop import StopRequest
+from simmatch.errors import CheckpointError
+from simmatch.methods import build_method
+from simmatch.distributed import average_buffers
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "interrupted"
+    iteration: int
+    signum: int | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    mode = cfg.train.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "none"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+
+
+def move_batch(batch: dict | None, device: torch.device, channels_last: bool) -> dict | None:
+    if batch is None:
+        return None
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def move(t):
+        if isinstance(t, (list, tuple)):
+            return [move(v) for v in t]
+        t = t.to(device, non_blocking=True)
+        return t.contiguous(memory_format=fmt) if t.ndim == 4 else t
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, device: torch.device):
+        from simmatch.data import build_streams  # the data layer imports DALI: keep it lazy
+
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.log = setup_logging(run_dir, self.rank)
+        self.streams = build_streams(cfg, self.rank, self.world, device)
+        if self.rank == 0:
+            write_splits(self.streams.split_texts, run_dir)
+        self.derived: Derived = derive(cfg, self.world, self.streams.num_labeled, self.streams.num_unlabeled)
+
+        rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
+        self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())
+        if cfg.model.init_from:
+            from simmatch.export import init_student_from
+
+            init_student_from(self.method, cfg.model.init_from)
+            self.method.teacher.module.load_state_dict(self.method.student.state_dict())
+        self.method.to(device)
+        if cfg.train.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        rng.seed_all(cfg.train.seed * 1000 + self.rank)  # augmentations differ per global rank
+
+        self.student: nn.Module = self.method.student
+        if self.world > 1:
+            self.student = DDP(self.method.student, device_ids=[device.index] if device.type == "cuda" else None,
+                               forward_sync_buffers=False)
+        if cfg.train.compile:
+            self.student = torch.compile(self.student)
+        self.optimizer = build_optimizer(self.method.student, cfg, self.derived.lr)
+        self.dtype = amp_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.saver = ckpt.CheckpointSaver(run_dir / "checkpoints", cfg.train.keep_ckpts,
+                                          background=cfg.train.async_ckpt)
+        self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ state
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def _rank_state(self) -> dict:
+        state = {"rng": rng.capture(), "labeled": self.streams.labeled.state_dict()}
+        if self.streams.unlabeled is not None:
+            state["unlabeled"] = self.streams.unlabeled.state_dict()
+        return state
+
+    def state_dict(self) -> dict:
+        """Everything exact resume needs; a collective (every rank's RNG and data position)."""
+        ranks = dist.all_gather_objects(self._rank_state())
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "arch": self.cfg.model.arch,
+            "num_classes": self.cfg.data.num_classes,
+            "method_name": self.cfg.method.name,
+            "world_size": self.world,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ranks": ranks,
+            "config": to_dict(self.cfg),
+            "splits": dict(self.streams.split_texts),
+        }
+
+    def load_state_dict(self, state: dict, source: Path) -> None:
+        for key, mine in (("arch", self.cfg.model.arch), ("num_classes", self.cfg.data.num_classes),
+                          ("method_name", self.cfg.method.name)):
+            if state.get(key) != mine:
+                raise CheckpointError(f"checkpoint {source} has {key}={state.get(key)!r}, "
+                                      f"this run has {mine!r}")
+        if state.get("world_size") != self.world:
+            raise CheckpointError(f"checkpoint {source} was written by {state.get('world_size')} ranks, "
+                                  f"this run has {self.world}: exact resume needs the same world size")
+        try:
+            self.method.load_state_dict(state["method"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"checkpoint {source} does not fit this model: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        mine = state["ranks"][self.rank]
+        rng.restore(mine["rng"])
+        self.streams.labeled.load_state_dict(mine["labeled"])
+        if self.streams.unlabeled is not None:
+            self.streams.unlabeled.load_state_dict(mine["unlabeled"])
+        self.iteration = int(state["iteration"])
+
+    def resume(self) -> bool:
+        found = ckpt.load_newest_valid(self.run_dir / "checkpoints")
+        if found is None:
+            return False
+        path, state = found
+        self.load_state_dict(state, path)
+        self.log.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    def save(self) -> None:
+        state = self.state_dict()  # every rank takes part; only rank 0 writes
+        if self.rank == 0:
+            self.saver.save(state, self.iteration)
+
+    # ------------------------------------------------------------------ loop
+    def _step(self) -> dict[str, torch.Tensor]:
+        cl = self.cfg.train.channels_last
+        labeled = move_batch(next(self.streams.labeled), self.device, cl)
+        unlabeled = None
+        if self.method.needs_unlabeled:
+            unlabeled = move_batch(next(self.streams.unlabeled), self.device, cl)
+        with self.autocast():
+            losses = self.method.training_losses(self.student, labeled, unlabeled, self.iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        average_buffers(self.method.student)
+        self.method.after_step()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        out = {}
+        for name, model in (("student", self.method.student), ("teacher", self.method.teacher.module)):
+            res = evaluate(model, self.streams.val(), self.autocast(), self.cfg.train.channels_last)
+            out[f"{name}_top1"], out[f"{name}_top5"] = res["top1"], res["top5"]
+        self.metrics_file.write({"kind": "eval", "iteration": self.iteration, **out})
+        self.log.info("eval it %d: student top1 %.2f top5 %.2f | teacher top1 %.2f top5 %.2f",
+                      self.iteration, out["student_top1"], out["student_top5"],
+                      out["teacher_top1"], out["teacher_top5"])
+        return out
+
+    def fit(self) -> TrainResult:
+        d, t = self.derived, self.cfg.train
+        if self.rank == 0:
+            self.log.info("run %s: %d ranks, %d labeled / %d unlabeled images, %d iterations "
+                          "(%d per epoch), lr %.4g", self.run_dir, self.world, d.num_labeled,
+                          d.num_unlabeled, d.total_iters, d.steps_per_epoch, d.lr)
+        self.resume()
+        stop = StopRequest()
+        stop.install()
+        window = MetricWindow()
+        progress = Progress(d.total_iters, self.rank == 0)
+        per_step = t.batch_size * (1 + (t.mu * self.cfg.data.num_strong if self.method.needs_unlabeled else 0))
+        t_window, n_window = time.perf_counter(), 0
+        t_start, start_it = time.perf_counter(), self.iteration
+        status, last = "finished", {}
+        self.method.train()
+        try:
+            while self.iteration < d.total_iters:
+                lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters)
+                set_lr(self.optimizer, lr)
+                window.add(self._step())
+                self.iteration += 1
+                n_window += 1
+                done = self.iteration == d.total_iters
+                if self.iteration % t.log_every == 0 or done:
+                    last = self._log(window.reduce(), lr, per_step * n_window / (time.perf_counter() - t_window),
+                                     (time.perf_counter() - t_start) / (self.iteration - start_it), progress)
+                    t_window, n_window = time.perf_counter(), 0
+                interrupted = stop.agreed()
+                if interrupted or self.iteration % t.ckpt_every == 0 or done:
+                    self.save()
+                if t.eval_every and self.iteration % t.eval_every == 0 and not done:
+                    last.update(self.evaluate())
+                if interrupted:
+                    status = "interrupted"
+                    self.log.info("signal %s: saved at iteration %d, stopping", stop.signum, self.iteration)
+                    break
+            if status == "finished":
+                if not (self.run_dir / "checkpoints").exists() or \
+                        not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+                    self.save()
+                last.update(self.evaluate())
+        finally:
+            stop.close()
+            stop.restore()
+            progress.close()
+            self.saver.wait()
+            dist.barrier()
+        return TrainResult(status, self.iteration, stop.signum, last)
+
+    def _log(self, values: dict[str, float], lr: float, img_s: float, s_per_it: float,
+             progress: Progress) -> dict:
+        record = {"kind": "train", "iteration": self.iteration, "lr": lr, "img_s": img_s * 1.0, **values}
+        self.metrics_file.write(record)
+        eta = format_eta(s_per_it * (self.derived.total_iters - self.iteration))
+        parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        text = f"it {self.iteration}/{self.derived.total_iters} {parts} lr {lr:.4g} img/s {img_s:.1f} eta {eta}"
+        progress.update(self.iteration, text)
+        # With a progress bar on the terminal the line goes to the log file only.
+        self.log.info(text, extra={"console": not progress.enabled})
+        return dict(values)
+
+
+def write_splits(texts: dict[str, str], run_dir: Path) -> None:
+    """Keep the split lists a run used in its run directory (never overwriting one there)."""
+    out = run_dir / "splits"
+    out.mkdir(exist_ok=True)
+    for name, text in texts.items():
+        target = out / f"{name}.txt"
+        if not target.exists():
+            ckpt.atomic_write_text(target, text)

@@ -1,0 +1,60 @@
+"""Start N training processes on this machine (one per GPU, or N CPU processes with gloo).
+
+The parent validates the config once, gives each child RANK/WORLD_SIZE/LOCAL_RANK and a
+free MASTER_PORT, forwards SIGTERM/SIGUSR2 to them, and stops the others as soon as one
+fails so that no rank waits forever in a collective.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from simmatch.config import load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg_path: str, overrides: list[str], nproc: int) -> int:
+    load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
+    port = free_port()
+    children: list[subprocess.Popen] = []
+    for r in range(nproc):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        children.append(subprocess.Popen([sys.executable, "-m", "simmatch.train", "--cfg", cfg_path,
+                                          *overrides], env=env))
+
+    def forward(signum, _frame):
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)}
+    try:
+        while True:
+            codes = [c.poll() for c in children]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                for c in children:
+                    if c.poll() is None:
+                        c.terminate()
+                for c in children:
+                    try:
+                        c.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        c.kill()
+                return failed[0] if failed[0] > 0 else 1
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

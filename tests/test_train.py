@@ -1,0 +1,156 @@
+"""End-to-end training on real JPEGs with real processes: DDP over gloo, signals, exact resume."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, run_tool, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpts = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["iteration"] == b["iteration"]
+    assert a["method"].keys() == b["method"].keys()
+    for k in a["method"]:
+        assert torch.equal(a["method"][k], b["method"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
+def train(cfg_args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:
+    return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", str(nproc), *cfg_args, **kw)
+
+
+def test_two_process_training_and_outputs(digits_root, tmp_path):
+    run_dir = tmp_path / "run"
+    res = train(tiny_overrides(digits_root, run_dir, **{"train.eval_every": 4}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "validation top-1: student" in res.stdout
+    df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
+    train_rows = df[df["kind"] == "train"]
+    assert list(train_rows["iteration"]) == list(range(1, 9))
+    assert {"loss", "loss_x", "loss_u", "loss_in", "mask", "pl_acc", "lr", "img_s"} <= set(df.columns)
+    evals = df[df["kind"] == "eval"]
+    assert list(evals["iteration"]) == [4, 8]
+    assert evals["teacher_top1"].between(0, 100).all()
+    assert (run_dir / "log_rank0.txt").is_file() and (run_dir / "log_rank1.txt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    assert len((run_dir / "splits" / "labeled.txt").read_text().split()) == 40
+    state = final_state(run_dir)
+    assert state["iteration"] == 8 and len(state["ranks"]) == 2
+    assert state["splits"]["labeled"] == (run_dir / "splits" / "labeled.txt").read_text()
+    # The bank is one tensor shared by all ranks: both ranks wrote rows into it.
+    assert state["method"]["bank.features"].shape == (40, 16)
+
+
+def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before the signal"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["kind"] == "train" and rec["iteration"] >= iteration:
+                    return
+        time.sleep(0.05)
+    raise AssertionError("iteration never reached")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
+def test_signal_then_resume_is_bit_identical(digits_root, tmp_path, signum):
+    iters = 10
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = train(tiny_overrides(digits_root, ref_dir, **{"optim.iters": iters}))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    stop_after = random.Random(signum + os.getpid()).randint(1, iters - 3)
+    args = [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "2",
+            *tiny_overrides(digits_root, run_dir, **{"optim.iters": iters})]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_iteration(run_dir, stop_after, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = final_state(run_dir)["iteration"]
+    assert stop_after <= stopped, (stop_after, stopped)
+    if stopped < iters:  # the signal arrived before the last step: resume to the end
+        res = train(tiny_overrides(digits_root, run_dir, **{"optim.iters": iters}))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
+    assert_same_weights(final_state(ref_dir), final_state(run_dir))
+
+
+def test_export_round_trip_and_eval_tool(digits_root, tmp_path):
+    import torchvision
+
+    run_dir = tmp_path / "run"
+    res = train(tiny_overrides(digits_root, run_dir, **{"optim.iters": 3}), nproc=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "export" / "resnet.pth"
+    res = run_tool("tools/export.py", str(run_dir), "--which", "teacher", "--out", str(out),
+                   "--head-out", str(tmp_path / "head.pth"))
+    assert res.returncode == 0, res.stderr
+    assert "exported logits equal the training model's" in res.stdout
+    sd = torch.load(out, weights_only=True)
+    from safetensors.torch import load_file
+
+    st = load_file(str(out.with_suffix(".safetensors")))
+    assert sd.keys() == st.keys() and all(torch.equal(sd[k], st[k]) for k in sd)
+    # Independent check: a plain torchvision ResNet (resnet10 = BasicBlock x [1,1,1,1], small stem).
+    model = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    model.load_state_dict(sd, strict=True)
+    teacher = {k[len("teacher.module.backbone."):]: v for k, v in final_state(run_dir)["method"].items()
+               if k.startswith("teacher.module.backbone.")}
+    assert all(torch.equal(teacher[k], sd[k]) for k in sd)
+    assert (tmp_path / "head.pth").is_file()
+
+    res = run_tool("tools/eval.py", str(run_dir))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
+    last_eval = df[df["kind"] == "eval"].iloc[-1]
+    assert summary["teacher_top1"] == pytest.approx(last_eval["teacher_top1"])
+    assert summary["student_top1"] == pytest.approx(last_eval["student_top1"])
+    assert summary["count"] == 395  # every validation image once
+
+
+def test_export_resnet50_loads_into_torchvision(tmp_path):
+    """A ResNet-50 training checkpoint exports into torchvision.models.resnet50() strictly."""
+    import torchvision
+
+    from simmatch import checkpoint as ckpt
+    from simmatch.config import load_config, to_dict
+    from simmatch.models import build_network
+    from simmatch.models.ema import EMA
+
+    cfg = load_config(None, ["data.num_classes=7"])
+    torch.manual_seed(0)
+    student = build_network("resnet50", 7)
+    method = torch.nn.Module()
+    method.student, method.teacher = student, EMA(student, 0.9)
+    ckpt.atomic_torch_save({"iteration": 5, "method": method.state_dict(), "config": to_dict(cfg)},
+                           tmp_path / "checkpoints" / "ckpt_000000005.pt")
+    res = run_tool("tools/export.py", str(tmp_path), "--which", "student", "--out", str(tmp_path / "r50.pth"))
+    assert res.returncode == 0, res.stderr
+    model = torchvision.models.resnet50(num_classes=7)
+    model.load_state_dict(torch.load(tmp_path / "r50.pth", weights_only=True), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), student.eval()
+    assert torch.equal(model(x), student(x)[0])

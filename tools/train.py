@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Train: `python tools/train.py --cfg yaml/digits.yaml [--nproc N] [key=value ...]`.
+
+One process per GPU by default (N CPU processes with --nproc on a CPU machine); under
+torchrun or SLURM (RANK/WORLD_SIZE already set) it trains in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from simmatch.errors import cli_errors  # noqa: E402
+
+
+@cli_errors
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="YAML config, e.g. yaml/in1k_1pct.yaml")
+    parser.add_argument("--nproc", type=int, default=0,
+                        help="processes on this machine (default: one per GPU, or 1 without GPU)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=32")
+    args = parser.parse_args()
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
+        from simmatch.train import main as train_main
+
+        return train_main(["--cfg", args.cfg, *args.overrides])
+    import torch
+
+    nproc = args.nproc or max(1, torch.cuda.device_count())
+    if nproc == 1:
+        from simmatch.train import main as train_main
+
+        return train_main(["--cfg", args.cfg, *args.overrides])
+    from simmatch.launch_local import launch
+
+    return launch(args.cfg, args.overrides, nproc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
