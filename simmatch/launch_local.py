@@ -14,6 +14,7 @@ import sys
 import time
 
 from simmatch.config import load_config
+from simmatch.errors import ConfigError
 
 
 def free_port() -> int:
@@ -23,7 +24,9 @@ def free_port() -> int:
 
 
 def launch(cfg_path: str, overrides: list[str], nproc: int) -> int:
-    load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
+    cfg = load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
+    if cfg.train.batch_size % nproc:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not divide by the world size {nproc}")
     port = free_port()
     children: list[subprocess.Popen] = []
     for r in range(nproc):
