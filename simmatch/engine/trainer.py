@@ -167,18 +167,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _step(self) -> dict[str, torch.Tensor]:
-        cl = self.cfg.train.channels_last
-        labeled = move_batch(next(self.streams.labeled), self.device, cl)
-        unlabeled = None
-        if self.method.needs_unlabeled:
-            unlabeled = move_batch(next(self.streams.unlabeled), self.device, cl)
+        cl, timer = self.cfg.train.channels_last, self.method.timer
+        with timer("data"):
+            labeled = move_batch(next(self.streams.labeled), self.device, cl)
+            unlabeled = None
+            if self.method.needs_unlabeled:
+                unlabeled = move_batch(next(self.streams.unlabeled), self.device, cl)
         with self.autocast():
             losses = self.method.training_losses(self.student, labeled, unlabeled, self.iteration)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        average_buffers(self.method.student)
+        with timer("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(losses["loss"]).backward()
+        with timer("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            average_buffers(self.method.student)
         self.method.after_step()
         return {k: v.detach() for k, v in losses.items()}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from simmatch.engine.timer import NO_TIMER, PhaseTimer
 from simmatch.models import EMA, Network
 
 Batch = dict[str, torch.Tensor]
@@ -14,6 +15,7 @@ class Method(nn.Module):
     so `state_dict()` is everything a checkpoint needs from it. The engine owns the rest."""
 
     needs_unlabeled: bool = True
+    timer: PhaseTimer = NO_TIMER  # benchmarks swap in an enabled one
 
     def __init__(self, student: Network, ema_momentum: float):
         super().__init__()
@@ -28,4 +30,5 @@ class Method(nn.Module):
     @torch.no_grad()
     def after_step(self) -> None:
         """Called after every optimizer step."""
-        self.teacher.update(self.student)
+        with self.timer("ema"):
+            self.teacher.update(self.student)

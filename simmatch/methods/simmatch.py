@@ -66,7 +66,13 @@ class SimMatch(Method):
     @torch.no_grad()
     def _targets(self, labeled: Batch, unlabeled: Batch, iteration: int):
         b = labeled["x"].shape[0]
-        logits, emb = self.teacher(torch.cat([labeled["x"], unlabeled["weak"]]))
+        with self.timer("teacher_forward"):
+            logits, emb = self.teacher(torch.cat([labeled["x"], unlabeled["weak"]]))
+        with self.timer("targets"):
+            return self._propagate(logits, emb, labeled, iteration)
+
+    def _propagate(self, logits, emb, labeled: Batch, iteration: int):
+        b = labeled["x"].shape[0]
         p_w = torch.softmax(logits[b:].float(), dim=1)
         if self.da is not None:
             p_w = self.da(p_w)
@@ -88,8 +94,9 @@ class SimMatch(Method):
         b, bu = labeled["x"].shape[0], unlabeled["weak"].shape[0]
         p_hat, q_hat = self._targets(labeled, unlabeled, iteration)
         strong = list(unlabeled["strong"])
-        logits, emb = student(torch.cat([labeled["x"], *strong]))
-        with fp32(logits.device):
+        with self.timer("student_forward"):
+            logits, emb = student(torch.cat([labeled["x"], *strong]))
+        with fp32(logits.device), self.timer("losses"):
             return self._losses(logits, emb, labeled, unlabeled, p_hat, q_hat, len(strong))
 
     def _losses(self, logits, emb, labeled: Batch, unlabeled: Batch, p_hat, q_hat,
@@ -131,5 +138,6 @@ class SimMatch(Method):
     def after_step(self) -> None:
         super().after_step()
         if self._pending is not None:
-            self.bank.update(*self._pending)
+            with self.timer("bank_update"):
+                self.bank.update(*self._pending)
             self._pending = None
