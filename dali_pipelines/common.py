@@ -1,0 +1,97 @@
+"""Pieces shared by the stream pipelines: device choice, decoding, normalisation, building.
+
+One definition serves both backends: `device="gpu"` decodes with nvJPEG (`mixed`, the
+hardware decoder taking `hw_decoder_load` of the images) and augments on the GPU;
+`device="cpu"` runs every operator on the CPU with `device_id=None`, which needs no CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Callable, Iterator
+
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+
+# nvJPEG scratch sizes of NVIDIA's ImageNet examples: avoid re-allocations on large images.
+_DEVICE_PADDING = 211_025_920
+_HOST_PADDING = 140_544_512
+ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def check_device(device: str) -> None:
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+
+
+def decoder_args(cfg: Any, device: str) -> dict:
+    """Keyword arguments of the image decoders for `device`."""
+    if device == "gpu":
+        return {"device": "mixed", "output_type": types.RGB, "hw_decoder_load": cfg.hw_decoder_load,
+                "device_memory_padding": _DEVICE_PADDING, "host_memory_padding": _HOST_PADDING}
+    return {"device": "cpu", "output_type": types.RGB}
+
+
+def read_files(file_root: str, files: list[str], labels: list[int], name: str = "reader",
+               pad_last_batch: bool = False):
+    """Read `files` in the given order (the order is ours: no reader shuffling or sharding)."""
+    return fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
+                           pad_last_batch=pad_last_batch, name=name)
+
+
+def normalize(images, cfg: Any, layout: str, mirror=None, crop: tuple[int, int] | None = None):
+    """uint8 HWC -> float32 `layout` ("CHW" or "HWC"), (x/255 - mean)/std, optional flip/crop."""
+    kwargs: dict = {"dtype": types.FLOAT, "output_layout": layout,
+                    "mean": [m * 255.0 for m in cfg.mean], "std": [s * 255.0 for s in cfg.std]}
+    if mirror is not None:
+        kwargs["mirror"] = mirror
+    if crop is not None:
+        kwargs.update(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5)
+    return fn.crop_mirror_normalize(images, **kwargs)
+
+
+def random_crop(images, cfg: Any):
+    """RandomResizedCrop(crop_size, scale [min_scale, max_scale], ratio 3/4..4/3)."""
+    return fn.random_resized_crop(images, size=(cfg.crop_size, cfg.crop_size),
+                                  random_area=(cfg.min_scale, cfg.max_scale),
+                                  random_aspect_ratio=ASPECT, num_attempts=10)
+
+
+def layout_of(channels_last: bool) -> str:
+    """HWC batches are NCHW tensors in channels_last memory once permuted: no extra copy."""
+    return "HWC" if channels_last else "CHW"
+
+
+@contextlib.contextmanager
+def quiet_dali_deprecations() -> Iterator[None]:
+    """Drop the DeprecationWarnings that DALI's own auto_aug code emits while a graph is defined.
+
+    DALI forces the "default" filter around those warnings, so a filter cannot silence them;
+    the display hook is wrapped instead (pytest's recording goes through it too).
+    """
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeprecationWarning) and "nvidia/dali" in str(filename):
+            return
+        previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def build(definition: Callable[..., Pipeline], *, device: str, device_id: int | None,
+          batch_size: int, num_threads: int, seed: int, prefetch: int,
+          checkpoint: bytes | str | None = None, **kwargs: Any) -> Pipeline:
+    """Instantiate and build `definition` for `device` (device_id is ignored on the CPU)."""
+    check_device(device)
+    with quiet_dali_deprecations():
+        pipe = definition(batch_size=batch_size, num_threads=num_threads,
+                          device_id=device_id if device == "gpu" else None, seed=seed,
+                          prefetch_queue_depth=max(1, prefetch), checkpoint=checkpoint,
+                          device=device, **kwargs)
+        pipe.build()
+    return pipe

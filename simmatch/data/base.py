@@ -1,0 +1,99 @@
+"""What every backend's training stream shares: the batch layout and the resume bookkeeping."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from simmatch.data.sharding import ShardPlan
+from simmatch.errors import CheckpointError
+
+LABELED_KIND, UNLABELED_KIND = "labeled", "unlabeled"
+
+
+def pack_batch(kind: str, views: list[torch.Tensor], index: torch.Tensor,
+               label_table: torch.Tensor) -> dict[str, Any]:
+    """The batch dict of ARCHITECTURE.md: labeled {x, y, index}; unlabeled {weak, strong, y, index}.
+
+    `y` is looked up from the index (bank slot or unlabeled position), so it can never drift
+    from `bank_labels`; -1 marks an unknown class.
+    """
+    index = index.reshape(-1).long()
+    y = label_table[index]
+    if kind == LABELED_KIND:
+        return {"x": views[0], "y": y, "index": index}
+    return {"weak": views[0], "strong": list(views[1:]), "y": y, "index": index}
+
+
+def val_resize_size(data_cfg: Any) -> int:
+    """Shorter side before the center crop: `val_resize` is meant for a 224 crop and scales
+    with crop_size (256 at 224, 37 at 32), never below the crop."""
+    return max(data_cfg.crop_size, int(round(data_cfg.val_resize * data_cfg.crop_size / 224.0)))
+
+
+def as_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """NHWC storage seen as NCHW (channels_last strides, no copy), or NCHW as it is."""
+    return x.permute(0, 3, 1, 2) if channels_last else x
+
+
+class TrainStream:
+    """An endless iterator of full batches with an exact, savable position.
+
+    Subclasses implement `__next__`, `_position()` -> (epoch, batch in epoch, extra state)
+    and `_seek(epoch, batch, extra)`. `state_dict()` holds only ints, strings, bytes and
+    None, so it loads with torch.load(weights_only=True).
+    """
+
+    kind: str
+    plan: ShardPlan
+
+    def __init__(self, kind: str, plan: ShardPlan) -> None:
+        self.kind = kind
+        self.plan = plan
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next batch."""
+        return self._position()[0]
+
+    def __iter__(self) -> "TrainStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _position(self) -> tuple[int, int, dict]:
+        raise NotImplementedError
+
+    def _seek(self, epoch: int, batch: int, extra: dict) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, batch, extra = self._position()
+        return {"kind": self.kind, "plan": self.plan.fingerprint(), "epoch": epoch, "batch": batch,
+                **extra}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was saved; with another plan, at its epoch start."""
+        if state.get("kind") != self.kind:
+            raise CheckpointError(f"data position of a '{state.get('kind')}' stream given to "
+                                  f"the '{self.kind}' stream")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        extra = {k: v for k, v in state.items() if k not in ("kind", "plan", "epoch", "batch")}
+        if state.get("plan") != self.plan.fingerprint():
+            warnings.warn(f"{self.kind} stream: saved data position is for {state.get('plan')}, "
+                          f"now {self.plan.fingerprint()}; restarting epoch {epoch}")
+            batch, extra = 0, {}
+        self._seek(epoch, batch, extra)
+
+    def close(self) -> None:
+        """Release workers or pipelines; the stream reopens itself on the next draw."""

@@ -1,0 +1,63 @@
+"""Scan a data set tree for files that would break or silently shrink a run."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simmatch.data.images import image_problem
+from simmatch.data.splits import is_image_name
+from simmatch.errors import DataError
+
+
+@dataclass
+class CheckReport:
+    root: Path
+    counts: dict[str, int] = field(default_factory=dict)  # class folder (relative) -> images
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    ignored: list[str] = field(default_factory=list)  # files directly under the root
+
+    def groups(self) -> dict[str, dict[str, int]]:
+        """Class counts grouped by the folder holding the class folders ("" for the root)."""
+        out: dict[str, dict[str, int]] = defaultdict(dict)
+        for folder, n in sorted(self.counts.items()):
+            parent, _, cls = folder.rpartition("/")
+            out[parent][cls] = n
+        return dict(out)
+
+
+def check_tree(root: str | Path, workers: int = 2) -> CheckReport:
+    """Fully decode every image under `root`; flag corrupt, non-image files and empty folders.
+
+    Files directly in `root` (README, label CSVs) are ignored; every other file belongs to
+    the class folder that holds it.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    report = CheckReport(root)
+    images: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        if rel_dir == ".":
+            report.ignored = sorted(filenames)
+            continue
+        if not filenames and not dirnames:
+            report.problems.append((rel_dir, "empty folder"))
+        for name in sorted(filenames):
+            rel = f"{rel_dir}/{name}"
+            if is_image_name(name):
+                images.append(rel)
+                report.counts[rel_dir] = report.counts.get(rel_dir, 0) + 1
+            else:
+                report.problems.append((rel, "not an image file"))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for rel, reason in zip(images, pool.map(lambda r: image_problem(root / r), images,
+                                                chunksize=64)):
+            if reason is not None:
+                report.problems.append((rel, f"cannot decode: {reason}"))
+    report.problems.sort()
+    return report

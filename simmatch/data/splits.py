@@ -1,0 +1,217 @@
+"""Which files exist, which are labeled, which are unlabeled: the data set as lists of paths.
+
+Paths are POSIX, relative to the split's directory (`<class>/<file>`), so a list written on
+one machine works on another. Every choice is deterministic: files are sorted, generated
+splits are seeded, and a list file keeps its own order (its line number is the bank slot).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simmatch.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class ImageTree:
+    """An ImageNet-style folder: `root/<class>/<image>`; classes are the sorted folder names."""
+
+    root: Path
+    classes: list[str]
+    files: list[str]  # relative to root, sorted
+    labels: list[int]  # class index of each file
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def scan_tree(root: str | Path, num_classes: int | None = None) -> ImageTree:
+    """List `root/<class>/*` images; check the class count when `num_classes` is given."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+    if num_classes is not None and len(classes) != num_classes:
+        raise DataError(f"{root} has {len(classes)} class folders but data.num_classes={num_classes}")
+    files: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        names = sorted(e.name for e in os.scandir(root / cls) if e.is_file() and is_image_name(e.name))
+        files += [f"{cls}/{n}" for n in names]
+        labels += [label] * len(names)
+    if not files:
+        raise DataError(f"no images found under {root}")
+    return ImageTree(root, classes, files, labels)
+
+
+def read_list(path: str | Path) -> list[str]:
+    """Entries of a list file: the first field of every non-empty, non-comment line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file not found: {path}")
+    entries = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            token = line.split()[0].replace("\\", "/")
+            entries.append(token[2:] if token.startswith("./") else token)
+    if not entries:
+        raise DataError(f"split file is empty: {path}")
+    return entries
+
+
+def write_list(paths: list[str], out: str | Path) -> Path:
+    """One relative path per line; written to a temporary name first so readers never see half."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(p + "\n" for p in paths))
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_list(tree: ImageTree, entries: list[str], source: str,
+                 allow_outside: bool = False) -> tuple[list[str], list[int]]:
+    """Map list entries to files of `tree`: exact relative paths, else bare file names.
+
+    Bare names (the SimCLR 1%/10% lists) are matched by file name and must be unique in the
+    tree. Duplicated entries keep their first occurrence. With `allow_outside`, an entry that
+    is an existing file under the root but outside the class folders gets label -1.
+    """
+    label_of = dict(zip(tree.files, tree.labels))
+    by_name: dict[str, str | None] = {}
+    for f in tree.files:
+        name = f.rsplit("/", 1)[-1]
+        by_name[name] = None if name in by_name else f  # None marks an ambiguous name
+    files: list[str] = []
+    labels: list[int] = []
+    seen: set[str] = set()
+    missing: list[str] = []
+    for entry in entries:
+        rel = entry
+        if rel not in label_of and "/" not in rel and rel in by_name:
+            match = by_name[rel]
+            if match is None:
+                raise DataError(f"{source}: '{rel}' matches several files in {tree.root}")
+            rel = match
+        if rel in label_of:
+            label = label_of[rel]
+        elif allow_outside and (tree.root / rel).is_file():
+            label = -1
+        else:
+            missing.append(entry)
+            continue
+        if rel not in seen:
+            seen.add(rel)
+            files.append(rel)
+            labels.append(label)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataError(f"{source}: {len(missing)} entries not found under {tree.root}: {shown}")
+    return files, labels
+
+
+def sample_split(tree: ImageTree, percent: float = 0.0, per_class: int = 0,
+                 seed: int = 0) -> list[str]:
+    """A seeded, class-stratified labeled subset, sorted by path.
+
+    `percent`: round(P% of each class), at least one image per class; `per_class`: exactly N
+    per class (a class with fewer images is an error). One generator for all classes, drawn
+    in class order, so the split depends only on the file list and the seed.
+    """
+    if percent <= 0 and per_class <= 0:
+        raise ConfigError("no labeled split: set data.labeled_list, data.labeled_percent "
+                          "or data.labeled_per_class")
+    if percent > 100:
+        raise ConfigError(f"data.labeled_percent={percent} must be at most 100")
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(tree.labels)
+    chosen: list[str] = []
+    for c, cls in enumerate(tree.classes):
+        members = np.flatnonzero(labels == c)
+        if percent > 0:
+            n = max(1, int(math.floor(len(members) * percent / 100.0 + 0.5)))
+        else:
+            n = per_class
+            if len(members) < n:
+                raise DataError(f"class '{cls}' in {tree.root} has {len(members)} images, "
+                                f"fewer than {n} per class")
+        picked = members[rng.permutation(len(members))[:n]]
+        chosen += [tree.files[i] for i in picked]
+    return sorted(chosen)
+
+
+@dataclass
+class Splits:
+    """Everything the streams read: labeled (bank order), unlabeled and val files with labels."""
+
+    classes: list[str]
+    train_root: Path
+    val_root: Path
+    labeled_files: list[str]
+    labeled_labels: list[int]
+    unlabeled_files: list[str]
+    unlabeled_labels: list[int]
+    val_files: list[str]
+    val_labels: list[int]
+    labeled_source: str  # the list file used, or a description of the generated split
+
+
+def load_splits(data_cfg, need_val: bool = True) -> Splits:
+    """Scan the train (and val) trees and resolve the labeled and unlabeled lists of `data_cfg`."""
+    if not data_cfg.root:
+        raise ConfigError("data.root is empty: set it to the data set directory")
+    root = Path(data_cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    train = scan_tree(root / data_cfg.train_dir, data_cfg.num_classes)
+    if data_cfg.labeled_list:
+        lpath = Path(data_cfg.labeled_list)
+        lab_files, lab_labels = resolve_list(train, read_list(lpath), str(lpath))
+        source = str(lpath)
+    else:
+        lab_files = sample_split(train, data_cfg.labeled_percent, data_cfg.labeled_per_class,
+                                 data_cfg.split_seed)
+        label_of = dict(zip(train.files, train.labels))
+        lab_labels = [label_of[f] for f in lab_files]
+        how = (f"{data_cfg.labeled_percent:g}%" if data_cfg.labeled_percent > 0
+               else f"{data_cfg.labeled_per_class} per class")
+        source = f"generated: {how}, split_seed={data_cfg.split_seed}"
+    if data_cfg.unlabeled_list:
+        upath = Path(data_cfg.unlabeled_list)
+        unl_files, unl_labels = resolve_list(train, read_list(upath), str(upath), allow_outside=True)
+    else:
+        unl_files, unl_labels = list(train.files), list(train.labels)
+    val_files: list[str] = []
+    val_labels: list[int] = []
+    val_root = root / data_cfg.val_dir
+    if need_val:
+        val = scan_tree(val_root, data_cfg.num_classes)
+        if val.classes != train.classes:
+            raise DataError(f"class folders of {val_root} differ from those of {train.root}")
+        val_files, val_labels = val.files, val.labels
+    return Splits(train.classes, train.root, val_root, lab_files, lab_labels, unl_files,
+                  unl_labels, val_files, val_labels, source)
+
+
+def make_labeled_list(train_root: str | Path, percent: float = 0.0, per_class: int = 0,
+                      from_list: str | Path | None = None, seed: int = 0,
+                      num_classes: int | None = None) -> list[str]:
+    """The labeled list behind tools/make_split.py: converted from `from_list` (relative paths
+    or bare file names, order kept) or sampled by `percent` / `per_class` with `seed`."""
+    tree = scan_tree(train_root, num_classes)
+    if from_list:
+        return resolve_list(tree, read_list(from_list), str(from_list))[0]
+    return sample_split(tree, percent, per_class, seed)

@@ -1,0 +1,163 @@
+"""`build_streams`: the labeled, unlabeled and validation streams of one rank, any backend."""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from simmatch.config import Config
+from simmatch.data.base import LABELED_KIND, UNLABELED_KIND, TrainStream
+from simmatch.data.sharding import LABELED, UNLABELED, ShardPlan
+from simmatch.data.splits import Splits, load_splits, write_list
+from simmatch.errors import ConfigError
+
+
+@dataclass
+class Streams:
+    """One rank's data: endless training streams, the validation pass and the split facts."""
+
+    labeled: TrainStream
+    unlabeled: TrainStream
+    num_labeled: int  # K, the bank size
+    num_unlabeled: int
+    num_val: int
+    num_classes: int
+    bank_labels: torch.Tensor  # [K] int64, class of each bank slot (= labeled list line)
+    split_files: dict[str, str]  # name -> path of each split list used (copy into the run dir)
+    split_texts: dict[str, str]  # name -> content of the same lists
+    backend: str
+    device: str  # where decoding/augmentation runs: gpu | cpu
+    classes: list[str] = field(default_factory=list)
+    _val: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+
+    def val(self) -> Iterator[dict[str, torch.Tensor]]:
+        """A fresh pass over this rank's share of the validation set: {x, y} batches.
+
+        Ranks hold disjoint contiguous slices (every image exactly once over all ranks, no
+        padding); batch counts may differ by one between ranks and the last one is partial.
+        """
+        return self._val() if self._val is not None else iter(())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labeled.load_state_dict(state["labeled"])
+        self.unlabeled.load_state_dict(state["unlabeled"])
+
+    def close(self) -> None:
+        self.labeled.close()
+        self.unlabeled.close()
+
+
+def resolve_device(choice: str) -> str:
+    """data.device: auto -> gpu when CUDA is available, else cpu."""
+    if choice == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if choice == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("data.device=gpu but CUDA is not available (use data.device=cpu or auto)")
+    return choice
+
+
+def per_rank_batches(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """(labeled B, unlabeled B*mu, validation) images per rank per step."""
+    if cfg.train.batch_size % world_size != 0:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not divide by the "
+                          f"world size {world_size}")
+    b = cfg.train.batch_size // world_size
+    bu = b * cfg.train.mu
+    return b, bu, cfg.data.val_batch if cfg.data.val_batch > 0 else bu
+
+
+def _split_files(cfg: Config, splits: Splits) -> tuple[dict[str, str], dict[str, str]]:
+    """Paths and contents of the lists used; a generated labeled list is written to a file."""
+    texts = {"labeled": "".join(f + "\n" for f in splits.labeled_files)}
+    if cfg.data.labeled_list:
+        files = {"labeled": str(Path(cfg.data.labeled_list))}
+    else:
+        digest = hashlib.sha1(texts["labeled"].encode()).hexdigest()[:16]
+        out = Path(tempfile.gettempdir()) / "simmatch-splits" / digest / "labeled.txt"
+        if not out.is_file():
+            write_list(splits.labeled_files, out)
+        files = {"labeled": str(out)}
+    if cfg.data.unlabeled_list:
+        files["unlabeled"] = str(Path(cfg.data.unlabeled_list))
+        texts["unlabeled"] = "".join(f + "\n" for f in splits.unlabeled_files)
+    return files, texts
+
+
+def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device) -> Streams:
+    """The streams of global rank `rank` of `world_size`, delivering tensors on `device`.
+
+    Backends: dali (decoding/augmenting on GPU or, with data.device=cpu, on DALI's CPU
+    operators), torch (torchvision + DataLoader), synthetic (random tensors, no I/O). Nothing
+    is decoded until a stream is first drawn from.
+    """
+    data = cfg.data
+    device = torch.device(device)
+    b, bu, bv = per_rank_batches(cfg, world_size)
+    seed = cfg.train.seed
+    channels_last = cfg.train.channels_last
+    if data.backend == "synthetic":
+        return _synthetic(cfg, rank, world_size, device, b, bu, bv)
+    where = resolve_device(data.device) if data.backend == "dali" else "cpu"  # torch: CPU workers
+    splits = load_splits(data)
+    bank_labels = torch.tensor(splits.labeled_labels, dtype=torch.int64)
+    unl_labels = torch.tensor(splits.unlabeled_labels, dtype=torch.int64)
+    plan_l = ShardPlan(len(splits.labeled_files), b, rank, world_size, seed, LABELED)
+    plan_u = ShardPlan(len(splits.unlabeled_files), bu, rank, world_size, seed, UNLABELED)
+    if data.backend == "dali":
+        from simmatch.data.dali_backend import DaliTrainStream, dali_definitions, dali_val_batches
+
+        defs = dali_definitions()
+        labeled = DaliTrainStream(LABELED_KIND, defs[LABELED_KIND], data, plan_l, splits.train_root,
+                                  splits.labeled_files, bank_labels, device, where, channels_last)
+        unlabeled = DaliTrainStream(UNLABELED_KIND, defs[UNLABELED_KIND], data, plan_u,
+                                    splits.train_root, splits.unlabeled_files, unl_labels, device,
+                                    where, channels_last)
+
+        def val() -> Iterator[dict[str, torch.Tensor]]:
+            return dali_val_batches(data, splits.val_root, splits.val_files, splits.val_labels, bv,
+                                    rank, world_size, device, where, channels_last)
+    elif data.backend == "torch":
+        from simmatch.data.torch_backend import TorchTrainStream, torch_val_batches
+
+        labeled = TorchTrainStream(LABELED_KIND, data, plan_l, splits.train_root,
+                                   splits.labeled_files, bank_labels, device, channels_last)
+        unlabeled = TorchTrainStream(UNLABELED_KIND, data, plan_u, splits.train_root,
+                                     splits.unlabeled_files, unl_labels, device, channels_last)
+
+        def val() -> Iterator[dict[str, torch.Tensor]]:
+            return torch_val_batches(data, splits.val_root, splits.val_files, splits.val_labels, bv,
+                                     rank, world_size, device, channels_last)
+    else:
+        raise ConfigError(f"data.backend={data.backend!r} is not one of dali, torch, synthetic")
+    files, texts = _split_files(cfg, splits)
+    return Streams(labeled, unlabeled, len(splits.labeled_files), len(splits.unlabeled_files),
+                   len(splits.val_files), data.num_classes, bank_labels, files, texts,
+                   data.backend, where, list(splits.classes), val)
+
+
+def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b: int, bu: int,
+               bv: int) -> Streams:
+    from simmatch.data.synthetic import SyntheticTrainStream, synthetic_labels, synthetic_val_batches
+
+    data, seed, cl = cfg.data, cfg.train.seed, cfg.train.channels_last
+    n = data.synthetic_size
+    labels = synthetic_labels(n, data.num_classes)
+    labeled = SyntheticTrainStream(LABELED_KIND, data,
+                                   ShardPlan(n, b, rank, world_size, seed, LABELED), labels,
+                                   device, cl)
+    unlabeled = SyntheticTrainStream(UNLABELED_KIND, data,
+                                     ShardPlan(n, bu, rank, world_size, seed, UNLABELED), labels,
+                                     device, cl)
+
+    def val() -> Iterator[dict[str, torch.Tensor]]:
+        return synthetic_val_batches(data, n, bv, rank, world_size, device, cl)
+
+    return Streams(labeled, unlabeled, n, n, n, data.num_classes, labels, {}, {}, "synthetic",
+                   device.type.replace("cuda", "gpu"), [str(c) for c in range(data.num_classes)], val)

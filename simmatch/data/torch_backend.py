@@ -1,0 +1,236 @@
+"""torchvision (transforms.v2) + DataLoader streams with the same augmentations and interface.
+
+Exact resume without replaying images: every sample's augmentation is seeded from
+(seed, stream, epoch, GLOBAL rank, position in the epoch), so a position (epoch, batch) is
+all the state there is, and skipping batches only skips sampler entries.
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from simmatch.data.base import TrainStream, pack_batch, val_resize_size
+from simmatch.data.sharding import ShardPlan, val_slice
+from simmatch.errors import DataError
+
+_ERROR_PREFIX = "simmatch.errors.DataError: "
+
+
+def _v2():
+    from torchvision.transforms import v2
+
+    return v2
+
+
+def _finish(cfg: Any) -> list:
+    """PIL image or uint8 tensor -> normalised float32 CHW."""
+    v2 = _v2()
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=cfg.mean, std=cfg.std)]
+
+
+def _crop_flip(cfg: Any) -> list:
+    v2 = _v2()
+    return [v2.RandomResizedCrop(cfg.crop_size, scale=(cfg.min_scale, cfg.max_scale),
+                                 antialias=True),
+            v2.RandomHorizontalFlip()]
+
+
+
+def ignore_job_signals(_worker_id: int) -> None:
+    """SLURM signals every process of a task: only the trainer decides when to stop, so a
+    loader worker must not die of SIGUSR2 / SIGTERM in the middle of a batch."""
+    for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+class RandomPILBlur:
+    """Gaussian blur with probability p, sigma ~ U[lo, hi] (PIL's, as in MoCo/SimMatch code).
+
+    Draws from torch's RNG so the per-sample seeding covers it.
+    """
+
+    def __init__(self, p: float, lo: float, hi: float) -> None:
+        self.p, self.lo, self.hi = p, lo, hi
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+
+        if torch.rand(()) >= self.p:
+            return img
+        sigma = self.lo + (self.hi - self.lo) * float(torch.rand(()))
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def weak_transform(cfg: Any):
+    """Crop and flip on the uint8 tensor (faster than on PIL), then normalise."""
+    v2 = _v2()
+    return v2.Compose([v2.ToImage()] + _crop_flip(cfg) + _finish(cfg)[1:])
+
+
+def strong_transform(cfg: Any):
+    """SimCLR-style (jitter p, grayscale p, blur p) on PIL images, whose colour ops are several
+    times faster than the tensor ones; or RandAugment(n, m) on the tensor; after crop + flip."""
+    v2 = _v2()
+    if cfg.strong == "randaugment":
+        return v2.Compose([v2.ToImage()] + _crop_flip(cfg)
+                          + [v2.RandAugment(num_ops=cfg.randaug_n, magnitude=cfg.randaug_m)]
+                          + _finish(cfg)[1:])
+    ops = [v2.RandomApply([v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.hue)],
+                          p=cfg.jitter_prob),
+           v2.RandomGrayscale(p=cfg.gray_prob),
+           RandomPILBlur(cfg.blur_prob, cfg.blur_sigma_min, cfg.blur_sigma_max)]
+    return v2.Compose(_crop_flip(cfg) + ops + _finish(cfg))
+
+
+def val_transform(cfg: Any):
+    v2 = _v2()
+    return v2.Compose([v2.ToImage(), v2.Resize(val_resize_size(cfg), antialias=True),
+                       v2.CenterCrop(cfg.crop_size)] + _finish(cfg)[1:])
+
+
+def load_image(path: Path):
+    """RGB PIL image, fully decoded; a file that does not decode is a DataError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot decode image {path}: {reason}") from None
+
+
+class _Views(Dataset):
+    """Item (file index, sample seed) -> (views..., index); one decode, views seeded by the sample."""
+
+    def __init__(self, root: Path, files: list[str], transforms: list) -> None:
+        self.root, self.files, self.transforms = root, files, transforms
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        image = load_image(self.root / self.files[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views = [t(image) for t in self.transforms]
+        return (*views, index)
+
+
+class _EpochSampler(Sampler):
+    """Yields (file index, sample seed) of one epoch for this rank, from a batch offset on."""
+
+    def __init__(self, plan: ShardPlan) -> None:
+        self.plan = plan
+        self.keys: list[tuple[int, int]] = []
+
+    def set_epoch(self, epoch: int, start_batch: int) -> None:
+        order = self.plan.rank_order(epoch)
+        rng = np.random.default_rng([self.plan.seed, self.plan.tag, epoch, self.plan.rank])
+        seeds = rng.integers(0, 2**62, size=len(order))
+        start = start_batch * self.plan.batch_size
+        self.keys = list(zip(order[start:].tolist(), seeds[start:].tolist()))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def reraise_worker_error(exc: Exception) -> None:
+    """A DataError raised in a worker arrives wrapped in a traceback: keep its own line only."""
+    lines = [ln for ln in str(exc).splitlines() if ln.startswith(_ERROR_PREFIX)]
+    if lines:
+        raise DataError(lines[-1][len(_ERROR_PREFIX):]) from None
+    raise exc
+
+
+class TorchTrainStream(TrainStream):
+    def __init__(self, kind: str, data_cfg: Any, plan: ShardPlan, file_root: Path,
+                 files: list[str], label_table: torch.Tensor, device: torch.device,
+                 channels_last: bool) -> None:
+        super().__init__(kind, plan)
+        transforms = [weak_transform(data_cfg)]
+        if kind != "labeled":
+            transforms += [strong_transform(data_cfg) for _ in range(data_cfg.num_strong)]
+        self._sampler = _EpochSampler(plan)
+        workers = max(0, data_cfg.num_threads)
+        self._loader = DataLoader(
+            _Views(Path(file_root), files, transforms), batch_size=plan.batch_size,
+            sampler=self._sampler, num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, worker_init_fn=ignore_job_signals,
+            prefetch_factor=max(1, data_cfg.prefetch) if workers else None)
+        self._labels = label_table.to(device)
+        self._device = device
+        self._channels_last = channels_last
+        self._epoch, self._batch = 0, 0
+        self._it: Iterator | None = None
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._sampler.set_epoch(self._epoch, self._batch)
+            self._it = iter(self._loader)
+        try:
+            *views, index = next(self._it)
+        except Exception as exc:
+            self.close()
+            reraise_worker_error(exc)
+        self._batch += 1
+        if self._batch == self.plan.batches_per_epoch:
+            self._epoch, self._batch, self._it = self._epoch + 1, 0, None
+        memory = torch.channels_last if self._channels_last else torch.contiguous_format
+        views = [v.to(self._device, non_blocking=True).contiguous(memory_format=memory)
+                 for v in views]
+        return pack_batch(self.kind, views, index.to(self._device), self._labels)
+
+    def _position(self) -> tuple[int, int, dict]:
+        return self._epoch, self._batch, {}
+
+    def _seek(self, epoch: int, batch: int, extra: dict) -> None:
+        self._it = None
+        self._epoch, self._batch = epoch, batch
+
+    def close(self) -> None:
+        self._it = None
+
+
+class _ValSet(Dataset):
+    def __init__(self, root: Path, files: list[str], labels: list[int], transform) -> None:
+        self.root, self.files, self.labels, self.transform = root, files, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self.transform(load_image(self.root / self.files[i])), self.labels[i]
+
+
+def torch_val_batches(data_cfg: Any, file_root: Path, files: list[str], labels: list[int],
+                      batch_size: int, rank: int, world_size: int, device: torch.device,
+                      channels_last: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's contiguous slice of the validation set, each image once; last batch partial."""
+    start, stop = val_slice(len(files), rank, world_size)
+    if start == stop:
+        return
+    dataset = _ValSet(Path(file_root), files[start:stop], labels[start:stop], val_transform(data_cfg))
+    workers = max(0, data_cfg.num_threads)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_job_signals)
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    it = iter(loader)
+    while True:
+        try:
+            x, y = next(it)
+        except StopIteration:
+            return
+        except Exception as exc:
+            reraise_worker_error(exc)
+        yield {"x": x.to(device, non_blocking=True).contiguous(memory_format=memory),
+               "y": y.to(device).long()}

@@ -1,0 +1,74 @@
+"""Shared fixtures of the data tests: a tiny digits tree (32 px) and config helpers."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from simmatch.config import Config, load_config
+from simmatch.data.digits import write_digits
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import tools/<name>.py by path (tools/ is a script folder, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def data_cfg(root: Path | str, *overrides: str, backend: str = "dali") -> Config:
+    """A small CPU config: 10 classes, 4 labels per class (K=40), B=8, mu=2, 32 px crops."""
+    base = [f"data.root={root}", "data.num_classes=10", "data.labeled_per_class=4",
+            f"data.backend={backend}", "data.device=cpu", "data.crop_size=32",
+            "data.num_threads=2", "train.batch_size=8", "train.mu=2", "train.seed=3"]
+    return load_config(None, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    write_digits(root, size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def corrupt_root(tmp_path_factory, digits_root) -> Path:
+    """Two classes of six images each; class 1 also holds a truncated JPEG `bad.jpg`."""
+    root = tmp_path_factory.mktemp("corrupt")
+    for split in ("train", "val"):
+        for cls in ("0", "1"):
+            dst = root / split / cls
+            dst.mkdir(parents=True)
+            for src in sorted((digits_root / split / cls).iterdir())[:6]:
+                shutil.copy(src, dst / src.name)
+    good = sorted((root / "train" / "1").iterdir())[0].read_bytes()
+    (root / "train" / "1" / "bad.jpg").write_bytes(good[: len(good) // 3])
+    return root
+
+
+def take(stream, n: int) -> list[dict]:
+    """n batches, cloned (stream tensors are only valid until the next draw)."""
+    out = []
+    for _ in range(n):
+        batch = next(stream)
+        out.append({k: ([t.clone() for t in v] if isinstance(v, list) else v.clone())
+                    for k, v in batch.items()})
+    return out
+
+
+def same_batches(a: list[dict], b: list[dict]) -> bool:
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            xs = x[key] if isinstance(x[key], list) else [x[key]]
+            ys = y[key] if isinstance(y[key], list) else [y[key]]
+            if not all(torch.equal(p, q) for p, q in zip(xs, ys, strict=True)):
+                return False
+    return True
