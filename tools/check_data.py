@@ -7,9 +7,13 @@ errors (missing directory).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-from simmatch.data.checks import check_tree
-from simmatch.errors import cli_errors
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from simmatch.data.checks import check_tree  # noqa: E402
+from simmatch.errors import cli_errors  # noqa: E402
 
 
 @cli_errors

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
-from simmatch.data.digits import write_digits
-from simmatch.errors import cli_errors
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from simmatch.data.digits import write_digits  # noqa: E402
+from simmatch.errors import cli_errors  # noqa: E402
 
 
 @cli_errors

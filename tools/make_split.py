@@ -7,11 +7,15 @@ existing list (--convert FILE, e.g. SimCLR's 1%/10% lists of bare file names).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 
-from simmatch.data.splits import make_labeled_list, write_list
-from simmatch.errors import cli_errors
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from simmatch.data.splits import make_labeled_list, write_list  # noqa: E402
+from simmatch.errors import cli_errors  # noqa: E402
 
 
 @cli_errors

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Where a run stands: job state, its submissions and requeues, newest checkpoint, last metrics.
+
+  python tools/status.py RUN_DIR [--lines 5] [--wait [--timeout S]]
+
+The state comes from `scontrol show job` (no accounting needed) and, once SLURM has
+forgotten the job, from the run's submissions log. With --wait it returns when the job has
+ended: exit 0 when the run finished, 1 otherwise (cancelled, failed, stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from simmatch.errors import cli_errors  # noqa: E402
+from slurm import submissions  # noqa: E402
+from slurm.jobstate import UNKNOWN, is_ended, query_job  # noqa: E402
+from slurm.launcher import LaunchError  # noqa: E402
+
+_CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
+_ENDINGS = {submissions.FINISHED: "COMPLETED", submissions.STOPPED: "STOPPED", submissions.FAILED: "FAILED"}
+
+
+def run_state(run_dir: Path) -> tuple[str, str]:
+    """(state, detail): SLURM's state of the newest job, or what the log says once it is gone."""
+    events = submissions.read_events(run_dir)
+    job_id = submissions.last_job_id(events)
+    if job_id is None:
+        return "NO_JOB", "no SLURM submission logged (a local run?)"
+    fields = query_job(job_id)
+    state = fields["JobState"]
+    if state not in ("NOT_FOUND", UNKNOWN):
+        detail = f"job {job_id} on {fields.get('NodeList', '?')}, restarts {fields.get('Restarts', '0')}"
+        if fields.get("Reason") not in (None, "None"):
+            detail += f", reason {fields['Reason']}"
+        return state, detail
+    last = next((e for e in reversed(events) if e.get("job_id") == job_id and e["event"] in _ENDINGS), None)
+    if last is not None:
+        return _ENDINGS[last["event"]], f"job {job_id}, from the submissions log ({last.get('reason', '')})"
+    return UNKNOWN, f"job {job_id}: SLURM does not know it (any more), the log shows no end"
+
+
+def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("ckpt_*.pt")
+             if (m := _CKPT.match(p.name))]
+    return max(found) if found else None
+
+
+def _history(run_dir: Path) -> list[str]:
+    lines = []
+    for e in submissions.read_events(run_dir):
+        what = e["event"]
+        extra = [f"{k}={e[k]}" for k in ("reason", "iteration", "restart", "timeouts_left", "error")
+                 if e.get(k) not in (None, "")]
+        lines.append(f"  {e.get('time', '?')}  job {e.get('job_id', '?'):>9}  {what:<9} {' '.join(extra)}")
+    return lines
+
+
+def _metrics(run_dir: Path, n: int) -> str:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file() or path.stat().st_size == 0:
+        return "  (none yet)"
+    import pandas as pd
+
+    try:
+        df = pd.read_json(path, lines=True)
+    except ValueError:  # a line being written right now
+        text = "\n".join(path.read_text().splitlines()[:-1])
+        df = pd.read_json(__import__("io").StringIO(text), lines=True)
+    if df.empty:
+        return "  (none yet)"
+    out = []
+    for kind, part in df.groupby("kind", sort=False) if "kind" in df else [("", df)]:
+        part = part.dropna(axis=1, how="all").tail(n)
+        out.append(f"  {kind}:\n" + "\n".join("    " + ln for ln in part.to_string(index=False).splitlines()))
+    return "\n".join(out)
+
+
+def report(run_dir: Path, lines: int) -> str:
+    state, detail = run_state(run_dir)
+    ckpt = newest_checkpoint(run_dir)
+    text = [f"run:        {run_dir}", f"state:      {state} ({detail})",
+            "checkpoint: " + (f"iteration {ckpt[0]} ({ckpt[1].name})" if ckpt else "none yet"),
+            "submissions:", *(_history(run_dir) or ["  (none)"]), f"metrics (last {lines}):",
+            _metrics(run_dir, lines)]
+    return "\n".join(text)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--lines", type=int, default=5, help="metrics rows shown per kind")
+    p.add_argument("--wait", action="store_true", help="return once the job has ended")
+    p.add_argument("--timeout", type=float, default=0, help="with --wait: give up after S seconds (0: never)")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    if not run_dir.is_dir():
+        raise LaunchError(f"no such run directory: {run_dir}")
+    if args.wait:
+        deadline = time.time() + args.timeout if args.timeout > 0 else float("inf")
+        state, _ = run_state(run_dir)
+        while not (is_ended(state) or state in ("COMPLETED", "STOPPED", "NO_JOB")):
+            if time.time() > deadline:
+                print(report(run_dir, args.lines))
+                print(f"still {state} after {args.timeout:.0f} s", file=sys.stderr)
+                return 3
+            time.sleep(2)
+            state, _ = run_state(run_dir)
+        print(report(run_dir, args.lines))
+        events = submissions.read_events(run_dir)
+        finished = bool(events) and events[-1]["event"] == submissions.FINISHED
+        return 0 if state == "COMPLETED" and finished else 1
+    print(report(run_dir, args.lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Submit a training run to SLURM (requeued on preemption/time-out, resumed from checkpoints).
+
+  python tools/submit.py --nodes 4 --cfg yaml/in1k_1pct.yaml [key=value ...]
+  python tools/submit.py --cfg yaml/digits.yaml --gpus-per-node 0 --tasks-per-node 2 --nodes 2 ...
+  python tools/submit.py --resume RUN_DIR            # continue a stopped or cancelled run
+  python tools/submit.py ... --dry-run               # print the sbatch script, submit nothing
+
+Without SLURM (no sbatch on PATH) the run starts locally unless --slurm is given.
+Follow a run with `python tools/status.py RUN_DIR`. See docs/SLURM.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from simmatch.config import load_config, parse_override  # noqa: E402
+from simmatch.errors import cli_errors  # noqa: E402
+from slurm import submissions  # noqa: E402
+from slurm.jobstate import is_ended, job_state  # noqa: E402
+from slurm.launcher import JobSpec, LaunchError, TrainJob, sbatch_script, submit  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cfg", help="YAML config, e.g. yaml/in1k_1pct.yaml")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config.yaml")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU (0: CPU tasks)")
+    p.add_argument("--tasks-per-node", type=int, help="tasks per node without GPUs (default 1)")
+    p.add_argument("--cpus-per-task", type=int, help="default: 10 with GPUs, else the cluster's default")
+    p.add_argument("--mem", help="memory per node: 64G, 500000M, 0 = all (default: the cluster's)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--timeout", type=int, default=1440, help="time limit of each job, minutes")
+    p.add_argument("--job-name", help="default: simmatch-<config name>")
+    p.add_argument("--run-dir", help="default: <output root>/<config name>")
+    p.add_argument("--output-root", help="shared directory for runs (default: $SIMMATCH_OUTPUT_ROOT "
+                                         "or the config's train.output_root)")
+    p.add_argument("--signal-delay", type=int, default=90,
+                   help="seconds between USR2 and the time limit (the checkpoint's time budget)")
+    p.add_argument("--max-requeues", type=int, default=10,
+                   help="requeues after a time-out (preemptions requeue without limit)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run on this machine, in the foreground")
+    where.add_argument("--slurm", action="store_true", help="submit to SLURM; fail when there is none")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.epochs=100")
+    return p.parse_args(argv)
+
+
+def _resume_source(run_dir: Path) -> tuple[str, list[str]]:
+    """Config file and overrides of the run in `run_dir`: its saved config, else its submission."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        return str(saved), []
+    for e in reversed(submissions.read_events(run_dir)):
+        if e["event"] == submissions.SUBMITTED:
+            return e.get("cfg"), list(e.get("overrides") or [])
+    raise LaunchError(f"--resume {run_dir}: no config.yaml and no submission in that directory")
+
+
+def _run_dir(args: argparse.Namespace, cfg) -> Path:
+    if args.resume:
+        return Path(args.resume).resolve()
+    if args.run_dir:
+        return Path(args.run_dir).resolve()
+    if cfg.train.run_dir:
+        return Path(cfg.train.run_dir).resolve()
+    root = args.output_root or os.environ.get("SIMMATCH_OUTPUT_ROOT") or cfg.train.output_root
+    return (Path(root) / (cfg.name or "run")).resolve()
+
+
+def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+    """Never start a second run over an existing one, nor resume a run whose job still lives."""
+    if not resuming and ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()):
+        raise LaunchError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                          "or choose another --run-dir")
+    job_id = submissions.last_job_id(submissions.read_events(run_dir))
+    if job_id and shutil.which("scontrol"):
+        state = job_state(job_id)
+        if not is_ended(state) and state != "UNKNOWN":
+            raise LaunchError(f"job {job_id} of {run_dir} is still {state}: scancel {job_id} first")
+
+
+def _spec(args: argparse.Namespace, cfg) -> JobSpec:
+    cpus = args.cpus_per_task
+    if cpus is None and args.gpus_per_node > 0:
+        cpus = 10
+    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                   cpus_per_task=cpus, mem=args.mem, partition=args.partition, account=args.account,
+                   qos=args.qos, constraint=args.constraint, timeout_min=args.timeout,
+                   job_name=args.job_name or f"simmatch-{cfg.name or 'run'}",
+                   signal_delay_s=args.signal_delay, max_requeues=args.max_requeues)
+    spec.validate()
+    if cfg.train.batch_size % spec.world_size:
+        raise LaunchError(f"train.batch_size={cfg.train.batch_size} does not divide by the "
+                          f"{spec.world_size} tasks ({spec.nodes} nodes x {spec.ntasks_per_node})")
+    return spec
+
+
+def _local_tasks(spec: JobSpec) -> int:
+    if spec.gpus_per_node > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus:
+            return min(gpus, spec.gpus_per_node)
+    return spec.tasks_per_node or 1
+
+
+def run_local(job: TrainJob, spec: JobSpec, note: str) -> int:
+    """Train on this machine in the foreground: in this process, or one process per task."""
+    tasks = _local_tasks(spec)
+    extra = f"; --nodes {spec.nodes} ignored" if spec.nodes > 1 else ""
+    print(f"{note}running locally: {tasks} process(es){extra}; run directory {job.run_dir}", flush=True)
+    if tasks == 1:
+        result = job()
+        print(f"{result.status} at iteration {result.iteration}")
+        return 0
+    from simmatch.launch_local import launch
+
+    return launch(job.cfg_path, job.train_overrides(), tasks)
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if bool(args.cfg) == bool(args.resume):
+        raise LaunchError("give either --cfg CONFIG or --resume RUN_DIR")
+    for text in args.overrides:
+        parse_override(text)
+    if args.resume:
+        if not Path(args.resume).is_dir():
+            raise LaunchError(f"--resume {args.resume}: no such directory")
+        cfg_path, overrides = _resume_source(Path(args.resume))
+        overrides += args.overrides
+    else:
+        cfg_path, overrides = args.cfg, list(args.overrides)
+    cfg = load_config(cfg_path, overrides)  # a bad key or value fails here, before any job exists
+    run_dir = _run_dir(args, cfg)
+    overrides = [o for o in overrides if parse_override(o)[0] != "train.run_dir"]
+    job = TrainJob(str(Path(cfg_path).resolve()) if cfg_path else None, overrides, str(run_dir))
+    spec = _spec(args, cfg)
+    if args.dry_run:
+        print(sbatch_script(spec, run_dir), end="")
+        return 0
+    has_slurm = shutil.which("sbatch") is not None
+    if args.slurm and not has_slurm:
+        raise LaunchError("--slurm: no SLURM here (no sbatch on PATH)")
+    _check_run_dir(run_dir, bool(args.resume))
+    if args.local or not has_slurm:
+        note = "" if args.local else "no SLURM found (no sbatch on PATH): "
+        return run_local(job, spec, note)
+    sjob = submit(job, spec)
+    print(f"submitted job {sjob.job_id}: {spec.nodes} node(s) x {spec.ntasks_per_node} task(s), "
+          f"{spec.timeout_min} min per job, up to {spec.max_requeues} time-out requeues")
+    print(f"run directory: {run_dir}")
+    print(f"logs:          {sjob.paths.stdout} (.err beside it; one pair per task)")
+    print(f"follow it:     python tools/status.py {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
