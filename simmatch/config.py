@@ -70,7 +70,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "simmatch"  # simmatch | fixmatch | supervised
+    name: str = "simmatch"  # simmatch | fixmatch | supervised | isd
     tau: float = 0.7  # confidence threshold of the class pseudo-label
     temperature: float = 0.1  # t of the similarity softmax
     alpha: float = 0.9  # blend of p_w and the aggregated q_w
@@ -81,6 +81,11 @@ class MethodConfig:
     da_target: str = "uniform"  # uniform | labeled (labeled-label marginal, ReMixMatch)
     bank_momentum: float = 0.0  # 0: overwrite rows; >0: temporal ensemble (small K)
     propagate_after_epochs: int = 0  # official: L_in and aggregation start after epoch 0
+    # ISD (self-supervised): queue of teacher embeddings and the two temperatures
+    queue_size: int = 128_000
+    isd_t_student: float = 0.1
+    isd_t_teacher: float = 0.01
+    predictor_hidden: int = 512
 
 
 @dataclass
@@ -110,6 +115,8 @@ class TrainConfig:
     keep_ckpts: int = 3
     async_ckpt: bool = True  # write checkpoints in a background thread after a host copy
     eval_every: int = 0  # 0: only at the end
+    knn_k: int = 20  # k-NN evaluation (methods without a trained classifier, tools/eval.py --knn)
+    knn_temperature: float = 0.07
     tensorboard: bool = False
     run_dir: str = ""  # default: <output_root>/<config name>
     output_root: str = "runs"

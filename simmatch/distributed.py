@@ -65,6 +65,18 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """Like `all_gather_cat` when ranks hold different numbers of rows (padded, then trimmed)."""
+    if not is_dist() or world_size() == 1:
+        return tensor
+    sizes = [int(n) for n in all_gather_objects(int(tensor.shape[0]))]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = all_gather_cat(padded).split(max(sizes))
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+
+@torch.no_grad()
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks, returned as a new tensor (the input is left as it was)."""
     if not is_dist() or world_size() == 1:

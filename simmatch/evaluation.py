@@ -1,4 +1,5 @@
-"""Evaluate any checkpoint on the validation split of its own config (or overridden data)."""
+"""Evaluate any checkpoint on the validation split of its own config (or overridden data):
+classifier top-1/top-5, k-NN and linear-probe top-1 of the trunk's features."""
 from __future__ import annotations
 
 import contextlib
@@ -8,12 +9,16 @@ import torch
 
 from simmatch.config import apply_overrides
 from simmatch.engine.evaluate import evaluate
+from simmatch.engine.representation import knn_accuracy, linear_probe
 from simmatch.engine.trainer import amp_dtype
 from simmatch.export import load_run_checkpoint, network_state, training_network
 
+MODES = ("classifier", "knn", "linear")
+
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), which: tuple[str, ...] = ("student", "teacher"),
-                        device: str | None = None) -> dict:
+                        device: str | None = None, modes: tuple[str, ...] = ("classifier",)) -> dict:
+    """{name}_top1/_top5 (classifier), {name}_knn_top1 and {name}_linear_top1 for each network."""
     from simmatch.data import build_streams
 
     file, state, cfg = load_run_checkpoint(path)
@@ -21,10 +26,23 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), which: tupl
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     streams = build_streams(cfg, 0, 1, dev)
     dtype = amp_dtype(cfg, dev)
-    out: dict = {"checkpoint": str(file), "iteration": int(state["iteration"])}
+    cl, classes = cfg.train.channels_last, cfg.data.num_classes
+    out: dict = {"checkpoint": str(file), "iteration": int(state["iteration"]), "count": streams.num_val}
+
+    def ctx():
+        return torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     for name in which:
         net = training_network(cfg, network_state(state, name)).to(dev)
-        ctx = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        res = evaluate(net, streams.val(), ctx, cfg.train.channels_last)
-        out[f"{name}_top1"], out[f"{name}_top5"], out["count"] = res["top1"], res["top5"], res["count"]
+        if "classifier" in modes:
+            res = evaluate(net, streams.val(), ctx(), cl)
+            out[f"{name}_top1"], out[f"{name}_top5"] = res["top1"], res["top5"]
+        if "knn" in modes:
+            res = knn_accuracy(net, streams.labeled_eval(), streams.val(), classes,
+                               cfg.train.knn_k, cfg.train.knn_temperature, ctx(), cl)
+            out[f"{name}_knn_top1"] = res["knn_top1"]
+        if "linear" in modes:
+            out[f"{name}_linear_top1"] = linear_probe(net, streams.labeled_eval(), streams.val(),
+                                                      classes, autocast=ctx(), channels_last=cl)["linear_top1"]
+    streams.close()
     return out

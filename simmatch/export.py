@@ -58,6 +58,8 @@ def torchvision_model(cfg: Config) -> torchvision.models.ResNet:
 
 
 def training_network(cfg: Config, net_state: dict) -> Network:
+    """Trunk, classifier and projection head; a student's predictor (ISD) is not needed to evaluate."""
+    net_state = {k: v for k, v in net_state.items() if not k.startswith("predictor.")}
     has_head = any(k.startswith("head.") for k in net_state)
     net = build_network(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input,
                         cfg.model.proj_dim if has_head else 0)

@@ -67,8 +67,10 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Tr
         result = trainer.fit()
         if dist.is_main() and result.status == "finished" and result.metrics:
             m = result.metrics
-            print(f"validation top-1: student {m.get('student_top1', float('nan')):.2f}%  "
-                  f"teacher {m.get('teacher_top1', float('nan')):.2f}%  ({run_dir})", flush=True)
+            kind = "" if "student_top1" in m else "knn_"
+            label = "validation top-1" if not kind else "validation k-NN top-1"
+            print(f"{label}: student {m.get(f'student_{kind}top1', float('nan')):.2f}%  "
+                  f"teacher {m.get(f'teacher_{kind}top1', float('nan')):.2f}%  ({run_dir})", flush=True)
         return result
     finally:
         dist.shutdown()

@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""Top-1 / top-5 of a checkpoint's student and teacher on its validation split.
+"""Score a checkpoint's student and teacher on its validation split.
 
-`python tools/eval.py RUN_DIR|CKPT [--which student|teacher|both] [key=value ...]`
+`python tools/eval.py RUN_DIR|CKPT [--which student|teacher|both] [--knn] [--linear] [key=value ...]`
+Default: the classifier's top-1 / top-5. --knn: weighted k-NN top-1 of the trunk's features
+with the labeled set as memory (train.knn_k, train.knn_temperature). --linear: top-1 of a
+linear probe (L-BFGS logistic regression) fitted on the frozen features of the labeled set.
 Overrides change the data (e.g. data.root=/other/copy). The last line is one JSON object.
 """
 from __future__ import annotations
@@ -21,16 +24,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("source", help="run directory (newest checkpoint) or checkpoint file")
     ap.add_argument("--which", default="both", choices=["student", "teacher", "both"])
+    ap.add_argument("--knn", action="store_true", help="k-NN top-1 of the trunk's features")
+    ap.add_argument("--linear", action="store_true", help="linear-probe top-1 on frozen features")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=DIR")
     args = ap.parse_args()
     from simmatch.evaluation import evaluate_checkpoint
 
     which = ("student", "teacher") if args.which == "both" else (args.which,)
-    res = evaluate_checkpoint(args.source, args.overrides, which, args.device)
+    modes = tuple(m for m, on in (("knn", args.knn), ("linear", args.linear)) if on) or ("classifier",)
+    res = evaluate_checkpoint(args.source, args.overrides, which, args.device, modes)
     print(f"{res['checkpoint']} (iteration {res['iteration']}), {res['count']} validation images")
     for name in which:
-        print(f"  {name:<8} top-1 {res[f'{name}_top1']:6.2f}%  top-5 {res[f'{name}_top5']:6.2f}%")
+        parts = [f"{label} {res[key]:6.2f}%" for label, key in
+                 (("top-1", f"{name}_top1"), ("top-5", f"{name}_top5"),
+                  ("k-NN top-1", f"{name}_knn_top1"), ("linear top-1", f"{name}_linear_top1"))
+                 if key in res]
+        print(f"  {name:<8} " + "  ".join(parts))
     print(json.dumps(res))
     return 0
 

@@ -33,6 +33,7 @@ class Streams:
     device: str  # where decoding/augmentation runs: gpu | cpu
     classes: list[str] = field(default_factory=list)
     _val: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
+    _labeled_eval: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
 
     def val(self) -> Iterator[dict[str, torch.Tensor]]:
         """A fresh pass over this rank's share of the validation set: {x, y} batches.
@@ -41,6 +42,11 @@ class Streams:
         padding); batch counts may differ by one between ranks and the last one is partial.
         """
         return self._val() if self._val is not None else iter(())
+
+    def labeled_eval(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The labeled set with validation transforms, sharded like `val`: the memory of k-NN
+        evaluation and the training set of linear probes."""
+        return self._labeled_eval() if self._labeled_eval is not None else iter(())
 
     def state_dict(self) -> dict[str, Any]:
         return {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
@@ -120,9 +126,9 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device)
                                     splits.train_root, splits.unlabeled_files, unl_labels, device,
                                     where, channels_last)
 
-        def val() -> Iterator[dict[str, torch.Tensor]]:
-            return dali_val_batches(data, splits.val_root, splits.val_files, splits.val_labels, bv,
-                                    rank, world_size, device, where, channels_last)
+        def passes(root: Path, files: list[str], labels: list[int]):
+            return lambda: dali_val_batches(data, root, files, labels, bv, rank, world_size,
+                                            device, where, channels_last)
     elif data.backend == "torch":
         from simmatch.data.torch_backend import TorchTrainStream, torch_val_batches
 
@@ -131,15 +137,17 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device)
         unlabeled = TorchTrainStream(UNLABELED_KIND, data, plan_u, splits.train_root,
                                      splits.unlabeled_files, unl_labels, device, channels_last)
 
-        def val() -> Iterator[dict[str, torch.Tensor]]:
-            return torch_val_batches(data, splits.val_root, splits.val_files, splits.val_labels, bv,
-                                     rank, world_size, device, channels_last)
+        def passes(root: Path, files: list[str], labels: list[int]):
+            return lambda: torch_val_batches(data, root, files, labels, bv, rank, world_size,
+                                             device, channels_last)
     else:
         raise ConfigError(f"data.backend={data.backend!r} is not one of dali, torch, synthetic")
     files, texts = _split_files(cfg, splits)
     return Streams(labeled, unlabeled, len(splits.labeled_files), len(splits.unlabeled_files),
                    len(splits.val_files), data.num_classes, bank_labels, files, texts,
-                   data.backend, where, list(splits.classes), val)
+                   data.backend, where, list(splits.classes),
+                   passes(splits.val_root, splits.val_files, splits.val_labels),
+                   passes(splits.train_root, splits.labeled_files, splits.labeled_labels))
 
 
 def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b: int, bu: int,
@@ -160,4 +168,5 @@ def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b:
         return synthetic_val_batches(data, n, bv, rank, world_size, device, cl)
 
     return Streams(labeled, unlabeled, n, n, n, data.num_classes, labels, {}, {}, "synthetic",
-                   device.type.replace("cuda", "gpu"), [str(c) for c in range(data.num_classes)], val)
+                   device.type.replace("cuda", "gpu"), [str(c) for c in range(data.num_classes)],
+                   val, val)

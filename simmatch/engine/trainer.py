@@ -21,6 +21,7 @@ from simmatch import distributed as dist
 from simmatch.config import Config, Derived, derive, to_dict
 from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
+from simmatch.engine.representation import knn_accuracy
 from simmatch.engine.metrics import MetricsFile, MetricWindow, Progress, format_eta, setup_logging
 from simmatch.engine.optim import build_optimizer, lr_at, set_lr
 from simmatch.engine.stop import StopRequest
@@ -74,11 +75,6 @@ class Trainer:
 
         rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
         self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())
-        if cfg.model.init_from:
-            from simmatch.export import init_student_from
-
-            init_student_from(self.method, cfg.model.init_from)
-            self.method.teacher.module.load_state_dict(self.method.student.state_dict())
         self.method.to(device)
         if cfg.train.channels_last:
             self.method.to(memory_format=torch.channels_last)
@@ -160,6 +156,15 @@ class Trainer:
         self.log.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
+    def _init_from(self, source: str) -> None:
+        """A fresh run starts from another run's (or an export's) trunk; a resumed one does not
+        need the source any more."""
+        from simmatch.export import init_student_from
+
+        init_student_from(self.method, source)
+        self.method.teacher.module.load_state_dict(self.method.student.state_dict())
+        self.log.info("student and teacher trunks initialised from %s", source)
+
     def save(self) -> None:
         state = self.state_dict()  # every rank takes part; only rank 0 writes
         if self.rank == 0:
@@ -169,8 +174,9 @@ class Trainer:
     def _step(self) -> dict[str, torch.Tensor]:
         cl, timer = self.cfg.train.channels_last, self.method.timer
         with timer("data"):
-            labeled = move_batch(next(self.streams.labeled), self.device, cl)
-            unlabeled = None
+            labeled = unlabeled = None
+            if self.method.needs_labeled:
+                labeled = move_batch(next(self.streams.labeled), self.device, cl)
             if self.method.needs_unlabeled:
                 unlabeled = move_batch(next(self.streams.unlabeled), self.device, cl)
         with self.autocast():
@@ -186,14 +192,19 @@ class Trainer:
         return {k: v.detach() for k, v in losses.items()}
 
     def evaluate(self) -> dict[str, float]:
-        out = {}
+        """Classifier top-1/top-5, or k-NN top-1 for methods that train no classifier."""
+        t, out = self.cfg.train, {}
         for name, model in (("student", self.method.student), ("teacher", self.method.teacher.module)):
-            res = evaluate(model, self.streams.val(), self.autocast(), self.cfg.train.channels_last)
-            out[f"{name}_top1"], out[f"{name}_top5"] = res["top1"], res["top5"]
+            if self.method.trains_classifier:
+                res = evaluate(model, self.streams.val(), self.autocast(), t.channels_last)
+                out[f"{name}_top1"], out[f"{name}_top5"] = res["top1"], res["top5"]
+            else:
+                res = knn_accuracy(model, self.streams.labeled_eval(), self.streams.val(),
+                                   self.cfg.data.num_classes, t.knn_k, t.knn_temperature,
+                                   self.autocast(), t.channels_last)
+                out[f"{name}_knn_top1"] = res["knn_top1"]
         self.metrics_file.write({"kind": "eval", "iteration": self.iteration, **out})
-        self.log.info("eval it %d: student top1 %.2f top5 %.2f | teacher top1 %.2f top5 %.2f",
-                      self.iteration, out["student_top1"], out["student_top5"],
-                      out["teacher_top1"], out["teacher_top5"])
+        self.log.info("eval it %d: %s", self.iteration, " ".join(f"{k} {v:.2f}" for k, v in out.items()))
         return out
 
     def fit(self) -> TrainResult:
@@ -202,12 +213,14 @@ class Trainer:
             self.log.info("run %s: %d ranks, %d labeled / %d unlabeled images, %d iterations "
                           "(%d per epoch), lr %.4g", self.run_dir, self.world, d.num_labeled,
                           d.num_unlabeled, d.total_iters, d.steps_per_epoch, d.lr)
-        self.resume()
+        if not self.resume() and self.cfg.model.init_from:
+            self._init_from(self.cfg.model.init_from)
         stop = StopRequest()
         stop.install()
         window = MetricWindow()
         progress = Progress(d.total_iters, self.rank == 0)
-        per_step = t.batch_size * (1 + (t.mu * self.cfg.data.num_strong if self.method.needs_unlabeled else 0))
+        # images drawn per step (an unlabeled image counts once, however many views it has)
+        per_step = t.batch_size * (self.method.needs_labeled + t.mu * self.method.needs_unlabeled)
         t_window, n_window = time.perf_counter(), 0
         t_start, start_it = time.perf_counter(), self.iteration
         status, last = "finished", {}

@@ -30,4 +30,11 @@ def build_method(cfg: Config, derived: Derived, bank_labels: torch.Tensor) -> Me
             da_len=m.da_len, da_target=target, bank_momentum=m.bank_momentum,
             propagate_after_iters=derived.propagate_after_iters, use_bank=uses_head,
             seed=cfg.train.seed)
+    if m.name == "isd":
+        from simmatch.methods.isd import ISD
+
+        student = build_network(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input,
+                                cfg.model.proj_dim, m.predictor_hidden)
+        return ISD(student, cfg.model.ema_momentum, m.queue_size, m.isd_t_student, m.isd_t_teacher,
+                   seed=cfg.train.seed)
     raise NotImplementedError(f"method.name={m.name!r} is not available")

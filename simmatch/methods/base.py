@@ -14,6 +14,8 @@ class Method(nn.Module):
     """Owns the model-side state (student, teacher, banks, queues) as submodules and buffers,
     so `state_dict()` is everything a checkpoint needs from it. The engine owns the rest."""
 
+    needs_labeled: bool = True
+    trains_classifier: bool = True  # False: evaluated by k-NN on the trunk's features
     needs_unlabeled: bool = True
     timer: PhaseTimer = NO_TIMER  # benchmarks swap in an enabled one
 
@@ -22,7 +24,7 @@ class Method(nn.Module):
         self.student = student
         self.teacher = EMA(student, ema_momentum)
 
-    def training_losses(self, student: nn.Module, labeled: Batch, unlabeled: Batch | None,
+    def training_losses(self, student: nn.Module, labeled: Batch | None, unlabeled: Batch | None,
                         iteration: int) -> dict[str, torch.Tensor]:
         """`loss` (differentiable) plus detached scalar diagnostics. `student` may be DDP-wrapped."""
         raise NotImplementedError

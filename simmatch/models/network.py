@@ -45,14 +45,28 @@ class ProjectionHead(nn.Sequential):
         super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
 
 
-class Network(nn.Module):
-    """ResNet trunk -> (class logits from `backbone.fc`, L2-normalised embedding from `head`)."""
+class Predictor(nn.Sequential):
+    """The student-only MLP on top of the projection (ISD, BYOL): dim -> hidden -> dim."""
 
-    def __init__(self, backbone: torchvision.models.ResNet, proj_dim: int = 128):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim))
+
+
+class Network(nn.Module):
+    """ResNet trunk -> (class logits from `backbone.fc`, L2-normalised embedding from `head`).
+
+    With a `predictor` (ISD), `forward(x)` embeds through it and `forward(x, predict=False)`
+    skips it, which is what the teacher does. Keeping the predictor inside this module keeps
+    it inside DDP, so its gradients are averaged like the rest.
+    """
+
+    def __init__(self, backbone: torchvision.models.ResNet, proj_dim: int = 128, predictor_hidden: int = 0):
         super().__init__()
         self.backbone = backbone
         self.feat_dim = backbone.fc.in_features
         self.head = ProjectionHead(self.feat_dim, proj_dim) if proj_dim > 0 else None
+        self.predictor = Predictor(proj_dim, predictor_hidden) if predictor_hidden > 0 and proj_dim > 0 else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
@@ -60,14 +74,17 @@ class Network(nn.Module):
         x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
         return torch.flatten(b.avgpool(x), 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, predict: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         feat = self.features(x)
         logits = self.backbone.fc(feat)
         if self.head is None:
             return logits, None
-        emb = F.normalize(self.head(feat).float(), dim=1)
-        return logits, emb
+        z = self.head(feat)
+        if predict and self.predictor is not None:
+            z = self.predictor(z)
+        return logits, F.normalize(z.float(), dim=1)
 
 
-def build_network(arch: str, num_classes: int, small_input: bool = False, proj_dim: int = 128) -> Network:
-    return Network(build_backbone(arch, num_classes, small_input), proj_dim)
+def build_network(arch: str, num_classes: int, small_input: bool = False, proj_dim: int = 128,
+                  predictor_hidden: int = 0) -> Network:
+    return Network(build_backbone(arch, num_classes, small_input), proj_dim, predictor_hidden)

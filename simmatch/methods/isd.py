@@ -1,0 +1,55 @@
+"""ISD (iterative similarity distillation), self-supervised: the student matches the teacher's
+soft similarities to a queue of past teacher embeddings. No labels are used in training."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from simmatch.methods.base import Batch, Method
+from simmatch.methods.simmatch import fp32
+from simmatch.models import Network
+from simmatch.queue import EmbeddingQueue
+
+
+def isd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, queue: torch.Tensor,
+             t_student: float, t_teacher: float) -> torch.Tensor:
+    """KL(softmax(k.Q/T_t) || softmax(q.Q/T_s)), averaged over the batch."""
+    log_p_t = F.log_softmax(teacher_emb.float() @ queue.T / t_teacher, dim=1)
+    log_p_s = F.log_softmax(student_emb.float() @ queue.T / t_student, dim=1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
+class ISD(Method):
+    needs_labeled = False
+    trains_classifier = False
+
+    def __init__(self, student: Network, ema_momentum: float, queue_size: int, t_student: float = 0.1,
+                 t_teacher: float = 0.01, seed: int = 0):
+        super().__init__(student, ema_momentum)
+        if student.head is None or student.predictor is None:
+            raise ValueError("ISD needs a projection head and a predictor")
+        self.queue = EmbeddingQueue(queue_size, student.head[-1].out_features, seed)
+        self.t_student, self.t_teacher = t_student, t_teacher
+        self._pending: torch.Tensor | None = None
+
+    def training_losses(self, student, labeled: Batch | None, unlabeled: Batch | None,
+                        iteration: int) -> dict[str, torch.Tensor]:
+        assert unlabeled is not None
+        with torch.no_grad(), self.timer("teacher_forward"):
+            _, k = self.teacher(unlabeled["weak"], predict=False)
+        with self.timer("student_forward"):
+            logits, q = student(unlabeled["strong"][0])
+        with fp32(q.device), self.timer("losses"):
+            loss = isd_loss(q, k, self.queue.features, self.t_student, self.t_teacher)
+            agree = (q.detach() * k).sum(dim=1).mean()
+        self._pending = k.float().clone()  # enqueued after the loss, in after_step
+        # the classifier is not trained here; the zero term keeps DDP's used-parameter set fixed
+        return {"loss": loss + 0.0 * logits.sum(), "loss_isd": loss.detach(), "cos_q_k": agree}
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        super().after_step()
+        if self._pending is not None:
+            with self.timer("bank_update"):
+                self.queue.push(self._pending)
+            self._pending = None
