@@ -12,19 +12,11 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from simmatch.errors import UserError, cli_errors  # noqa: E402
+from simmatch.engine.metrics import read_metrics  # noqa: E402
+from simmatch.errors import cli_errors  # noqa: E402
 
 PANELS = [("loss", "training loss"), ("mask", "mask rate"), ("pl_acc", "pseudo-label accuracy"),
           ("teacher_top1", "val top-1 (teacher)")]
-
-
-def read_metrics(run_dir: Path):
-    import pandas as pd
-
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"no metrics file in {run_dir} (expected {path})")
-    return pd.read_json(path, lines=True)
 
 
 @cli_errors

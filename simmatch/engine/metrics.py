@@ -50,6 +50,18 @@ class MetricsFile:
             f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(run_dir: Path):
+    """A run's metrics.jsonl as a pandas DataFrame (train rows and eval rows, `kind` tells)."""
+    import pandas as pd
+
+    from simmatch.errors import UserError
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"no metrics file in {run_dir} (expected {path})")
+    return pd.read_json(path, lines=True)
+
+
 def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     """A log file per rank; the console gets rank 0's messages only."""
     logger = logging.getLogger("simmatch")
