@@ -1,0 +1,49 @@
+"""Every benchmark runs tiny on the CPU and ends with one JSON object whose figures agree
+with each other (no speed is asserted)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_tool
+
+
+def last_json(res) -> dict:
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_step_benchmark_tiny_with_comparison():
+    out = last_json(run_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
+                             "--batch", "2", "--mu", "2", "--warmup", "1", "--iters", "2",
+                             "--compare", "fixmatch", "--device", "cpu"))
+    simmatch, fixmatch = out["runs"]
+    assert (simmatch["method"], fixmatch["method"]) == ("simmatch", "fixmatch")
+    for run in out["runs"]:
+        # 2 labeled + 4 unlabeled images, each unlabeled one seen as a weak and a strong view
+        assert run["img_s"] == pytest.approx((2 + 4 * 2) / (run["step_ms"] / 1e3))
+        assert run["unlabeled_img_s"] == pytest.approx(4 / (run["step_ms"] / 1e3))
+        assert run["breakdown_ms"]["backward"] > 0 and run["breakdown_ms"]["teacher_forward"] > 0
+    assert fixmatch["breakdown_ms"]["bank_update"] == 0.0  # FixMatch keeps no bank
+    assert out["ratio"] == pytest.approx(simmatch["step_ms"] / fixmatch["step_ms"])
+
+
+def test_targets_and_checkpoint_benchmarks_tiny(tmp_path):
+    t = last_json(run_tool("benchmarks/targets.py", "--bu", "8", "--k", "50", "--classes", "5",
+                           "--repeats", "2", "--device", "cpu"))
+    assert t["benchmark"] == "targets" and 0 < t["best_s"] <= t["median_s"]
+    c = last_json(run_tool("benchmarks/checkpoint.py", "--arch", "resnet18", "--bank", "100", "--classes", "10",
+                           "--repeats", "1", "--dir", str(tmp_path), "--device", "cpu"))
+    # resnet18 student + teacher + momentum: 3 x 11.2M fp32 parameters, about 134 MB
+    assert 120 < c["size_mb"] < 150 and c["stall_s"] >= 0 and c["write_s"] > 0
+
+
+def test_loader_benchmark_tiny(digits_root):
+    pytest.importorskip("nvidia.dali")
+    out = last_json(run_tool("benchmarks/loader.py", "--data", str(digits_root), "--backend", "all",
+                             "--batch", "4", "--iters", "2", "--warmup", "1", "--crop", "16",
+                             "--threads", "1"))
+    speed = {r["backend"]: r["images_per_s"] for r in out["rows"]}
+    assert set(speed) == {"dali", "torch"} and min(speed.values()) > 0
+    assert out["dali_over_torch"] == pytest.approx(speed["dali"] / speed["torch"], abs=0.01)
