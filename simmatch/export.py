@@ -123,19 +123,33 @@ def load_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{p} holds no ResNet backbone")
 
 
-def init_student_from(method, path: str | Path) -> None:
-    """Initialise the student's trunk from another run or an export; the classifier is kept
-    when its shape matches. Any other mismatch is an architecture error."""
-    weights = load_backbone_weights(path)
-    target = method.student.backbone.state_dict()
+def _matching_trunk(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], source: str | Path,
+                    arch: str) -> dict[str, torch.Tensor]:
+    """The weights to load into a backbone whose state is `target`; a mismatch is one error line."""
     trunk = {k: v for k, v in weights.items() if not k.startswith("fc.")}
     missing = [k for k in target if not k.startswith("fc.") and k not in trunk]
     wrong = [k for k, v in trunk.items() if k not in target or target[k].shape != v.shape]
     if missing or wrong:
         bad = (wrong or missing)[0]
-        raise CheckpointError(f"model.init_from={path}: architecture mismatch at '{bad}' "
-                              f"(this run is {type(method.student.backbone).__name__} as configured)")
+        raise CheckpointError(f"model.init_from={source}: architecture mismatch at '{bad}' "
+                              f"(this run is {arch} as configured)")
     for k in ("fc.weight", "fc.bias"):
         if k in weights and weights[k].shape == target[k].shape:
             trunk[k] = weights[k]
-    method.student.backbone.load_state_dict(trunk, strict=False)
+    return trunk
+
+
+def check_init_source(cfg: Config) -> None:
+    """Fail before anything is written when model.init_from does not fit the configured model."""
+    from simmatch.models.network import build_backbone
+
+    target = build_backbone(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input).state_dict()
+    _matching_trunk(load_backbone_weights(cfg.model.init_from), target, cfg.model.init_from, cfg.model.arch)
+
+
+def init_student_from(method, path: str | Path) -> None:
+    """Initialise the student's trunk from another run or an export; the classifier is kept
+    when its shape matches. Any other mismatch is an architecture error."""
+    backbone = method.student.backbone
+    trunk = _matching_trunk(load_backbone_weights(path), backbone.state_dict(), path, type(backbone).__name__)
+    backbone.load_state_dict(trunk, strict=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from simmatch import checkpoint as ckpt
 from simmatch import distributed as dist
 from simmatch.config import Config, load_config, save_config, to_dict
 from simmatch.engine.trainer import Trainer, TrainResult
@@ -62,6 +63,10 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Tr
     dist.init()
     try:
         device = pick_device()
+        if cfg.model.init_from and not ckpt.list_checkpoints(run_dir_of(cfg) / "checkpoints"):
+            from simmatch.export import check_init_source
+
+            check_init_source(cfg)  # before the run directory is created or written
         run_dir = prepare_run_dir(cfg)
         trainer = Trainer(cfg, run_dir, device)
         result = trainer.fit()

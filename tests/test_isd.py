@@ -123,3 +123,4 @@ def test_init_from_another_architecture_is_one_error_line(digits_root, tmp_path)
     assert res.returncode == 2 and isinstance(res, subprocess.CompletedProcess)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.init_from" in lines[0] and "architecture mismatch" in lines[0]
+    assert not (tmp_path / "dst").exists()  # refused before the run directory was made
