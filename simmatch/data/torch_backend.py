@@ -42,11 +42,12 @@ def _crop_flip(cfg: Any) -> list:
 
 
 
-def ignore_job_signals(_worker_id: int) -> None:
-    """SLURM signals every process of a task: only the trainer decides when to stop, so a
-    loader worker must not die of SIGUSR2 / SIGTERM in the middle of a batch."""
-    for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
+def ignore_time_limit_signal(_worker_id: int) -> None:
+    """SLURM sends the time-limit warning (USR2) to every process of a task; only the trainer
+    acts on it. SIGTERM keeps its default: the DataLoader stops its workers with it at exit,
+    so a worker that ignored it would hang the exit (docs/SLURM.md: workers and preemption)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
 
 class RandomPILBlur:
     """Gaussian blur with probability p, sigma ~ U[lo, hi] (PIL's, as in MoCo/SimMatch code).
@@ -165,7 +166,7 @@ class TorchTrainStream(TrainStream):
         self._loader = DataLoader(
             _Views(Path(file_root), files, transforms), batch_size=plan.batch_size,
             sampler=self._sampler, num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, worker_init_fn=ignore_job_signals,
+            persistent_workers=workers > 0, worker_init_fn=ignore_time_limit_signal,
             prefetch_factor=max(1, data_cfg.prefetch) if workers else None)
         self._labels = label_table.to(device)
         self._device = device
@@ -222,7 +223,7 @@ def torch_val_batches(data_cfg: Any, file_root: Path, files: list[str], labels: 
     dataset = _ValSet(Path(file_root), files[start:stop], labels[start:stop], val_transform(data_cfg))
     workers = max(0, data_cfg.num_threads)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_job_signals)
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_time_limit_signal)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     it = iter(loader)
     while True:
