@@ -73,6 +73,27 @@ def tiny_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def final_state(run_dir: Path) -> dict:
+    """The newest checkpoint of a run directory, loaded on the CPU."""
+    import torch
+
+    found = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
+    assert found, f"no checkpoint in {run_dir}"
+    return torch.load(found[-1], map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two checkpoints hold bit-identical model-side state and optimizer momenta."""
+    import torch
+
+    assert a["iteration"] == b["iteration"]
+    assert a["method"].keys() == b["method"].keys()
+    different = [k for k in a["method"] if not torch.equal(a["method"][k], b["method"][k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+
+
 def run_tool(*args: str, timeout: int = 300, **popen) -> "subprocess.CompletedProcess":
     import subprocess
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_tool, tiny_overrides
+from conftest import assert_same_weights, final_state, run_tool, tiny_overrides
 from simmatch.methods.isd import isd_loss
 from simmatch.queue import EmbeddingQueue
 
@@ -60,11 +59,6 @@ def test_queue_all_gathers_across_two_ranks(gloo, tmp_path):
     assert torch.equal(out[0]["features"], expected)
 
 
-def _final(run_dir: Path) -> dict:
-    files = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
-    return torch.load(files[-1], weights_only=False)
-
-
 @pytest.mark.slow
 def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_path):
     run = tmp_path / "isd"
@@ -75,7 +69,7 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
     res = run_tool(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "validation k-NN top-1" in res.stdout
-    state = _final(run)
+    state = final_state(run)
     queue = state["method"]["queue.features"]
     assert int(state["method"]["queue.ptr"]) == (6 * 8) % 40
     assert torch.allclose(queue.norm(dim=1), torch.ones(40), atol=1e-5)
@@ -88,10 +82,9 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
     (again / "checkpoints" / "ckpt_000000006.pt").unlink()
     res = run_tool(*[a if not a.startswith("train.run_dir=") else f"train.run_dir={again}" for a in args])
     assert res.returncode == 0, res.stderr[-3000:]
-    resumed = _final(again)
+    resumed = final_state(again)
     assert resumed["iteration"] == 6
-    for key, value in state["method"].items():
-        assert torch.equal(value, resumed["method"][key]), key
+    assert_same_weights(state, resumed)
 
     # SimMatch initialised from the ISD run starts from its trunk (one step at lr 0 keeps it)
     sm = tmp_path / "sm"
@@ -99,7 +92,7 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
                    *tiny_overrides(digits_root, sm, **{"optim.iters": 1, "optim.lr": 0.0,
                                                        "model.init_from": str(run)}))
     assert res.returncode == 0, res.stderr[-3000:]
-    init = _final(sm)["method"]
+    init = final_state(sm)["method"]
     trunk = [k for k in state["method"] if k.startswith("student.backbone.")
              and not k.startswith("student.backbone.fc.") and "running_" not in k and "num_batches" not in k]
     assert len(trunk) > 10

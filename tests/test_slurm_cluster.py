@@ -18,6 +18,7 @@ pytest.register_assert_rewrite("conftest_slurm")
 
 from conftest_slurm import ROOT, events, job_log_tail, metrics_iteration, run_tool, wait_for  # noqa: E402
 
+from conftest import assert_same_weights, final_state  # noqa: E402
 from slurm.jobstate import job_state  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, load_job, make_executor, submit, submitit_folder  # noqa: E402
 
@@ -37,23 +38,6 @@ def digits(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_digits.py"), "--out", str(out), "--size", "16"],
                    check=True, capture_output=True)
     return out
-
-
-def _final_state(run_dir: Path) -> dict:
-    import torch
-
-    found = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
-    assert found, f"no checkpoint in {run_dir}"
-    return torch.load(found[-1], map_location="cpu", weights_only=True)
-
-
-def _assert_same_weights(a: dict, b: dict, prefix: str) -> None:
-    import torch
-
-    ka = sorted(k for k in a["method"] if k.startswith(prefix))
-    assert ka and ka == sorted(k for k in b["method"] if k.startswith(prefix))
-    different = [k for k in ka if not torch.equal(a["method"][k], b["method"][k])]
-    assert not different, f"{len(different)} {prefix} tensors differ, e.g. {different[:3]}"
 
 
 def test_preempted_run_requeues_and_resumes_bit_identical(slurm_env, digits, tmp_path):
@@ -92,10 +76,9 @@ def test_preempted_run_requeues_and_resumes_bit_identical(slurm_env, digits, tmp
         (run_dir / "log_rank0.txt").read_text()
 
     assert reference.wait(timeout=180) == 0, reference.stderr.read()[-3000:]
-    ours, ref = _final_state(run_dir), _final_state(ref_dir)
+    ours, ref = final_state(run_dir), final_state(ref_dir)
     assert ours["iteration"] == ref["iteration"] == ITERS
-    _assert_same_weights(ours, ref, "student.")
-    _assert_same_weights(ours, ref, "teacher.")
+    assert_same_weights(ours, ref)
 
     status = run_tool("status.py", str(run_dir), env=slurm_env)
     assert status.returncode == 0, status.stderr

@@ -12,23 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_tool, tiny_overrides
+from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-
-def final_state(run_dir: Path) -> dict:
-    ckpts = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
-    return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a["iteration"] == b["iteration"]
-    assert a["method"].keys() == b["method"].keys()
-    for k in a["method"]:
-        assert torch.equal(a["method"][k], b["method"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
 def train(cfg_args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:

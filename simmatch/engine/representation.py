@@ -34,6 +34,13 @@ def embed(model: torch.nn.Module, batches: Iterable[dict], autocast: AbstractCon
     return torch.cat(feats), torch.cat(labels)
 
 
+def global_top1(predicted: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Top-1 (%) and query count over every rank's predictions."""
+    hits = (predicted == labels).sum()
+    totals = dist.all_reduce_sum(torch.stack([hits, torch.tensor(labels.shape[0], device=hits.device)]).double())
+    return 100.0 * float(totals[0]) / max(1.0, float(totals[1])), int(totals[1])
+
+
 def knn_predict(memory: torch.Tensor, memory_labels: torch.Tensor, queries: torch.Tensor,
                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
     """Class of each query by the k most similar memory rows, each voting exp(sim / T)."""
@@ -56,10 +63,8 @@ def knn_accuracy(model: torch.nn.Module, memory_batches: Iterable[dict], query_b
     mem, mem_y = embed(model, memory_batches, autocast, channels_last)
     mem, mem_y = dist.all_gather_uneven(mem), dist.all_gather_uneven(mem_y)
     q, q_y = embed(model, query_batches, autocast, channels_last)
-    hits = (knn_predict(mem, mem_y, q, num_classes, k, temperature) == q_y).sum()
-    totals = dist.all_reduce_sum(torch.stack([hits, torch.tensor(q_y.shape[0], device=hits.device)]).double())
-    n = max(1.0, float(totals[1]))
-    return {"knn_top1": 100.0 * float(totals[0]) / n, "count": int(totals[1]), "memory": int(mem.shape[0])}
+    top1, count = global_top1(knn_predict(mem, mem_y, q, num_classes, k, temperature), q_y)
+    return {"knn_top1": top1, "count": count, "memory": int(mem.shape[0])}
 
 
 def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, weight_decay: float = 1e-4,
@@ -92,7 +97,5 @@ def linear_probe(model: torch.nn.Module, train_batches: Iterable[dict], test_bat
     x, y = dist.all_gather_uneven(x), dist.all_gather_uneven(y)
     linear = fit_linear(x, y, num_classes, weight_decay)
     q, q_y = embed(model, test_batches, autocast, channels_last)
-    hits = (linear(q).argmax(dim=1) == q_y).sum()
-    totals = dist.all_reduce_sum(torch.stack([hits, torch.tensor(q_y.shape[0], device=hits.device)]).double())
-    n = max(1.0, float(totals[1]))
-    return {"linear_top1": 100.0 * float(totals[0]) / n, "count": int(totals[1]), "train": int(x.shape[0])}
+    top1, count = global_top1(linear(q).argmax(dim=1), q_y)
+    return {"linear_top1": top1, "count": count, "train": int(x.shape[0])}
