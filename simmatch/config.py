@@ -53,6 +53,11 @@ class DataConfig:
     num_threads: int = 4
     prefetch: int = 2
     hw_decoder_load: float = 0.65
+    # nvJPEG pre-allocation of the GPU (`mixed`) decoders, so large images do not reallocate
+    decoder_width_hint: int = 5980  # hardware decoder: sized for ImageNet's largest image
+    decoder_height_hint: int = 6430
+    host_padding_mb: int = 16  # pinned host: 2 buffers per decoder thread (dali_pinned_estimate)
+    device_padding_mb: int = 64  # GPU memory: 1 buffer per decoder thread
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     synthetic_size: int = 1024  # images per split for the synthetic backend

@@ -24,6 +24,19 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def local_device_index(device_count: int | None = None) -> int:
+    """This task's CUDA device: LOCAL_RANK modulo the devices the task can see.
+
+    Where a site binds one GPU per task (CUDA_VISIBLE_DEVICES set per task by SLURM), every
+    task sees a single device 0 while LOCAL_RANK runs up to 7: cuda:LOCAL_RANK would be an
+    "invalid device ordinal" there. `device_count` defaults to torch.cuda.device_count().
+    """
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if count < 1:
+        raise RuntimeError("no CUDA device is visible to this process")
+    return local_rank() % count
+
+
 def is_main() -> bool:
     return rank() == 0
 
@@ -39,7 +52,7 @@ def init(backend: str | None = None, timeout_s: int = 1800) -> None:
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_rank())
+        torch.cuda.set_device(local_device_index())
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 

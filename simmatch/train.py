@@ -52,8 +52,9 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def pick_device() -> torch.device:
+    """cuda:(LOCAL_RANK mod visible GPUs) where CUDA is present, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
+        return torch.device("cuda", dist.local_device_index())
     return torch.device("cpu")
 
 

@@ -39,8 +39,8 @@ def master_address(name: str) -> str:
 def export_distributed_env(job_env: Any) -> Any:
     """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from submitit's job environment.
 
-    CUDA_VISIBLE_DEVICES is left alone: every task of a node sees the node's GPUs and the
-    trainer picks cuda:LOCAL_RANK. The port changes with SLURM_RESTART_COUNT so that a
+    CUDA_VISIBLE_DEVICES is left alone: the trainer picks cuda:(LOCAL_RANK mod visible GPUs),
+    right both where every task sees the node's GPUs and where the site binds one per task. The port changes with SLURM_RESTART_COUNT so that a
     requeued job never meets the previous run's store socket.
     """
     from submitit.helpers import TorchDistributedEnvironment

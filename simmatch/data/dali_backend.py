@@ -101,9 +101,7 @@ class DaliTrainStream(TrainStream):
         epochs = range(self._segment_epoch, self._segment_epoch + self._epochs_per_segment)
         order = [int(i) for e in epochs for i in self.plan.rank_order(e)]
         self._segment_files = [self._files[i] for i in order]
-        device_id = self._device.index if self._device.type == "cuda" else None
-        if self._dali_device == "gpu" and device_id is None:
-            device_id = torch.cuda.current_device()
+        device_id = dali_device_id(self._device, self._dali_device)
         seed = derive_seed(self.plan.seed, self.plan.tag, self._segment_epoch, self.plan.rank)
         skip = 0
         checkpoint = self._pending
@@ -160,36 +158,78 @@ class DaliTrainStream(TrainStream):
         self._pipe = None
 
 
-def dali_val_batches(data_cfg: Any, file_root: Path, files: list[str], labels: list[int],
-                     batch_size: int, rank: int, world_size: int, device: torch.device,
-                     dali_device: str, channels_last: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's contiguous slice of the validation set, each image once; last batch partial."""
-    from dali_pipelines.common import build, layout_of
-    from dali_pipelines.val import val_pipeline
+def dali_device_id(device: torch.device, dali_device: str) -> int | None:
+    """DALI's device_id: the torch device's index, None for CPU operators."""
+    if dali_device != "gpu":
+        return None
+    if device.type == "cuda" and device.index is not None:
+        return device.index
+    from simmatch.distributed import local_device_index
 
-    start, stop = val_slice(len(files), rank, world_size)
-    mine, ys = files[start:stop], labels[start:stop]
-    if not mine:
-        return
-    device_id = device.index if device.type == "cuda" else None
-    if dali_device == "gpu" and device_id is None:
-        device_id = torch.cuda.current_device()
-    pipe = build(val_pipeline, device=dali_device, device_id=device_id, batch_size=batch_size,
-                 num_threads=data_cfg.num_threads, seed=derive_seed(rank, 3),
-                 prefetch=data_cfg.prefetch, cfg=data_cfg, file_root=str(file_root), files=mine,
-                 labels=ys, layout=layout_of(channels_last))
-    try:
-        for k in range(math.ceil(len(mine) / batch_size)):
+    return local_device_index()
+
+
+class DaliValPasses:
+    """Passes over this rank's contiguous slice of a validation list, each image once, the last
+    batch partial; one pipeline for the whole run, built at the first pass.
+
+    A pipeline with a GPU decoder pins nvJPEG buffers when it is built: one per evaluation
+    would allocate (and, until garbage-collected, hold) them again each time. The reader pads
+    the last batch (`pad_last_batch`), so a pass is exactly ceil(n / batch) runs and the next
+    pass starts at the first file again, the batches prefetched past a pass being its first
+    ones. A pass left unfinished leaves the reader mid-list: the next pass rebuilds.
+    """
+
+    def __init__(self, data_cfg: Any, file_root: Path, files: list[str], labels: list[int],
+                 batch_size: int, rank: int, world_size: int, device: torch.device,
+                 dali_device: str, channels_last: bool) -> None:
+        start, stop = val_slice(len(files), rank, world_size)
+        self._files, self._labels = files[start:stop], labels[start:stop]
+        self._cfg, self._root, self._batch = data_cfg, Path(file_root), batch_size
+        self._rank, self._device, self._dali_device = rank, device, dali_device
+        self._channels_last = channels_last
+        self._pipe = None
+        self._at_start = True  # the reader's next batch is the first of the list
+        self.builds = 0
+
+    def _build(self) -> None:
+        from dali_pipelines.common import build, layout_of
+        from dali_pipelines.val import val_pipeline
+
+        self._pipe = None  # release the old pipeline's buffers before allocating new ones
+        self._pipe = build(val_pipeline, device=self._dali_device,
+                           device_id=dali_device_id(self._device, self._dali_device),
+                           batch_size=self._batch, num_threads=self._cfg.num_threads,
+                           seed=derive_seed(self._rank, 3), prefetch=self._cfg.prefetch,
+                           cfg=self._cfg, file_root=str(self._root), files=self._files,
+                           labels=self._labels, layout=layout_of(self._channels_last))
+        self.builds += 1
+        self._at_start = True
+
+    def __call__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self._pass()
+
+    def _pass(self) -> Iterator[dict[str, torch.Tensor]]:
+        mine, b = self._files, self._batch
+        if not mine:
+            return
+        if self._pipe is None or not self._at_start:
+            self._build()
+        self._at_start = False
+        for k in range(math.ceil(len(mine) / b)):
             try:
-                x, y = pipe.run()
+                x, y = self._pipe.run()
             except RuntimeError as exc:
-                window = mine[k * batch_size:(k + data_cfg.prefetch + 2) * batch_size]
-                raise decode_error(exc, file_root, window, "DALI val pipeline") from None
-            n = min(batch_size, len(mine) - k * batch_size)
-            x = as_nchw(to_torch(x, device), channels_last)[:n]
-            yield {"x": x, "y": to_torch(y, device).reshape(-1).long()[:n]}
-    finally:
-        del pipe
+                self.close()
+                window = mine[k * b:(k + self._cfg.prefetch + 2) * b]
+                raise decode_error(exc, self._root, window, "DALI val pipeline") from None
+            n = min(b, len(mine) - k * b)
+            x = as_nchw(to_torch(x, self._device), self._channels_last)[:n]
+            yield {"x": x, "y": to_torch(y, self._device).reshape(-1).long()[:n]}
+        self._at_start = True
+
+    def close(self) -> None:
+        self._pipe = None
 
 
 def dali_definitions() -> dict[str, Callable]:

@@ -58,6 +58,8 @@ class Streams:
     def close(self) -> None:
         self.labeled.close()
         self.unlabeled.close()
+        for passes in (self._val, self._labeled_eval):
+            getattr(passes, "close", lambda: None)()
 
 
 def resolve_device(choice: str) -> str:
@@ -117,7 +119,7 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device)
     plan_l = ShardPlan(len(splits.labeled_files), b, rank, world_size, seed, LABELED)
     plan_u = ShardPlan(len(splits.unlabeled_files), bu, rank, world_size, seed, UNLABELED)
     if data.backend == "dali":
-        from simmatch.data.dali_backend import DaliTrainStream, dali_definitions, dali_val_batches
+        from simmatch.data.dali_backend import DaliTrainStream, DaliValPasses, dali_definitions
 
         defs = dali_definitions()
         labeled = DaliTrainStream(LABELED_KIND, defs[LABELED_KIND], data, plan_l, splits.train_root,
@@ -127,8 +129,8 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device)
                                     where, channels_last)
 
         def passes(root: Path, files: list[str], labels: list[int]):
-            return lambda: dali_val_batches(data, root, files, labels, bv, rank, world_size,
-                                            device, where, channels_last)
+            return DaliValPasses(data, root, files, labels, bv, rank, world_size, device, where,
+                                 channels_last)  # one pipeline per list for the whole run
     elif data.backend == "torch":
         from simmatch.data.torch_backend import TorchTrainStream, torch_val_batches
 

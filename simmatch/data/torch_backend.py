@@ -189,7 +189,8 @@ class TorchTrainStream(TrainStream):
         memory = torch.channels_last if self._channels_last else torch.contiguous_format
         views = [v.to(self._device, non_blocking=True).contiguous(memory_format=memory)
                  for v in views]
-        return pack_batch(self.kind, views, index.to(self._device), self._labels)
+        # pinned by the DataLoader on CUDA: the copy does not make the host wait
+        return pack_batch(self.kind, views, index.to(self._device, non_blocking=True), self._labels)
 
     def _position(self) -> tuple[int, int, dict]:
         return self._epoch, self._batch, {}
@@ -234,4 +235,4 @@ def torch_val_batches(data_cfg: Any, file_root: Path, files: list[str], labels: 
         except Exception as exc:
             reraise_worker_error(exc)
         yield {"x": x.to(device, non_blocking=True).contiguous(memory_format=memory),
-               "y": y.to(device).long()}
+               "y": y.to(device, non_blocking=True).long()}

@@ -66,6 +66,9 @@ class Trainer:
         from simmatch.data import build_streams  # the data layer imports DALI: keep it lazy
 
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        if device.type == "cuda":
+            # fixed crop sizes: cuDNN picks its fastest kernels once per input shape
+            torch.backends.cudnn.benchmark = True
         self.rank, self.world = dist.rank(), dist.world_size()
         self.log = setup_logging(run_dir, self.rank)
         self.streams = build_streams(cfg, self.rank, self.world, device)
