@@ -23,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg_path: str, overrides: list[str], nproc: int) -> int:
+def launch(cfg_path: str, overrides: list[str], nproc: int, flags: list[str] = ()) -> int:
     cfg = load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
     if cfg.train.batch_size % nproc:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not divide by the world size {nproc}")
@@ -33,7 +33,7 @@ def launch(cfg_path: str, overrides: list[str], nproc: int) -> int:
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         children.append(subprocess.Popen([sys.executable, "-m", "simmatch.train", "--cfg", cfg_path,
-                                          *overrides], env=env))
+                                          *flags, *overrides], env=env))
 
     def forward(signum, _frame):
         for c in children:

@@ -21,22 +21,26 @@ def main() -> int:
     parser.add_argument("--cfg", required=True, help="YAML config, e.g. yaml/in1k_1pct.yaml")
     parser.add_argument("--nproc", type=int, default=0,
                         help="processes on this machine (default: one per GPU, or 1 without GPU)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="continue a run directory whose saved config has another schedule length "
+                             "(optim.iters / optim.epochs); other training changes need a new train.run_dir")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=32")
     args = parser.parse_args()
+    flags = ["--allow-config-change"] if args.allow_config_change else []
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
         from simmatch.train import main as train_main
 
-        return train_main(["--cfg", args.cfg, *args.overrides])
+        return train_main(["--cfg", args.cfg, *flags, *args.overrides])
     import torch
 
     nproc = args.nproc or max(1, torch.cuda.device_count())
     if nproc == 1:
         from simmatch.train import main as train_main
 
-        return train_main(["--cfg", args.cfg, *args.overrides])
+        return train_main(["--cfg", args.cfg, *flags, *args.overrides])
     from simmatch.launch_local import launch
 
-    return launch(args.cfg, args.overrides, nproc)
+    return launch(args.cfg, args.overrides, nproc, flags)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the device until `log_every`; checkpoints are atomic and hold everything exact r
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,11 @@ CHECKPOINT_FORMAT = 1
 
 @dataclass
 class TrainResult:
-    status: str  # "finished" | "interrupted"
+    status: str  # "finished" | "interrupted" | "already_finished" (nothing left to train)
     iteration: int
     signum: int | None = None
     metrics: dict = field(default_factory=dict)
+    start_iteration: int = 0
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -218,6 +220,8 @@ class Trainer:
                           d.num_unlabeled, d.total_iters, d.steps_per_epoch, d.lr)
         if not self.resume() and self.cfg.model.init_from:
             self._init_from(self.cfg.model.init_from)
+        if self.iteration >= d.total_iters:
+            return self._already_finished()
         stop = StopRequest()
         stop.install()
         window = MetricWindow()
@@ -260,7 +264,18 @@ class Trainer:
             progress.close()
             self.saver.wait()
             dist.barrier()
-        return TrainResult(status, self.iteration, stop.signum, last)
+        return TrainResult(status, self.iteration, stop.signum, last, start_it)
+
+    def _already_finished(self) -> TrainResult:
+        """A re-run of a finished run trains nothing and appends nothing: it reports the final
+        evaluation (run only if the previous process stopped between the last save and it)."""
+        last = last_eval(self.run_dir / "metrics.jsonl")
+        if last.get("iteration") != self.iteration:
+            last = self.evaluate()
+        self.log.info("run %s already finished at iteration %d", self.run_dir, self.iteration)
+        return TrainResult("already_finished", self.iteration, None,
+                           {k: v for k, v in last.items() if k not in ("kind", "iteration", "time")},
+                           self.iteration)
 
     def _log(self, values: dict[str, float], lr: float, img_s: float, s_per_it: float,
              progress: Progress) -> dict:
@@ -273,6 +288,20 @@ class Trainer:
         # With a progress bar on the terminal the line goes to the log file only.
         self.log.info(text, extra={"console": not progress.enabled})
         return dict(values)
+
+
+def last_eval(path: Path) -> dict:
+    """The last evaluation record of a metrics.jsonl file ({} when there is none)."""
+    last: dict = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a crash
+                continue
+            if rec.get("kind") == "eval":
+                last = rec
+    return last
 
 
 def write_splits(texts: dict[str, str], run_dir: Path) -> None:

@@ -1,0 +1,68 @@
+"""What a changed config means for a run directory that already has checkpoints.
+
+A run directory belongs to one experiment: resuming it with a config that trains differently
+(another seed, learning rate, method, data split ...) would mix two experiments in one set of
+checkpoints and metrics without anyone noticing. Keys are sorted into three kinds:
+
+- neutral: how the run is observed or where files and data live (log and eval intervals,
+  trackers, loader threads); a change is accepted with a note;
+- schedule: the length of training (`optim.epochs`, `optim.iters`); accepted only with
+  `--allow-config-change` (a longer schedule continues the run; the cosine decay is re-spread
+  over the new length from the current iteration on);
+- everything else changes what is trained: refused, the way out is a new `train.run_dir`.
+"""
+from __future__ import annotations
+
+from simmatch.errors import ConfigError
+
+ALLOW_FLAG = "--allow-config-change"
+
+NEUTRAL = frozenset({
+    "name", "train.run_dir", "train.output_root", "train.log_every", "train.eval_every",
+    "train.ckpt_every", "train.keep_ckpts", "train.async_ckpt", "train.tensorboard", "train.wandb",
+    "train.wandb_project", "train.knn_k", "train.knn_temperature", "train.compile",
+    "data.root", "data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.val_batch",
+    "model.init_from",  # a resumed run takes its weights from its own checkpoint
+})
+SCHEDULE = frozenset({"optim.epochs", "optim.iters"})
+
+
+def differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    diffs = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}")
+    return diffs
+
+
+def _show(keys: list[str], saved: dict, new: dict, limit: int = 6) -> str:
+    def value(d: dict, key: str):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    shown = [f"{k} ({value(saved, k)!r} -> {value(new, k)!r})" for k in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
+def judge(saved: dict, new: dict, run_dir: str, allow_change: bool) -> list[str]:
+    """Raise ConfigError when `new` may not resume the run saved with `saved`; otherwise return
+    the differing keys that are accepted (for a note)."""
+    diffs = differences(saved, new)
+    training = [k for k in diffs if k not in NEUTRAL and k not in SCHEDULE]
+    schedule = [k for k in diffs if k in SCHEDULE]
+    if training:
+        raise ConfigError(
+            f"{run_dir} holds a run trained with another config: {_show(training, saved, new)} "
+            f"would change what is trained; use a new train.run_dir (or the saved config, "
+            f"{run_dir}/config.yaml) to keep both experiments apart")
+    if schedule and not allow_change:
+        raise ConfigError(
+            f"{run_dir} holds a run with another schedule: {_show(schedule, saved, new)}; pass "
+            f"{ALLOW_FLAG} to continue it with the new length, or use a new train.run_dir")
+    return diffs
