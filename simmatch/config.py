@@ -122,7 +122,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     knn_k: int = 20  # k-NN evaluation (methods without a trained classifier, tools/eval.py --knn)
     knn_temperature: float = 0.07
-    tensorboard: bool = False
+    tensorboard: bool = False  # scalars of every metrics.jsonl record under RUN_DIR/tensorboard
+    wandb: bool = False  # the same records to Weights & Biases (WANDB_MODE=offline honoured)
+    wandb_project: str = "simmatch"
     run_dir: str = ""  # default: <output_root>/<config name>
     output_root: str = "runs"
 

@@ -15,6 +15,7 @@ from simmatch import distributed as dist
 from simmatch.config import Config, load_config, save_config, to_dict
 from simmatch.config_change import ALLOW_FLAG, differences, judge
 from simmatch.engine.metrics import format_eta
+from simmatch.engine.tracking import check_available as check_trackers
 from simmatch.engine.trainer import Trainer, TrainResult
 from simmatch.errors import UserError
 
@@ -99,6 +100,7 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
             from simmatch.export import check_init_source
 
             check_init_source(cfg)  # before the run directory is created or written
+        check_trackers(cfg)  # an uninstalled tracker is refused before the run directory is written
         run_dir = prepare_run_dir(cfg, allow_config_change)
         trainer = Trainer(cfg, run_dir, device)
         result = trainer.fit()

@@ -37,17 +37,29 @@ class MetricWindow:
 
 
 class MetricsFile:
-    """Appends one JSON object per line (rank 0 only); `pandas.read_json(lines=True)` reads it."""
+    """Appends one JSON object per line (rank 0 only); `pandas.read_json(lines=True)` reads it.
 
-    def __init__(self, path: Path, enabled: bool):
+    Every record gets `time` (seconds since the epoch) and goes to the trackers too
+    (TensorBoard, W&B: simmatch/engine/tracking.py)."""
+
+    def __init__(self, path: Path, enabled: bool, trackers: list | None = None):
         self.path = path
         self.enabled = enabled
+        self.trackers = list(trackers or []) if enabled else []
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3)}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        for tracker in self.trackers:
+            tracker.write(record)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def read_metrics(run_dir: Path):

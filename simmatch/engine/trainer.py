@@ -24,6 +24,7 @@ from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.representation import knn_accuracy
 from simmatch.engine.metrics import MetricsFile, MetricWindow, Progress, format_eta, setup_logging
+from simmatch.engine.tracking import build_trackers
 from simmatch.engine.optim import build_optimizer, lr_at, set_lr
 from simmatch.engine.stop import StopRequest
 from simmatch.errors import CheckpointError
@@ -96,7 +97,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.saver = ckpt.CheckpointSaver(run_dir / "checkpoints", cfg.train.keep_ckpts,
                                           background=cfg.train.async_ckpt)
-        self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0)
+        trackers = build_trackers(cfg, run_dir) if self.rank == 0 else []
+        self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0, trackers=trackers)
         self.iteration = 0
 
     # ------------------------------------------------------------------ state
@@ -262,6 +264,7 @@ class Trainer:
             stop.close()
             stop.restore()
             progress.close()
+            self.metrics_file.close()
             self.saver.wait()
             dist.barrier()
         return TrainResult(status, self.iteration, stop.signum, last, start_it)
@@ -272,6 +275,7 @@ class Trainer:
         last = last_eval(self.run_dir / "metrics.jsonl")
         if last.get("iteration") != self.iteration:
             last = self.evaluate()
+        self.metrics_file.close()
         self.log.info("run %s already finished at iteration %d", self.run_dir, self.iteration)
         return TrainResult("already_finished", self.iteration, None,
                            {k: v for k, v in last.items() if k not in ("kind", "iteration", "time")},
