@@ -198,7 +198,7 @@ def test_gpu_graphs_define_without_cuda(name):
 
     definition, extra = {"labeled": (labeled_pipeline, {"indices": [0]}),
                          "unlabeled": (unlabeled_pipeline, {"indices": [0]}),
-                         "val": (val_pipeline, {"labels": [0]})}[name]
+                         "val": (val_pipeline, {"labels": [0], "resize_shorter": 37})}[name]
     pipe = definition(batch_size=2, num_threads=1, device_id=None, seed=1,
                       cfg=DataConfig(crop_size=32, num_strong=2), file_root="/nonexistent",
                       files=["a.jpg"], device="gpu", layout="HWC", **extra)

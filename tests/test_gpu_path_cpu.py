@@ -49,7 +49,7 @@ def test_gpu_definitions_take_the_decoder_settings():
                   files=["a.jpg", "b.jpg"], device="gpu", layout="CHW")
     for definition, extra in ((labeled_pipeline, {"indices": [0, 1]}),
                               (unlabeled_pipeline, {"indices": [0, 1]}),
-                              (val_pipeline, {"labels": [0, 1]})):
+                              (val_pipeline, {"labels": [0, 1], "resize_shorter": 37})):
         assert definition(**common, **extra) is not None
     # 3 decoders (labeled, unlabeled, validation) x 3 threads x 2 pinned buffers x 8 MiB
     assert dali_pinned_estimate(cfg, 3) == 3 * 3 * 2 * 8 * MIB

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from simmatch.data.base import LABELED_KIND, TrainStream, as_nchw, pack_batch
+from simmatch.data.base import LABELED_KIND, TrainStream, as_nchw, pack_batch, val_resize_size
 from simmatch.data.images import image_problem
 from simmatch.data.sharding import ShardPlan, derive_seed, val_slice
 from simmatch.errors import ConfigError, DataError
@@ -202,7 +202,8 @@ class DaliValPasses:
                            batch_size=self._batch, num_threads=self._cfg.num_threads,
                            seed=derive_seed(self._rank, 3), prefetch=self._cfg.prefetch,
                            cfg=self._cfg, file_root=str(self._root), files=self._files,
-                           labels=self._labels, layout=layout_of(self._channels_last))
+                           labels=self._labels, resize_shorter=val_resize_size(self._cfg),
+                           layout=layout_of(self._channels_last))
         self.builds += 1
         self._at_start = True
 
