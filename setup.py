@@ -8,6 +8,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["simmatch", "simmatch.*", "dali_pipelines", "dali_pipelines.*",
                                     "slurm", "slurm.*"]),
+    # the authors' ImageNet label lists (data.labeled_list: shipped:imagenet/...)
+    package_data={"simmatch": ["splits/*.md", "splits/imagenet/*.txt"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

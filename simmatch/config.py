@@ -27,10 +27,18 @@ class DataConfig:
     root: str = ""  # ImageNet-style tree: root/train/<class>/*, root/val/<class>/*
     train_dir: str = "train"
     val_dir: str = "val"
-    labeled_list: str = ""  # file of labeled image paths (relative to train_dir), one per line
+    # file of labeled image paths (relative to train_dir, or bare file names), one per line;
+    # `shipped:<name>` names a list shipped with the package (simmatch/splits/<name>)
+    labeled_list: str = ""
     labeled_percent: float = 0.0  # used when labeled_list is empty
     labeled_per_class: int = 0  # used when labeled_list is empty and labeled_percent is 0
     unlabeled_list: str = ""  # default: every training image
+    # The unlabeled set: `all` training images (of unlabeled_list if given) or their
+    # `complement` with the labeled list (the authors' ImageNet runs).
+    unlabeled: str = "all"
+    # Training images the data set has, declared: only `--print-config` / `--dry-run` use it,
+    # to show the recipe where the data tree is absent (ImageNet-1k: 1,281,167). 0: unknown.
+    num_train_images: int = 0
     split_seed: int = 0
     num_classes: int = 1000
     backend: str = "dali"  # dali | torch | synthetic
@@ -103,18 +111,34 @@ class OptimConfig:
     decay_bn_bias: bool = False  # True restores the official decay of BN and biases
     warmup_epochs: float = 5.0
     epochs: float = 400.0
-    iters: int = 0  # >0 overrides epochs: total optimizer steps
+    iters: int = 0  # >0 overrides epochs: total optimizer steps (per_gpu: of the reference batch)
     impl: str = "foreach"  # foreach | fused | plain
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # global labeled batch, divided over the ranks
+    # How the batch follows the world size. fixed_global: `batch_size` images over all ranks
+    # (the per-rank batch shrinks as ranks are added). per_gpu: `batch_per_gpu` per rank, the
+    # global batch grows with the ranks and every per-step quantity (lr, teacher momentum, DA
+    # length, step counts and intervals) is converted from the reference global labeled batch
+    # optim.base_batch so that it stays the same in images seen (see `derive`).
+    scale: str = "fixed_global"
+    batch_size: int = 64  # global labeled batch, divided over the ranks (scale=fixed_global)
+    batch_per_gpu: int = 0  # labeled images per rank (scale=per_gpu)
     mu: int = 5  # unlabeled images per labeled image
+    # Ranks whose BN statistics are pooled (SyncBatchNorm over groups of consecutive ranks);
+    # 1: per-rank BN (the authors'); 0: the smallest group that reaches min_bn_images.
+    bn_group_ranks: int = 1
+    # Refuse a run whose BN groups see fewer images per forward than this (0: no check).
+    min_bn_images: int = 0
+    # The epoch's last incomplete global batch: pad (repeat items cyclically, every image every
+    # epoch: steps = ceil) or drop (the authors' drop_last: steps = floor(N / global batch)).
+    partial_batch: str = "pad"
     amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
+    # Intervals in steps (scale=per_gpu: steps of the reference batch optim.base_batch)
     log_every: int = 50
     ckpt_every: int = 1000
     keep_ckpts: int = 3
@@ -139,40 +163,118 @@ class Config:
     name: str = ""
 
 
+# Images per rank that go through BN in one forward, as multiples of (labeled, unlabeled)
+# per-rank batches: the student's cat(labeled, strong) and the teacher's cat(labeled, weak).
+_BN_STREAMS = {"supervised": (1, 0), "isd": (0, 1)}
+
+
 @dataclass
-class Derived:
-    """Values that follow from the config, the world size and the data; computed in one place."""
+class Scale:
+    """Batches and every per-step quantity at a world size (no data needed)."""
 
     world_size: int
     batch_per_rank: int  # labeled images per rank per step
     unlabeled_per_rank: int
-    lr: float  # scaled to the global labeled batch
-    steps_per_epoch: int  # one epoch = one pass over the unlabeled set
-    total_iters: int
-    warmup_iters: int
-    propagate_after_iters: int
-    num_labeled: int  # K, the bank size
-    num_unlabeled: int
+    global_batch: int  # labeled images per step over all ranks
+    global_unlabeled: int
+    step_scale: float  # images seen per step relative to the reference batch (per_gpu), else 1
+    lr: float  # linear rule: optim.lr x global labeled batch / optim.base_batch
+    ema_momentum: float  # model.ema_momentum ** step_scale
+    da_len: int  # batch means in the DA queue: method.da_len / step_scale, rounded, >= 1
+    bn_group_ranks: int
+    bn_group_images: int  # images in one BN batch (the smaller of student and teacher forward)
+    log_every: int
+    ckpt_every: int
+    eval_every: int
+
+
+@dataclass
+class Derived(Scale):
+    """Values that follow from the config, the world size and the data; computed in one place."""
+
+    steps_per_epoch: int = 1  # one epoch = one pass over the unlabeled set
+    total_iters: int = 1
+    warmup_iters: int = 0
+    propagate_after_iters: int = 0  # the iteration at which L_in and aggregation start
+    num_labeled: int = 0  # K, the bank size
+    num_unlabeled: int = 0
+
+
+def _per_step(value: int, step_scale: float) -> int:
+    """A count of steps at the reference batch, in steps of this batch (nearest, >= 1)."""
+    return max(1, round(value / step_scale))
+
+
+def steps_per_epoch(num_items: int, global_batch: int, partial_batch: str) -> int:
+    """Global batches in one pass over `num_items`: ceil (pad) or floor (drop), at least 1."""
+    per = max(1, global_batch)
+    steps = num_items // per if partial_batch == "drop" else -(-num_items // per)
+    return max(1, steps)
+
+
+def derive_scale(cfg: Config, world_size: int) -> Scale:
+    """Batches, lr, teacher momentum, DA length, intervals and BN groups at `world_size`.
+
+    scale=per_gpu: the global batch is batch_per_gpu x world size and every quantity the
+    config gives per step is converted so that it is the same in images seen: with
+    k = global labeled batch / optim.base_batch, lr x k, momentum ** k, DA queue length / k
+    (nearest integer, ties to even, at least 1), step intervals and optim.iters / k.
+    scale=fixed_global: the global batch is train.batch_size; only the lr follows the linear
+    rule. Refuses BN groups smaller than train.min_bn_images.
+    """
+    t = cfg.train
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be at least 1")
+    if t.scale == "per_gpu":
+        if t.batch_per_gpu <= 0:
+            raise ConfigError(f"train.scale=per_gpu needs train.batch_per_gpu > 0 (it is {t.batch_per_gpu})")
+        per_rank = t.batch_per_gpu
+    else:
+        if t.batch_size % world_size != 0:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} does not divide by the world size {world_size}")
+        per_rank = t.batch_size // world_size
+    glob = per_rank * world_size
+    k = glob / cfg.optim.base_batch if t.scale == "per_gpu" else 1.0
+    lab, unl = _BN_STREAMS.get(cfg.method.name, (1, 1))
+    rank_images = per_rank * lab + per_rank * t.mu * unl
+    group = t.bn_group_ranks
+    if group == 0:  # the smallest divisor of the world size whose group reaches the minimum
+        group = next((g for g in range(1, world_size + 1)
+                      if world_size % g == 0 and g * rank_images >= t.min_bn_images), world_size)
+    if world_size % group != 0:
+        raise ConfigError(f"train.bn_group_ranks={group} does not divide the world size {world_size}")
+    bn_images = group * rank_images
+    if bn_images < t.min_bn_images:
+        raise ConfigError(
+            f"BN groups would see {bn_images} images ({group} rank(s) x {rank_images}) at world size "
+            f"{world_size}, fewer than train.min_bn_images={t.min_bn_images}: use train.scale=per_gpu, "
+            f"a larger train.bn_group_ranks (or 0: automatic), or lower train.min_bn_images to accept it")
+    return Scale(
+        world_size=world_size, batch_per_rank=per_rank, unlabeled_per_rank=per_rank * t.mu,
+        global_batch=glob, global_unlabeled=glob * t.mu, step_scale=k,
+        lr=cfg.optim.lr * glob / cfg.optim.base_batch,
+        ema_momentum=cfg.model.ema_momentum ** k,
+        da_len=_per_step(cfg.method.da_len, k),
+        bn_group_ranks=group, bn_group_images=bn_images,
+        log_every=_per_step(t.log_every, k), ckpt_every=_per_step(t.ckpt_every, k),
+        eval_every=_per_step(t.eval_every, k) if t.eval_every > 0 else 0,
+    )
 
 
 def derive(cfg: Config, world_size: int, num_labeled: int, num_unlabeled: int) -> Derived:
     """Compute everything that depends on the config together with the run's environment."""
-    t = cfg.train
-    if t.batch_size % world_size != 0:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} does not divide by the world size {world_size}")
-    per_rank = t.batch_size // world_size
-    unl_global = t.batch_size * t.mu
+    s = derive_scale(cfg, world_size)
     uses_unlabeled = cfg.method.name != "supervised"
-    denom = unl_global if uses_unlabeled else t.batch_size
+    denom = s.global_unlabeled if uses_unlabeled else s.global_batch
     pool = num_unlabeled if uses_unlabeled else num_labeled
-    steps = max(1, math.ceil(pool / max(1, denom)))
-    total = cfg.optim.iters if cfg.optim.iters > 0 else max(1, round(cfg.optim.epochs * steps))
+    steps = steps_per_epoch(pool, denom, cfg.train.partial_batch)
+    if cfg.optim.iters > 0:
+        total = _per_step(cfg.optim.iters, s.step_scale)
+    else:
+        total = max(1, round(cfg.optim.epochs * steps))
     return Derived(
-        world_size=world_size,
-        batch_per_rank=per_rank,
-        unlabeled_per_rank=per_rank * t.mu,
-        lr=cfg.optim.lr * t.batch_size / cfg.optim.base_batch,
+        **dataclasses.asdict(s),
         steps_per_epoch=steps,
         total_iters=total,
         warmup_iters=round(cfg.optim.warmup_epochs * steps),
@@ -305,10 +407,13 @@ _CHOICES = {
     "data.backend": ("dali", "torch", "synthetic"),
     "data.device": ("auto", "gpu", "cpu"),
     "data.strong": ("simclr", "randaugment"),
+    "data.unlabeled": ("all", "complement"),
     "method.name": ("simmatch", "fixmatch", "supervised", "isd"),
     "method.da_target": ("uniform", "labeled"),
     "optim.impl": ("foreach", "fused", "plain"),
     "train.amp": ("auto", "bf16", "fp16", "none"),
+    "train.scale": ("fixed_global", "per_gpu"),
+    "train.partial_batch": ("pad", "drop"),
 }
 
 
@@ -329,6 +434,15 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be positive")
+    non_negative = {
+        "train.batch_per_gpu": cfg.train.batch_per_gpu, "train.bn_group_ranks": cfg.train.bn_group_ranks,
+        "train.min_bn_images": cfg.train.min_bn_images, "data.num_train_images": cfg.data.num_train_images,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must not be negative")
+    if cfg.train.scale == "per_gpu" and cfg.train.batch_per_gpu <= 0:
+        raise ConfigError("train.scale=per_gpu needs train.batch_per_gpu > 0")
     if not 0.0 <= cfg.model.ema_momentum <= 1.0:
         raise ConfigError(f"model.ema_momentum={cfg.model.ema_momentum} must lie in [0, 1]")
     if not 0.0 <= cfg.method.bank_momentum < 1.0:

@@ -147,3 +147,17 @@ def average_buffers(module: torch.nn.Module) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
     torch._foreach_copy_(bufs, list(flat.split([b.numel() for b in bufs])))
+
+
+def bn_group(group_ranks: int):
+    """The process group of this rank's BN group: consecutive ranks [g*k, g*(k+1)), so that a
+    group stays within a node where it can. A collective (every rank creates every group);
+    None without a process group or for groups of one rank."""
+    if group_ranks <= 1 or not is_dist():
+        return None
+    if world_size() % group_ranks:
+        raise ValueError(f"BN groups of {group_ranks} ranks do not divide the world size {world_size()}")
+    if group_ranks == world_size():
+        return dist.group.WORLD
+    mine, _ = dist.new_subgroups(group_size=group_ranks)
+    return mine

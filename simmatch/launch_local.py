@@ -13,8 +13,7 @@ import subprocess
 import sys
 import time
 
-from simmatch.config import load_config
-from simmatch.errors import ConfigError
+from simmatch.config import derive_scale, load_config
 
 
 def free_port() -> int:
@@ -25,8 +24,7 @@ def free_port() -> int:
 
 def launch(cfg_path: str, overrides: list[str], nproc: int, flags: list[str] = ()) -> int:
     cfg = load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
-    if cfg.train.batch_size % nproc:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not divide by the world size {nproc}")
+    derive_scale(cfg, nproc)  # batch per rank and BN groups at this world size, checked once
     port = free_port()
     children: list[subprocess.Popen] = []
     for r in range(nproc):

@@ -4,7 +4,7 @@
   python tools/submit.py --nodes 4 --cfg yaml/in1k_1pct.yaml [key=value ...]
   python tools/submit.py --cfg yaml/digits.yaml --gpus-per-node 0 --tasks-per-node 2 --nodes 2 ...
   python tools/submit.py --resume RUN_DIR            # continue a stopped or cancelled run
-  python tools/submit.py ... --dry-run               # print the sbatch script, submit nothing
+  python tools/submit.py ... --dry-run               # print the sbatch script and the recipe, submit nothing
 
 Without SLURM (no sbatch on PATH) the run starts locally unless --slurm is given.
 Follow a run with `python tools/status.py RUN_DIR`. See docs/SLURM.md.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from simmatch.config import load_config, parse_override  # noqa: E402
+from simmatch.config import derive_scale, load_config, parse_override  # noqa: E402
 from simmatch.errors import cli_errors  # noqa: E402
+from simmatch.recipe import recipe_lines  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import is_ended, job_state  # noqa: E402
 from slurm.launcher import JobSpec, LaunchError, TrainJob, sbatch_script, submit  # noqa: E402
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds between USR2 and the time limit (the checkpoint's time budget)")
     p.add_argument("--max-requeues", type=int, default=10,
                    help="requeues after a time-out (preemptions requeue without limit)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script and the derived recipe (last line: JSON) and exit")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run on this machine, in the foreground")
     where.add_argument("--slurm", action="store_true", help="submit to SLURM; fail when there is none")
@@ -100,9 +102,7 @@ def _spec(args: argparse.Namespace, cfg) -> JobSpec:
                    job_name=args.job_name or f"simmatch-{cfg.name or 'run'}",
                    signal_delay_s=args.signal_delay, max_requeues=args.max_requeues)
     spec.validate()
-    if cfg.train.batch_size % spec.world_size:
-        raise LaunchError(f"train.batch_size={cfg.train.batch_size} does not divide by the "
-                          f"{spec.world_size} tasks ({spec.nodes} nodes x {spec.ntasks_per_node})")
+    derive_scale(cfg, spec.world_size)  # batch per task and BN groups, before any job exists
     return spec
 
 
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = _spec(args, cfg)
     if args.dry_run:
         print(sbatch_script(spec, run_dir), end="")
+        print("\n" + "\n".join(recipe_lines(cfg, spec.world_size)))
         return 0
     has_slurm = shutil.which("sbatch") is not None
     if args.slurm and not has_slurm:

@@ -3,6 +3,9 @@
 
 One process per GPU by default (N CPU processes with --nproc on a CPU machine); under
 torchrun or SLURM (RANK/WORLD_SIZE already set) it trains in this process.
+`--print-config [--world-size N]` prints the derived recipe (batches, BN groups, teacher,
+momentum, lr, steps, splits) and exits without training or reading images; its last line is
+one JSON object.
 """
 from __future__ import annotations
 
@@ -24,8 +27,14 @@ def main() -> int:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="continue a run directory whose saved config has another schedule length "
                              "(optim.iters / optim.epochs); other training changes need a new train.run_dir")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the derived recipe at --world-size and exit (no training, no data needed)")
+    parser.add_argument("--world-size", type=int, default=0,
+                        help="world size of --print-config (default: $WORLD_SIZE, --nproc, or the GPUs here)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=32")
     args = parser.parse_args()
+    if args.print_config:
+        return print_config(args)
     flags = ["--allow-config-change"] if args.allow_config_change else []
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
         from simmatch.train import main as train_main
@@ -41,6 +50,20 @@ def main() -> int:
     from simmatch.launch_local import launch
 
     return launch(args.cfg, args.overrides, nproc, flags)
+
+
+def print_config(args: argparse.Namespace) -> int:
+    from simmatch.config import load_config
+    from simmatch.recipe import recipe_lines
+
+    cfg = load_config(args.cfg, args.overrides)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or args.nproc
+    if not world:
+        import torch
+
+        world = max(1, torch.cuda.device_count())
+    print("\n".join(recipe_lines(cfg, world)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,19 @@ by the functions of `simmatch.data.splits` (also behind tools/make_split.py).
 """
 from simmatch.data.splits import (ImageTree, Splits, load_splits, read_list, resolve_list,
                                   sample_split, scan_tree, write_list)
-from simmatch.data.streams import Streams, build_streams, per_rank_batches, resolve_device
+
+_STREAMS = ("Streams", "build_streams", "per_rank_batches", "resolve_device")
+
+
+def __getattr__(name: str):
+    """The stream names import torch: only when asked for, so that list handling (the recipe
+    printed by tools/submit.py --dry-run) stays free of torch."""
+    if name in _STREAMS:
+        from simmatch.data import streams
+
+        return getattr(streams, name)
+    raise AttributeError(f"module 'simmatch.data' has no attribute {name!r}")
+
 
 __all__ = ["ImageTree", "Splits", "Streams", "build_streams", "load_splits", "per_rank_batches",
            "read_list", "resolve_device", "resolve_list", "sample_split", "scan_tree", "write_list"]

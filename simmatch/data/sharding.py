@@ -2,17 +2,19 @@
 
 Epoch e shuffles all N items with a generator seeded from (seed, stream tag, e) — the same on
 every rank — and repeats the permutation cyclically up to a whole number of global batches
-(so every batch is full and nothing is dropped). Global step s reads the contiguous chunk
+(so every batch is full and nothing is dropped), or with `drop_last` cuts it to
+floor(N / global batch) batches (the authors' drop_last; the next epoch reshuffles). Global step s reads the contiguous chunk
 [s*B*W, (s+1)*B*W) of that order; rank r takes the r-th B-slice of it. The global sequence of
 batches therefore does not depend on the world size, and ranks never share an item within a
 step. Augmentation randomness is seeded from the GLOBAL rank.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from simmatch.config import steps_per_epoch
 
 # Stream tags keep the labeled and unlabeled orders (and seeds) independent.
 LABELED, UNLABELED = 1, 2
@@ -31,13 +33,15 @@ class ShardPlan:
     world_size: int
     seed: int
     tag: int
+    drop_last: bool = False
 
     @property
     def batches_per_epoch(self) -> int:
-        return max(1, math.ceil(self.num_items / (self.batch_size * self.world_size)))
+        return steps_per_epoch(self.num_items, self.batch_size * self.world_size,
+                               "drop" if self.drop_last else "pad")
 
     def global_order(self, epoch: int) -> np.ndarray:
-        """The epoch's permutation of all items, cyclically padded to whole global batches."""
+        """The epoch's permutation of all items, cyclically padded (or cut) to whole global batches."""
         rng = np.random.default_rng([self.seed, self.tag, epoch])
         perm = rng.permutation(self.num_items)
         return np.resize(perm, self.batches_per_epoch * self.batch_size * self.world_size)
@@ -50,8 +54,11 @@ class ShardPlan:
 
     def fingerprint(self) -> dict:
         """What must match for a saved position to mean the same batches after a resume."""
-        return {"num_items": self.num_items, "batch_size": self.batch_size, "rank": self.rank,
-                "world_size": self.world_size, "seed": self.seed, "tag": self.tag}
+        out = {"num_items": self.num_items, "batch_size": self.batch_size, "rank": self.rank,
+               "world_size": self.world_size, "seed": self.seed, "tag": self.tag}
+        if self.drop_last:  # absent when false, so positions saved before the option still match
+            out["drop_last"] = True
+        return out
 
 
 def val_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:

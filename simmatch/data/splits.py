@@ -15,6 +15,10 @@ import numpy as np
 
 from simmatch.errors import ConfigError, DataError
 
+# `shipped:<name>` in data.labeled_list / data.unlabeled_list names a list in this folder.
+SHIPPED_PREFIX = "shipped:"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "splits"
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
@@ -56,9 +60,23 @@ def scan_tree(root: str | Path, num_classes: int | None = None) -> ImageTree:
     return ImageTree(root, classes, files, labels)
 
 
+def list_path(name: str | Path) -> Path:
+    """The file a config's list entry names: `shipped:<name>` is a list shipped with the
+    package (simmatch/splits/<name>, found from any working directory), anything else a path."""
+    text = str(name)
+    if text.startswith(SHIPPED_PREFIX):
+        rel = text[len(SHIPPED_PREFIX):].lstrip("/")
+        path = SHIPPED_DIR / rel
+        if not path.is_file():
+            shipped = sorted(str(p.relative_to(SHIPPED_DIR)) for p in SHIPPED_DIR.rglob("*.txt"))
+            raise DataError(f"{text}: no such shipped list (shipped: {', '.join(shipped)})")
+        return path
+    return Path(text)
+
+
 def read_list(path: str | Path) -> list[str]:
     """Entries of a list file: the first field of every non-empty, non-comment line."""
-    path = Path(path)
+    path = list_path(path)
     if not path.is_file():
         raise DataError(f"split file not found: {path}")
     entries = []
@@ -178,7 +196,7 @@ def load_splits(data_cfg, need_val: bool = True) -> Splits:
         raise DataError(f"data directory not found: {root}")
     train = scan_tree(root / data_cfg.train_dir, data_cfg.num_classes)
     if data_cfg.labeled_list:
-        lpath = Path(data_cfg.labeled_list)
+        lpath = list_path(data_cfg.labeled_list)
         lab_files, lab_labels = resolve_list(train, read_list(lpath), str(lpath))
         source = str(lpath)
     else:
@@ -190,10 +208,12 @@ def load_splits(data_cfg, need_val: bool = True) -> Splits:
                else f"{data_cfg.labeled_per_class} per class")
         source = f"generated: {how}, split_seed={data_cfg.split_seed}"
     if data_cfg.unlabeled_list:
-        upath = Path(data_cfg.unlabeled_list)
+        upath = list_path(data_cfg.unlabeled_list)
         unl_files, unl_labels = resolve_list(train, read_list(upath), str(upath), allow_outside=True)
     else:
         unl_files, unl_labels = list(train.files), list(train.labels)
+    if data_cfg.unlabeled == "complement":
+        unl_files, unl_labels = complement(unl_files, unl_labels, lab_files)
     val_files: list[str] = []
     val_labels: list[int] = []
     val_root = root / data_cfg.val_dir
@@ -204,6 +224,15 @@ def load_splits(data_cfg, need_val: bool = True) -> Splits:
         val_files, val_labels = val.files, val.labels
     return Splits(train.classes, train.root, val_root, lab_files, lab_labels, unl_files,
                   unl_labels, val_files, val_labels, source)
+
+
+def complement(files: list[str], labels: list[int], labeled: list[str]) -> tuple[list[str], list[int]]:
+    """The entries of `files` (order kept) that are not in `labeled`: data.unlabeled=complement."""
+    taken = set(labeled)
+    keep = [i for i, f in enumerate(files) if f not in taken]
+    if not keep:
+        raise DataError("data.unlabeled=complement leaves no unlabeled image: every image is labeled")
+    return [files[i] for i in keep], [labels[i] for i in keep]
 
 
 def make_labeled_list(train_root: str | Path, percent: float = 0.0, per_class: int = 0,

@@ -9,10 +9,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from simmatch.config import Config
+from simmatch.config import Config, derive_scale
 from simmatch.data.base import LABELED_KIND, UNLABELED_KIND, TrainStream
 from simmatch.data.sharding import LABELED, UNLABELED, ShardPlan
-from simmatch.data.splits import Splits, load_splits, write_list
+from simmatch.data.splits import Splits, list_path, load_splits, write_list
 from simmatch.errors import ConfigError
 
 
@@ -72,12 +72,9 @@ def resolve_device(choice: str) -> str:
 
 
 def per_rank_batches(cfg: Config, world_size: int) -> tuple[int, int, int]:
-    """(labeled B, unlabeled B*mu, validation) images per rank per step."""
-    if cfg.train.batch_size % world_size != 0:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not divide by the "
-                          f"world size {world_size}")
-    b = cfg.train.batch_size // world_size
-    bu = b * cfg.train.mu
+    """(labeled B, unlabeled B*mu, validation) images per rank per step (see config.derive_scale)."""
+    scale = derive_scale(cfg, world_size)
+    b, bu = scale.batch_per_rank, scale.unlabeled_per_rank
     return b, bu, cfg.data.val_batch if cfg.data.val_batch > 0 else bu
 
 
@@ -85,7 +82,7 @@ def _split_files(cfg: Config, splits: Splits) -> tuple[dict[str, str], dict[str,
     """Paths and contents of the lists used; a generated labeled list is written to a file."""
     texts = {"labeled": "".join(f + "\n" for f in splits.labeled_files)}
     if cfg.data.labeled_list:
-        files = {"labeled": str(Path(cfg.data.labeled_list))}
+        files = {"labeled": str(list_path(cfg.data.labeled_list))}
     else:
         digest = hashlib.sha1(texts["labeled"].encode()).hexdigest()[:16]
         out = Path(tempfile.gettempdir()) / "simmatch-splits" / digest / "labeled.txt"
@@ -93,7 +90,7 @@ def _split_files(cfg: Config, splits: Splits) -> tuple[dict[str, str], dict[str,
             write_list(splits.labeled_files, out)
         files = {"labeled": str(out)}
     if cfg.data.unlabeled_list:
-        files["unlabeled"] = str(Path(cfg.data.unlabeled_list))
+        files["unlabeled"] = str(list_path(cfg.data.unlabeled_list))
         texts["unlabeled"] = "".join(f + "\n" for f in splits.unlabeled_files)
     return files, texts
 
@@ -116,8 +113,9 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device)
     splits = load_splits(data)
     bank_labels = torch.tensor(splits.labeled_labels, dtype=torch.int64)
     unl_labels = torch.tensor(splits.unlabeled_labels, dtype=torch.int64)
-    plan_l = ShardPlan(len(splits.labeled_files), b, rank, world_size, seed, LABELED)
-    plan_u = ShardPlan(len(splits.unlabeled_files), bu, rank, world_size, seed, UNLABELED)
+    drop = cfg.train.partial_batch == "drop"
+    plan_l = ShardPlan(len(splits.labeled_files), b, rank, world_size, seed, LABELED, drop)
+    plan_u = ShardPlan(len(splits.unlabeled_files), bu, rank, world_size, seed, UNLABELED, drop)
     if data.backend == "dali":
         from simmatch.data.dali_backend import DaliTrainStream, DaliValPasses, dali_definitions
 
@@ -157,13 +155,13 @@ def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b:
     from simmatch.data.synthetic import SyntheticTrainStream, synthetic_labels, synthetic_val_batches
 
     data, seed, cl = cfg.data, cfg.train.seed, cfg.train.channels_last
-    n = data.synthetic_size
+    n, drop = data.synthetic_size, cfg.train.partial_batch == "drop"
     labels = synthetic_labels(n, data.num_classes)
     labeled = SyntheticTrainStream(LABELED_KIND, data,
-                                   ShardPlan(n, b, rank, world_size, seed, LABELED), labels,
+                                   ShardPlan(n, b, rank, world_size, seed, LABELED, drop), labels,
                                    device, cl)
     unlabeled = SyntheticTrainStream(UNLABELED_KIND, data,
-                                     ShardPlan(n, bu, rank, world_size, seed, UNLABELED), labels,
+                                     ShardPlan(n, bu, rank, world_size, seed, UNLABELED, drop), labels,
                                      device, cl)
 
     def val() -> Iterator[dict[str, torch.Tensor]]:

@@ -29,6 +29,7 @@ from simmatch.engine.optim import build_optimizer, lr_at, set_lr
 from simmatch.engine.stop import StopRequest
 from simmatch.errors import CheckpointError
 from simmatch.methods import build_method
+from simmatch.models.group_bn import convert_group_bn
 from simmatch.distributed import average_buffers
 
 CHECKPOINT_FORMAT = 1
@@ -81,6 +82,10 @@ class Trainer:
 
         rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
         self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())
+        if self.derived.bn_group_ranks > 1:  # BN statistics pooled over groups of ranks
+            convert_group_bn(self.method, dist.bn_group(self.derived.bn_group_ranks), device.type)
+            self.log.info("BN statistics pooled over groups of %d ranks (%d images per BN batch)",
+                          self.derived.bn_group_ranks, self.derived.bn_group_images)
         self.method.to(device)
         if cfg.train.channels_last:
             self.method.to(memory_format=torch.channels_last)
@@ -229,7 +234,7 @@ class Trainer:
         window = MetricWindow()
         progress = Progress(d.total_iters, self.rank == 0)
         # images drawn per step (an unlabeled image counts once, however many views it has)
-        per_step = t.batch_size * (self.method.needs_labeled + t.mu * self.method.needs_unlabeled)
+        per_step = d.global_batch * (self.method.needs_labeled + t.mu * self.method.needs_unlabeled)
         t_window, n_window = time.perf_counter(), 0
         t_start, start_it = time.perf_counter(), self.iteration
         status, last = "finished", {}
@@ -242,14 +247,14 @@ class Trainer:
                 self.iteration += 1
                 n_window += 1
                 done = self.iteration == d.total_iters
-                if self.iteration % t.log_every == 0 or done:
+                if self.iteration % d.log_every == 0 or done:
                     last = self._log(window.reduce(), lr, per_step * n_window / (time.perf_counter() - t_window),
                                      (time.perf_counter() - t_start) / (self.iteration - start_it), progress)
                     t_window, n_window = time.perf_counter(), 0
                 interrupted = stop.agreed()
-                if interrupted or self.iteration % t.ckpt_every == 0 or done:
+                if interrupted or self.iteration % d.ckpt_every == 0 or done:
                     self.save()
-                if t.eval_every and self.iteration % t.eval_every == 0 and not done:
+                if d.eval_every and self.iteration % d.eval_every == 0 and not done:
                     last.update(self.evaluate())
                 if interrupted:
                     status = "interrupted"

@@ -18,16 +18,16 @@ def build_method(cfg: Config, derived: Derived, bank_labels: torch.Tensor) -> Me
     if m.name == "supervised":
         from simmatch.methods.supervised import Supervised
 
-        return Supervised(student, cfg.model.ema_momentum)
+        return Supervised(student, derived.ema_momentum)
     if m.name in ("simmatch", "fixmatch"):
         from simmatch.methods.simmatch import SimMatch
 
         target = label_marginal(bank_labels, cfg.data.num_classes) if m.da_target == "labeled" else None
         return SimMatch(
-            student, cfg.model.ema_momentum, bank_labels, cfg.data.num_classes,
+            student, derived.ema_momentum, bank_labels, cfg.data.num_classes,
             tau=m.tau, temperature=m.temperature, alpha=m.alpha, lambda_u=m.lambda_u,
             lambda_in=m.lambda_in if uses_head else 0.0, dist_align=m.dist_align,
-            da_len=m.da_len, da_target=target, bank_momentum=m.bank_momentum,
+            da_len=derived.da_len, da_target=target, bank_momentum=m.bank_momentum,
             propagate_after_iters=derived.propagate_after_iters, use_bank=uses_head,
             seed=cfg.train.seed)
     if m.name == "isd":
@@ -35,6 +35,6 @@ def build_method(cfg: Config, derived: Derived, bank_labels: torch.Tensor) -> Me
 
         student = build_network(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input,
                                 cfg.model.proj_dim, m.predictor_hidden)
-        return ISD(student, cfg.model.ema_momentum, m.queue_size, m.isd_t_student, m.isd_t_teacher,
+        return ISD(student, derived.ema_momentum, m.queue_size, m.isd_t_student, m.isd_t_teacher,
                    seed=cfg.train.seed)
     raise NotImplementedError(f"method.name={m.name!r} is not available")

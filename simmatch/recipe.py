@@ -1,0 +1,144 @@
+"""The derived recipe of a config at a world size, shown before anything trains.
+
+`tools/train.py --print-config` and `tools/submit.py --dry-run` print it: batches, BN groups,
+teacher, momentum, lr, steps, splits and their sizes. Image counts come from the data tree
+when it is there, otherwise from the split lists and `data.num_train_images` (so the recipe
+of an ImageNet run can be read on a machine without ImageNet). No torch import here: the
+submitting machine stays light.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from simmatch.config import Config, Derived, derive, derive_scale
+from simmatch.data.splits import list_path, load_splits, read_list
+
+
+@dataclass
+class SplitSizes:
+    num_labeled: int | None
+    num_unlabeled: int | None
+    labeled: str  # where the labeled set comes from
+    unlabeled: str
+    counted_from: str  # the data tree, or the lists and data.num_train_images
+
+
+def _list_size(name: str) -> int:
+    return len(dict.fromkeys(read_list(name)))  # duplicates count once, as when resolved
+
+
+def split_sizes(cfg: Config) -> SplitSizes:
+    """Labeled and unlabeled image counts: scanned when the tree exists, else declared."""
+    d = cfg.data
+    labeled = (f"{d.labeled_list} ({list_path(d.labeled_list)})" if d.labeled_list else
+               f"seeded draw: {d.labeled_percent:g}%" if d.labeled_percent > 0 else
+               f"seeded draw: {d.labeled_per_class} per class")
+    if d.labeled_list == "" and d.labeled_percent <= 0 and d.labeled_per_class <= 0:
+        labeled = "none configured"
+    pool = f"{d.unlabeled_list}" if d.unlabeled_list else "every training image"
+    unlabeled = (f"complement of the labeled list in {pool}" if d.unlabeled == "complement" else pool)
+    if d.backend == "synthetic":
+        n = d.synthetic_size
+        return SplitSizes(n, n, "synthetic", "synthetic", f"data.synthetic_size={n}")
+    tree = Path(d.root) / d.train_dir
+    if d.root and tree.is_dir():
+        s = load_splits(d, need_val=False)
+        return SplitSizes(len(s.labeled_files), len(s.unlabeled_files), labeled, unlabeled,
+                          f"data tree {tree}")
+    total = d.num_train_images or None
+    where = (f"data.num_train_images={total} (data tree {tree} absent)" if total else
+             f"unknown: data tree {tree} absent and data.num_train_images not set")
+    if d.labeled_list:
+        n_lab: int | None = _list_size(d.labeled_list)
+    elif d.labeled_per_class > 0 and d.labeled_percent <= 0:
+        n_lab = d.labeled_per_class * d.num_classes
+    elif d.labeled_percent > 0 and total:
+        n_lab = round(total * d.labeled_percent / 100.0)  # per class rounding may differ slightly
+        labeled += " (size estimated from data.num_train_images)"
+    else:
+        n_lab = None
+    n_pool = _list_size(d.unlabeled_list) if d.unlabeled_list else total
+    if n_pool is not None and d.unlabeled == "complement":
+        n_pool = n_pool - n_lab if n_lab is not None else None
+    return SplitSizes(n_lab, n_pool, labeled, unlabeled, where)
+
+
+def teacher_mode(cfg: Config) -> str:
+    """model.teacher where the config has it; the EMAN-style teacher otherwise."""
+    return str(getattr(cfg.model, "teacher", "eman"))
+
+
+def recipe(cfg: Config, world_size: int) -> dict:
+    """The recipe as one flat dict (the JSON line); steps are None when sizes are unknown."""
+    sizes = split_sizes(cfg)
+    if sizes.num_labeled is not None and sizes.num_unlabeled is not None:
+        d: Derived | None = derive(cfg, world_size, sizes.num_labeled, sizes.num_unlabeled)
+        s = d
+    else:
+        d, s = None, derive_scale(cfg, world_size)
+    return {
+        "config": cfg.name, "method": cfg.method.name, "world_size": world_size,
+        "scale": cfg.train.scale,
+        "labeled_per_gpu": s.batch_per_rank, "unlabeled_per_gpu": s.unlabeled_per_rank,
+        "global_labeled": s.global_batch, "global_unlabeled": s.global_unlabeled,
+        "bn_group_ranks": s.bn_group_ranks, "bn_group_images": s.bn_group_images,
+        "min_bn_images": cfg.train.min_bn_images,
+        "teacher": teacher_mode(cfg), "ema_momentum": s.ema_momentum, "lr": s.lr,
+        "da_len": s.da_len, "partial_batch": cfg.train.partial_batch,
+        "steps_per_epoch": d.steps_per_epoch if d else None,
+        "epochs": cfg.optim.epochs if cfg.optim.iters <= 0 else None,
+        "total_iters": d.total_iters if d else None,
+        "warmup_iters": d.warmup_iters if d else None,
+        "l_in_start_iter": d.propagate_after_iters if d else None,
+        "log_every": s.log_every, "ckpt_every": s.ckpt_every, "eval_every": s.eval_every,
+        "num_labeled": sizes.num_labeled, "num_unlabeled": sizes.num_unlabeled,
+        "labeled_set": sizes.labeled, "unlabeled_set": sizes.unlabeled,
+        "sizes_from": sizes.counted_from,
+    }
+
+
+def _n(value) -> str:
+    return "unknown" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def recipe_lines(cfg: Config, world_size: int) -> list[str]:
+    """Human-readable lines, then the recipe as one JSON object (the last line)."""
+    r = recipe(cfg, world_size)
+    o, m = cfg.optim, cfg.method
+    k = r["global_labeled"] / o.base_batch if cfg.train.scale == "per_gpu" else 1.0
+    pool = r["num_unlabeled"] if r["method"] != "supervised" else r["num_labeled"]
+    per_step = r["global_unlabeled"] if r["method"] != "supervised" else r["global_labeled"]
+    rounding = "floor" if r["partial_batch"] == "drop" else "ceil"
+    length = (f"{_n(r['total_iters'])} iterations ({o.epochs:g} epochs)" if o.iters <= 0 else
+              f"{_n(r['total_iters'])} iterations (optim.iters={o.iters})")
+    lines = [
+        f"recipe of {r['config'] or 'run'} ({r['method']}) at world size {r['world_size']}, "
+        f"train.scale={r['scale']}",
+        f"  batch        {r['labeled_per_gpu']} labeled + {r['unlabeled_per_gpu']} unlabeled per GPU; "
+        f"{r['global_labeled']} + {r['global_unlabeled']} per step over {r['world_size']} GPU(s)",
+        f"  BN groups    {r['bn_group_ranks']} rank(s) = {r['bn_group_images']} images per BN batch"
+        f" (train.min_bn_images={r['min_bn_images']})",
+        f"  teacher      {r['teacher']}, EMA momentum {r['ema_momentum']:.6g}"
+        + (f" ({cfg.model.ema_momentum} ** {k:g})" if k != 1.0 else ""),
+        f"  lr           {r['lr']:.6g} ({o.lr:g} x {r['global_labeled']} / {o.base_batch}), "
+        f"warm-up {o.warmup_epochs:g} epochs = {_n(r['warmup_iters'])} iterations, then cosine",
+        f"  epoch        {_n(r['steps_per_epoch'])} steps ({rounding}({_n(pool)} / {per_step}), "
+        f"train.partial_batch={r['partial_batch']})",
+        f"  total        {length}",
+    ]
+    if r["method"] == "simmatch":
+        lines.append(f"  L_in         starts at iteration {_n(r['l_in_start_iter'])} "
+                     f"(method.propagate_after_epochs={m.propagate_after_epochs})")
+    if r["method"] in ("simmatch", "fixmatch") and m.dist_align:
+        lines.append(f"  DA queue     {r['da_len']} batch means")
+    lines += [
+        f"  intervals    log every {r['log_every']}, checkpoint every {r['ckpt_every']} iterations, "
+        + (f"eval every {r['eval_every']}" if r["eval_every"] else "eval at the end"),
+        f"  labeled      {_n(r['num_labeled'])} images: {r['labeled_set']}",
+        f"  unlabeled    {_n(r['num_unlabeled'])} images: {r['unlabeled_set']}",
+        f"  sizes from   {r['sizes_from']}",
+        json.dumps(r, sort_keys=False),
+    ]
+    return lines
