@@ -22,6 +22,7 @@ NEUTRAL = frozenset({
     "train.ckpt_every", "train.keep_ckpts", "train.async_ckpt", "train.tensorboard", "train.wandb",
     "train.wandb_project", "train.knn_k", "train.knn_temperature", "train.compile",
     "data.root", "data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.val_batch",
+    "data.num_train_images",  # only the printed recipe uses it
     "model.init_from",  # a resumed run takes its weights from its own checkpoint
 })
 SCHEDULE = frozenset({"optim.epochs", "optim.iters"})
