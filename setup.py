@@ -25,7 +25,7 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "dali-cuda120": ["nvidia-dali-cuda120>=2.4,<2.5"],
         "demo": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "scikit-learn", "matplotlib", "tensorboard"],
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", "tensorboard"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
     },

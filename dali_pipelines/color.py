@@ -95,8 +95,13 @@ def adjust_hue(images, factor):
 
 
 def grayscale(images):
-    """Three equal channels of the grey level (torchvision's RandomGrayscale): saturation 0."""
-    return fn.color_twist(images, saturation=0.0)
+    """Three equal channels of the grey level (torchvision's RandomGrayscale output).
+
+    DALI's RGB -> GRAY conversion (ITU-R 601-2 luma), copied to three channels; saturation 0
+    through color_twist would leave the channels a level apart here and there.
+    """
+    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+    return fn.cat(grey, grey, grey, axis=2)
 
 
 ADJUST: tuple[Callable, ...] = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)

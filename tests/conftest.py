@@ -49,6 +49,7 @@ def gloo():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower end-to-end tests (CI runs them too)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason where none is)")
     sys.path.insert(0, str(ROOT))
 
 

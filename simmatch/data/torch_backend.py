@@ -81,11 +81,17 @@ def strong_transform(cfg: Any):
         return v2.Compose([v2.ToImage()] + _crop_flip(cfg)
                           + [v2.RandAugment(num_ops=cfg.randaug_n, magnitude=cfg.randaug_m)]
                           + _finish(cfg)[1:])
-    ops = [v2.RandomApply([v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.hue)],
-                          p=cfg.jitter_prob),
-           v2.RandomGrayscale(p=cfg.gray_prob),
-           RandomPILBlur(cfg.blur_prob, cfg.blur_sigma_min, cfg.blur_sigma_max)]
-    return v2.Compose(_crop_flip(cfg) + ops + _finish(cfg))
+    return v2.Compose(_crop_flip(cfg) + simclr_colour_ops(cfg) + _finish(cfg))
+
+
+def simclr_colour_ops(cfg: Any) -> list:
+    """ColorJitter (factors and a random op order per image) with p jitter_prob, grayscale
+    with p gray_prob, blur with p blur_prob: the distribution dali_pipelines/color.py matches."""
+    v2 = _v2()
+    return [v2.RandomApply([v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.hue)],
+                           p=cfg.jitter_prob),
+            v2.RandomGrayscale(p=cfg.gray_prob),
+            RandomPILBlur(cfg.blur_prob, cfg.blur_sigma_min, cfg.blur_sigma_max)]
 
 
 def val_transform(cfg: Any):
