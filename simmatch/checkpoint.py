@@ -97,10 +97,19 @@ def load_newest_valid(ckpt_dir: str | Path) -> tuple[Path, dict] | None:
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint file, or the newest checkpoint of a run directory."""
+    """A checkpoint file, the newest checkpoint of a run directory, or `.../ckpt_300.pt`: the
+    checkpoint of iteration 300 (files are named with zero-padded iterations)."""
     path = Path(path)
     if path.is_file():
         return path
+    m = _NAME.match(path.name)
+    if m and not path.exists():
+        have = list_checkpoints(path.parent)
+        for iteration, p in have:
+            if iteration == int(m.group(1)):
+                return p
+        raise CheckpointError(f"no checkpoint of iteration {int(m.group(1))} in {path.parent} (it has "
+                              f"{', '.join(str(i) for i, _ in have) or 'none'})")
     for candidate in (path / "checkpoints", path):
         found = list_checkpoints(candidate)
         if found:

@@ -105,51 +105,19 @@ def export(path: str | Path, which: str, out: str | Path, head_out: str | Path |
             "small_input": cfg.model.small_input, "max_abs_diff": diff, "written": written}
 
 
-def load_backbone_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Backbone weights from a training checkpoint/run directory, or an exported .pth/.safetensors."""
-    p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
-    if p.is_file() and p.suffix == ".pth":
-        sd = ckpt.load(p)
-        if "method" not in sd:
-            return sd
-    _, state, _ = load_run_checkpoint(p)
-    method = state["method"]
-    if any(k.startswith("student.backbone.") for k in method):
-        return split_backbone(network_state(state, "student"))[0]
-    raise CheckpointError(f"{p} holds no ResNet backbone")
-
-
-def _matching_trunk(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], source: str | Path,
-                    arch: str) -> dict[str, torch.Tensor]:
-    """The weights to load into a backbone whose state is `target`; a mismatch is one error line."""
-    trunk = {k: v for k, v in weights.items() if not k.startswith("fc.")}
-    missing = [k for k in target if not k.startswith("fc.") and k not in trunk]
-    wrong = [k for k, v in trunk.items() if k not in target or target[k].shape != v.shape]
-    if missing or wrong:
-        bad = (wrong or missing)[0]
-        raise CheckpointError(f"model.init_from={source}: architecture mismatch at '{bad}' "
-                              f"(this run is {arch} as configured)")
-    for k in ("fc.weight", "fc.bias"):
-        if k in weights and weights[k].shape == target[k].shape:
-            trunk[k] = weights[k]
-    return trunk
-
-
 def check_init_source(cfg: Config) -> None:
     """Fail before anything is written when model.init_from does not fit the configured model."""
     from simmatch.models.network import build_backbone
+    from simmatch.weights import map_onto_trunk, read_weights
 
     target = build_backbone(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input).state_dict()
-    _matching_trunk(load_backbone_weights(cfg.model.init_from), target, cfg.model.init_from, cfg.model.arch)
+    map_onto_trunk(read_weights(cfg.model.init_from), target, cfg.model.init_from, cfg.model.arch)
 
 
-def init_student_from(method, path: str | Path) -> None:
-    """Initialise the student's trunk from another run or an export; the classifier is kept
-    when its shape matches. Any other mismatch is an architecture error."""
+def init_student_from(method, path: str | Path, arch: str = ""):
+    """Initialise the student's trunk from another run, an export or a published weight file
+    (simmatch/weights.py); the classifier is kept when its shape matches."""
+    from simmatch.weights import init_backbone
+
     backbone = method.student.backbone
-    trunk = _matching_trunk(load_backbone_weights(path), backbone.state_dict(), path, type(backbone).__name__)
-    backbone.load_state_dict(trunk, strict=False)
+    return init_backbone(backbone, path, arch or type(backbone).__name__)

@@ -173,8 +173,10 @@ class Trainer:
         need the source any more."""
         from simmatch.export import init_student_from
 
-        init_student_from(self.method, source)
+        report = init_student_from(self.method, source, self.cfg.model.arch)
         self.method.teacher.module.load_state_dict(self.method.student.state_dict())
+        for line in report.lines():
+            self.log.info(line)
         self.log.info("student and teacher trunks initialised from %s", source)
 
     def save(self) -> None:
