@@ -146,6 +146,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     knn_k: int = 20  # k-NN evaluation (methods without a trained classifier, tools/eval.py --knn)
     knn_temperature: float = 0.07
+    max_nonfinite_steps: int = 3  # stop when the loss is NaN/inf for more consecutive steps
     tensorboard: bool = False  # scalars of every metrics.jsonl record under RUN_DIR/tensorboard
     wandb: bool = False  # the same records to Weights & Biases (WANDB_MODE=offline honoured)
     wandb_project: str = "simmatch"
@@ -417,38 +418,140 @@ _CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid interval of a numeric field (of each item, for a list); never NaN or inf."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        hi = "inf)" if math.isinf(self.hi) else f"{self.hi:g}{')' if self.hi_open else ']'}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {hi}"
+
+
+def _ge(lo: float) -> Range:
+    return Range(lo)
+
+
+def _gt(lo: float) -> Range:
+    return Range(lo, lo_open=True)
+
+
+_UNIT = Range(0.0, 1.0)
+_COUNT = _ge(1)  # a positive integer
+_NONNEG = _ge(0)
+
+# The valid range of every numeric config field, checked by `validate` (tests/test_config.py
+# checks that no int or float field is missing here).
+RANGES: dict[str, Range] = {
+    "data.labeled_percent": Range(0.0, 100.0),
+    "data.labeled_per_class": _NONNEG,
+    "data.split_seed": _NONNEG,
+    "data.num_classes": _COUNT,
+    "data.crop_size": _COUNT,
+    "data.val_resize": _COUNT,
+    "data.min_scale": Range(0.0, 1.0, lo_open=True),
+    "data.max_scale": Range(0.0, 1.0, lo_open=True),
+    "data.jitter": _NONNEG,
+    "data.hue": Range(0.0, 0.5),
+    "data.jitter_prob": _UNIT,
+    "data.gray_prob": _UNIT,
+    "data.blur_prob": _UNIT,
+    "data.blur_sigma_min": _gt(0),
+    "data.blur_sigma_max": _gt(0),
+    "data.randaug_n": _NONNEG,
+    "data.randaug_m": Range(0, 30),
+    "data.num_strong": _COUNT,
+    "data.num_threads": _COUNT,
+    "data.prefetch": _COUNT,
+    "data.hw_decoder_load": _UNIT,
+    "data.decoder_width_hint": _NONNEG,
+    "data.decoder_height_hint": _NONNEG,
+    "data.host_padding_mb": _NONNEG,
+    "data.device_padding_mb": _NONNEG,
+    "data.mean": _UNIT,
+    "data.std": _gt(0),
+    "data.synthetic_size": _COUNT,
+    "data.val_batch": _NONNEG,
+    "model.proj_dim": _COUNT,
+    "model.ema_momentum": _UNIT,
+    "method.tau": _UNIT,
+    "method.temperature": _gt(0),
+    "method.alpha": _UNIT,
+    "method.lambda_u": _NONNEG,
+    "method.lambda_in": _NONNEG,
+    "method.da_len": _COUNT,
+    "method.bank_momentum": Range(0.0, 1.0, hi_open=True),
+    "method.propagate_after_epochs": _NONNEG,
+    "method.queue_size": _COUNT,
+    "method.isd_t_student": _gt(0),
+    "method.isd_t_teacher": _gt(0),
+    "method.predictor_hidden": _COUNT,
+    "optim.lr": _gt(0),
+    "optim.base_batch": _COUNT,
+    "optim.momentum": Range(0.0, 1.0, hi_open=True),
+    "optim.weight_decay": _NONNEG,
+    "optim.warmup_epochs": _NONNEG,
+    "optim.epochs": _gt(0),
+    "optim.iters": _NONNEG,
+    "train.batch_size": _COUNT,
+    "train.mu": _COUNT,
+    "train.seed": _NONNEG,
+    "train.log_every": _COUNT,
+    "train.ckpt_every": _COUNT,
+    "train.keep_ckpts": _COUNT,
+    "train.eval_every": _NONNEG,
+    "train.knn_k": _COUNT,
+    "train.knn_temperature": _gt(0),
+    "train.max_nonfinite_steps": _NONNEG,
+    "train.batch_per_gpu": _NONNEG,
+    "train.bn_group_ranks": _NONNEG,
+    "train.min_bn_images": _NONNEG,
+    "data.num_train_images": _NONNEG,
+}
+
+
+def _check_range(key: str, value: Any, rng: Range) -> None:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if item not in rng:
+            shown = f"{key}={value}" if isinstance(value, list) else f"{key}={item!r}"
+            what = "is not a finite number" if not math.isfinite(item) else "is out of range"
+            raise ConfigError(f"{shown} {what}: valid range {rng}")
+
+
 def validate(cfg: Config) -> None:
-    """Reject values that type-check but cannot work."""
+    """Reject values that type-check but cannot work: choices, ranges, relations between keys."""
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-    positive = {
-        "train.batch_size": cfg.train.batch_size, "train.mu": cfg.train.mu,
-        "data.num_classes": cfg.data.num_classes, "data.crop_size": cfg.data.crop_size,
-        "data.num_strong": cfg.data.num_strong, "method.da_len": cfg.method.da_len,
-        "train.log_every": cfg.train.log_every, "train.ckpt_every": cfg.train.ckpt_every,
-        "train.keep_ckpts": cfg.train.keep_ckpts,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be positive")
-    non_negative = {
-        "train.batch_per_gpu": cfg.train.batch_per_gpu, "train.bn_group_ranks": cfg.train.bn_group_ranks,
-        "train.min_bn_images": cfg.train.min_bn_images, "data.num_train_images": cfg.data.num_train_images,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must not be negative")
+    for key, rng in RANGES.items():
+        section, name = key.split(".")
+        _check_range(key, getattr(getattr(cfg, section), name), rng)
     if cfg.train.scale == "per_gpu" and cfg.train.batch_per_gpu <= 0:
         raise ConfigError("train.scale=per_gpu needs train.batch_per_gpu > 0")
-    if not 0.0 <= cfg.model.ema_momentum <= 1.0:
-        raise ConfigError(f"model.ema_momentum={cfg.model.ema_momentum} must lie in [0, 1]")
-    if not 0.0 <= cfg.method.bank_momentum < 1.0:
-        raise ConfigError(f"method.bank_momentum={cfg.method.bank_momentum} must lie in [0, 1)")
-    if not 0.0 < cfg.data.min_scale <= cfg.data.max_scale <= 1.0:
-        raise ConfigError("data.min_scale and data.max_scale must satisfy 0 < min <= max <= 1")
+    if cfg.data.min_scale > cfg.data.max_scale:
+        raise ConfigError(f"data.min_scale={cfg.data.min_scale} is above "
+                          f"data.max_scale={cfg.data.max_scale}")
+    if cfg.data.blur_sigma_min > cfg.data.blur_sigma_max:
+        raise ConfigError(f"data.blur_sigma_min={cfg.data.blur_sigma_min} is above "
+                          f"data.blur_sigma_max={cfg.data.blur_sigma_max}")
+    for key in ("data.mean", "data.std"):
+        value = getattr(cfg.data, key.split(".")[1])
+        if len(value) != 3:
+            raise ConfigError(f"{key}={value} must have 3 values (R, G, B)")
 
 
 def to_dict(cfg: Config) -> dict:

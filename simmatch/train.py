@@ -18,6 +18,7 @@ from simmatch.engine.metrics import format_eta
 from simmatch.engine.tracking import check_available as check_trackers
 from simmatch.engine.trainer import Trainer, TrainResult
 from simmatch.errors import UserError
+from simmatch.rundir import ensure_writable_dir
 
 log = logging.getLogger("simmatch")
 
@@ -35,35 +36,52 @@ def _with_defaults(saved: dict, defaults: dict) -> dict:
     return out
 
 
+def _saved_config(run_dir: Path) -> dict | None:
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return None
+    return _with_defaults(yaml.safe_load(saved.read_text()) or {}, to_dict(Config()))
+
+
 def prepare_run_dir(cfg: Config, allow_config_change: bool = False) -> Path:
-    """Create the run directory and save the resolved config there.
+    """Check the config against the run directory's and create the directory.
 
     A run directory with checkpoints is resumed only with a config that trains the same way
-    (simmatch/config_change.py): otherwise one error line names the differing keys. Accepted
-    changes (log intervals, data location, a longer schedule with --allow-config-change)
-    rewrite the saved config so that it describes what is trained from now on.
+    (simmatch/config_change.py): otherwise one error line names the differing keys. A path
+    that is a file, under a file or in a read-only place is one line too. The config itself
+    is saved by `save_run_config`, once the run is set up.
     """
     run_dir = run_dir_of(cfg)
-    saved = run_dir / "config.yaml"
-    resuming = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
-    changed: list[str] = []
-    if saved.exists():
-        old = _with_defaults(yaml.safe_load(saved.read_text()) or {}, to_dict(Config()))
-        if resuming:  # every rank judges, so that a refusal stops them all
-            changed = judge(old, to_dict(cfg), str(run_dir), allow_config_change)
-        else:
-            changed = differences(old, to_dict(cfg))
+    old = _saved_config(run_dir)
+    if old is not None and ckpt.list_checkpoints(run_dir / "checkpoints"):
+        judge(old, to_dict(cfg), str(run_dir), allow_config_change)  # every rank: a refusal stops all
     if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not saved.exists() or changed:
-            save_config(cfg, saved)
-        shown = [k for k in changed if k not in ("train.run_dir", "name")]
-        if shown:
-            print(f"note: {saved} updated ({', '.join(shown[:8])} changed"
-                  f"{'' if resuming else '; no checkpoint yet, so the run starts afresh'})",
-                  file=sys.stderr, flush=True)
+        ensure_writable_dir(run_dir)
     dist.barrier()
     return run_dir
+
+
+def save_run_config(cfg: Config, run_dir: Path) -> None:
+    """Save the resolved config as RUN_DIR/config.yaml.
+
+    Called after the data, the split and the derived values have been checked, so a run that
+    fails its checks leaves no config for the next run to inherit. Accepted changes (log
+    intervals, data location, a longer schedule with --allow-config-change) rewrite the saved
+    config so that it describes what is trained from now on.
+    """
+    if not dist.is_main():
+        return
+    saved = run_dir / "config.yaml"
+    resuming = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
+    old = _saved_config(run_dir)
+    changed = differences(old, to_dict(cfg)) if old is not None else []
+    if old is None or changed:
+        save_config(cfg, saved)
+    shown = [k for k in changed if k not in ("train.run_dir", "name")]
+    if shown:
+        print(f"note: {saved} updated ({', '.join(shown[:8])} changed"
+              f"{'' if resuming else '; no checkpoint yet, so the run starts afresh'})",
+              file=sys.stderr, flush=True)
 
 
 def pick_device() -> torch.device:
@@ -103,6 +121,7 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
         check_trackers(cfg)  # an uninstalled tracker is refused before the run directory is written
         run_dir = prepare_run_dir(cfg, allow_config_change)
         trainer = Trainer(cfg, run_dir, device)
+        save_run_config(cfg, run_dir)
         result = trainer.fit()
         if dist.is_main():
             _report(result, run_dir)

@@ -70,3 +70,54 @@ def test_checkpoint_of_another_architecture(digits_root, tmp_path):
 def test_export_of_missing_checkpoint(tmp_path):
     res = run_tool("tools/export.py", str(tmp_path), "--out", str(tmp_path / "x.pth"))
     assert_one_line_error(res, "no checkpoint found")
+
+
+@pytest.mark.parametrize("override, shown, valid", [
+    ("optim.lr=-0.1", "optim.lr=-0.1", "(0, inf)"),
+    ("optim.base_batch=0", "optim.base_batch=0", "[1, inf)"),
+    ("data.num_threads=0", "data.num_threads=0", "[1, inf)"),
+    ("optim.lr=.nan", "optim.lr=nan", "(0, inf)"),
+    ("optim.lr=.inf", "optim.lr=inf", "(0, inf)"),
+    ("method.temperature=0", "method.temperature=0", "(0, inf)"),
+    ("optim.iters=-5", "optim.iters=-5", "[0, inf)"),
+    ("optim.warmup_epochs=-2", "optim.warmup_epochs=-2", "[0, inf)"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1", "[0, inf)"),
+    ("method.tau=2", "method.tau=2", "[0, 1]"),
+    ("data.val_batch=-4", "data.val_batch=-4", "[0, inf)"),
+])
+def test_value_out_of_range(digits_root, tmp_path, override, shown, valid):
+    run_dir = tmp_path / "r"
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *tiny_overrides(digits_root, run_dir),
+                   override, timeout=60)
+    assert_one_line_error(res, shown, valid)
+    assert not run_dir.exists()
+
+
+def test_run_dir_unusable(digits_root, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for run_dir, needle in ((tmp_path / "afile", "is a file"),
+                            (tmp_path / "afile" / "sub", "lies under")):
+        res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *tiny_overrides(digits_root, run_dir),
+                       timeout=120)
+        assert_one_line_error(res, f"train.run_dir={run_dir}", needle)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_run_dir_read_only(digits_root, tmp_path):
+    import os
+
+    run_dir = "/sys/simmatch-run"  # sysfs refuses new folders, even to root
+    if not os.path.isdir("/sys/kernel"):
+        pytest.skip("no sysfs here")
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *tiny_overrides(digits_root, run_dir),
+                   timeout=120)
+    assert_one_line_error(res, f"train.run_dir={run_dir}", "cannot be created")
+
+
+def test_failed_run_leaves_no_config(digits_root, tmp_path):
+    """A run stopped by its data checks writes no config.yaml for the next run to inherit."""
+    run_dir = tmp_path / "r"
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                   *tiny_overrides(digits_root, run_dir, **{"data.num_classes": 7}), timeout=120)
+    assert_one_line_error(res, "data.num_classes=7")
+    assert not (run_dir / "config.yaml").exists()

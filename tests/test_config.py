@@ -55,3 +55,38 @@ def test_derive():
     assert d.total_iters == 8 and d.warmup_iters == 4 and d.num_labeled == 100
     with pytest.raises(ConfigError, match="does not divide by the world size 3"):
         derive(cfg, world_size=3, num_labeled=100, num_unlabeled=1000)
+
+
+def test_every_numeric_field_has_a_range():
+    import dataclasses
+    import typing
+
+    from simmatch.config import RANGES, Config
+
+    numeric = []
+    for section in dataclasses.fields(Config):
+        if not dataclasses.is_dataclass(section.default_factory if section.default_factory
+                                        is not dataclasses.MISSING else None):
+            continue
+        hints = typing.get_type_hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            tp = hints[f.name]
+            if tp in (int, float) or typing.get_args(tp) in ((int,), (float,)):
+                numeric.append(f"{section.name}.{f.name}")
+    assert numeric and sorted(numeric) == sorted(RANGES)
+    load_config(None)  # every default lies in its range
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", r"optim.lr=0.0 is out of range: valid range \(0, inf\)"),
+    ("optim.momentum=1", r"optim.momentum=1.0 is out of range: valid range \[0, 1\)"),
+    ("method.alpha=-0.5", r"method.alpha=-0.5 is out of range: valid range \[0, 1\]"),
+    ("model.ema_momentum=.nan", r"model.ema_momentum=nan is not a finite number"),
+    ("data.std=[0.2,0,0.2]", r"data.std=\[0.2, 0.0, 0.2\] is out of range"),
+    ("data.mean=[0.5,0.5]", r"data.mean=\[0.5, 0.5\] must have 3 values"),
+    ("data.min_scale=0.9", r"data.min_scale=0.9 is above data.max_scale=0.5"),
+])
+def test_ranges(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["data.max_scale=0.5", override])
+    load_config(None, ["optim.lr=0.000001", "optim.momentum=0", "method.alpha=1", "train.max_nonfinite_steps=0"])

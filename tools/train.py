@@ -40,6 +40,9 @@ def main() -> int:
         from simmatch.train import main as train_main
 
         return train_main(["--cfg", args.cfg, *flags, *args.overrides])
+    from simmatch.config import load_config
+
+    load_config(args.cfg, args.overrides)  # a bad key or value fails here, before torch is imported
     import torch
 
     nproc = args.nproc or max(1, torch.cuda.device_count())
