@@ -6,6 +6,7 @@ splits are seeded, and a list file keeps its own order (its line number is the b
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -187,15 +188,50 @@ class Splits:
     labeled_source: str  # the list file used, or a description of the generated split
 
 
-def load_splits(data_cfg, need_val: bool = True) -> Splits:
-    """Scan the train (and val) trees and resolve the labeled and unlabeled lists of `data_cfg`."""
+def _resolve_frozen(tree: ImageTree, path: Path, name: str,
+                    allow_outside: bool) -> tuple[list[str], list[int]]:
+    """Files and labels of a run's own split list; every file must still exist."""
+    label_of = dict(zip(tree.files, tree.labels))
+    files, labels, missing = [], [], []
+    for rel in read_list(path):
+        if rel in label_of:
+            files.append(rel)
+            labels.append(label_of[rel])
+        elif allow_outside and (tree.root / rel).is_file():
+            files.append(rel)
+            labels.append(-1)
+        else:
+            missing.append(rel)
+    if missing:
+        shown = ", ".join(str(tree.root / m) for m in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DataError(f"{len(missing)} {name} files of this run's split ({path}) are missing: "
+                        f"{shown}{more}; a resumed run keeps the split it started with, so "
+                        f"restore them or start a new run directory")
+    return files, labels
+
+
+def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = None) -> Splits:
+    """Scan the train (and val) trees and resolve the labeled and unlabeled lists of `data_cfg`.
+
+    `frozen`: the `splits/` folder of a run being resumed. Its `labeled.txt` and
+    `unlabeled.txt` (when present) replace the config's lists, so a resumed run trains on
+    exactly the files it started with: a missing one is an error, a new one is ignored with
+    a warning.
+    """
     if not data_cfg.root:
         raise ConfigError("data.root is empty: set it to the data set directory")
     root = Path(data_cfg.root)
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
     train = scan_tree(root / data_cfg.train_dir, data_cfg.num_classes)
-    if data_cfg.labeled_list:
+    frozen = Path(frozen) if frozen is not None else None
+    frozen_lab = frozen / "labeled.txt" if frozen is not None else None
+    frozen_unl = frozen / "unlabeled.txt" if frozen is not None else None
+    if frozen_lab is not None and frozen_lab.is_file():
+        lab_files, lab_labels = _resolve_frozen(train, frozen_lab, "labeled", allow_outside=False)
+        source = str(frozen_lab)
+    elif data_cfg.labeled_list:
         lpath = list_path(data_cfg.labeled_list)
         lab_files, lab_labels = resolve_list(train, read_list(lpath), str(lpath))
         source = str(lpath)
@@ -207,7 +243,15 @@ def load_splits(data_cfg, need_val: bool = True) -> Splits:
         how = (f"{data_cfg.labeled_percent:g}%" if data_cfg.labeled_percent > 0
                else f"{data_cfg.labeled_per_class} per class")
         source = f"generated: {how}, split_seed={data_cfg.split_seed}"
-    if data_cfg.unlabeled_list:
+    if frozen_unl is not None and frozen_unl.is_file():
+        unl_files, unl_labels = _resolve_frozen(train, frozen_unl, "unlabeled", allow_outside=True)
+        if not data_cfg.unlabeled_list:  # the unlabeled set was every training image
+            new = len(set(train.files) - set(unl_files) - set(lab_files))
+            if new:
+                logging.getLogger("simmatch").warning(
+                    "warning: %d images under %s are not in this run's split (%s) and are "
+                    "ignored: a resumed run keeps the split it started with", new, train.root, frozen)
+    elif data_cfg.unlabeled_list:
         upath = list_path(data_cfg.unlabeled_list)
         unl_files, unl_labels = resolve_list(train, read_list(upath), str(upath), allow_outside=True)
     else:

@@ -32,6 +32,8 @@ class Streams:
     backend: str
     device: str  # where decoding/augmentation runs: gpu | cpu
     classes: list[str] = field(default_factory=list)
+    # name -> files of the labeled (bank order) and unlabeled lists: RUN_DIR/splits/<name>.txt
+    split_lists: dict[str, list[str]] = field(default_factory=dict)
     _val: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
     _labeled_eval: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
 
@@ -95,8 +97,12 @@ def _split_files(cfg: Config, splits: Splits) -> tuple[dict[str, str], dict[str,
     return files, texts
 
 
-def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device) -> Streams:
+def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
+                  frozen_splits: str | Path | None = None) -> Streams:
     """The streams of global rank `rank` of `world_size`, delivering tensors on `device`.
+
+    `frozen_splits`: the `splits/` folder of a run being resumed, whose lists are used
+    instead of the config's (see `load_splits`).
 
     Backends: dali (decoding/augmenting on GPU or, with data.device=cpu, on DALI's CPU
     operators), torch (torchvision + DataLoader), synthetic (random tensors, no I/O). Nothing
@@ -110,7 +116,7 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device)
     if data.backend == "synthetic":
         return _synthetic(cfg, rank, world_size, device, b, bu, bv)
     where = resolve_device(data.device) if data.backend == "dali" else "cpu"  # torch: CPU workers
-    splits = load_splits(data)
+    splits = load_splits(data, frozen=frozen_splits)
     bank_labels = torch.tensor(splits.labeled_labels, dtype=torch.int64)
     unl_labels = torch.tensor(splits.unlabeled_labels, dtype=torch.int64)
     drop = cfg.train.partial_batch == "drop"
@@ -146,6 +152,7 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device)
     return Streams(labeled, unlabeled, len(splits.labeled_files), len(splits.unlabeled_files),
                    len(splits.val_files), data.num_classes, bank_labels, files, texts,
                    data.backend, where, list(splits.classes),
+                   {"labeled": splits.labeled_files, "unlabeled": splits.unlabeled_files},
                    passes(splits.val_root, splits.val_files, splits.val_labels),
                    passes(splits.train_root, splits.labeled_files, splits.labeled_labels))
 
@@ -169,4 +176,4 @@ def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b:
 
     return Streams(labeled, unlabeled, n, n, n, data.num_classes, labels, {}, {}, "synthetic",
                    device.type.replace("cuda", "gpu"), [str(c) for c in range(data.num_classes)],
-                   val, val)
+                   {}, val, val)

@@ -75,10 +75,13 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.rank, self.world = dist.rank(), dist.world_size()
         self.log = setup_logging(run_dir, self.rank)
-        self.streams = build_streams(cfg, self.rank, self.world, device)
-        if self.rank == 0:
-            write_splits(self.streams.split_texts, run_dir)
+        # A run that has saved a checkpoint trains on the split it started with (RUN_DIR/splits).
+        resuming = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
+        self.streams = build_streams(cfg, self.rank, self.world, device,
+                                     frozen_splits=run_dir / "splits" if resuming else None)
         self.derived: Derived = derive(cfg, self.world, self.streams.num_labeled, self.streams.num_unlabeled)
+        if self.rank == 0:
+            write_splits(self.streams.split_lists, run_dir, overwrite=not resuming)
 
         rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
         self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())
@@ -315,11 +318,12 @@ def last_eval(path: Path) -> dict:
     return last
 
 
-def write_splits(texts: dict[str, str], run_dir: Path) -> None:
-    """Keep the split lists a run used in its run directory (never overwriting one there)."""
+def write_splits(lists: dict[str, list[str]], run_dir: Path, overwrite: bool) -> None:
+    """Keep the labeled and unlabeled lists of a run in RUN_DIR/splits/; a resumed run reads
+    them back (`overwrite` only before the run's first checkpoint, when it starts afresh)."""
     out = run_dir / "splits"
     out.mkdir(exist_ok=True)
-    for name, text in texts.items():
+    for name, files in lists.items():
         target = out / f"{name}.txt"
-        if not target.exists():
-            ckpt.atomic_write_text(target, text)
+        if overwrite or not target.exists():
+            ckpt.atomic_write_text(target, "".join(f + "\n" for f in files))
