@@ -22,6 +22,7 @@ from simmatch import distributed as dist
 from simmatch.config import Config, Derived, derive, to_dict
 from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
+from simmatch.engine.guard import NonFiniteGuard
 from simmatch.engine.representation import knn_accuracy
 from simmatch.engine.metrics import MetricsFile, MetricWindow, Progress, format_eta, setup_logging
 from simmatch.engine.tracking import build_trackers
@@ -237,6 +238,8 @@ class Trainer:
         stop = StopRequest()
         stop.install()
         window = MetricWindow()
+        guard = NonFiniteGuard(t.max_nonfinite_steps, self.device)
+        ckpt_dir = self.run_dir / "checkpoints"
         progress = Progress(d.total_iters, self.rank == 0)
         # images drawn per step (an unlabeled image counts once, however many views it has)
         per_step = d.global_batch * (self.method.needs_labeled + t.mu * self.method.needs_unlabeled)
@@ -248,7 +251,9 @@ class Trainer:
             while self.iteration < d.total_iters:
                 lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters)
                 set_lr(self.optimizer, lr)
-                window.add(self._step())
+                losses = self._step()
+                guard.update(losses["loss"])
+                window.add(losses)
                 self.iteration += 1
                 n_window += 1
                 done = self.iteration == d.total_iters
@@ -256,8 +261,10 @@ class Trainer:
                     last = self._log(window.reduce(), lr, per_step * n_window / (time.perf_counter() - t_window),
                                      (time.perf_counter() - t_start) / (self.iteration - start_it), progress)
                     t_window, n_window = time.perf_counter(), 0
+                    guard.check(self.iteration, ckpt_dir)  # the host has synced anyway
                 interrupted = stop.agreed()
                 if interrupted or self.iteration % d.ckpt_every == 0 or done:
+                    guard.check(self.iteration, ckpt_dir, self.method)  # never save NaN weights
                     self.save()
                 if d.eval_every and self.iteration % d.eval_every == 0 and not done:
                     last.update(self.evaluate())
