@@ -10,7 +10,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def train(data, run_dir, iters):
-    return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+    return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--allow-config-change",
                     *tiny_overrides(data, run_dir, **{"optim.iters": iters, "data.labeled_per_class": 4}))
 
 

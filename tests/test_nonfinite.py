@@ -38,8 +38,11 @@ def test_diverged_run_keeps_last_good_checkpoint(digits_root, tmp_path):
     res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
                    *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2}))
     assert res.returncode == 0, res.stderr[-2000:]
-    # Resumed with an absurd learning rate: the weights blow up within a step or two.
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+    # Resumed with an absurd learning rate (the saved config says so too, so that the run
+    # directory accepts it): the weights blow up within a step or two.
+    saved = run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace("lr: 0.05", "lr: 1000000"))
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--allow-config-change",
                    *tiny_overrides(digits_root, run_dir, **{"optim.iters": 12, "optim.lr": 1000000,
                                                            "train.ckpt_every": 1}))
     assert_one_line_error(res, "training diverged", "not finite", str(run_dir / "checkpoints"))
