@@ -28,5 +28,6 @@ setup(
         "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", "tensorboard"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        "onnx": ["onnx", "onnxruntime"],  # tools/export.py --format onnx
     },
 )

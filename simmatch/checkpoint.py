@@ -7,6 +7,7 @@ are ever unpickled.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,6 +23,7 @@ from simmatch.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+LAST, BEST, BEST_RECORD = "last.pt", "best.pt", "best.json"  # stable names next to the ckpt_*.pt
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,6 +119,40 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint found at {path}")
 
 
+def point_last_at(path: Path) -> None:
+    """Make `last.pt` a relative symlink to `path`, replacing the old link atomically."""
+    link = path.parent / LAST
+    tmp = path.parent / f".{LAST}.{os.getpid()}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(path.name, tmp)
+    os.replace(tmp, link)
+
+
+def best_record(ckpt_dir: str | Path) -> dict | None:
+    """What `best.pt` holds: {metric, value, iteration}, or None before the first evaluation."""
+    path = Path(ckpt_dir) / BEST_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pick(source: str | Path, which: str = "last") -> Path:
+    """The checkpoint a tool reads: a file as given; in a run directory `last` (the newest
+    valid recovery checkpoint) or `best` (the best validation top-1 so far)."""
+    source = Path(source)
+    if which not in ("last", "best"):
+        raise CheckpointError(f"--which-ckpt must be best or last, not {which!r}")
+    if source.is_file() or which == "last":
+        return resolve(source)
+    for ckpt_dir in (source / "checkpoints", source):
+        if (ckpt_dir / BEST).is_file():
+            return ckpt_dir / BEST
+    raise CheckpointError(f"no best checkpoint in {source} (best.pt is written at each evaluation "
+                          f"that improves validation top-1)")
+
+
 def to_cpu(obj: Any) -> Any:
     """A deep copy with every tensor on the CPU, safe to write while training goes on."""
     if isinstance(obj, torch.Tensor):
@@ -165,10 +201,33 @@ class CheckpointSaver:
         t0 = time.perf_counter()
         try:
             atomic_torch_save(state, path)
-            self._prune()
+            if _NAME.match(path.name):  # a recovery checkpoint: `last` follows it, old ones go
+                point_last_at(path)
+                self._prune()
         except BaseException as exc:  # surfaced by wait()
             self._error = exc
         self.last_write_s = time.perf_counter() - t0
+
+    def save_best(self, state: dict, record: dict) -> Path:
+        """Write `best.pt` (the whole training state at the best evaluation, never pruned) and
+        then `best.json` describing it; both atomically, in the writer thread like `save`."""
+        t0 = time.perf_counter()
+        self.wait()
+        host_state = to_cpu(state)
+        self.last_stall_s = time.perf_counter() - t0
+
+        def write() -> None:
+            self._write(host_state, self.dir / BEST)
+            if self._error is None:
+                atomic_write_text(self.dir / BEST_RECORD, json.dumps(record) + "\n")
+
+        if self.background:
+            self._thread = threading.Thread(target=write, daemon=False)
+            self._thread.start()
+        else:
+            write()
+            self._raise_pending()
+        return self.dir / BEST
 
     def _prune(self) -> None:
         for _, old in list_checkpoints(self.dir)[:-self.keep]:

@@ -17,11 +17,12 @@ MODES = ("classifier", "knn", "linear")
 
 
 def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), which: tuple[str, ...] = ("student", "teacher"),
-                        device: str | None = None, modes: tuple[str, ...] = ("classifier",)) -> dict:
+                        device: str | None = None, modes: tuple[str, ...] = ("classifier",),
+                        which_ckpt: str = "last") -> dict:
     """{name}_top1/_top5 (classifier), {name}_knn_top1 and {name}_linear_top1 for each network."""
     from simmatch.data import build_streams
 
-    file, state, cfg = load_run_checkpoint(path)
+    file, state, cfg = load_run_checkpoint(path, which_ckpt)
     apply_overrides(cfg, list(overrides))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     streams = build_streams(cfg, 0, 1, dev)

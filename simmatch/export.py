@@ -6,6 +6,8 @@ logits of a torchvision model loaded with strict=True against the training model
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,9 +22,9 @@ from simmatch.models.network import resnet10
 PREFIXES = {"student": "student.", "teacher": "teacher.module."}
 
 
-def load_run_checkpoint(path: str | Path) -> tuple[Path, dict, Config]:
-    """A training checkpoint (file, or the newest in a run directory) and its config."""
-    file = ckpt.resolve(path)
+def load_run_checkpoint(path: str | Path, which_ckpt: str = "last") -> tuple[Path, dict, Config]:
+    """A training checkpoint (a file, or a run directory's `last` or `best` one) and its config."""
+    file = ckpt.pick(path, which_ckpt)
     state = ckpt.load(file)
     if "method" not in state or "config" not in state:
         raise CheckpointError(f"{file} is not a training checkpoint of this project")
@@ -79,30 +81,131 @@ def verify(cfg: Config, net_state: dict, backbone: dict, size: int | None = None
     return float((ours(x)[0] - plain(x)).abs().max())
 
 
-def export(path: str | Path, which: str, out: str | Path, head_out: str | Path | None = None) -> dict:
+def class_names(state: dict, cfg: Config) -> list[str]:
+    """Class names (wnids) in index order: saved in the checkpoint, else read from the data tree."""
+    if state.get("classes"):
+        return [str(c) for c in state["classes"]]
+    train = Path(cfg.data.root) / cfg.data.train_dir
+    if cfg.data.root and train.is_dir():
+        from simmatch.data.splits import scan_tree
+
+        return scan_tree(train).classes
+    return []
+
+
+def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:
+    """What a stranger needs to rebuild and feed the model (string values: safetensors and ONNX
+    metadata). Preprocessing: shorter side to `resize`, center crop `crop`, RGB in [0, 1]
+    normalised with `mean` / `std`."""
+    from simmatch.data.base import val_resize_size
+
+    classes = class_names(state, cfg)
+    card = {"format": "torchvision.models.ResNet state_dict", "arch": cfg.model.arch,
+            "small_input_stem": json.dumps(cfg.model.small_input), "num_classes": str(cfg.data.num_classes),
+            "resize": str(val_resize_size(cfg.data)), "crop": str(cfg.data.crop_size),
+            "mean": json.dumps(list(cfg.data.mean)), "std": json.dumps(list(cfg.data.std)),
+            "which": which, "iteration": str(int(state["iteration"])), "method": cfg.method.name}
+    if classes:
+        card["classes"] = json.dumps(classes)
+    return card
+
+
+def _atomic_output(path: Path, write, check=None) -> None:
+    """Write to a temporary name next to `path`, check it, then rename; nothing is left on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export(path: str | Path, which: str, out: str | Path, head_out: str | Path | None = None,
+           which_ckpt: str = "last") -> dict:
     """Write `out` with .pth and .safetensors suffixes; returns what was written and the check."""
     from safetensors.torch import save_file
 
     if which not in PREFIXES:
         raise UserError(f"--which must be student or teacher, not {which!r}")
-    file, state, cfg = load_run_checkpoint(path)
+    file, state, cfg = load_run_checkpoint(path, which_ckpt)
     net_state = network_state(state, which)
     backbone, head = split_backbone(net_state)
     diff = verify(cfg, net_state, backbone)
     out = Path(out)
-    stem = out.with_suffix("") if out.suffix in (".pth", ".pt", ".safetensors") else out
+    stem = out.with_suffix("") if out.suffix in (".pth", ".pt", ".safetensors", ".onnx") else out
     pth, st = stem.with_suffix(".pth"), stem.with_suffix(".safetensors")
-    pth.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.contiguous() for k, v in backbone.items()}
+    card = model_card(cfg, state, which)
     ckpt.atomic_torch_save(contiguous, pth)
-    save_file(contiguous, str(st), metadata={"arch": cfg.model.arch, "which": which,
-                                             "iteration": str(state["iteration"])})
+    _atomic_output(st, lambda tmp: save_file(contiguous, str(tmp), metadata=card))
     written = [pth, st]
     if head_out and head:
         ckpt.atomic_torch_save({k: v.contiguous() for k, v in head.items()}, Path(head_out))
         written.append(Path(head_out))
     return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
-            "small_input": cfg.model.small_input, "max_abs_diff": diff, "written": written}
+            "small_input": cfg.model.small_input, "max_abs_diff": diff, "written": written,
+            "metadata": card}
+
+
+ONNX_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and PyTorch (float32, CPU)
+
+
+def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str = "last",
+                tolerance: float = ONNX_TOLERANCE) -> dict:
+    """Write `out` (.onnx, batch dimension dynamic, input `image` [N,3,crop,crop] normalised,
+    output `logits`), with the model card as ONNX metadata; onnxruntime must reproduce the
+    PyTorch logits within `tolerance` on a batch of another size before the file gets its name."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise UserError("--format onnx needs the onnx and onnxruntime packages "
+                        "(pip install onnx onnxruntime, or the `onnx` extra)") from None
+    if which not in PREFIXES:
+        raise UserError(f"--which must be student or teacher, not {which!r}")
+    file, state, cfg = load_run_checkpoint(path, which_ckpt)
+    backbone, _ = split_backbone(network_state(state, which))
+    model = torchvision_model(cfg)
+    model.load_state_dict(backbone, strict=True)
+    model.eval()
+    size = cfg.data.crop_size
+    card = model_card(cfg, state, which)
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    result: dict = {}
+
+    def write(tmp: Path) -> None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(tmp), input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=False)
+        proto = onnx.load(str(tmp))
+        for key, value in card.items():
+            proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, str(tmp))
+
+    def check(tmp: Path) -> None:
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
+        with torch.no_grad():
+            want = model(x)
+        result["max_abs_diff"] = float((got - want).abs().max())
+        if not result["max_abs_diff"] <= tolerance:
+            raise CheckpointError(f"ONNX export of {file}: onnxruntime's logits differ from PyTorch's by "
+                                  f"{result['max_abs_diff']:.3g} (tolerance {tolerance:g}); nothing written")
+
+    out = Path(out)
+    out = out if out.suffix == ".onnx" else out.with_suffix(".onnx")
+    _atomic_output(out, write, check)
+    return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
+            "small_input": cfg.model.small_input, "max_abs_diff": result["max_abs_diff"],
+            "tolerance": tolerance, "written": [out], "metadata": card}
 
 
 def check_init_source(cfg: Config) -> None:

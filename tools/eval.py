@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Score a checkpoint's student and teacher on its validation split.
 
-`python tools/eval.py RUN_DIR|CKPT [--which student|teacher|both] [--knn] [--linear] [key=value ...]`
+`python tools/eval.py RUN_DIR|CKPT [--which student|teacher|both] [--which-ckpt last|best] [--knn] [--linear] [key=value ...]`
 Default: the classifier's top-1 / top-5. --knn: weighted k-NN top-1 of the trunk's features
 with the labeled set as memory (train.knn_k, train.knn_temperature). --linear: top-1 of a
 linear probe (L-BFGS logistic regression) fitted on the frozen features of the labeled set.
@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("--which", default="both", choices=["student", "teacher", "both"])
     ap.add_argument("--knn", action="store_true", help="k-NN top-1 of the trunk's features")
     ap.add_argument("--linear", action="store_true", help="linear-probe top-1 on frozen features")
+    ap.add_argument("--which-ckpt", default="last", choices=["last", "best"],
+                    help="in a run directory: the newest checkpoint (last) or checkpoints/best.pt (best)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=DIR")
     args = ap.parse_args()
@@ -33,7 +35,7 @@ def main() -> int:
 
     which = ("student", "teacher") if args.which == "both" else (args.which,)
     modes = tuple(m for m, on in (("knn", args.knn), ("linear", args.linear)) if on) or ("classifier",)
-    res = evaluate_checkpoint(args.source, args.overrides, which, args.device, modes)
+    res = evaluate_checkpoint(args.source, args.overrides, which, args.device, modes, args.which_ckpt)
     print(f"{res['checkpoint']} (iteration {res['iteration']}), {res['count']} validation images")
     for name in which:
         parts = [f"{label} {res[key]:6.2f}%" for label, key in

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Export trained weights as a torchvision ResNet state_dict (.pth and .safetensors).
+"""Export trained weights as a torchvision ResNet state_dict (.pth and .safetensors), or ONNX.
 
-`python tools/export.py RUN_DIR|CKPT --which student|teacher --out FILE [--head-out FILE]`
-The result loads into `torchvision.models.resnet50()` with strict=True, fc included.
+`python tools/export.py RUN_DIR|CKPT --which student|teacher --out FILE [--head-out FILE]
+ [--which-ckpt last|best] [--format torch|onnx]`
+The result loads into `torchvision.models.resnet50()` with strict=True, fc included; the
+.safetensors (and .onnx) metadata holds the architecture, stem, classes and preprocessing.
+ONNX: onnxruntime must give the PyTorch logits within 1e-4, or nothing is written.
 """
 from __future__ import annotations
 
@@ -23,10 +26,21 @@ def main() -> int:
                     help="which network to export (default: teacher, the EMA model)")
     ap.add_argument("--out", required=True, help="output path; .pth and .safetensors are written")
     ap.add_argument("--head-out", default=None, help="also write the projection head here")
+    ap.add_argument("--which-ckpt", default="last", choices=["last", "best"],
+                    help="in a run directory: the newest checkpoint (last) or the one of the best "
+                         "validation top-1 (best, checkpoints/best.pt)")
+    ap.add_argument("--format", default="torch", choices=["torch", "onnx"],
+                    help="torch: .pth + .safetensors (default); onnx: a verified .onnx file")
     args = ap.parse_args()
-    from simmatch.export import export
+    from simmatch.export import export, export_onnx
 
-    res = export(args.source, args.which, args.out, args.head_out)
+    if args.format == "onnx":
+        res = export_onnx(args.source, args.which, args.out, args.which_ckpt)
+        print(f"exported {args.which} of {res['checkpoint']} (iteration {res['iteration']}) to {res['written'][0]}")
+        print(f"check: onnxruntime logits match PyTorch's (max abs diff {res['max_abs_diff']:.3g} "
+              f"<= {res['tolerance']:g})")
+        return 0
+    res = export(args.source, args.which, args.out, args.head_out, args.which_ckpt)
     ok = res["max_abs_diff"] == 0.0
     print(f"exported {args.which} of {res['checkpoint']} (iteration {res['iteration']}, {res['arch']}"
           f"{', small-input stem' if res['small_input'] else ''})")

@@ -109,6 +109,7 @@ class Trainer:
         trackers = build_trackers(cfg, run_dir) if self.rank == 0 else []
         self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0, trackers=trackers)
         self.iteration = 0
+        self.best = ckpt.best_record(run_dir / "checkpoints")  # what best.pt holds, if any
 
     # ------------------------------------------------------------------ state
     def autocast(self):
@@ -138,6 +139,7 @@ class Trainer:
             "ranks": ranks,
             "config": to_dict(self.cfg),
             "splits": dict(self.streams.split_texts),
+            "classes": list(self.streams.classes),  # class names (wnids), index order: for exports
         }
 
     def load_state_dict(self, state: dict, source: Path) -> None:
@@ -223,7 +225,21 @@ class Trainer:
                 out[f"{name}_knn_top1"] = res["knn_top1"]
         self.metrics_file.write({"kind": "eval", "iteration": self.iteration, **out})
         self.log.info("eval it %d: %s", self.iteration, " ".join(f"{k} {v:.2f}" for k, v in out.items()))
+        self._keep_best(out)
         return out
+
+    def _keep_best(self, scores: dict[str, float]) -> None:
+        """Write checkpoints/best.pt when the teacher's validation top-1 (k-NN top-1 for methods
+        without a classifier) beats every earlier evaluation; a collective like `save`."""
+        metric = "teacher_top1" if "teacher_top1" in scores else "teacher_knn_top1"
+        value = scores.get(metric)
+        if value is None or (self.best and self.best.get("metric") == metric and value <= self.best["value"]):
+            return
+        self.best = {"metric": metric, "value": value, "iteration": self.iteration}
+        state = self.state_dict()
+        if self.rank == 0:
+            self.saver.save_best(state, self.best)
+            self.log.info("best %s %.2f at iteration %d: checkpoints/best.pt", metric, value, self.iteration)
 
     def fit(self) -> TrainResult:
         d, t = self.derived, self.cfg.train

@@ -1,0 +1,86 @@
+"""Exports a stranger can load: the model card in the .safetensors metadata, a verified ONNX
+file (nothing left behind on failure), and the best checkpoint kept apart from the recovery
+checkpoints with stable `best` / `last` names that export and eval take."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from conftest import run_tool, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_best_last_model_card_and_onnx(digits_root, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                   *tiny_overrides(digits_root, run_dir, **{"optim.iters": 4, "train.eval_every": 1,
+                                                            "train.ckpt_every": 1, "train.keep_ckpts": 1,
+                                                            "data.val_batch": 512, "optim.lr": 0.2}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpts = run_dir / "checkpoints"
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert [r["iteration"] for r in evals] == [1, 2, 3, 4]
+    top = max(r["teacher_top1"] for r in evals)
+    best_it = next(r["iteration"] for r in evals if r["teacher_top1"] == top)  # the first to reach it
+    assert json.loads((ckpts / "best.json").read_text()) == {"metric": "teacher_top1", "value": top,
+                                                             "iteration": best_it}
+    # keep_ckpts=1 pruned every recovery checkpoint but the newest; best.pt is never pruned
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == \
+        ["best.json", "best.pt", "ckpt_000000004.pt", "last.pt"]
+    assert os.readlink(ckpts / "last.pt") == "ckpt_000000004.pt"
+    assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] == best_it
+
+    res = run_tool("tools/eval.py", str(run_dir), "--which-ckpt", "best", "--which", "teacher")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["teacher_top1"] == pytest.approx(top)
+
+    # .safetensors with the model card, from the best checkpoint
+    out = tmp_path / "export" / "resnet.pth"
+    res = run_tool("tools/export.py", str(run_dir), "--which-ckpt", "best", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    with safe_open(str(out.with_suffix(".safetensors")), "pt") as f:
+        card = f.metadata()
+    classes = sorted(p.name for p in (digits_root / "train").iterdir() if p.is_dir())
+    assert card["arch"] == "resnet10" and json.loads(card["small_input_stem"]) is True
+    assert int(card["num_classes"]) == 10 and json.loads(card["classes"]) == classes
+    assert (int(card["resize"]), int(card["crop"])) == (16, 16) and int(card["iteration"]) == best_it
+    assert json.loads(card["mean"]) == [0.485, 0.456, 0.406] and json.loads(card["std"]) == [0.229, 0.224, 0.225]
+    # the README's lines (resnet10 = BasicBlock x [1,1,1,1]; the small-input stem as the card says)
+    model = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
+    model.conv1, model.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
+    model.eval()
+
+    # ONNX of the same checkpoint: onnxruntime against the torchvision model, another batch size
+    onnx_out = tmp_path / "export" / "resnet.onnx"
+    res = run_tool("tools/export.py", str(run_dir), "--which-ckpt", "best", "--format", "onnx", "--out", str(onnx_out))
+    assert res.returncode == 0, res.stderr
+    assert "onnxruntime logits match" in res.stdout
+    x = torch.randn(5, 3, 16, 16)
+    session = onnxruntime.InferenceSession(str(onnx_out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(onnx_out)).metadata_props}
+    assert json.loads(props["classes"]) == classes and props["arch"] == "resnet10"
+
+    # A failed check leaves no file behind (not even the temporary one)
+    from simmatch.errors import CheckpointError
+    from simmatch.export import export_onnx
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(CheckpointError, match="nothing written"):
+        export_onnx(run_dir, "teacher", bad / "m.onnx", tolerance=-1.0)
+    assert list(bad.iterdir()) == []
