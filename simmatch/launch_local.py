@@ -25,13 +25,18 @@ def free_port() -> int:
 def launch(cfg_path: str, overrides: list[str], nproc: int, flags: list[str] = ()) -> int:
     cfg = load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
     derive_scale(cfg, nproc)  # batch per rank and BN groups at this world size, checked once
+    return spawn([sys.executable, "-m", "simmatch.train", "--cfg", cfg_path, *flags, *overrides], nproc)
+
+
+def spawn(command: list[str], nproc: int) -> int:
+    """Run `command` as ranks 0..nproc-1 of one group on this machine; the first failing rank's
+    exit code (the others are stopped), else 0."""
     port = free_port()
     children: list[subprocess.Popen] = []
     for r in range(nproc):
         env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        children.append(subprocess.Popen([sys.executable, "-m", "simmatch.train", "--cfg", cfg_path,
-                                          *flags, *overrides], env=env))
+        children.append(subprocess.Popen(command, env=env))
 
     def forward(signum, _frame):
         for c in children:
