@@ -19,8 +19,12 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+from simmatch.errors import cli_errors  # noqa: E402
+
+
+@cli_errors
 def main() -> int:
-    from simmatch.selftest.runner import main as run_rank, parse_args
+    from simmatch.selftest.cli import parse_args
 
     args = parse_args(sys.argv[1:])
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
@@ -29,6 +33,8 @@ def main() -> int:
         rest = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
                 and (i == 0 or sys.argv[i] != "--nproc")]
         return spawn([sys.executable, "-m", "simmatch.selftest", *rest], args.nproc)
+    from simmatch.selftest.runner import main as run_rank
+
     return run_rank(sys.argv[1:])
 
 

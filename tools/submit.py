@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="requeues after a time-out (preemptions requeue without limit)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script and the derived recipe (last line: JSON) and exit")
+    p.add_argument("--selftest", action="store_true",
+                   help="instead of training: one short job running tools/selftest.py on every task "
+                        "of the requested nodes (20 min limit unless --timeout); prints its report")
+    p.add_argument("--selftest-args", default="", metavar="'ARGS'",
+                   help="with --selftest: options of tools/selftest.py, e.g. '--data /datasets/imagenet'")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run on this machine, in the foreground")
     where.add_argument("--slurm", action="store_true", help="submit to SLURM; fail when there is none")
@@ -130,9 +136,27 @@ def run_local(job: TrainJob, spec: JobSpec, note: str) -> int:
     return launch(job.cfg_path, job.train_overrides(), tasks)
 
 
+def _selftest(args: argparse.Namespace) -> int:
+    """--selftest: the job's resources as for training, no config, a short time limit."""
+    from slurm.selftest_job import run_selftest, selftest_folder
+
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else (10 if args.gpus_per_node > 0 else None)
+    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                   cpus_per_task=cpus, mem=args.mem, partition=args.partition, account=args.account,
+                   qos=args.qos, constraint=args.constraint,
+                   timeout_min=20 if args.timeout == 1440 else args.timeout,
+                   job_name=args.job_name or "simmatch-selftest", signal_delay_s=0, max_requeues=0)
+    spec.validate()
+    root = args.output_root or os.environ.get("SIMMATCH_OUTPUT_ROOT") or "runs"
+    return run_selftest(spec, selftest_folder(root), shlex.split(args.selftest_args),
+                        dry_run=args.dry_run, local=args.local, require_slurm=args.slurm)
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.selftest:
+        return _selftest(args)
     if bool(args.cfg) == bool(args.resume):
         raise LaunchError("give either --cfg CONFIG or --resume RUN_DIR")
     for text in args.overrides:

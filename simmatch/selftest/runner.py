@@ -7,7 +7,6 @@ order on every rank; the others are per rank.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -23,21 +22,9 @@ import torch.distributed as tdist
 
 from simmatch import distributed as dist
 from simmatch.selftest import driver, memory, pipelines, step
+from simmatch.selftest.cli import parse_args
 from simmatch.selftest.report import FAIL, SKIP, Check, exit_code, merge, summary
 from simmatch.selftest.samples import image_files, link_subset, write_samples
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="selftest", description="Check the GPU (or CPU) path of this "
-                                "machine in minutes: one PASS/FAIL/SKIP line per check.")
-    p.add_argument("--data", help="ImageNet-style tree (train/<class>/, val/<class>/) whose first "
-                                  "images are checked; default: sample JPEGs written to a temporary folder")
-    p.add_argument("--threads", type=int, default=0, help="DALI threads per pipeline (default 4 on a "
-                                                          "GPU, 1 on a CPU)")
-    p.add_argument("--skip", default="", help="comma-separated checks not to run, e.g. throughput")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (ranks joined by "
-                                                        "NCCL on GPUs, gloo on CPUs)")
-    return p.parse_args(argv)
 
 
 def _join_group(cuda: bool) -> None:
@@ -53,8 +40,6 @@ def _join_group(cuda: bool) -> None:
                              world_size=1, timeout=timedelta(seconds=300))
 
 
-CHECKS = ("driver", "nvjpeg decode", "cpu decode", "val stream", "train streams", "collectives",
-          "bank all-gather", "train step", "throughput", "pinned memory")
 _skipped: set[str] = set()
 
 
@@ -138,12 +123,7 @@ def run(argv: list[str] | None = None) -> tuple[int, list[str]]:
     """Every rank runs the checks; returns (exit code, report lines) on every rank."""
     args = parse_args(argv)
     _skipped.clear()
-    _skipped.update(n.strip().replace(" ", "-") for n in args.skip.split(",") if n.strip())
-    unknown = sorted(_skipped - {c.replace(" ", "-") for c in CHECKS})
-    if unknown:
-        from simmatch.errors import ConfigError
-
-        raise ConfigError(f"--skip {', '.join(unknown)}: no such check (checks: {', '.join(c.replace(' ', '-') for c in CHECKS)})")
+    _skipped.update(args.skipped)
     cuda = torch.cuda.is_available()
     _join_group(cuda)
     rank, world = tdist.get_rank(), tdist.get_world_size()
