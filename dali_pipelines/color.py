@@ -80,12 +80,13 @@ def adjust_hue(images, factor):
     vmax = dmath.max(dmath.max(r, g), b)
     vmin = dmath.min(dmath.min(r, g), b)
     chroma = vmax - vmin
-    inv = 1.0 / (chroma + (chroma == 0.0))  # the hue of a grey pixel does not matter
-    is_r = vmax == r
-    is_g = (vmax == g) & (vmax != r)
-    h_b = (r - g) * inv + 4.0
-    # h in [-1, 5); + 12 keeps it positive for the floor-based modulo below.
-    h = h_b + is_r * ((g - b) * inv - h_b) + is_g * ((b - r) * inv + 2.0 - h_b) + (factor * 6.0 + 12.0)
+    inv = 1.0 / dmath.max(chroma, 1.0)  # levels are integers: C is 0 or >= 1; grey: any hue
+    # The sextant formula of the max channel (r before g before b, as torchvision; where two
+    # channels tie for the max their formulas agree modulo 6). h in [-1, 5); + 12 keeps it
+    # positive for the floor-based modulo below.
+    h_gb = (r - g) * inv + 4.0
+    h_gb = h_gb + (vmax == g) * ((b - r) * inv + 2.0 - h_gb)
+    h = h_gb + (vmax == r) * ((g - b) * inv - h_gb) + (factor * 6.0 + 12.0)
     h = h - dmath.floor(h * (1.0 / 6.0)) * 6.0
     f_r = dmath.clamp(dmath.abs(h - 3.0) - 1.0, 0.0, 1.0)
     f_g = dmath.clamp(2.0 - dmath.abs(h - 2.0), 0.0, 1.0)

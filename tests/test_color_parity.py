@@ -125,6 +125,19 @@ def test_op_matches_torchvision(photos, op, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_hue_on_every_colour(device):
+    """A 64 x 64 image of all 4,096 colours of a 16-level RGB cube (greys, ties for the max
+    channel, every sextant): each pixel within 1/255 of torchvision's HSV rotation."""
+    levels = np.arange(0, 256, 17, dtype=np.uint8)
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(64, 64, 3)
+    factors = (-0.5, -0.27, -0.01, 0.1, 0.45)
+    (out,), = run_dali(color.adjust_hue, [cube] * len(factors), device, factors=factors)
+    for f, o in zip(factors, out):
+        diff = np.abs(o - to_levels(F.adjust_hue(to_tensor(cube), f)))
+        assert diff.max() <= 1.0, (f, diff.max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_grayscale_matches_torchvision(photos, device):
     (out,), = run_dali(color.grayscale, photos, device)
     for img, o in zip(photos, out):
