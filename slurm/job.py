@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm import submissions
+from slurm import submissions, submitit_compat
 from slurm.jobstate import UNKNOWN, query_job
 
 
@@ -80,7 +80,7 @@ def _main_process_only(handler: Any) -> Any:
 
 
 def _is_submitit_handler(handler: Any) -> bool:
-    return getattr(handler, "__name__", "") == "checkpoint_and_try_requeue"
+    return submitit_compat.is_requeue_handler(handler)
 
 
 def _newest_checkpoint_iteration(run_dir: str) -> int | None:
@@ -224,10 +224,8 @@ class TrainJob:
         """
         from submitit.helpers import DelayedSubmission
 
-        owner = getattr(self._submitit_handler, "__self__", None)
-        timed_out = bool(owner.has_timed_out()) if owner is not None else False
-        left = getattr(getattr(owner, "_delayed", None), "_timeout_countdown", None)
-        left = None if left is None else left - int(timed_out)
+        timed_out = submitit_compat.has_timed_out(self._submitit_handler)
+        left = submitit_compat.timeouts_left(self._submitit_handler, timed_out)
         job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
         iteration = self._iteration if self._iteration is not None else \
             _newest_checkpoint_iteration(self.run_dir)

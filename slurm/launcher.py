@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from simmatch.errors import UserError
-from slurm import submissions
+from slurm import submissions, submitit_compat
 from slurm.job import TrainJob
 from slurm.jobstate import ScontrolSlurmJob
 
@@ -130,7 +130,7 @@ def submitit_folder(run_dir: str | Path) -> Path:
 def sbatch_script(spec: JobSpec, run_dir: str | Path) -> str:
     """The exact sbatch script a submission would write (log paths still hold %j)."""
     ex = make_executor(spec, submitit_folder(run_dir), dry_run=True)
-    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+    return submitit_compat.submission_script(ex)
 
 
 def submit(job: TrainJob, spec: JobSpec) -> ScontrolSlurmJob:

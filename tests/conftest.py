@@ -47,6 +47,16 @@ def gloo():
     return run_gloo
 
 
+SLURM_TEST_TIMEOUT_S = 1800  # the first one also installs and starts the local cluster
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the local SLURM cluster get a longer timeout than pyproject.toml's default."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLURM_TEST_TIMEOUT_S))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower end-to-end tests (CI runs them too)")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason where none is)")
