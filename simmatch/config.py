@@ -70,6 +70,7 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     synthetic_size: int = 1024  # images per split for the synthetic backend
     val_batch: int = 0  # per-rank validation batch; 0: the per-rank unlabeled batch (B * mu)
+    check_images: bool = True  # decode every val and labeled image before the first step
 
 
 @dataclass

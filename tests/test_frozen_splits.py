@@ -6,12 +6,12 @@ import pytest
 from conftest import run_tool, tiny_overrides
 from test_bad_input import assert_one_line_error
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(1200)
 
 
 def train(data, run_dir, iters):
     return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--allow-config-change",
-                    *tiny_overrides(data, run_dir, **{"optim.iters": iters, "data.labeled_per_class": 4}))
+                    *tiny_overrides(data, run_dir, **{"optim.iters": iters, "data.labeled_per_class": 4}), timeout=600)
 
 
 @pytest.mark.slow

@@ -59,5 +59,35 @@ def check_tree(root: str | Path, workers: int = 2) -> CheckReport:
                                                 chunksize=64)):
             if reason is not None:
                 report.problems.append((rel, f"cannot decode: {reason}"))
+    report.problems += class_mismatch(report)
     report.problems.sort()
     return report
+
+
+def find_undecodable(paths: list[Path], threads: int = 4) -> list[tuple[str, str]]:
+    """(path, reason) of every file in `paths` that does not decode (JPEGs at 1/8 scale, in
+    `threads` threads: decoding releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        reasons = list(pool.map(lambda p: image_problem(p, fast=True), paths, chunksize=16))
+    return [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def raise_if_undecodable(problems: list[tuple[str, str]], what: str) -> None:
+    """One line naming the first bad files, their count and the tool that lists them all."""
+    if not problems:
+        return
+    problems = sorted(problems)
+    shown = "; ".join(f"{p} ({r})" for p, r in problems[:3])
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    raise DataError(f"{len(problems)} {what} cannot be decoded: {shown}{more} "
+                    f"(tools/check_data.py DATA_ROOT lists every bad file)")
+
+
+def class_mismatch(report: CheckReport) -> list[tuple[str, str]]:
+    """Class folders of val/ without a train/ folder and the reverse: training refuses both."""
+    groups = report.groups()
+    train, val = set(groups.get("train", {})), set(groups.get("val", {}))
+    if not train or not val:
+        return []
+    return ([(f"val/{c}", "class folder not in train/") for c in sorted(val - train)]
+            + [(f"train/{c}", "class folder not in val/") for c in sorted(train - val)])

@@ -34,6 +34,8 @@ class Streams:
     classes: list[str] = field(default_factory=list)
     # name -> files of the labeled (bank order) and unlabeled lists: RUN_DIR/splits/<name>.txt
     split_lists: dict[str, list[str]] = field(default_factory=dict)
+    # the files decoded before the first step (data.check_images): every val and labeled image
+    check_files: list[Path] = field(default_factory=list)
     _val: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
     _labeled_eval: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
 
@@ -153,6 +155,8 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
                    len(splits.val_files), data.num_classes, bank_labels, files, texts,
                    data.backend, where, list(splits.classes),
                    {"labeled": splits.labeled_files, "unlabeled": splits.unlabeled_files},
+                   [splits.val_root / f for f in splits.val_files]
+                   + [splits.train_root / f for f in splits.labeled_files],
                    passes(splits.val_root, splits.val_files, splits.val_labels),
                    passes(splits.train_root, splits.labeled_files, splits.labeled_labels))
 
@@ -176,4 +180,4 @@ def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b:
 
     return Streams(labeled, unlabeled, n, n, n, data.num_classes, labels, {}, {}, "synthetic",
                    device.type.replace("cuda", "gpu"), [str(c) for c in range(data.num_classes)],
-                   {}, val, val)
+                   {}, [], val, val)

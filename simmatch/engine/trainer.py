@@ -81,6 +81,8 @@ class Trainer:
         self.streams = build_streams(cfg, self.rank, self.world, device,
                                      frozen_splits=run_dir / "splits" if resuming else None)
         self.derived: Derived = derive(cfg, self.world, self.streams.num_labeled, self.streams.num_unlabeled)
+        if cfg.data.check_images:
+            self._check_images()
         if self.rank == 0:
             write_splits(self.streams.split_lists, run_dir, overwrite=not resuming)
 
@@ -110,6 +112,20 @@ class Trainer:
         self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0, trackers=trackers)
         self.iteration = 0
         self.best = ckpt.best_record(run_dir / "checkpoints")  # what best.pt holds, if any
+
+    def _check_images(self) -> None:
+        """Decode every val and labeled image before the first step, each rank a share, so that
+        a corrupt file stops the run now and not at the final evaluation (a collective)."""
+        from simmatch.data.checks import find_undecodable, raise_if_undecodable
+
+        files = self.streams.check_files
+        started = time.perf_counter()
+        mine = find_undecodable(files[self.rank::self.world], self.cfg.data.num_threads)
+        problems = [p for share in dist.all_gather_objects(mine) for p in share]
+        raise_if_undecodable(problems, "val or labeled images")
+        if self.rank == 0 and files:
+            self.log.info("decoded %d val and labeled images in %.1f s (data.check_images)",
+                          len(files), time.perf_counter() - started)
 
     # ------------------------------------------------------------------ state
     def autocast(self):

@@ -1,0 +1,55 @@
+"""Data checks that run before any training: class folders of val against train, and a decode
+of every val and labeled image before the first step (not at the final evaluation)."""
+import shutil
+
+import pytest
+
+from conftest import run_tool, tiny_overrides
+from conftest_data import load_tool
+from test_bad_input import assert_one_line_error
+
+pytest_plugins = ["conftest_data"]
+pytestmark = pytest.mark.timeout(1200)
+check_data = load_tool("check_data")
+
+
+def test_check_data_flags_val_class_missing_from_train(corrupt_root, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(corrupt_root, root)
+    (root / "train" / "1" / "bad.jpg").unlink()
+    assert check_data.main([str(root), "--quiet"]) == 0
+    shutil.copytree(root / "val" / "1", root / "val" / "2")
+    assert check_data.main([str(root), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{root / 'val' / '2'}: class folder not in train/" in out
+
+
+def test_fast_decode_check_catches_what_the_full_one_does(corrupt_root, tmp_path):
+    from simmatch.data.checks import find_undecodable
+    from simmatch.data.images import image_problem
+
+    good = sorted((corrupt_root / "train" / "0").iterdir())
+    text = tmp_path / "text.jpg"
+    text.write_text("not an image")
+    files = good + [corrupt_root / "train" / "1" / "bad.jpg", text, tmp_path / "missing.jpg"]
+    expected = [(str(p), image_problem(p)) for p in files if image_problem(p) is not None]
+    assert len(expected) == 3
+    assert find_undecodable(files, threads=3) == expected
+
+
+@pytest.mark.slow
+def test_corrupt_val_and_labeled_images_stop_the_run_before_training(digits_root, tmp_path):
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(digits_root, data)
+    val_bad = sorted((data / "val" / "3").iterdir())[2]
+    val_bad.write_bytes(val_bad.read_bytes()[:100])
+    lab_bad = data / "train" / "1" / "labeled_bad.jpg"
+    lab_bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    lst = tmp_path / "labeled.txt"
+    lst.write_text("".join(f"{c}/{sorted((data / 'train' / str(c)).iterdir())[0].name}\n" for c in range(10))
+                   + "1/labeled_bad.jpg\n")
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                   *tiny_overrides(data, run_dir, **{"data.labeled_list": str(lst)}), timeout=600)
+    assert_one_line_error(res, "2 val or labeled images cannot be decoded", str(val_bad), str(lab_bad))
+    assert "it 1/" not in res.stdout  # stopped before the first step
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
