@@ -51,10 +51,20 @@ start_munge() {
     id munge >/dev/null 2>&1 && owner=munge
     chown -R "$owner:$owner" /etc/munge /run/munge /var/lib/munge /var/log/munge
     chmod 0700 /etc/munge; chmod 0400 /etc/munge/munge.key; chmod 0755 /run/munge
-    if [ "$owner" = munge ]; then runuser -u munge -- /usr/sbin/munged
-    else /usr/sbin/munged --force; fi
+    # The daemon must not inherit the caller's open files: munged keeps them, and a caller
+    # holding `flock /tmp/slurm-cluster.lock` would leave the lock held for as long as it runs.
+    if [ "$owner" = munge ]; then (close_inherited_fds; runuser -u munge -- /usr/sbin/munged)
+    else (close_inherited_fds; /usr/sbin/munged --force); fi
     for _ in $(seq 50); do munge -n </dev/null >/dev/null 2>&1 && return 0; sleep 0.1; done
     die "munged did not start"
+}
+
+close_inherited_fds() {
+    local fd
+    for fd in $(ls /proc/$BASHPID/fd); do
+        [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
+    done
+    return 0
 }
 
 write_conf() {
