@@ -473,7 +473,7 @@ RANGES: dict[str, Range] = {
     "data.randaug_n": _NONNEG,
     "data.randaug_m": Range(0, 30),
     "data.num_strong": _COUNT,
-    "data.num_threads": _COUNT,
+    "data.num_threads": _NONNEG,  # 0: torch DataLoader without worker processes; DALI needs 1+
     "data.prefetch": _COUNT,
     "data.hw_decoder_load": _UNIT,
     "data.decoder_width_hint": _NONNEG,
@@ -541,6 +541,9 @@ def validate(cfg: Config) -> None:
     for key, rng in RANGES.items():
         section, name = key.split(".")
         _check_range(key, getattr(getattr(cfg, section), name), rng)
+    if cfg.data.backend == "dali" and cfg.data.num_threads < 1:
+        raise ConfigError(f"data.num_threads={cfg.data.num_threads} is out of range for data.backend=dali: "
+                          f"valid range {_COUNT} (0, no worker processes, is for data.backend=torch)")
     if cfg.train.scale == "per_gpu" and cfg.train.batch_per_gpu <= 0:
         raise ConfigError("train.scale=per_gpu needs train.batch_per_gpu > 0")
     if cfg.data.min_scale > cfg.data.max_scale:
