@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "numpy",
         "pillow",
+        "tqdm",
     ],
     extras_require={
         # DALI for CUDA 13 drivers (r580+); clusters on CUDA 12 drivers install the `dali-cuda120` extra.

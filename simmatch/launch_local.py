@@ -22,6 +22,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (the affinity mask, as under SLURM or taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def child_env(base: dict, rank: int, nproc: int, port: int) -> dict:
+    """A child's environment: its rank, the rendezvous, and OMP_NUM_THREADS = cores // nproc
+    unless the user set it. Without it every child starts one thread per core and N children
+    oversubscribe the machine (torchrun sets it for the same reason)."""
+    env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+               LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // nproc)))
+    return env
+
+
 def launch(cfg_path: str, overrides: list[str], nproc: int, flags: list[str] = ()) -> int:
     cfg = load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
     derive_scale(cfg, nproc)  # batch per rank and BN groups at this world size, checked once
@@ -34,8 +52,7 @@ def spawn(command: list[str], nproc: int) -> int:
     port = free_port()
     children: list[subprocess.Popen] = []
     for r in range(nproc):
-        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = child_env(os.environ, r, nproc, port)
         children.append(subprocess.Popen(command, env=env))
 
     def forward(signum, _frame):

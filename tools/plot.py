@@ -1,11 +1,17 @@
 #!/usr/bin/env python
-"""Plot loss, accuracy and mask-rate curves of one or several runs into a PNG.
+"""Plot the curves of one or several runs into a PNG: learning rate, every loss component,
+the training diagnostics (mask rate, pseudo-label accuracy ...) and every evaluation metric
+over iterations.
 
 `python tools/plot.py RUN_DIR [RUN_DIR ...] --out curves.png`
+Runs of different methods log different keys: each metric gets one panel, shared by every
+run that has it, so that runs sit side by side in comparable panels (a run without that
+metric is named in the panel as absent). The panels drawn are listed on stdout.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,10 +19,64 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from simmatch.engine.metrics import read_metrics  # noqa: E402
-from simmatch.errors import cli_errors  # noqa: E402
+from simmatch.errors import UserError, cli_errors  # noqa: E402
 
-PANELS = [("loss", "training loss"), ("mask", "mask rate"), ("pl_acc", "pseudo-label accuracy"),
-          ("teacher_top1", "val top-1 (teacher)")]
+NOT_PLOTTED = {"kind", "iteration", "time", "img_s"}
+
+
+def panel_keys(frames: dict) -> list[tuple[str, str]]:
+    """(kind, key) of each panel: lr, the losses, other training metrics, then evaluation."""
+    train, evals = set(), set()
+    for df in frames.values():
+        for kind, keys in (("train", train), ("eval", evals)):
+            rows = df[df["kind"] == kind] if "kind" in df.columns else df.iloc[0:0]
+            keys.update(c for c in rows.columns if c not in NOT_PLOTTED and rows[c].notna().any())
+    losses = sorted(k for k in train if k.startswith("loss"))
+    losses = (["loss"] if "loss" in losses else []) + [k for k in losses if k != "loss"]
+    others = sorted(k for k in train if k != "lr" and not k.startswith("loss"))
+    order = (["lr"] if "lr" in train else []) + losses + others
+    return [("train", k) for k in order] + [("eval", k) for k in sorted(evals)]
+
+
+def main_plot(runs: list[Path], out: str) -> list[tuple[str, list[str]]]:
+    """Draw the panels into `out`; returns each panel's title and the runs drawn in it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = {str(r): read_metrics(r) for r in runs}
+    panels = panel_keys(frames)
+    if not panels:
+        raise UserError(f"nothing to plot: no metrics in {', '.join(frames)}")
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
+    drawn = []
+    for ax, (kind, key) in zip(axes.flat, panels):
+        names = []
+        for name, df in frames.items():
+            rows = df[(df["kind"] == kind)] if "kind" in df.columns else df
+            rows = rows[rows[key].notna()] if key in rows.columns else rows.iloc[0:0]
+            if len(rows):
+                ax.plot(rows["iteration"], rows[key], marker="." if len(rows) < 20 else None, label=name)
+                names.append(name)
+        absent = [n for n in frames if n not in names]
+        title = f"{key}" if kind == "train" else f"val {key}"
+        ax.set_title(title + (f"\n(absent: {', '.join(Path(n).name for n in absent)})" if absent else ""),
+                     fontsize=9)
+        ax.set_xlabel("iteration")
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if len(frames) > 1:
+            ax.legend(fontsize=7)
+        drawn.append((title, names))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return drawn
 
 
 @cli_errors
@@ -25,24 +85,10 @@ def main() -> int:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", default="curves.png")
     args = ap.parse_args()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frames = {str(r): read_metrics(r) for r in args.runs}
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
-    for ax, (key, title) in zip(axes, PANELS):
-        for name, df in frames.items():
-            if key in df.columns:
-                rows = df[df[key].notna()]
-                ax.plot(rows["iteration"], rows[key], marker="." if len(rows) < 20 else None, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
-    print(f"wrote {args.out}")
+    drawn = main_plot(args.runs, args.out)
+    print(f"wrote {args.out}: {len(drawn)} panels")
+    for title, names in drawn:
+        print(f"  {title.splitlines()[0]}: {', '.join(names)}")
     return 0
 
 

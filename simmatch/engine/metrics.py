@@ -6,8 +6,10 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
 from simmatch import distributed as dist
 
@@ -74,6 +76,17 @@ def read_metrics(run_dir: Path):
     return pd.read_json(path, lines=True)
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Console lines through tqdm.write: printed above a progress bar, never glued onto it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     """A log file per rank; the console gets rank 0's messages only."""
     logger = logging.getLogger("simmatch")
@@ -87,7 +100,7 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     fh.setFormatter(fmt)
     logger.addHandler(fh)
     if rank == 0:
-        sh = logging.StreamHandler(sys.stdout)
+        sh = _ConsoleHandler(sys.stdout)
         sh.setFormatter(fmt)
         sh.addFilter(lambda record: getattr(record, "console", True))
         logger.addHandler(sh)
@@ -101,22 +114,39 @@ def format_eta(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{s:02d}"
 
 
+def on_terminal(enabled: bool = True) -> bool:
+    """Progress bars only on rank 0 and only when stdout is a terminal (not in SLURM logs)."""
+    return enabled and sys.stdout.isatty()
+
+
 class Progress:
-    """A one-line bar when stdout is a terminal; otherwise the caller's plain log lines suffice."""
+    """A per-step tqdm bar with ETA on rank 0 when stdout is a terminal, sized to the terminal
+    (also when it is resized); otherwise nothing, and the log lines every `log_every` steps
+    are the record of progress."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total = total
-        self.enabled = enabled and sys.stdout.isatty()
-        self.start = time.time()
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
+        self.enabled = on_terminal(enabled)
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="it", dynamic_ncols=True,
+                        file=sys.stdout, smoothing=0.05) if self.enabled else None
 
-    def update(self, iteration: int, text: str) -> None:
-        if not self.enabled:
-            return
-        frac = iteration / max(1, self.total)
-        bar = "#" * int(30 * frac)
-        sys.stdout.write(f"\r[{bar:<30}] {iteration}/{self.total} {text}"[:200])
-        sys.stdout.flush()
+    def step(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def update(self, iteration: int, values: dict[str, float]) -> None:
+        """Show the newest loss next to the bar (the full line goes above it, via the log)."""
+        if self.bar is not None and "loss" in values:
+            self.bar.set_postfix_str(f"loss {values['loss']:.4f}", refresh=False)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stdout.write("\n")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def eval_progress(batches: Iterator, total: int | None, desc: str, enabled: bool) -> Iterator:
+    """An evaluation pass with its own transient bar (removed when the pass ends)."""
+    if not on_terminal(enabled):
+        return batches
+    return iter(tqdm(batches, total=total, desc=desc, unit="batch", dynamic_ncols=True, leave=False,
+                     file=sys.stdout))

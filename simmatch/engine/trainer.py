@@ -24,7 +24,8 @@ from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.guard import NonFiniteGuard
 from simmatch.engine.representation import knn_accuracy
-from simmatch.engine.metrics import MetricsFile, MetricWindow, Progress, format_eta, setup_logging
+from simmatch.engine.metrics import (MetricsFile, MetricWindow, Progress, eval_progress, format_eta,
+                                     setup_logging)
 from simmatch.engine.tracking import build_trackers
 from simmatch.engine.optim import build_optimizer, lr_at, set_lr
 from simmatch.engine.stop import StopRequest
@@ -230,12 +231,15 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Classifier top-1/top-5, or k-NN top-1 for methods that train no classifier."""
         t, out = self.cfg.train, {}
+        n_val, n_mem = self._eval_batches()
         for name, model in (("student", self.method.student), ("teacher", self.method.teacher.module)):
+            val = eval_progress(self.streams.val(), n_val, f"eval {name}", self.rank == 0)
             if self.method.trains_classifier:
-                res = evaluate(model, self.streams.val(), self.autocast(), t.channels_last)
+                res = evaluate(model, val, self.autocast(), t.channels_last)
                 out[f"{name}_top1"], out[f"{name}_top5"] = res["top1"], res["top5"]
             else:
-                res = knn_accuracy(model, self.streams.labeled_eval(), self.streams.val(),
+                memory = eval_progress(self.streams.labeled_eval(), n_mem, f"eval {name} memory", self.rank == 0)
+                res = knn_accuracy(model, memory, val,
                                    self.cfg.data.num_classes, t.knn_k, t.knn_temperature,
                                    self.autocast(), t.channels_last)
                 out[f"{name}_knn_top1"] = res["knn_top1"]
@@ -243,6 +247,18 @@ class Trainer:
         self.log.info("eval it %d: %s", self.iteration, " ".join(f"{k} {v:.2f}" for k, v in out.items()))
         self._keep_best(out)
         return out
+
+    def _eval_batches(self) -> tuple[int, int]:
+        """Validation and labeled-memory batches this rank reads in one pass (contiguous slices)."""
+        from simmatch.data.streams import per_rank_batches
+
+        vb = per_rank_batches(self.cfg, self.world)[2]
+
+        def batches(n: int) -> int:
+            share = n * (self.rank + 1) // self.world - n * self.rank // self.world
+            return -(-share // vb)
+
+        return batches(self.streams.num_val), batches(self.streams.num_labeled)
 
     def _keep_best(self, scores: dict[str, float]) -> None:
         """Write checkpoints/best.pt when the teacher's validation top-1 (k-NN top-1 for methods
@@ -272,7 +288,7 @@ class Trainer:
         window = MetricWindow()
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.device)
         ckpt_dir = self.run_dir / "checkpoints"
-        progress = Progress(d.total_iters, self.rank == 0)
+        progress = Progress(d.total_iters, self.rank == 0, initial=self.iteration)
         # images drawn per step (an unlabeled image counts once, however many views it has)
         per_step = d.global_batch * (self.method.needs_labeled + t.mu * self.method.needs_unlabeled)
         t_window, n_window = time.perf_counter(), 0
@@ -288,6 +304,7 @@ class Trainer:
                 window.add(losses)
                 self.iteration += 1
                 n_window += 1
+                progress.step()
                 done = self.iteration == d.total_iters
                 if self.iteration % d.log_every == 0 or done:
                     last = self._log(window.reduce(), lr, per_step * n_window / (time.perf_counter() - t_window),
@@ -337,9 +354,8 @@ class Trainer:
         eta = format_eta(s_per_it * (self.derived.total_iters - self.iteration))
         parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         text = f"it {self.iteration}/{self.derived.total_iters} {parts} lr {lr:.4g} img/s {img_s:.1f} eta {eta}"
-        progress.update(self.iteration, text)
-        # With a progress bar on the terminal the line goes to the log file only.
-        self.log.info(text, extra={"console": not progress.enabled})
+        progress.update(self.iteration, values)
+        self.log.info(text)  # above the bar on a terminal (tqdm.write), a plain line elsewhere
         return dict(values)
 
 
