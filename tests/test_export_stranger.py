@@ -11,7 +11,7 @@ import torchvision
 
 from conftest import run_tool, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs; minutes on a loaded 2-core machine
 
 
 def test_best_last_model_card_and_onnx(digits_root, tmp_path):

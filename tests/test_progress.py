@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, run_tool, tiny_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs; minutes on a loaded 2-core machine
 
 COLUMNS = 90
 
