@@ -102,8 +102,8 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint file, the newest checkpoint of a run directory, or `.../ckpt_300.pt`: the
     checkpoint of iteration 300 (files are named with zero-padded iterations)."""
     path = Path(path)
-    if path.is_file():
-        return path
+    if path.is_file():  # last.pt is a symlink: name the checkpoint it points at
+        return path.resolve() if path.is_symlink() else path
     m = _NAME.match(path.name)
     if m and not path.exists():
         have = list_checkpoints(path.parent)
