@@ -66,8 +66,9 @@ def test_val_difference_in_pixel_levels_and_crop_offset():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_selftest_one_process_cpu():
-    res = run_tool("tools/selftest.py", timeout=900)
+    res = run_tool("tools/selftest.py", timeout=850)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     lines = lines_by_name(res.stdout)
     for name in ("cpu decode", "val stream", "train streams", "collectives", "bank all-gather",
@@ -81,8 +82,9 @@ def test_selftest_one_process_cpu():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_selftest_three_gloo_ranks():
-    res = run_tool("tools/selftest.py", "--nproc", "3", "--skip", "throughput,train-streams", timeout=900)
+    res = run_tool("tools/selftest.py", "--nproc", "3", "--skip", "throughput,train-streams", timeout=850)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     lines = lines_by_name(res.stdout)
     assert lines["collectives"].startswith(PASS) and "gloo, 3 rank(s)" in lines["collectives"]
@@ -100,7 +102,7 @@ def test_selftest_fails_on_a_corrupt_jpeg(tmp_path):
     good = (root / "train" / "china" / "china_00.jpg").read_bytes()
     (root / "train" / "china" / "bad.jpg").write_bytes(good[: len(good) // 3])
     res = run_tool("tools/selftest.py", "--data", str(root), "--skip",
-                   "val-stream,train-streams,train-step,throughput", timeout=600)
+                   "val-stream,train-streams,train-step,throughput", timeout=500)
     assert res.returncode == 1, res.stdout + res.stderr[-3000:]
     line = lines_by_name(res.stdout)["cpu decode"]
     assert line.startswith(FAIL) and "bad.jpg" in line and "check_data.py" in line

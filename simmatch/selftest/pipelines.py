@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from simmatch.config import Config, load_config
-from simmatch.errors import UserError
+from simmatch.errors import DataError, UserError
 from simmatch.selftest.report import FAIL, PASS, Check
 
 # Tolerances, in 0..255 pixel levels per image: nvJPEG and libjpeg-turbo differ in IDCT
@@ -34,6 +34,10 @@ STAT_MEAN_TOL = 0.25
 STAT_STD_RATIO = 1.35
 RANGE_EPS = 0.02
 DECODE_FIX = "remove or re-encode the file; python tools/check_data.py DATA lists every one"
+
+
+def _fix_for(exc: UserError) -> str:
+    return DECODE_FIX if isinstance(exc, DataError) else "correct the option or file it names"
 
 
 @dataclass
@@ -153,7 +157,7 @@ def check_val(setup: StreamSetup, base: list[str], root: Path, rank: int, world:
         a = [b for b in _streams(cfg_a, rank, world, device).val()]
         b = [b for b in _streams(cfg_b, rank, world, device).val()]
     except UserError as exc:
-        return Check(name, FAIL, str(exc), DECODE_FIX)
+        return Check(name, FAIL, str(exc), _fix_for(exc))
     xa, xb = (torch.cat([t["x"].float().cpu() for t in s]) for s in (a, b))
     ya, yb = (torch.cat([t["y"].cpu() for t in s]) for s in (a, b))
     what = f"{setup.name_a} vs {setup.name_b}"
@@ -226,7 +230,7 @@ def check_train(setup: StreamSetup, base: list[str], root: Path, rank: int, worl
         a = _views(_streams(cfg_a, rank, world, device), batches)
         b = _views(_streams(cfg_b, rank, world, device), batches)
     except UserError as exc:
-        return Check(name, FAIL, str(exc), DECODE_FIX)
+        return Check(name, FAIL, str(exc), _fix_for(exc))
     problems = compare_views(a, b, cfg_a.data.mean, cfg_a.data.std)
     n = {k: v.shape[0] for k, v in a.items()}
     text = (f"{setup.name_a} vs {setup.name_b}, {n['labeled']} labeled + {n['weak']} unlabeled images "

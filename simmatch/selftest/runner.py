@@ -96,7 +96,7 @@ def run_checks(args: argparse.Namespace, sample_root: Path, device: torch.device
         crop, batches = 224, 4
     else:
         setup = pipelines.StreamSetup("DALI CPU", ["data.backend=dali", "data.device=cpu"],
-                                      "torch", ["data.backend=torch", "data.num_threads=0"], shift=True)
+                                      "torch", ["data.backend=torch", "data.num_threads=1"], shift=True)
         crop, batches = 64, 3
     checks.append(dali_check("val stream", lambda: pipelines.check_val(
         setup, [], sample_root, rank, world, device, crop, threads), False))
