@@ -341,6 +341,7 @@ class Trainer:
         last = last_eval(self.run_dir / "metrics.jsonl")
         if last.get("iteration") != self.iteration:
             last = self.evaluate()
+        self.saver.wait()  # a best.pt that evaluation may have started
         self.metrics_file.close()
         self.log.info("run %s already finished at iteration %d", self.run_dir, self.iteration)
         return TrainResult("already_finished", self.iteration, None,
