@@ -32,9 +32,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", help="YAML config, e.g. yaml/in1k_1pct.yaml")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config.yaml")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU (0: CPU tasks)")
-    p.add_argument("--tasks-per-node", type=int, help="tasks per node without GPUs (default 1)")
+    p.add_argument("--nodes", type=int, help="default 1 (with --resume: the run's own)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="one task per GPU (0: CPU tasks); default 8 (with --resume: the run's own)")
+    p.add_argument("--tasks-per-node", type=int,
+                   help="tasks per node without GPUs (default 1; with --resume: the run's own)")
     p.add_argument("--cpus-per-task", type=int, help="default: 10 with GPUs, else the cluster's default")
     p.add_argument("--mem", help="memory per node: 64G, 500000M, 0 = all (default: the cluster's)")
     p.add_argument("--partition")
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds between USR2 and the time limit (the checkpoint's time budget)")
     p.add_argument("--max-requeues", type=int, default=10,
                    help="requeues after a time-out (preemptions requeue without limit)")
+    p.add_argument("--skip-check", action="store_true",
+                   help="submit without the pre-flight checks (tools/train.py --check) of data and run directory")
     p.add_argument("--dry-run", action="store_true",
                    help="print the sbatch script and the derived recipe (last line: JSON) and exit")
     p.add_argument("--selftest", action="store_true",
@@ -73,6 +77,45 @@ def _resume_source(run_dir: Path) -> tuple[str, list[str]]:
         if e["event"] == submissions.SUBMITTED:
             return e.get("cfg"), list(e.get("overrides") or [])
     raise LaunchError(f"--resume {run_dir}: no config.yaml and no submission in that directory")
+
+
+def _job_shape(args: argparse.Namespace) -> None:
+    """--nodes / --gpus-per-node / --tasks-per-node not given: a resumed run's own job shape
+    (its last submission), else 1 node x 8 GPUs."""
+    shape = {}
+    if args.resume:
+        for e in reversed(submissions.read_events(Path(args.resume))):
+            if e["event"] == submissions.SUBMITTED and "nodes" in e:
+                shape = {"nodes": e["nodes"], "gpus_per_node": e.get("gpus_per_node", 8),
+                         "tasks_per_node": None if e.get("gpus_per_node", 8) else e.get("tasks_per_node")}
+                break
+    for key, default in (("nodes", 1), ("gpus_per_node", 8), ("tasks_per_node", None)):
+        if getattr(args, key) is None:
+            setattr(args, key, shape.get(key, default))
+
+
+def _preflight(args: argparse.Namespace, job: TrainJob, spec: JobSpec) -> None:
+    """Before sbatch: the partition can hold the job, and `tools/train.py --check` passes
+    (config, data tree, images, run directory, resume world size) at the job's world size."""
+    import subprocess
+
+    from slurm.cluster import check_fits, partition_info
+
+    part = partition_info(spec.partition)
+    if part is not None:
+        print(check_fits(part, spec.nodes, spec.ntasks_per_node, spec.cpus_per_task, spec.gpus_per_node),
+              flush=True)
+    if args.skip_check:
+        return
+    train = Path(__file__).resolve().parent / "train.py"
+    cmd = [sys.executable, str(train), "--cfg", job.cfg_path, "--check", "--world-size", str(spec.world_size),
+           *(["--allow-config-change"] if getattr(args, "allow_config_change", False) else []),
+           *job.train_overrides()]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print(proc.stdout, end="", flush=True)
+    if proc.returncode != 0:
+        detail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith(("FAIL", "error"))]
+        raise LaunchError(f"pre-flight check failed, nothing submitted: {(detail or ['see above'])[0]}")
 
 
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
@@ -155,6 +198,7 @@ def _selftest(args: argparse.Namespace) -> int:
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _job_shape(args)
     if args.selftest:
         return _selftest(args)
     if bool(args.cfg) == bool(args.resume):
@@ -184,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local or not has_slurm:
         note = "" if args.local else "no SLURM found (no sbatch on PATH): "
         return run_local(job, spec, note)
+    _preflight(args, job, spec)
     sjob = submit(job, spec)
     print(f"submitted job {sjob.job_id}: {spec.nodes} node(s) x {spec.ntasks_per_node} task(s), "
           f"{spec.timeout_min} min per job, up to {spec.max_requeues} time-out requeues")

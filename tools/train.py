@@ -30,11 +30,23 @@ def main() -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the derived recipe at --world-size and exit (no training, no data needed)")
     parser.add_argument("--world-size", type=int, default=0,
-                        help="world size of --print-config (default: $WORLD_SIZE, --nproc, or the GPUs here)")
+                        help="world size of --print-config and --check (default: $WORLD_SIZE, --nproc, "
+                             "or the GPUs here; --check without it skips the world-size checks)")
+    parser.add_argument("--check", action="store_true",
+                        help="check config, data, images and run directory without training; "
+                             "one line per check, exit 0 only when all pass")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=32")
     args = parser.parse_args()
     if args.print_config:
         return print_config(args)
+    if args.check:
+        from simmatch.config import load_config
+        from simmatch.preflight import check_main
+        from simmatch.train import run_dir_of
+
+        cfg = load_config(args.cfg, args.overrides)
+        return check_main(cfg, run_dir_of(cfg), args.world_size or args.nproc or None,
+                          args.allow_config_change)
     flags = ["--allow-config-change"] if args.allow_config_change else []
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
         from simmatch.train import main as train_main

@@ -1,0 +1,156 @@
+"""`tools/train.py --check`: everything a run needs, checked without training.
+
+The checks a job would otherwise fail on minutes (or a queue wait) after it starts: config
+values, the data tree (exists, class count, val classes, split lists resolve, a sample of
+train and every val and labeled image decode), the run directory (writable, not held by
+another writer, a saved config this run may resume with, the world size of its
+checkpoints). `tools/submit.py` runs it before sbatch. Each check is one printed line.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from simmatch.config import Config, derive_scale, to_dict
+from simmatch.errors import UserError
+
+TRAIN_SAMPLE = 500  # training images decoded (the val set and the labeled list are decoded whole)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+
+
+def _run(name: str, fn: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, fn())
+    except UserError as exc:
+        return Check(name, False, str(exc))
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds RUN_DIR/.lock, when a live process on this host does (else None).
+
+    The lock file names its holder's host and pid (the training writes it); a holder on
+    another host is reported as holding it, since its liveness cannot be seen from here."""
+    path = run_dir / ".lock"
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace")
+    host, pid = None, None
+    for token in text.replace(",", " ").replace("\n", " ").split():
+        key, _, value = token.partition("=")
+        if key == "host":
+            host = value
+        elif key == "pid" and value.isdigit():
+            pid = int(value)
+    if host in (None, socket.gethostname()) and pid is not None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # a dead holder: the next writer takes the lock over
+        except PermissionError:
+            pass
+    return text.strip().splitlines()[0] if text.strip() else str(path)
+
+
+def run_checks(cfg: Config, run_dir: Path, world_size: int | None = None,
+               allow_config_change: bool = False) -> list[Check]:
+    """Every check, in order; a failed one does not stop the others (all are reported)."""
+    from simmatch.data.checks import find_undecodable, raise_if_undecodable
+    from simmatch.data.splits import load_splits
+
+    checks = [Check("config values", True, f"{cfg.name or 'config'}: every key in its range")]
+    if world_size is not None:
+        checks.append(_run("batch at the world size",
+                           lambda: _scale(cfg, world_size)))
+    ckpt_dir = run_dir / "checkpoints"
+    resuming = ckpt_dir.is_dir() and any(ckpt_dir.glob("ckpt_*.pt"))
+    splits = None
+    if cfg.data.backend == "synthetic":
+        checks.append(Check("data", True, "synthetic backend: no files"))
+    else:
+        def tree() -> str:
+            nonlocal splits
+            splits = load_splits(cfg.data, frozen=run_dir / "splits" if resuming else None)
+            return (f"{cfg.data.root}: {len(splits.classes)} classes, {len(splits.labeled_files)} "
+                    f"labeled ({splits.labeled_source}), {len(splits.unlabeled_files)} unlabeled, "
+                    f"{len(splits.val_files)} val images")
+        checks.append(_run("data tree and split lists", tree))
+    if splits is not None:
+        def decode() -> str:
+            started = time.perf_counter()
+            sample = random.Random(0).sample(splits.unlabeled_files,
+                                             min(TRAIN_SAMPLE, len(splits.unlabeled_files)))
+            files = ([splits.val_root / f for f in splits.val_files]
+                     + [splits.train_root / f for f in splits.labeled_files + sample])
+            raise_if_undecodable(find_undecodable(files, max(4, os.cpu_count() or 1)), "images")
+            return (f"{len(files)} images decode (every val and labeled image, {len(sample)} "
+                    f"sampled training images) in {time.perf_counter() - started:.1f} s")
+        checks.append(_run("images decode", decode))
+    checks.append(_run("run directory", lambda: _run_dir(run_dir)))
+    if resuming:
+        checks.append(_run("resume", lambda: _resume(cfg, run_dir, world_size, allow_config_change)))
+    return checks
+
+
+def _scale(cfg: Config, world_size: int) -> str:
+    s = derive_scale(cfg, world_size)
+    return f"{world_size} tasks, {s.global_batch} labeled images per step"
+
+
+def _run_dir(run_dir: Path) -> str:
+    from simmatch.rundir import ensure_writable_dir
+
+    ensure_writable_dir(run_dir, create=False)
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise UserError(f"{run_dir} is in use by another training ({holder})")
+    state = "exists" if run_dir.is_dir() else "will be created"
+    return f"{run_dir} {state}, writable, not in use"
+
+
+def _resume(cfg: Config, run_dir: Path, world_size: int | None, allow_config_change: bool) -> str:
+    """The run's saved config accepts this one; its newest checkpoint has this world size."""
+    import yaml
+
+    from simmatch import checkpoint as ckpt
+    from simmatch.config_change import judge
+
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        from simmatch.train import _with_defaults
+
+        old = _with_defaults(yaml.safe_load(saved.read_text()) or {}, to_dict(Config()))
+        judge(old, to_dict(cfg), str(run_dir), allow_config_change)
+    found = ckpt.load_newest_valid(run_dir / "checkpoints")
+    if found is None:
+        return "no loadable checkpoint: the run starts afresh"
+    path, state = found
+    ranks = state.get("world_size")
+    if world_size is not None and ranks != world_size:
+        raise UserError(f"{path.name} was written by {ranks} ranks, the job has {world_size}: "
+                        f"exact resume needs the same world size (ask for {ranks} tasks)")
+    return f"resumes from {path.name} (iteration {state.get('iteration')}, {ranks} ranks)"
+
+
+def check_main(cfg: Config, run_dir: Path, world_size: int | None, allow_config_change: bool) -> int:
+    """Print one line per check; 0 when all pass, 1 otherwise."""
+    checks = run_checks(cfg, run_dir, world_size, allow_config_change)
+    for c in checks:
+        print(c.line(), flush=True)
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" +
+          (f"; failed: {', '.join(c.name for c in failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0

@@ -1,0 +1,93 @@
+"""Pre-flight checks of tools/submit.py on the real local SLURM cluster (2 nodes x 2 CPUs):
+a job that could never run, or would fail at start, is refused before sbatch with one line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("conftest_slurm")
+
+from conftest_slurm import ROOT, run_tool  # noqa: E402
+
+from conftest import tiny_overrides  # noqa: E402
+from slurm import submissions  # noqa: E402
+
+pytest_plugins = ["conftest_slurm"]
+pytestmark = pytest.mark.slow
+
+CPU_JOB = ["--slurm", "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout", "10"]
+
+
+def one_error(res, *needles: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+    return errors[0]
+
+
+def test_job_shapes_the_cluster_cannot_run(slurm_env, digits_root, tmp_path):
+    data = [f"data.root={digits_root}", "train.batch_size=12"]
+    for extra, needles in (
+            (["--nodes", "3"], ["--nodes 3", "partition debug has 2 node(s)"]),
+            (["--nodes", "1", "--tasks-per-node", "3"], ["3 task(s) x 1 CPU(s) per node = 3 CPUs", "have 2"]),
+            (["--nodes", "1", "--partition", "nope"], ["--partition nope", "no such partition", "debug, urgent"])):
+        run_dir = tmp_path / f"r{len(extra)}{extra[-1]}"
+        res = run_tool("submit.py", "--cfg", "yaml/digits.yaml", *CPU_JOB, *extra, "--run-dir", str(run_dir), *data,
+                       env=slurm_env)
+        one_error(res, *needles)
+        assert not run_dir.exists()  # no empty folder left behind
+
+
+def test_missing_data_is_refused_before_sbatch(slurm_env, tmp_path):
+    run_dir = tmp_path / "r"
+    res = run_tool("submit.py", "--cfg", "yaml/digits.yaml", *CPU_JOB, "--nodes", "2", "--run-dir", str(run_dir),
+                   f"data.root={tmp_path / 'no_such_data'}", env=slurm_env, timeout=300)
+    one_error(res, "pre-flight check failed, nothing submitted", "no_such_data")
+    assert "FAIL  data tree and split lists" in res.stdout
+    assert not (run_dir / "submissions.jsonl").exists() and not (run_dir / "slurm").exists()
+
+
+def test_resume_keeps_the_job_shape_and_world_size(slurm_env, digits_root, tmp_path):
+    run_dir = tmp_path / "r"
+    res = subprocess.run([sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml",
+                          *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2, "train.batch_size": 4})],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # the run's own submission: 1 node x 1 CPU task (written as tools/submit.py writes it)
+    submissions.append_event(run_dir, submissions.SUBMITTED, job_id="1", nodes=1, tasks_per_node=1,
+                             gpus_per_node=0, cfg=str(run_dir / "config.yaml"), overrides=[])
+    res = run_tool("submit.py", "--resume", str(run_dir), "--dry-run", env=slurm_env)
+    assert res.returncode == 0, res.stderr
+    assert "#SBATCH --nodes=1" in res.stdout and "#SBATCH --ntasks-per-node=1" in res.stdout
+    assert "gpus" not in res.stdout.split("\n\n")[0]  # not the 8-GPU default
+    # another world size is refused before sbatch: the checkpoint was written by 1 rank
+    res = run_tool("submit.py", "--resume", str(run_dir), "--slurm", "--nodes", "2", env=slurm_env, timeout=300)
+    one_error(res, "pre-flight check failed", "written by 1 ranks, the job has 2")
+    assert "FAIL  resume" in res.stdout
+    assert [e["event"] for e in submissions.read_events(run_dir)] == [submissions.SUBMITTED]
+
+
+def test_check_without_training(digits_root, tmp_path):
+    """tools/train.py --check: one line per check, exit 0 only when all pass."""
+    run_dir = tmp_path / "r"
+    ok = subprocess.run([sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--check", "--world-size",
+                         "2", *tiny_overrides(digits_root, run_dir)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lines = ok.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:-1]] == [
+        "ok    config values", "ok    batch at the world size", "ok    data tree and split lists",
+        "ok    images decode", "ok    run directory"]
+    assert "395 val images" in lines[2] and lines[-1] == "5 of 5 checks passed"
+    assert not run_dir.exists()  # a check writes nothing
+    bad = subprocess.run([sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--check", "--world-size",
+                          "3", *tiny_overrides(digits_root, run_dir, **{"data.num_classes": 9})],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    assert "FAIL  batch at the world size: train.batch_size=8 does not divide by the world size 3" in bad.stdout
+    assert "FAIL  data tree and split lists" in bad.stdout and "data.num_classes=9" in bad.stdout
