@@ -39,30 +39,46 @@ def _run(name: str, fn: Callable[[], str]) -> Check:
         return Check(name, False, str(exc))
 
 
-def lock_holder(run_dir: Path) -> str | None:
-    """Who holds RUN_DIR/.lock, when a live process on this host does (else None).
+def _lock_fields(text: str) -> dict:
+    """host and pid from a lock file written as JSON or as `key=value` words."""
+    import json
 
-    The lock file names its holder's host and pid (the training writes it); a holder on
-    another host is reported as holding it, since its liveness cannot be seen from here."""
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):
+            return data
+    except ValueError:
+        pass
+    fields = {}
+    for token in text.replace(",", " ").split():
+        key, _, value = token.partition("=")
+        fields[key.strip().lower()] = value
+    return fields
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds RUN_DIR/.lock, when it names a live process (else None).
+
+    The training's lock file names its holder's host and pid. A holder on this host is alive
+    when its pid is; one on another host cannot be seen from here and counts as holding it.
+    A lock file without a readable pid is not held against the run (the training itself
+    decides)."""
     path = run_dir / ".lock"
     if not path.is_file():
         return None
     text = path.read_text(errors="replace")
-    host, pid = None, None
-    for token in text.replace(",", " ").replace("\n", " ").split():
-        key, _, value = token.partition("=")
-        if key == "host":
-            host = value
-        elif key == "pid" and value.isdigit():
-            pid = int(value)
-    if host in (None, socket.gethostname()) and pid is not None:
+    fields = _lock_fields(text)
+    host, pid = fields.get("host"), str(fields.get("pid", ""))
+    if not pid.isdigit():
+        return None
+    if host in (None, "", socket.gethostname()):
         try:
-            os.kill(pid, 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             return None  # a dead holder: the next writer takes the lock over
         except PermissionError:
             pass
-    return text.strip().splitlines()[0] if text.strip() else str(path)
+    return f"{path}: host {host or socket.gethostname()}, pid {pid}"
 
 
 def run_checks(cfg: Config, run_dir: Path, world_size: int | None = None,

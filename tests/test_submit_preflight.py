@@ -91,3 +91,19 @@ def test_check_without_training(digits_root, tmp_path):
     assert bad.returncode == 1
     assert "FAIL  batch at the world size: train.batch_size=8 does not divide by the world size 3" in bad.stdout
     assert "FAIL  data tree and split lists" in bad.stdout and "data.num_classes=9" in bad.stdout
+
+
+def test_check_sees_a_live_lock_holder(tmp_path):
+    """A run directory whose .lock names a live process fails --check; a dead one does not."""
+    import os
+    import socket
+
+    from simmatch.preflight import lock_holder
+
+    (tmp_path / ".lock").write_text(f"host={socket.gethostname()} pid={os.getpid()}\n")
+    assert str(os.getpid()) in lock_holder(tmp_path)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".lock").write_text('{"host": "%s", "pid": %s}' % (socket.gethostname(), child.stdout.strip()))
+    assert lock_holder(tmp_path) is None  # its holder has exited
+    (tmp_path / ".lock").write_text("host=elsewhere pid=1\n")
+    assert "elsewhere" in lock_holder(tmp_path)
