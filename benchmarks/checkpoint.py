@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Cost of a checkpoint: ResNet-50 student + EMA teacher + optimizer + the 10% bank (K=128k).
 
-Reports the training stall (state copied to the host; the file is written by a thread) and
-the background write time and file size. The last line is one JSON object.
+Reports the training stall (state copied to the host; the file is written by a thread),
+the background write time (SHA-256 digest included) and file size, and the time a reader
+spends checking the digest (read + hash) before loading. The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from simmatch.checkpoint import CheckpointSaver  # noqa: E402
+from simmatch.checkpoint import CheckpointSaver, verify  # noqa: E402
 from simmatch.methods.simmatch import SimMatch  # noqa: E402
 from simmatch.models import build_network  # noqa: E402
 
@@ -43,19 +44,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         saver = CheckpointSaver(Path(tmp), keep=2, background=True)
-        stalls, writes = [], []
+        stalls, writes, checks = [], [], []
         for i in range(args.repeats):
             state = {"iteration": i, "method": method.state_dict(), "optimizer": opt.state_dict()}
             saver.save(state, i)
             stalls.append(saver.last_stall_s)
             saver.wait()
             writes.append(saver.last_write_s)
+            t0 = time.perf_counter()
+            verify(saver.path_for(i))
+            checks.append(time.perf_counter() - t0)
         size = saver.path_for(args.repeats - 1).stat().st_size
-    stall, write = min(stalls), min(writes)
-    print(f"{'device':<8} {'arch':<10} {'bank K':>8} {'size MB':>8} {'stall s':>8} {'write s':>8}")
-    print(f"{dev.type:<8} {args.arch:<10} {args.bank:>8} {size / 1e6:>8.1f} {stall:>8.3f} {write:>8.3f}")
+    stall, write, check = min(stalls), min(writes), min(checks)
+    print(f"{'device':<8} {'arch':<10} {'bank K':>8} {'size MB':>8} {'stall s':>8} {'write s':>8} {'verify s':>8}")
+    print(f"{dev.type:<8} {args.arch:<10} {args.bank:>8} {size / 1e6:>8.1f} {stall:>8.3f} {write:>8.3f} "
+          f"{check:>8.3f}")
     print(json.dumps({"benchmark": "checkpoint", "device": dev.type, "arch": args.arch, "bank": args.bank,
-                      "size_mb": round(size / 1e6, 1), "stall_s": round(stall, 4), "write_s": round(write, 4)}))
+                      "size_mb": round(size / 1e6, 1), "stall_s": round(stall, 4), "write_s": round(write, 4),
+                      "verify_s": round(check, 4)}))
 
 
 if __name__ == "__main__":

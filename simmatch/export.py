@@ -24,8 +24,7 @@ PREFIXES = {"student": "student.", "teacher": "teacher.module."}
 
 def load_run_checkpoint(path: str | Path, which_ckpt: str = "last") -> tuple[Path, dict, Config]:
     """A training checkpoint (a file, or a run directory's `last` or `best` one) and its config."""
-    file = ckpt.pick(path, which_ckpt)
-    state = ckpt.load(file)
+    file, state = ckpt.load_picked(path, which_ckpt)  # `last` falls back past damaged checkpoints
     if "method" not in state or "config" not in state:
         raise CheckpointError(f"{file} is not a training checkpoint of this project")
     return file, state, from_dict(state["config"], f"config inside {file}")
@@ -126,29 +125,50 @@ def _atomic_output(path: Path, write, check=None) -> None:
 
 def export(path: str | Path, which: str, out: str | Path, head_out: str | Path | None = None,
            which_ckpt: str = "last") -> dict:
-    """Write `out` with .pth and .safetensors suffixes; returns what was written and the check."""
-    from safetensors.torch import save_file
+    """Write `out` with .pth and .safetensors suffixes; returns what was written and the check.
+
+    Every file is first written under a temporary name; the check reads those files back
+    (both formats) and compares the logits of a torchvision model loaded from them with the
+    training model's. Only when they are equal are the files renamed into place; otherwise
+    they are removed and nothing is left behind (`written` is then empty).
+    """
+    from safetensors.torch import load_file, save_file
 
     if which not in PREFIXES:
         raise UserError(f"--which must be student or teacher, not {which!r}")
     file, state, cfg = load_run_checkpoint(path, which_ckpt)
     net_state = network_state(state, which)
     backbone, head = split_backbone(net_state)
-    diff = verify(cfg, net_state, backbone)
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".pth", ".pt", ".safetensors", ".onnx") else out
-    pth, st = stem.with_suffix(".pth"), stem.with_suffix(".safetensors")
+    targets = [stem.with_suffix(".pth"), stem.with_suffix(".safetensors")]
+    if head_out and head:
+        targets.append(Path(head_out))
+    for t in targets:
+        t.parent.mkdir(parents=True, exist_ok=True)
+    tmps = [t.with_name(f".{t.name}.{os.getpid()}.tmp") for t in targets]
     contiguous = {k: v.contiguous() for k, v in backbone.items()}
     card = model_card(cfg, state, which)
-    ckpt.atomic_torch_save(contiguous, pth)
-    _atomic_output(st, lambda tmp: save_file(contiguous, str(tmp), metadata=card))
-    written = [pth, st]
-    if head_out and head:
-        ckpt.atomic_torch_save({k: v.contiguous() for k, v in head.items()}, Path(head_out))
-        written.append(Path(head_out))
+    diff = float("nan")
+    try:
+        torch.save(contiguous, tmps[0])
+        save_file(contiguous, str(tmps[1]), metadata=card)
+        if len(tmps) > 2:
+            torch.save({k: v.contiguous() for k, v in head.items()}, tmps[2])
+        diff = max(verify(cfg, net_state, written) for written in
+                   (torch.load(tmps[0], map_location="cpu", weights_only=True), load_file(str(tmps[1]))))
+        if diff == 0.0:
+            for tmp, target in zip(tmps, targets):
+                os.replace(tmp, target)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"export to {stem} failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
     return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
-            "small_input": cfg.model.small_input, "max_abs_diff": diff, "written": written,
-            "metadata": card}
+            "small_input": cfg.model.small_input, "max_abs_diff": diff,
+            "written": targets if diff == 0.0 else [], "metadata": card}
 
 
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and PyTorch (float32, CPU)

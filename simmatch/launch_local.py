@@ -1,8 +1,15 @@
 """Start N training processes on this machine (one per GPU, or N CPU processes with gloo).
 
 The parent validates the config once, gives each child RANK/WORLD_SIZE/LOCAL_RANK and a
-free MASTER_PORT, forwards SIGTERM/SIGUSR2 to them, and stops the others as soon as one
-fails so that no rank waits forever in a collective.
+free MASTER_PORT, forwards SIGTERM/SIGUSR2/SIGINT to them, and stops the others as soon as
+one fails so that no rank waits forever in a collective.
+
+The children die with the launcher, as torchrun's do: each asks the kernel for SIGTERM when
+its parent dies (prctl PR_SET_PDEATHSIG, Linux), so a SIGKILLed launcher leaves no orphaned
+ranks training into the run directory; SIGTERM lets them save and exit. They run in their
+own process group, so a Ctrl-C in the terminal reaches the launcher once and is forwarded
+once (a second Ctrl-C then aborts them). A rank that has not exited `ORPHAN_GRACE_S` seconds
+after its launcher died (stuck in a collective whose peer is gone) ends itself.
 """
 from __future__ import annotations
 
@@ -11,7 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import Callable
 
 from simmatch.config import derive_scale, load_config
 
@@ -20,6 +29,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PR_SET_PDEATHSIG = 1
+LAUNCHER_PID = "SIMMATCH_LAUNCHER_PID"
+ORPHAN_GRACE_S = 60.0
+
+
+def watch_launcher(grace_s: float = ORPHAN_GRACE_S) -> None:
+    """In a rank started by `launch`: exit `grace_s` after the launcher died if the SIGTERM
+    it got (finish the step, save, exit) has not ended it by then."""
+    parent = int(os.environ.get(LAUNCHER_PID, "0"))
+    if not parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        time.sleep(grace_s)
+        print(f"rank {os.environ.get('RANK', '?')}: launcher gone for {grace_s:.0f} s, exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """Run in the child between fork and exec: own process group, SIGTERM on the parent's death."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+    except (OSError, AttributeError):  # not Linux: the launcher's signal forwarding remains
+        prctl = None
+
+    def setup() -> None:
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+
+    return setup
 
 
 def cpu_cores() -> int:
@@ -35,7 +86,8 @@ def child_env(base: dict, rank: int, nproc: int, port: int) -> dict:
     unless the user set it. Without it every child starts one thread per core and N children
     oversubscribe the machine (torchrun sets it for the same reason)."""
     env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-               LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+               LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               **{LAUNCHER_PID: str(os.getpid())})
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // nproc)))
     return env
 
@@ -53,7 +105,7 @@ def spawn(command: list[str], nproc: int) -> int:
     children: list[subprocess.Popen] = []
     for r in range(nproc):
         env = child_env(os.environ, r, nproc, port)
-        children.append(subprocess.Popen(command, env=env))
+        children.append(subprocess.Popen(command, env=env, preexec_fn=_die_with(os.getpid())))
 
     def forward(signum, _frame):
         for c in children:

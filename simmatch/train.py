@@ -19,6 +19,7 @@ from simmatch.engine.tracking import check_available as check_trackers
 from simmatch.engine.trainer import Trainer, TrainResult
 from simmatch.errors import UserError
 from simmatch.rundir import ensure_writable_dir
+from simmatch.runlock import RunLock, RunLocked
 
 log = logging.getLogger("simmatch")
 
@@ -41,6 +42,32 @@ def _saved_config(run_dir: Path) -> dict | None:
     if not saved.is_file():
         return None
     return _with_defaults(yaml.safe_load(saved.read_text()) or {}, to_dict(Config()))
+
+
+def lock_run_dir(cfg: Config) -> RunLock | None:
+    """Rank 0 takes the run directory's lock (one writer per run) and removes what a dead
+    writer left; every rank learns the outcome, so a refused run stops on all of them."""
+    lock, refused = None, None
+    if dist.is_main():
+        run_dir = run_dir_of(cfg)
+        try:
+            ensure_writable_dir(run_dir)
+            lock = RunLock(run_dir).acquire()
+        except UserError as exc:  # in use by another writer, or not a usable directory
+            refused = str(exc)
+        except OSError as exc:
+            refused = f"train.run_dir={run_dir} cannot hold a lock file: {exc.strerror or exc}"
+        if lock is not None:
+            removed = ckpt.remove_leftovers(run_dir, run_dir / "splits", run_dir / "checkpoints")
+            if removed:
+                mb = sum(size for _, size in removed) / 2**20
+                print(f"note: removed {len(removed)} temporary file(s) ({mb:.1f} MB) left in {run_dir} "
+                      f"by a writer that died" + (f" ({lock.previous})" if lock.previous else ""),
+                      file=sys.stderr, flush=True)
+    refused = dist.broadcast_object(refused)
+    if refused:
+        raise RunLocked(refused)
+    return lock
 
 
 def prepare_run_dir(cfg: Config, allow_config_change: bool = False) -> Path:
@@ -119,10 +146,15 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
 
             check_init_source(cfg)  # before the run directory is created or written
         check_trackers(cfg)  # an uninstalled tracker is refused before the run directory is written
-        run_dir = prepare_run_dir(cfg, allow_config_change)
-        trainer = Trainer(cfg, run_dir, device)
-        save_run_config(cfg, run_dir)
-        result = trainer.fit()
+        lock = lock_run_dir(cfg)  # one writer per run directory, before anything in it is written
+        try:
+            run_dir = prepare_run_dir(cfg, allow_config_change)
+            trainer = Trainer(cfg, run_dir, device)
+            save_run_config(cfg, run_dir)
+            result = trainer.fit()
+        finally:
+            if lock is not None:
+                lock.release()
         if dist.is_main():
             _report(result, run_dir)
             print(f"total time {format_eta(time.time() - started)} "
@@ -146,8 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         if dist.rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        if dist.rank() == 0:
+            print("interrupted: stopped without saving", file=sys.stderr, flush=True)
+        return 130
     return 0 if result.status in ("finished", "interrupted", "already_finished") else 1
 
 
 if __name__ == "__main__":
+    from simmatch.launch_local import watch_launcher
+
+    watch_launcher()  # a rank of tools/train.py --nproc N: never outlive the launcher for long
     sys.exit(main())

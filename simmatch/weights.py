@@ -72,9 +72,10 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(p))
         except Exception as exc:  # not a safetensors file, truncated ...
             raise CheckpointError(f"model.init_from={p} cannot be read: {str(exc).splitlines()[0]}") from None
-    if p.is_dir() or not p.exists():  # a run directory, or a checkpoint named by its iteration
-        p = ckpt.resolve(p)
-    state = ckpt.load(p)
+    if p.is_dir() or not p.exists():  # a run directory (its newest usable checkpoint), or a
+        p, state = ckpt.load_resolved(p)  # checkpoint named by its iteration
+    else:
+        state = ckpt.load(p)
     if "method" in state and "config" in state:  # this project's training checkpoint
         prefix = "student.backbone."
         trunk = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}

@@ -36,7 +36,7 @@ def test_targets_and_checkpoint_benchmarks_tiny(tmp_path):
     c = last_json(run_tool("benchmarks/checkpoint.py", "--arch", "resnet18", "--bank", "100", "--classes", "10",
                            "--repeats", "1", "--dir", str(tmp_path), "--device", "cpu"))
     # resnet18 student + teacher + momentum: 3 x 11.2M fp32 parameters, about 134 MB
-    assert 120 < c["size_mb"] < 150 and c["stall_s"] >= 0 and c["write_s"] > 0
+    assert 120 < c["size_mb"] < 150 and c["stall_s"] >= 0 and c["write_s"] > 0 and c["verify_s"] > 0
 
 
 def test_loader_benchmark_tiny(digits_root):

@@ -6,6 +6,8 @@ Default: the classifier's top-1 / top-5. --knn: weighted k-NN top-1 of the trunk
 with the labeled set as memory (train.knn_k, train.knn_temperature). --linear: top-1 of a
 linear probe (L-BFGS logistic regression) fitted on the frozen features of the labeled set.
 Overrides change the data (e.g. data.root=/other/copy). The last line is one JSON object.
+A run directory gives its newest checkpoint that passes its integrity check (a damaged newer
+one is named and skipped); a named checkpoint file that fails it is an error.
 """
 from __future__ import annotations
 

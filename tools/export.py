@@ -6,6 +6,9 @@
 The result loads into `torchvision.models.resnet50()` with strict=True, fc included; the
 .safetensors (and .onnx) metadata holds the architecture, stem, classes and preprocessing.
 ONNX: onnxruntime must give the PyTorch logits within 1e-4, or nothing is written.
+A run directory gives its newest checkpoint that passes its integrity check (a damaged newer
+one is named and skipped); a named checkpoint file that fails it is an error. The files are
+written under temporary names, checked, and only then renamed into place.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def main() -> int:
     for p in res["written"]:
         print(f"  wrote {p}")
     print(f"check: exported logits {'equal' if ok else 'DIFFER FROM'} the training model's "
-          f"(max abs diff {res['max_abs_diff']:.3g})")
+          f"(max abs diff {res['max_abs_diff']:.3g})" + ("" if ok else "; nothing written"))
     return 0 if ok else 1
 
 

@@ -52,6 +52,27 @@ def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
+def checkpoint_lines(run_dir: Path) -> list[str]:
+    """The newest usable checkpoint, then every checkpoint with its integrity check."""
+    from simmatch.checkpoint import list_checkpoints, usability
+
+    found = [(it, path, usability(path)) for it, path in reversed(list_checkpoints(run_dir / "checkpoints"))]
+    if not found:
+        return ["checkpoint: none yet"]
+    usable = [(it, path) for it, path, use in found if not use.startswith("damaged")]
+    lines = [f"checkpoint: iteration {usable[0][0]} ({usable[0][1].name}), the newest usable one" if usable
+             else "checkpoint: none usable (a resume starts from scratch)"]
+    lines += [f"  iteration {it:>8} ({path.name}): {use}" for it, path, use in found]
+    return lines
+
+
+def writer_line(run_dir: Path) -> str:
+    from simmatch.runlock import holder
+
+    who = holder(run_dir)
+    return f"writer:     {who} (holds {run_dir / '.lock'})" if who else "writer:     none"
+
+
 def _history(run_dir: Path) -> list[str]:
     lines = []
     for e in submissions.read_events(run_dir):
@@ -84,10 +105,8 @@ def _metrics(run_dir: Path, n: int) -> str:
 
 def report(run_dir: Path, lines: int) -> str:
     state, detail = run_state(run_dir)
-    ckpt = newest_checkpoint(run_dir)
-    text = [f"run:        {run_dir}", f"state:      {state} ({detail})",
-            "checkpoint: " + (f"iteration {ckpt[0]} ({ckpt[1].name})" if ckpt else "none yet"),
-            "submissions:", *(_history(run_dir) or ["  (none)"]), f"metrics (last {lines}):",
+    text = [f"run:        {run_dir}", f"state:      {state} ({detail})", writer_line(run_dir),
+            *checkpoint_lines(run_dir), "submissions:", *(_history(run_dir) or ["  (none)"]), f"metrics (last {lines}):",
             _metrics(run_dir, lines)]
     return "\n".join(text)
 

@@ -36,7 +36,7 @@ def main() -> int:
                         help="check config, data, images and run directory without training; "
                              "one line per check, exit 0 only when all pass")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=32")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # options before or after the overrides
     if args.print_config:
         return print_config(args)
     if args.check:

@@ -43,10 +43,13 @@ def _crop_flip(cfg: Any) -> list:
 
 
 def ignore_time_limit_signal(_worker_id: int) -> None:
-    """SLURM sends the time-limit warning (USR2) to every process of a task; only the trainer
-    acts on it. SIGTERM keeps its default: the DataLoader stops its workers with it at exit,
-    so a worker that ignored it would hang the exit (docs/SLURM.md: workers and preemption)."""
+    """SLURM sends the time-limit warning (USR2) to every process of a task, and Ctrl-C (SIGINT)
+    reaches every process of the terminal's foreground group; only the trainer acts on them
+    (a worker that exits on Ctrl-C would break the save the trainer then makes). SIGTERM keeps
+    its default: the DataLoader stops its workers with it at exit, so a worker that ignored it
+    would hang the exit (docs/SLURM.md: workers and preemption)."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class RandomPILBlur:

@@ -1,4 +1,7 @@
-"""SIGTERM/SIGUSR2 -> a flag that every rank acts on at the same step.
+"""SIGTERM/SIGUSR2/SIGINT -> a flag that every rank acts on at the same step.
+
+Ctrl-C (SIGINT) stops like SIGTERM: finish the step, save, exit 0. A second Ctrl-C aborts
+at once without saving (KeyboardInterrupt), for a run that no longer answers.
 
 The handler only sets a flag (no collectives are allowed inside a signal handler). Each
 step launches an asynchronous all-reduce (MAX) of the local flag on a gloo group and reads
@@ -8,6 +11,7 @@ stop one step after the signal arrived.
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 import torch
@@ -15,12 +19,13 @@ import torch.distributed as dist
 
 from simmatch import distributed
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._interrupts = 0
         self._previous: dict[int, object] = {}
         self._group = None
         self._work = None
@@ -29,6 +34,13 @@ class StopRequest:
             self._group = dist.new_group(backend="gloo")
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._interrupts:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if distributed.rank() == 0:
+                print("Ctrl-C: finishing this step, saving a checkpoint, then stopping "
+                      "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
         if self.signum is None:
             self.signum = signum
 

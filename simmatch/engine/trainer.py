@@ -34,7 +34,7 @@ from simmatch.methods import build_method
 from simmatch.models.group_bn import convert_group_bn
 from simmatch.distributed import average_buffers
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: written with a digest sidecar, which readers then require
 
 
 @dataclass

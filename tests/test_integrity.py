@@ -1,0 +1,176 @@
+"""Checkpoint integrity (digest sidecars), file modes, leftovers, a full disk, the run lock."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from simmatch import checkpoint as ckpt
+from simmatch.errors import CheckpointError
+from simmatch.runlock import RunLock, RunLocked, holder
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _saved(tmp_path: Path, iterations=(10, 20), keep: int = 5) -> ckpt.CheckpointSaver:
+    saver = ckpt.CheckpointSaver(tmp_path, keep=keep, background=True)
+    for it in iterations:
+        saver.save({"format": 2, "iteration": it, "method": {"w": torch.full((4096,), float(it))}}, it)
+    saver.wait()
+    return saver
+
+
+def test_digest_sidecar_matches_the_file(tmp_path):
+    saver = _saved(tmp_path)
+    for it in (10, 20):
+        path = saver.path_for(it)
+        sha, name = ckpt.digest_path(path).read_text().split()
+        assert name == path.name and sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "ckpt_000000020.pt.sha256"], cwd=tmp_path).returncode == 0
+
+
+def test_overwritten_bytes_are_rejected_and_the_previous_one_used(tmp_path, caplog):
+    saver = _saved(tmp_path)
+    newest = saver.path_for(20)
+    with open(newest, "r+b") as f:  # the fault of the issue: 4 KiB overwritten in the middle
+        f.seek(newest.stat().st_size // 2)
+        f.write(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="is damaged: its SHA-256 does not match ckpt_000000020.pt.sha256"):
+        ckpt.load(newest)
+    path, state = ckpt.load_newest_valid(tmp_path)
+    assert path == saver.path_for(10) and state["iteration"] == 10
+    assert "skipping unusable checkpoint" in caplog.text and "ckpt_000000020.pt" in caplog.text
+    assert ckpt.usability(newest).startswith("damaged") and ckpt.usability(path) == "ok"
+
+
+def test_missing_digest_new_format_refused_old_format_accepted(tmp_path, caplog):
+    saver = _saved(tmp_path)
+    ckpt.digest_path(saver.path_for(20)).unlink()
+    with pytest.raises(CheckpointError, match="has no digest file ckpt_000000020.pt.sha256"):
+        ckpt.load(saver.path_for(20))
+    old = tmp_path / "ckpt_000000005.pt"  # a checkpoint from before digests: format 1, no sidecar
+    torch.save({"format": 1, "iteration": 5, "method": {"w": torch.ones(2)}}, old)
+    assert ckpt.load(old)["iteration"] == 5
+    assert "has no digest" in caplog.text and "ckpt_000000005.pt" in caplog.text
+
+
+def test_pruning_removes_digests_too(tmp_path):
+    _saved(tmp_path, iterations=(1, 2, 3, 4), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ckpt_000000003.pt", "ckpt_000000003.pt.sha256", "ckpt_000000004.pt", "ckpt_000000004.pt.sha256"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        saver = _saved(tmp_path, iterations=(1,))
+        ckpt.atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    for p in (saver.path_for(1), ckpt.digest_path(saver.path_for(1)), tmp_path / "config.yaml"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+
+
+def test_non_tensor_pickle_gets_the_projects_own_line(tmp_path):
+    from fractions import Fraction
+
+    p = tmp_path / "ckpt_000000001.pt"
+    torch.save({"x": Fraction(1, 3)}, p)
+    with pytest.raises(CheckpointError) as err:
+        ckpt.load(p)
+    msg = str(err.value)
+    assert msg == f"checkpoint {p} holds objects other than tensors and plain containers; refusing to unpickle it"
+    assert "weights_only" not in msg and "Weights only" not in msg
+
+
+def test_leftovers_removed(tmp_path):
+    _saved(tmp_path, iterations=(1,))
+    junk = [tmp_path / ".ckpt_000000002.pt.123.abcd1234.tmp", tmp_path / "ckpt_000000002.pt.sha256"]
+    for j in junk:
+        j.write_bytes(b"x" * 1000)
+    removed = ckpt.remove_leftovers(tmp_path)
+    assert sorted(p for p, _ in removed) == sorted(junk) and all(size == 1000 for _, size in removed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt", "ckpt_000000001.pt.sha256"]
+
+
+DISK_FULL = r"""
+import sys, torch
+from pathlib import Path
+from simmatch import checkpoint as ckpt
+d = Path(sys.argv[1]) / "checkpoints"
+saver = ckpt.CheckpointSaver(d, keep=3, background=True)
+state = {"format": 2, "iteration": 1, "method": {"w": torch.ones(1_500_000)}}  # 6 MB
+saver.save(state, 1)
+saver.wait()
+state["iteration"] = 2
+saver.save(state, 2)
+try:
+    saver.wait()
+    print("no error")
+except ckpt.CheckpointError as exc:
+    print("ERROR", exc)
+print("FILES", sorted(p.name for p in d.iterdir()))
+print("NEWEST", ckpt.load_newest_valid(d)[1]["iteration"])
+"""
+
+
+def test_disk_full_is_named(tmp_path):
+    """A real full file system: a 10 MB tmpfs in a private mount namespace."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL)
+    res = subprocess.run(["unshare", *user, "--mount", "sh", "-c",
+                          f'mount -t tmpfs -o size=10m tmpfs "{mnt}" && exec "{sys.executable}" "{script}" "{mnt}"'],
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         timeout=100)
+    if "mount" in res.stderr and "ERROR" not in res.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    assert res.returncode == 0, res.stderr
+    error = next(line for line in res.stdout.splitlines() if line.startswith("ERROR"))
+    assert f"disk full: checkpoint {mnt}/checkpoints/ckpt_000000002.pt needs about 5.7 MB" in error, error
+    assert f"{mnt}/checkpoints had " in error and "previous checkpoint is kept" in error
+    assert "FILES ['ckpt_000000001.pt', 'ckpt_000000001.pt.sha256']" in res.stdout  # no temp file left
+    assert "NEWEST 1" in res.stdout
+
+
+HOLDER = r"""
+import sys, time
+from simmatch.runlock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_writer_per_run_dir_and_a_dead_holder_is_detected(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=f"in use by pid {proc.pid} on "):
+            RunLock(tmp_path).acquire(wait_s=0.2)
+        assert holder(tmp_path).startswith(f"pid {proc.pid} on ")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    lock = RunLock(tmp_path).acquire(wait_s=0.2)  # the kernel released the dead holder's lock
+    assert lock.previous.startswith(f"pid {proc.pid} on ")  # ... whose name is still in the file
+    assert holder(tmp_path).startswith(f"pid {os.getpid()} on ")
+    lock.release()
+    assert holder(tmp_path) is None
+    again = RunLock(tmp_path).acquire(wait_s=0.2)
+    assert again.previous is None  # released cleanly
+    again.release()
