@@ -36,7 +36,7 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
                                                              "iteration": best_it}
     # keep_ckpts=1 pruned every recovery checkpoint but the newest; best.pt is never pruned
     assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == \
-        ["best.json", "best.pt", "ckpt_000000004.pt", "last.pt"]
+        ["best.json", "best.pt", "best.pt.sha256", "ckpt_000000004.pt", "ckpt_000000004.pt.sha256", "last.pt"]
     assert os.readlink(ckpts / "last.pt") == "ckpt_000000004.pt"
     assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] == best_it
 

@@ -113,7 +113,7 @@ def test_refusals(tmp_path):
         init_backbone(net, tmp_path / "other.pth", "resnet10")
     with open(tmp_path / "evil.pth", "wb") as f:  # an arbitrary object is never unpickled
         pickle.dump({"conv1.weight": Payload()}, f)
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
+    with pytest.raises(CheckpointError, match="refusing to unpickle it"):
         init_backbone(net, tmp_path / "evil.pth", "resnet10")
     torch.save(source_resnet(10).state_dict(), tmp_path / "r10.pth")  # into resnet18: another architecture
     with pytest.raises(CheckpointError, match="architecture mismatch"):

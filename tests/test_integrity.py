@@ -51,6 +51,24 @@ def test_overwritten_bytes_are_rejected_and_the_previous_one_used(tmp_path, capl
     assert ckpt.usability(newest).startswith("damaged") and ckpt.usability(path) == "ok"
 
 
+def test_last_and_best_are_checked_too(tmp_path):
+    saver = _saved(tmp_path)
+    saver.save_best({"format": 2, "iteration": 20, "method": {"w": torch.ones(8)}}, {"iteration": 20})
+    saver.wait()
+    assert ckpt.load(tmp_path / "last.pt")["iteration"] == 20  # a symlink: checked against its target's digest
+    assert ckpt.verify(tmp_path / "best.pt")
+    for name in ("ckpt_000000020.pt", "best.pt"):
+        with open(tmp_path / name, "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff" * 64)
+    for name in ("last.pt", "best.pt"):
+        with pytest.raises(CheckpointError, match="is damaged"):
+            ckpt.load(tmp_path / name)
+    assert ckpt.load_picked(tmp_path, "last")[1]["iteration"] == 10  # falls back past the damaged one
+    with pytest.raises(CheckpointError, match="best.pt is damaged"):
+        ckpt.load_picked(tmp_path, "best")
+
+
 def test_missing_digest_new_format_refused_old_format_accepted(tmp_path, caplog):
     saver = _saved(tmp_path)
     ckpt.digest_path(saver.path_for(20)).unlink()
@@ -65,7 +83,7 @@ def test_missing_digest_new_format_refused_old_format_accepted(tmp_path, caplog)
 def test_pruning_removes_digests_too(tmp_path):
     _saved(tmp_path, iterations=(1, 2, 3, 4), keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "ckpt_000000003.pt", "ckpt_000000003.pt.sha256", "ckpt_000000004.pt", "ckpt_000000004.pt.sha256"]
+        "ckpt_000000003.pt", "ckpt_000000003.pt.sha256", "ckpt_000000004.pt", "ckpt_000000004.pt.sha256", "last.pt"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
@@ -99,7 +117,7 @@ def test_leftovers_removed(tmp_path):
         j.write_bytes(b"x" * 1000)
     removed = ckpt.remove_leftovers(tmp_path)
     assert sorted(p for p, _ in removed) == sorted(junk) and all(size == 1000 for _, size in removed)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt", "ckpt_000000001.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt", "ckpt_000000001.pt.sha256", "last.pt"]
 
 
 DISK_FULL = r"""
@@ -142,7 +160,7 @@ def test_disk_full_is_named(tmp_path):
     error = next(line for line in res.stdout.splitlines() if line.startswith("ERROR"))
     assert f"disk full: checkpoint {mnt}/checkpoints/ckpt_000000002.pt needs about 5.7 MB" in error, error
     assert f"{mnt}/checkpoints had " in error and "previous checkpoint is kept" in error
-    assert "FILES ['ckpt_000000001.pt', 'ckpt_000000001.pt.sha256']" in res.stdout  # no temp file left
+    assert "FILES ['ckpt_000000001.pt', 'ckpt_000000001.pt.sha256', 'last.pt']" in res.stdout  # no temp file left
     assert "NEWEST 1" in res.stdout
 
 
