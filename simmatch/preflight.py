@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,46 +38,14 @@ def _run(name: str, fn: Callable[[], str]) -> Check:
         return Check(name, False, str(exc))
 
 
-def _lock_fields(text: str) -> dict:
-    """host and pid from a lock file written as JSON or as `key=value` words."""
-    import json
-
-    try:
-        data = json.loads(text)
-        if isinstance(data, dict):
-            return data
-    except ValueError:
-        pass
-    fields = {}
-    for token in text.replace(",", " ").split():
-        key, _, value = token.partition("=")
-        fields[key.strip().lower()] = value
-    return fields
-
-
 def lock_holder(run_dir: Path) -> str | None:
-    """Who holds RUN_DIR/.lock, when it names a live process (else None).
+    """Who holds RUN_DIR/.lock now ('pid P on HOST'), else None: the training's own test
+    (simmatch/runlock.py), an flock that the kernel drops when its holder dies, so a stale
+    lock file naming a dead (or recycled) pid never blocks a run."""
+    from simmatch.runlock import holder
 
-    The training's lock file names its holder's host and pid. A holder on this host is alive
-    when its pid is; one on another host cannot be seen from here and counts as holding it.
-    A lock file without a readable pid is not held against the run (the training itself
-    decides)."""
-    path = run_dir / ".lock"
-    if not path.is_file():
-        return None
-    text = path.read_text(errors="replace")
-    fields = _lock_fields(text)
-    host, pid = fields.get("host"), str(fields.get("pid", ""))
-    if not pid.isdigit():
-        return None
-    if host in (None, "", socket.gethostname()):
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return None  # a dead holder: the next writer takes the lock over
-        except PermissionError:
-            pass
-    return f"{path}: host {host or socket.gethostname()}, pid {pid}"
+    who = holder(run_dir)
+    return f"{run_dir / '.lock'}: {who}" if who else None
 
 
 def run_checks(cfg: Config, run_dir: Path, world_size: int | None = None,

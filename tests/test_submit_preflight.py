@@ -94,16 +94,20 @@ def test_check_without_training(digits_root, tmp_path):
 
 
 def test_check_sees_a_live_lock_holder(tmp_path):
-    """A run directory whose .lock names a live process fails --check; a dead one does not."""
+    """A run directory whose lock a live process holds fails --check; a stale lock file
+    naming a dead process (or one on another host) does not, as training takes it over."""
     import os
     import socket
 
     from simmatch.preflight import lock_holder
+    from simmatch.runlock import RunLock
 
-    (tmp_path / ".lock").write_text(f"host={socket.gethostname()} pid={os.getpid()}\n")
-    assert str(os.getpid()) in lock_holder(tmp_path)
+    lock = RunLock(tmp_path).acquire()
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in lock_holder(tmp_path)
+    lock.release()
+    assert lock_holder(tmp_path) is None
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / ".lock").write_text('{"host": "%s", "pid": %s}' % (socket.gethostname(), child.stdout.strip()))
+    (tmp_path / ".lock").write_text(f"host={socket.gethostname()} pid={child.stdout.strip()}\n")
     assert lock_holder(tmp_path) is None  # its holder has exited
     (tmp_path / ".lock").write_text("host=elsewhere pid=1\n")
-    assert "elsewhere" in lock_holder(tmp_path)
+    assert lock_holder(tmp_path) is None  # nobody holds the flock
