@@ -100,8 +100,15 @@ class Trainer:
 
         self.student: nn.Module = self.method.student
         if self.world > 1:
+            # find_unused_parameters=True is what keeps resume exact above 2 ranks: without it DDP
+            # reduces a process's first step in one bucket and re-lays the buckets out afterwards,
+            # and the ring all-reduce sums an element of 3+ ranks in an order that depends on its
+            # place in its bucket, so a resumed process would add the same gradients differently
+            # at its first step. With it the buckets are never rebuilt: one layout for every step
+            # of every process (docs/RELIABILITY.md). The reducer's warning that no parameter was
+            # unused is expected.
             self.student = DDP(self.method.student, device_ids=[device.index] if device.type == "cuda" else None,
-                               forward_sync_buffers=False)
+                               forward_sync_buffers=False, find_unused_parameters=True)
         if cfg.train.compile:
             self.student = torch.compile(self.student)
         self.optimizer = build_optimizer(self.method.student, cfg, self.derived.lr)
@@ -306,12 +313,17 @@ class Trainer:
                 n_window += 1
                 progress.step()
                 done = self.iteration == d.total_iters
-                if self.iteration % d.log_every == 0 or done:
+                interrupted = stop.agreed()
+                if self.iteration % d.log_every == 0 or done or interrupted:
+                    # A window cut by an interruption (ended by the stop, or begun by a resume
+                    # in its middle) is logged as such, with the number of steps it averages.
+                    partial = (self.iteration - n_window) % d.log_every != 0 or \
+                        not (self.iteration % d.log_every == 0 or done)
                     last = self._log(window.reduce(), lr, per_step * n_window / (time.perf_counter() - t_window),
-                                     (time.perf_counter() - t_start) / (self.iteration - start_it), progress)
+                                     (time.perf_counter() - t_start) / (self.iteration - start_it), progress,
+                                     n_window, partial)
                     t_window, n_window = time.perf_counter(), 0
                     guard.check(self.iteration, ckpt_dir)  # the host has synced anyway
-                interrupted = stop.agreed()
                 if interrupted or self.iteration % d.ckpt_every == 0 or done:
                     guard.check(self.iteration, ckpt_dir, self.method)  # never save NaN weights
                     self.save()
@@ -349,12 +361,17 @@ class Trainer:
                            self.iteration)
 
     def _log(self, values: dict[str, float], lr: float, img_s: float, s_per_it: float,
-             progress: Progress) -> dict:
-        record = {"kind": "train", "iteration": self.iteration, "lr": lr, "img_s": img_s * 1.0, **values}
+             progress: Progress, steps: int, partial: bool) -> dict:
+        record = {"kind": "train", "iteration": self.iteration, "lr": lr, "img_s": img_s * 1.0,
+                  "steps": steps, **values}
+        if partial:
+            record["partial"] = True
         self.metrics_file.write(record)
         eta = format_eta(s_per_it * (self.derived.total_iters - self.iteration))
         parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         text = f"it {self.iteration}/{self.derived.total_iters} {parts} lr {lr:.4g} img/s {img_s:.1f} eta {eta}"
+        if partial:
+            text += f" (partial window: {steps} steps)"
         progress.update(self.iteration, values)
         self.log.info(text)  # above the bar on a terminal (tqdm.write), a plain line elsewhere
         return dict(values)
