@@ -9,7 +9,9 @@ no chance for the ranks to save together):
    (which logs the requeue), counts time-outs against max_requeues, runs
    `scontrol requeue` and exits; the other ranks wait to be stopped by the requeue;
 4. the requeued job (same job id, same run directory) resumes from the newest checkpoint.
-A SIGTERM without USR2 (scancel, or an admin's `scontrol requeue`) is not requeued by us.
+A SIGTERM without USR2 (scancel, or an admin's `scontrol requeue`) is not requeued by us: the
+run is logged as stopped (cancelled) or, when SLURM itself has requeued the job (its restart
+count went up), as requeued by SLURM.
 """
 from __future__ import annotations
 
@@ -167,10 +169,26 @@ class TrainJob:
         if self._should_requeue(result.signum, job_env):
             # submitit: checkpoint() -> requeue -> sys.exit; or UncompletedJobError past max_requeues
             self._submitit_handler(signal.SIGUSR2, None)
+        if self._requeued_by_slurm(job_env):
+            # An admin's `scontrol requeue` (or SLURM itself) sends SIGTERM alone and restarts
+            # the job: the run goes on, it is not stopped.
+            submissions.append_event(self.run_dir, submissions.REQUEUED, job_id=job_env.job_id,
+                                     reason="requeued by SLURM (scontrol requeue)",
+                                     signal=_signame(result.signum), iteration=result.iteration)
+            return result
         submissions.append_event(self.run_dir, submissions.STOPPED, job_id=job_env.job_id,
                                  iteration=result.iteration, signal=_signame(result.signum),
                                  reason=self._stop_reason(job_env))
         return result
+
+    @staticmethod
+    def _requeued_by_slurm(job_env: Any) -> bool:
+        """SLURM counts the restart as soon as it requeues a job (its state then reads
+        COMPLETING, then PENDING): more restarts than this run of the job started with."""
+        if job_env.cluster != "slurm":
+            return False
+        restarts = query_job(job_env.job_id).get("Restarts", "")
+        return restarts.isdigit() and int(restarts) > int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
     def _note_late_usr2(self, signum: int, frame: Any) -> None:
         self._late_usr2 = True

@@ -19,7 +19,7 @@ LOG_NAME = "submissions.jsonl"
 # event names
 SUBMITTED = "submitted"  # by tools/submit.py: job_id, nodes, tasks, cfg, overrides
 STARTED = "started"  # by global rank 0 at each start of the job (restart = SLURM_RESTART_COUNT)
-REQUEUED = "requeued"  # reason: "timeout" | "preemption"; iteration of the saved checkpoint
+REQUEUED = "requeued"  # reason: "timeout" | "preemption" | "requeued by SLURM (scontrol requeue)"; iteration
 FINISHED = "finished"  # training reached its last iteration
 STOPPED = "stopped"  # interrupted and not requeued: cancelled, too many timeouts, ...
 FAILED = "failed"  # the training raised

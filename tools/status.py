@@ -4,14 +4,17 @@
   python tools/status.py RUN_DIR [--lines 5] [--wait [--timeout S]]
 
 The state comes from `scontrol show job` (no accounting needed) and, once SLURM has
-forgotten the job, from the run's submissions log. With --wait it returns when the job has
-ended: exit 0 when the run finished, 1 otherwise (cancelled, failed, stopped).
+forgotten the job, from the run's submissions log; a forgotten job the log shows no end of
+(cancelled while pending) is NOT_FOUND and counts as ended. With --wait it returns when the
+job has ended: exit 0 when the run finished, 1 otherwise (cancelled, failed, stopped, not
+found), 3 when --timeout passed first.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,8 +30,17 @@ _CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 _ENDINGS = {submissions.FINISHED: "COMPLETED", submissions.STOPPED: "STOPPED", submissions.FAILED: "FAILED"}
 
 
+def _present(value: str | None) -> bool:
+    """A field worth showing: scontrol writes an empty value or '(null)' for what is not set yet."""
+    return value not in (None, "", "(null)", "None")
+
+
 def run_state(run_dir: Path) -> tuple[str, str]:
-    """(state, detail): SLURM's state of the newest job, or what the log says once it is gone."""
+    """(state, detail): SLURM's state of the newest job, or what the log says once it is gone.
+
+    A job SLURM no longer knows (forgotten MinJobAge after its end) without an end in the log
+    (cancelled while pending, killed before it could log) is NOT_FOUND, which counts as ended.
+    """
     events = submissions.read_events(run_dir)
     job_id = submissions.last_job_id(events)
     if job_id is None:
@@ -36,14 +48,21 @@ def run_state(run_dir: Path) -> tuple[str, str]:
     fields = query_job(job_id)
     state = fields["JobState"]
     if state not in ("NOT_FOUND", UNKNOWN):
-        detail = f"job {job_id} on {fields.get('NodeList', '?')}, restarts {fields.get('Restarts', '0')}"
-        if fields.get("Reason") not in (None, "None"):
-            detail += f", reason {fields['Reason']}"
-        return state, detail
+        parts = [f"job {job_id}"]
+        if _present(fields.get("NodeList")):
+            parts[0] += f" on {fields['NodeList']}"
+        parts.append(f"restarts {fields['Restarts'] if _present(fields.get('Restarts')) else 0}")
+        if _present(fields.get("Reason")):
+            parts.append(f"reason {fields['Reason']}")
+        return state, ", ".join(parts)
     last = next((e for e in reversed(events) if e.get("job_id") == job_id and e["event"] in _ENDINGS), None)
     if last is not None:
-        return _ENDINGS[last["event"]], f"job {job_id}, from the submissions log ({last.get('reason', '')})"
-    return UNKNOWN, f"job {job_id}: SLURM does not know it (any more), the log shows no end"
+        why = f" ({last['reason']})" if _present(last.get("reason")) else ""
+        return _ENDINGS[last["event"]], f"job {job_id}, from the submissions log: {last['event']}{why}"
+    if state == "NOT_FOUND":
+        return "NOT_FOUND", (f"job {job_id}: SLURM no longer knows it and the submissions log shows no end "
+                             "(cancelled while pending, or killed before it could log): counted as ended")
+    return UNKNOWN, f"job {job_id}: scontrol did not answer"
 
 
 def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
@@ -123,16 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     if not run_dir.is_dir():
         raise LaunchError(f"no such run directory: {run_dir}")
     if args.wait:
+        if shutil.which("scontrol") is None:
+            raise LaunchError("--wait needs scontrol (SLURM's client) on this machine")
         deadline = time.time() + args.timeout if args.timeout > 0 else float("inf")
-        state, _ = run_state(run_dir)
+        state, detail = run_state(run_dir)
+        # Every state but UNKNOWN (scontrol did not answer: the controller may be restarting)
+        # ends or moves on by itself; a forgotten job is NOT_FOUND, which is ended.
         while not (is_ended(state) or state in ("COMPLETED", "STOPPED", "NO_JOB")):
             if time.time() > deadline:
                 print(report(run_dir, args.lines))
                 print(f"still {state} after {args.timeout:.0f} s", file=sys.stderr)
                 return 3
             time.sleep(2)
-            state, _ = run_state(run_dir)
+            state, detail = run_state(run_dir)
         print(report(run_dir, args.lines))
+        if state == "NOT_FOUND":
+            print(f"note: {detail}", file=sys.stderr)
         events = submissions.read_events(run_dir)
         finished = bool(events) and events[-1]["event"] == submissions.FINISHED
         return 0 if state == "COMPLETED" and finished else 1
