@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from simmatch.config import load_config  # noqa: E402
-from simmatch.engine.timer import PhaseTimer  # noqa: E402
+from simmatch.timing import PhaseTimer  # noqa: E402
 from simmatch.engine.trainer import Trainer  # noqa: E402
 
 PHASES = ["data", "teacher_forward", "targets", "student_forward", "losses", "backward", "optimizer",

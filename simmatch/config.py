@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,19 +35,19 @@ class DataConfig:
     unlabeled_list: str = ""  # default: every training image
     # The unlabeled set: `all` training images (of unlabeled_list if given) or their
     # `complement` with the labeled list (the authors' ImageNet runs).
-    unlabeled: str = "all"
+    unlabeled: Literal["all", "complement"] = "all"
     # Training images the data set has, declared: only `--print-config` / `--dry-run` use it,
     # to show the recipe where the data tree is absent (ImageNet-1k: 1,281,167). 0: unknown.
     num_train_images: int = 0
     split_seed: int = 0
     num_classes: int = 1000
-    backend: str = "dali"  # dali | torch | synthetic
-    device: str = "auto"  # auto | gpu | cpu
+    backend: Literal["dali", "torch", "synthetic"] = "dali"
+    device: Literal["auto", "gpu", "cpu"] = "auto"
     crop_size: int = 224
     val_resize: int = 256  # shorter side before the center crop
     min_scale: float = 0.2
     max_scale: float = 1.0
-    strong: str = "simclr"  # simclr | randaugment
+    strong: Literal["simclr", "randaugment"] = "simclr"
     jitter: float = 0.4  # brightness, contrast, saturation strength
     hue: float = 0.1
     jitter_prob: float = 0.8
@@ -77,22 +77,36 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet50"  # a torchvision ResNet name, or resnet10 (one block per stage)
     small_input: bool = False  # 3x3 stride-1 stem and no max-pool, for images of 32 px or less
-    proj_dim: int = 128
+    proj_dim: int = 128  # output of the projection head (0: no head)
+    proj_hidden: int = 0  # hidden width of the projection head; 0: the trunk's feature width
+    proj_bn: bool = False  # BatchNorm1d in the head's hidden layer (ISD: yes; SimMatch: no)
     ema_momentum: float = 0.999
+    # eman: EMA of parameters and BN buffers, eval mode. ema_shuffle_bn: EMA of parameters only,
+    # train mode (BN on batch statistics) with shuffle-BN across ranks (SimMatch's published runs,
+    # MoCo, ISD). Only a teacher that makes targets runs this way; FixMatch's and the supervised
+    # baseline's EMA is only evaluated and always eman.
+    teacher: Literal["eman", "ema_shuffle_bn"] = "eman"
     init_from: str = ""  # run directory or checkpoint whose trunk initialises the student
 
 
 @dataclass
 class MethodConfig:
-    name: str = "simmatch"  # simmatch | fixmatch | supervised | isd
-    tau: float = 0.7  # confidence threshold of the class pseudo-label
+    name: Literal["simmatch", "fixmatch", "supervised", "isd"] = "simmatch"
+    tau: float = 0.7  # confidence threshold of SimMatch's class pseudo-label
+    fixmatch_tau: float = 0.95  # FixMatch's threshold (its paper: 0.95 CIFAR/SVHN/STL, 0.7 ImageNet)
+    use_bank: bool = True  # false: SimMatch without the labeled bank (no L_in, no propagation)
     temperature: float = 0.1  # t of the similarity softmax
     alpha: float = 0.9  # blend of p_w and the aggregated q_w
     lambda_u: float = 10.0
     lambda_in: float = 5.0
     dist_align: bool = True
     da_len: int = 256
-    da_target: str = "uniform"  # uniform | labeled (labeled-label marginal, ReMixMatch)
+    # uniform: SimMatch's DA (da_len batch means, uniform target); labeled: ReMixMatch's DA
+    # (remixmatch_da_len-entry average initialised uniform, labeled-label marginal as target)
+    # followed by its sharpening with remixmatch_t
+    da_target: Literal["uniform", "labeled"] = "uniform"
+    remixmatch_da_len: int = 128
+    remixmatch_t: float = 0.5
     bank_momentum: float = 0.0  # 0: overwrite rows; >0: temporal ensemble (small K)
     propagate_after_epochs: int = 0  # official: L_in and aggregation start after epoch 0
     # ISD (self-supervised): queue of teacher embeddings and the two temperatures
@@ -100,6 +114,7 @@ class MethodConfig:
     isd_t_student: float = 0.1
     isd_t_teacher: float = 0.01
     predictor_hidden: int = 512
+    predictor_bn: bool = True
 
 
 @dataclass
@@ -113,7 +128,7 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     epochs: float = 400.0
     iters: int = 0  # >0 overrides epochs: total optimizer steps (per_gpu: of the reference batch)
-    impl: str = "foreach"  # foreach | fused | plain
+    impl: Literal["foreach", "fused", "plain"] = "foreach"
 
 
 @dataclass
@@ -123,7 +138,7 @@ class TrainConfig:
     # global batch grows with the ranks and every per-step quantity (lr, teacher momentum, DA
     # length, step counts and intervals) is converted from the reference global labeled batch
     # optim.base_batch so that it stays the same in images seen (see `derive`).
-    scale: str = "fixed_global"
+    scale: Literal["fixed_global", "per_gpu"] = "fixed_global"
     batch_size: int = 64  # global labeled batch, divided over the ranks (scale=fixed_global)
     batch_per_gpu: int = 0  # labeled images per rank (scale=per_gpu)
     mu: int = 5  # unlabeled images per labeled image
@@ -134,8 +149,8 @@ class TrainConfig:
     min_bn_images: int = 0
     # The epoch's last incomplete global batch: pad (repeat items cyclically, every image every
     # epoch: steps = ceil) or drop (the authors' drop_last: steps = floor(N / global batch)).
-    partial_batch: str = "pad"
-    amp: str = "auto"  # auto (bf16 on GPU, none on CPU) | bf16 | fp16 | none
+    partial_batch: Literal["pad", "drop"] = "pad"
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on GPU, none on CPU
     channels_last: bool = False
     compile: bool = False
     seed: int = 0
@@ -183,6 +198,7 @@ class Scale:
     lr: float  # linear rule: optim.lr x global labeled batch / optim.base_batch
     ema_momentum: float  # model.ema_momentum ** step_scale
     da_len: int  # batch means in the DA queue: method.da_len / step_scale, rounded, >= 1
+    remixmatch_da_len: int  # the same for ReMixMatch's buffer (method.da_target=labeled)
     bn_group_ranks: int
     bn_group_images: int  # images in one BN batch (the smaller of student and teacher forward)
     log_every: int
@@ -258,6 +274,7 @@ def derive_scale(cfg: Config, world_size: int) -> Scale:
         lr=cfg.optim.lr * glob / cfg.optim.base_batch,
         ema_momentum=cfg.model.ema_momentum ** k,
         da_len=_per_step(cfg.method.da_len, k),
+        remixmatch_da_len=_per_step(cfg.method.remixmatch_da_len, k),
         bn_group_ranks=group, bn_group_images=bn_images,
         log_every=_per_step(t.log_every, k), ckpt_every=_per_step(t.ckpt_every, k),
         eval_every=_per_step(t.eval_every, k) if t.eval_every > 0 else 0,
@@ -295,6 +312,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotated type; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
@@ -405,18 +427,17 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     return cfg
 
 
-_CHOICES = {
-    "data.backend": ("dali", "torch", "synthetic"),
-    "data.device": ("auto", "gpu", "cpu"),
-    "data.strong": ("simclr", "randaugment"),
-    "data.unlabeled": ("all", "complement"),
-    "method.name": ("simmatch", "fixmatch", "supervised", "isd"),
-    "method.da_target": ("uniform", "labeled"),
-    "optim.impl": ("foreach", "fused", "plain"),
-    "train.amp": ("auto", "bf16", "fp16", "none"),
-    "train.scale": ("fixed_global", "per_gpu"),
-    "train.partial_batch": ("pad", "drop"),
-}
+def choices(obj: Any, prefix: str = "") -> dict[str, tuple]:
+    """Every `Literal[...]` field of the dataclass tree `obj`: dotted key -> allowed values."""
+    out: dict[str, tuple] = {}
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(choices(value, f"{prefix}{f.name}."))
+        elif typing.get_origin(hints[f.name]) is Literal:
+            out[prefix + f.name] = typing.get_args(hints[f.name])
+    return out
 
 
 @dataclass(frozen=True)
@@ -485,8 +506,12 @@ RANGES: dict[str, Range] = {
     "data.synthetic_size": _COUNT,
     "data.val_batch": _NONNEG,
     "model.proj_dim": _COUNT,
+    "model.proj_hidden": _NONNEG,
     "model.ema_momentum": _UNIT,
     "method.tau": _UNIT,
+    "method.fixmatch_tau": _UNIT,
+    "method.remixmatch_da_len": _COUNT,
+    "method.remixmatch_t": _gt(0),
     "method.temperature": _gt(0),
     "method.alpha": _UNIT,
     "method.lambda_u": _NONNEG,
@@ -533,11 +558,13 @@ def _check_range(key: str, value: Any, rng: Range) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject values that type-check but cannot work: choices, ranges, relations between keys."""
-    for key, allowed in _CHOICES.items():
+    for key, allowed in choices(cfg).items():  # also catches values set in code, not loaded
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+    if cfg.method.name == "fixmatch" and cfg.method.da_target != "uniform":
+        raise ConfigError("method.da_target=labeled applies to simmatch only: FixMatch aligns no distribution")
     for key, rng in RANGES.items():
         section, name = key.split(".")
         _check_range(key, getattr(getattr(cfg, section), name), rng)

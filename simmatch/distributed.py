@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -161,3 +162,69 @@ def bn_group(group_ranks: int):
         return dist.group.WORLD
     mine, _ = dist.new_subgroups(group_size=group_ranks)
     return mine
+
+
+# --------------------------------------------------------------------------- shuffle-BN
+
+def shuffle_permutation(total: int, seed: int, step: int) -> torch.Tensor:
+    """The permutation of a global batch of `total` samples used at `step`: a pure function
+    of (seed, step), so every rank draws the same one without a broadcast and a resumed run
+    draws the one an uninterrupted run would. CPU int64."""
+    g = torch.Generator().manual_seed(int(seed) * 2**32 + int(step))
+    return torch.randperm(total, generator=g)
+
+
+@dataclass
+class ShufflePlan:
+    """Which rows this rank sends where, and where received rows go, for one permutation.
+
+    Global sample i lives on rank i // n at row i % n (n rows per rank, rank order). After the
+    shuffle, rank r holds the samples perm[r*n : (r+1)*n], in that order: exactly MoCo's
+    `_batch_shuffle_ddp` (all-gather, then x_all[perm.view(W, n)[r]]), but each sample
+    crosses the network once, in one all_to_all.
+    """
+
+    send_index: torch.Tensor  # local rows, grouped by destination rank (rank order), each in position order
+    send_counts: list[int]
+    recv_order: torch.Tensor  # shuffled-batch position of each received row
+    recv_counts: list[int]
+
+
+def shuffle_plan(perm: torch.Tensor, rank_: int, world: int, device: torch.device | str = "cpu") -> ShufflePlan:
+    n = perm.numel() // world
+    if n * world != perm.numel():
+        raise ValueError(f"shuffle-BN needs equal batches on every rank ({perm.numel()} over {world})")
+    block = perm.view(world, n)
+    src = torch.div(block, n, rounding_mode="floor")  # source rank of each shuffled position
+    mine = src == rank_
+    send_index = block[mine] - rank_ * n  # row-major: destination rank, then position
+    recv_src = src[rank_]
+    recv_order = torch.sort(recv_src, stable=True).indices  # received rows come grouped by source
+    return ShufflePlan(send_index.to(device, non_blocking=True), mine.sum(dim=1).tolist(),
+                       recv_order.to(device, non_blocking=True),
+                       torch.bincount(recv_src, minlength=world).tolist())
+
+
+def _exchange(rows: torch.Tensor, out_rows: int, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+    out = rows.new_empty((out_rows, *rows.shape[1:]))
+    dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=recv_counts,
+                           input_split_sizes=send_counts)
+    return out
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
+    """This rank's share of the globally permuted batch (see `ShufflePlan`)."""
+    received = _exchange(x[plan.send_index], x.shape[0], plan.send_counts, plan.recv_counts)
+    out = torch.empty_like(received)
+    out[plan.recv_order] = received
+    return out
+
+
+@torch.no_grad()
+def batch_unshuffle(y: torch.Tensor, plan: ShufflePlan) -> torch.Tensor:
+    """Outputs of the shuffled batch sent back to the ranks and rows their inputs came from."""
+    received = _exchange(y[plan.recv_order], y.shape[0], plan.recv_counts, plan.send_counts)
+    out = torch.empty_like(received)
+    out[plan.send_index] = received
+    return out

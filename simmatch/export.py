@@ -16,7 +16,7 @@ import torchvision
 from simmatch import checkpoint as ckpt
 from simmatch.config import Config, from_dict
 from simmatch.errors import CheckpointError, UserError
-from simmatch.models import Network, build_network
+from simmatch.models import Network, network_for
 from simmatch.models.network import resnet10
 
 PREFIXES = {"student": "student.", "teacher": "teacher.module."}
@@ -62,8 +62,7 @@ def training_network(cfg: Config, net_state: dict) -> Network:
     """Trunk, classifier and projection head; a student's predictor (ISD) is not needed to evaluate."""
     net_state = {k: v for k, v in net_state.items() if not k.startswith("predictor.")}
     has_head = any(k.startswith("head.") for k in net_state)
-    net = build_network(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input,
-                        cfg.model.proj_dim if has_head else 0)
+    net = network_for(cfg, head=has_head)
     net.load_state_dict(net_state, strict=True)
     return net
 

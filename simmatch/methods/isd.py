@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from simmatch.methods.base import Batch, Method
-from simmatch.methods.simmatch import fp32
-from simmatch.models import Network
+from simmatch.methods.losses import fp32
+from simmatch.methods.registry import register
+from simmatch.models import Network, network_for
 from simmatch.queue import EmbeddingQueue
 
 
@@ -19,24 +20,31 @@ def isd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, queue: torch.
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
 
 
+@register("isd")
 class ISD(Method):
     needs_labeled = False
     trains_classifier = False
 
     def __init__(self, student: Network, ema_momentum: float, queue_size: int, t_student: float = 0.1,
-                 t_teacher: float = 0.01, seed: int = 0):
-        super().__init__(student, ema_momentum)
+                 t_teacher: float = 0.01, teacher: str = "eman", seed: int = 0):
+        super().__init__(student, ema_momentum, teacher, seed)
         if student.head is None or student.predictor is None:
             raise ValueError("ISD needs a projection head and a predictor")
         self.queue = EmbeddingQueue(queue_size, student.head[-1].out_features, seed)
         self.t_student, self.t_teacher = t_student, t_teacher
         self._pending: torch.Tensor | None = None
 
+    @classmethod
+    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> "ISD":
+        m = cfg.method
+        return cls(network_for(cfg, head=True, predictor=True), derived.ema_momentum, m.queue_size,
+                   m.isd_t_student, m.isd_t_teacher, teacher=cfg.model.teacher, seed=cfg.train.seed)
+
     def training_losses(self, student, labeled: Batch | None, unlabeled: Batch | None,
                         iteration: int) -> dict[str, torch.Tensor]:
         assert unlabeled is not None
         with torch.no_grad(), self.timer("teacher_forward"):
-            _, k = self.teacher(unlabeled["weak"], predict=False)
+            _, k = self.teacher_forward(unlabeled["weak"], iteration, predict=False)
         with self.timer("student_forward"):
             logits, q = student(unlabeled["strong"][0])
         with fp32(q.device), self.timer("losses"):

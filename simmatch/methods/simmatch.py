@@ -1,17 +1,21 @@
 """SimMatch (CVPR 2022): class and instance pseudo-labels that propagate through a labeled bank.
 
-FixMatch is the special case without the bank (lambda_in = 0, p_hat = p_w). Targets are
-computed in fp32 under no_grad; every cross-entropy uses log_softmax.
+`method.use_bank=false` is SimMatch without the bank (no L_in, no propagation: p_hat = the
+aligned, soft p_w), an ablation; Sohn et al.'s FixMatch is its own method (`fixmatch.py`).
+Targets are computed in fp32 under no_grad; every cross-entropy uses log_softmax.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from simmatch.alignment import DistributionAlignment
+from simmatch.alignment import DistributionAlignment, ReMixMatchAlignment
 from simmatch.bank import LabeledBank
 from simmatch.methods.base import Batch, Method
-from simmatch.models import Network
+from simmatch.methods.losses import fp32, pseudo_label_metrics, soft_cross_entropy
+from simmatch.methods.registry import register
+from simmatch.models import Network, network_for
 
 
 def pseudo_labels(p_w: torch.Tensor, q_w: torch.Tensor, bank_labels: torch.Tensor,
@@ -33,28 +37,22 @@ def pseudo_labels(p_w: torch.Tensor, q_w: torch.Tensor, bank_labels: torch.Tenso
     return p_hat, q_hat
 
 
-def fp32(device: torch.device):
-    """Autocast off: targets and losses are computed in full precision."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def soft_cross_entropy(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """Per-sample H(target, softmax(logits))."""
-    return -(target * F.log_softmax(logits.float(), dim=1)).sum(dim=1)
-
-
+@register("simmatch")
 class SimMatch(Method):
     def __init__(self, student: Network, ema_momentum: float, bank_labels: torch.Tensor,
                  num_classes: int, *, tau: float, temperature: float, alpha: float,
                  lambda_u: float, lambda_in: float, dist_align: bool = True, da_len: int = 256,
-                 da_target: torch.Tensor | None = None, bank_momentum: float = 0.0,
-                 propagate_after_iters: int = 0, use_bank: bool = True, seed: int = 0):
-        super().__init__(student, ema_momentum)
+                 da: nn.Module | None = None, bank_momentum: float = 0.0,
+                 propagate_after_iters: int = 0, use_bank: bool = True, teacher: str = "eman",
+                 seed: int = 0):
+        super().__init__(student, ema_momentum, teacher, seed)
         self.tau, self.temperature, self.alpha = tau, temperature, alpha
         self.lambda_u, self.lambda_in = lambda_u, lambda_in
         self.propagate_after_iters = propagate_after_iters
         self.use_bank = use_bank
-        self.da = DistributionAlignment(num_classes, da_len, da_target) if dist_align else None
+        if da is None and dist_align:
+            da = DistributionAlignment(num_classes, da_len)
+        self.da = da
         self.bank = None
         if use_bank:
             if student.head is None:
@@ -63,11 +61,23 @@ class SimMatch(Method):
             self.bank = LabeledBank(len(bank_labels), dim, bank_labels, bank_momentum, seed)
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> "SimMatch":
+        m = cfg.method
+        da = None
+        if m.dist_align and m.da_target == "labeled":
+            da = ReMixMatchAlignment(cfg.data.num_classes, derived.remixmatch_da_len, m.remixmatch_t)
+        return cls(
+            network_for(cfg, head=m.use_bank), derived.ema_momentum, bank_labels, cfg.data.num_classes,
+            tau=m.tau, temperature=m.temperature, alpha=m.alpha, lambda_u=m.lambda_u,
+            lambda_in=m.lambda_in if m.use_bank else 0.0, dist_align=m.dist_align, da_len=derived.da_len,
+            da=da, bank_momentum=m.bank_momentum, propagate_after_iters=derived.propagate_after_iters,
+            use_bank=m.use_bank, teacher=cfg.model.teacher, seed=cfg.train.seed)
+
     @torch.no_grad()
     def _targets(self, labeled: Batch, unlabeled: Batch, iteration: int):
-        b = labeled["x"].shape[0]
         with self.timer("teacher_forward"):
-            logits, emb = self.teacher(torch.cat([labeled["x"], unlabeled["weak"]]))
+            logits, emb = self.teacher_forward(torch.cat([labeled["x"], unlabeled["weak"]]), iteration)
         with self.timer("targets"):
             return self._propagate(logits, emb, labeled, iteration)
 
@@ -75,7 +85,7 @@ class SimMatch(Method):
         b = labeled["x"].shape[0]
         p_w = torch.softmax(logits[b:].float(), dim=1)
         if self.da is not None:
-            p_w = self.da(p_w)
+            p_w = self.da(p_w, labeled["y"])
         propagate = self.use_bank and iteration >= self.propagate_after_iters
         q_hat = None
         if propagate:
@@ -121,17 +131,12 @@ class SimMatch(Method):
         elif emb is not None:
             loss = loss + 0.0 * emb.sum()  # keeps DDP's set of used parameters fixed
 
-        y_u = unlabeled["y"]
-        known = (y_u >= 0).float()
-        correct = (pred == y_u).float() * known
         return {
             "loss": loss,
             "loss_x": loss_x.detach(),
             "loss_u": loss_u.detach(),
             "loss_in": loss_in.detach(),
-            "mask": mask.mean(),
-            "pl_acc": correct.sum() / known.sum().clamp(min=1),
-            "pl_acc_masked": (correct * mask).sum() / (known * mask).sum().clamp(min=1),
+            **pseudo_label_metrics(pred, mask, unlabeled["y"]),
         }
 
     @torch.no_grad()

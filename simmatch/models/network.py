@@ -38,19 +38,25 @@ def build_backbone(arch: str, num_classes: int, small_input: bool = False) -> to
     return net
 
 
-class ProjectionHead(nn.Sequential):
-    """dim -> dim -> out, ReLU between; the output is L2-normalised by the caller."""
+def mlp(dim: int, hidden: int, out_dim: int, bn: bool) -> list[nn.Module]:
+    """Linear -> [BatchNorm1d] -> ReLU -> Linear."""
+    return [nn.Linear(dim, hidden), *([nn.BatchNorm1d(hidden)] if bn else []), nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim)]
 
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, out_dim))
+
+class ProjectionHead(nn.Sequential):
+    """dim -> hidden -> out, ReLU (and optionally BN) between; L2-normalised by the caller.
+    SimMatch: 2048 -> 2048 -> 128 without BN; ISD: 2048 -> 4096 (BN) -> 512."""
+
+    def __init__(self, dim: int, out_dim: int, hidden: int = 0, bn: bool = False):
+        super().__init__(*mlp(dim, hidden or dim, out_dim, bn))
 
 
 class Predictor(nn.Sequential):
-    """The student-only MLP on top of the projection (ISD, BYOL): dim -> hidden -> dim."""
+    """The student-only MLP on top of the projection (ISD, BYOL): dim -> hidden (BN) -> dim."""
 
-    def __init__(self, dim: int, hidden: int):
-        super().__init__(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim))
+    def __init__(self, dim: int, hidden: int, bn: bool = True):
+        super().__init__(*mlp(dim, hidden, dim, bn))
 
 
 class Network(nn.Module):
@@ -61,12 +67,14 @@ class Network(nn.Module):
     it inside DDP, so its gradients are averaged like the rest.
     """
 
-    def __init__(self, backbone: torchvision.models.ResNet, proj_dim: int = 128, predictor_hidden: int = 0):
+    def __init__(self, backbone: torchvision.models.ResNet, proj_dim: int = 128, predictor_hidden: int = 0,
+                 proj_hidden: int = 0, proj_bn: bool = False, predictor_bn: bool = True):
         super().__init__()
         self.backbone = backbone
         self.feat_dim = backbone.fc.in_features
-        self.head = ProjectionHead(self.feat_dim, proj_dim) if proj_dim > 0 else None
-        self.predictor = Predictor(proj_dim, predictor_hidden) if predictor_hidden > 0 and proj_dim > 0 else None
+        self.head = ProjectionHead(self.feat_dim, proj_dim, proj_hidden, proj_bn) if proj_dim > 0 else None
+        self.predictor = (Predictor(proj_dim, predictor_hidden, predictor_bn)
+                          if predictor_hidden > 0 and proj_dim > 0 else None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
@@ -86,5 +94,16 @@ class Network(nn.Module):
 
 
 def build_network(arch: str, num_classes: int, small_input: bool = False, proj_dim: int = 128,
-                  predictor_hidden: int = 0) -> Network:
-    return Network(build_backbone(arch, num_classes, small_input), proj_dim, predictor_hidden)
+                  predictor_hidden: int = 0, proj_hidden: int = 0, proj_bn: bool = False,
+                  predictor_bn: bool = True) -> Network:
+    return Network(build_backbone(arch, num_classes, small_input), proj_dim, predictor_hidden,
+                   proj_hidden, proj_bn, predictor_bn)
+
+
+def network_for(cfg, head: bool = True, predictor: bool = False) -> Network:
+    """The network `cfg.model` describes (a `simmatch.config.Config`), with or without the
+    projection head and the predictor."""
+    m = cfg.model
+    return build_network(m.arch, cfg.data.num_classes, m.small_input, m.proj_dim if head else 0,
+                         cfg.method.predictor_hidden if predictor else 0, m.proj_hidden, m.proj_bn,
+                         cfg.method.predictor_bn)
