@@ -31,7 +31,8 @@ def pseudo_labels(p_w: torch.Tensor, q_w: torch.Tensor, bank_labels: torch.Tenso
     index = bank_labels.long().unsqueeze(0).expand(q_w.shape[0], -1)
     q_hat = torch.gather(p_w, 1, index)  # unfolding: p_unfold[i, j] = p_w[i, bank_labels[j]]
     q_hat.mul_(q_w)  # in place: B x K is the large tensor here (320 x 128k on ImageNet 10%)
-    q_hat.div_(q_hat.sum(dim=1, keepdim=True).clamp_(min=1e-12))
+    # guard only against 0/0: a row whose mass underflows far below 1e-12 is still normalised
+    q_hat.div_(q_hat.sum(dim=1, keepdim=True).clamp_(min=torch.finfo(q_hat.dtype).tiny))
     q_agg = torch.zeros_like(p_w).scatter_add_(1, index, q_w)  # sum of q_w per class
     p_hat = alpha * p_w + (1.0 - alpha) * q_agg
     return p_hat, q_hat
