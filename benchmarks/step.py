@@ -2,7 +2,7 @@
 """Training-step speed of a method through the real engine: img/s, a time breakdown, peak memory.
 
 Examples
-  python benchmarks/step.py --arch resnet18 --crop 32 --batch 8 --mu 5 --compare fixmatch   # CPU
+  python benchmarks/step.py --arch resnet18 --crop 32 --batch 8 --mu 5 --compare nobank     # CPU
   python benchmarks/step.py --arch resnet50 --batch 8 --mu 5 --backend synthetic           # one GPU
   python benchmarks/step.py --arch resnet50 --batch 8 --mu 5 --backend dali --data DIR
 
@@ -32,9 +32,15 @@ PHASES = ["data", "teacher_forward", "targets", "student_forward", "losses", "ba
           "ema", "bank_update"]
 
 
+# "nobank": SimMatch without its labeled bank (method.use_bank=false), the yardstick for what
+# the bank costs; "fixmatch" is Sohn et al.'s FixMatch (one student forward, no teacher).
+METHODS = {"simmatch": [], "nobank": ["method.name=simmatch", "method.use_bank=false"],
+           "fixmatch": ["method.name=fixmatch"], "supervised": ["method.name=supervised"]}
+
+
 def build(args, method: str, run_dir: Path, device: torch.device) -> Trainer:
     overrides = [
-        f"method.name={method}", f"model.arch={args.arch}", f"model.small_input={args.crop <= 64}",
+        *METHODS[method], f"model.arch={args.arch}", f"model.small_input={args.crop <= 64}",
         f"data.backend={args.backend}", f"data.crop_size={args.crop}", f"data.num_classes={args.classes}",
         f"data.synthetic_size={max(4096, args.batch * args.mu * 4)}", f"data.num_threads={args.threads}",
         f"data.device={'gpu' if device.type == 'cuda' else 'cpu'}", f"data.prefetch={args.prefetch}",
@@ -89,8 +95,8 @@ def measure(args, method: str, device: torch.device) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="simmatch", choices=["simmatch", "fixmatch", "supervised"])
-    ap.add_argument("--compare", default=None, choices=["fixmatch", "supervised"],
+    ap.add_argument("--method", default="simmatch", choices=list(METHODS))
+    ap.add_argument("--compare", default=None, choices=["nobank", "fixmatch", "supervised"],
                     help="also run this method and report the step-time ratio")
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--crop", type=int, default=224)

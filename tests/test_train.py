@@ -58,16 +58,18 @@ def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, t
     raise AssertionError("iteration never reached")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGTERM])
-def test_signal_then_resume_is_bit_identical(digits_root, tmp_path, signum):
+@pytest.mark.parametrize("signum,teacher", [(signal.SIGUSR2, "ema_shuffle_bn"), (signal.SIGTERM, "eman")])
+def test_signal_then_resume_is_bit_identical(digits_root, tmp_path, signum, teacher):
+    """Also the train-mode teacher with shuffle-BN across the 2 ranks (all_to_all under gloo)."""
     iters = 10
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref = train(tiny_overrides(digits_root, ref_dir, **{"optim.iters": iters}))
+    extra = {"optim.iters": iters, "model.teacher": teacher}
+    ref = train(tiny_overrides(digits_root, ref_dir, **extra))
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     stop_after = random.Random(signum + os.getpid()).randint(1, iters - 3)
     args = [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "2",
-            *tiny_overrides(digits_root, run_dir, **{"optim.iters": iters})]
+            *tiny_overrides(digits_root, run_dir, **extra)]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_iteration(run_dir, stop_after, proc)
     proc.send_signal(signum)
@@ -76,7 +78,7 @@ def test_signal_then_resume_is_bit_identical(digits_root, tmp_path, signum):
     stopped = final_state(run_dir)["iteration"]
     assert stop_after <= stopped, (stop_after, stopped)
     if stopped < iters:  # the signal arrived before the last step: resume to the end
-        res = train(tiny_overrides(digits_root, run_dir, **{"optim.iters": iters}))
+        res = train(tiny_overrides(digits_root, run_dir, **extra))
         assert res.returncode == 0, res.stderr[-3000:]
         assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
     assert_same_weights(final_state(ref_dir), final_state(run_dir))
