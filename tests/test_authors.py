@@ -13,7 +13,6 @@ losses, gradients, parameters after the update, teacher, bank.
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,6 +168,18 @@ def tiny_in1k_config(name: str = "in1k_1pct.yaml"):
         "data.root=/nonexistent"])
 
 
+def derived_as_authors(cfg):
+    """The recipe derived at the authors' 8 GPUs (per-step values unscaled: EMA 0.999, DA 256),
+    with L_in and propagation from the first step."""
+    import dataclasses
+
+    from simmatch.config import derive
+
+    d = derive(cfg, 8, K, 10 * K)
+    assert (d.ema_momentum, d.da_len) == (0.999, 256)
+    return dataclasses.replace(d, propagate_after_iters=0)
+
+
 def batches(step: int, rank: int):
     g = torch.Generator().manual_seed(1000 * step + rank)
     labeled = {"x": torch.randn(B, 3, SIZE, SIZE, generator=g), "y": torch.randint(0, CLASSES, (B,), generator=g),
@@ -190,7 +201,7 @@ def compare_steps(rank: int, world: int, steps: int = 3) -> dict:
     cfg = tiny_in1k_config()
     assert cfg.model.teacher == "ema_shuffle_bn" and cfg.optim.decay_bn_bias
     bank_labels = torch.arange(K) % CLASSES
-    method = SimMatch.from_config(cfg, SimpleNamespace(propagate_after_iters=0), bank_labels)
+    method = SimMatch.from_config(cfg, derived_as_authors(cfg), bank_labels)
     with torch.no_grad():  # confident predictions, so that the threshold masks some samples and not others
         method.student.backbone.fc.weight.mul_(10)
         method.teacher.module.load_state_dict(method.student.state_dict())
@@ -291,7 +302,7 @@ def test_shuffle_is_the_identity_in_one_process():
     from simmatch.methods.simmatch import SimMatch
 
     cfg = tiny_in1k_config()
-    method = SimMatch.from_config(cfg, SimpleNamespace(propagate_after_iters=0), torch.arange(K) % CLASSES)
+    method = SimMatch.from_config(cfg, derived_as_authors(cfg), torch.arange(K) % CLASSES)
     method.train()
     assert method.teacher.module.training and method.teacher.shuffle_bn
     x = torch.randn(6, 3, SIZE, SIZE)
