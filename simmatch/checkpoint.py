@@ -219,11 +219,20 @@ def verify(path: str | Path) -> bool:
 
 
 def usability(path: str | Path) -> str:
-    """'ok', 'no digest (unchecked)' or 'damaged: ...' without unpickling anything (status)."""
+    """'ok', 'no digest (...)' or 'damaged: ...' for status: the digest check, and for a file
+    without a digest its format (read through mmap, so the tensors are not read)."""
     try:
-        return "ok" if verify(path) else "no digest (unchecked)"
+        if verify(path):
+            return "ok"
     except CheckpointError as exc:
         return f"damaged: {str(exc).split(': ', 1)[-1]}"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return "damaged: cannot be loaded"
+    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] >= DIGEST_FORMAT:
+        return f"damaged: its digest file {digest_path(Path(path).resolve()).name} is missing"
+    return "no digest (written before checkpoints carried one; loaded unchecked)"
 
 
 def load(path: str | Path) -> dict:

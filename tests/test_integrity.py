@@ -78,6 +78,8 @@ def test_missing_digest_new_format_refused_old_format_accepted(tmp_path, caplog)
     torch.save({"format": 1, "iteration": 5, "method": {"w": torch.ones(2)}}, old)
     assert ckpt.load(old)["iteration"] == 5
     assert "has no digest" in caplog.text and "ckpt_000000005.pt" in caplog.text
+    assert ckpt.usability(old).startswith("no digest")
+    assert ckpt.usability(saver.path_for(20)) == "damaged: its digest file ckpt_000000020.pt.sha256 is missing"
 
 
 def test_pruning_removes_digests_too(tmp_path):

@@ -184,8 +184,10 @@ def test_status_reads_run_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no scontrol: the log decides
     run = tmp_path / "r"
     (run / "checkpoints").mkdir(parents=True)
+    from simmatch.checkpoint import save_checkpoint
+
     for it in (10, 20):
-        (run / "checkpoints" / f"ckpt_{it:09d}.pt").write_bytes(b"")
+        save_checkpoint({"format": 2, "iteration": it}, run / "checkpoints" / f"ckpt_{it:09d}.pt")
     with open(run / "metrics.jsonl", "w") as f:
         for it in (5, 10, 15, 20):
             f.write(json.dumps({"kind": "train", "iteration": it, "loss": 1.0 / it}) + "\n")
