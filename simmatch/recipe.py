@@ -103,6 +103,17 @@ def _n(value) -> str:
     return "unknown" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _batch_text(r: dict) -> str:
+    """Per-GPU and global batches of the streams the method trains on."""
+    gpus = f"per step over {r['world_size']} GPU(s)"
+    if r["method"] == "isd":
+        return f"{r['unlabeled_per_gpu']} unlabeled per GPU; {r['global_unlabeled']} {gpus} (no labels in training)"
+    if r["method"] == "supervised":
+        return f"{r['labeled_per_gpu']} labeled per GPU; {r['global_labeled']} {gpus}"
+    return (f"{r['labeled_per_gpu']} labeled + {r['unlabeled_per_gpu']} unlabeled per GPU; "
+            f"{r['global_labeled']} + {r['global_unlabeled']} {gpus}")
+
+
 def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     """Human-readable lines, then the recipe as one JSON object (the last line)."""
     r = recipe(cfg, world_size)
@@ -116,8 +127,7 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     lines = [
         f"recipe of {r['config'] or 'run'} ({r['method']}) at world size {r['world_size']}, "
         f"train.scale={r['scale']}",
-        f"  batch        {r['labeled_per_gpu']} labeled + {r['unlabeled_per_gpu']} unlabeled per GPU; "
-        f"{r['global_labeled']} + {r['global_unlabeled']} per step over {r['world_size']} GPU(s)",
+        f"  batch        {_batch_text(r)}",
         f"  BN groups    {r['bn_group_ranks']} rank(s) = {r['bn_group_images']} images per BN batch"
         f" (train.min_bn_images={r['min_bn_images']})",
         f"  teacher      {r['teacher']}, EMA momentum {r['ema_momentum']:.6g}"
