@@ -32,3 +32,13 @@ def test_no_import_points_up(package):
             if name.split(".")[0] in FORBIDDEN[package]:
                 upward.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not upward, upward
+
+
+@pytest.mark.parametrize("package", ["simmatch/methods", "simmatch/models"])
+def test_methods_and_models_do_not_import_the_engine(package):
+    """The engine drives the methods; a method needs nothing from it (the phase timer lives
+    in simmatch/timing.py)."""
+    upward = [f"{path.relative_to(ROOT)} imports {name}"
+              for path in sorted((ROOT / package).rglob("*.py"))
+              for name in imported_modules(path) if name.startswith("simmatch.engine")]
+    assert not upward, upward
