@@ -62,7 +62,8 @@ def run_state(run_dir: Path) -> tuple[str, str]:
     if state == "NOT_FOUND":
         return "NOT_FOUND", (f"job {job_id}: SLURM no longer knows it and the submissions log shows no end "
                              "(cancelled while pending, or killed before it could log): counted as ended")
-    return UNKNOWN, f"job {job_id}: scontrol did not answer"
+    return UNKNOWN, f"job {job_id}: scontrol did not answer" if shutil.which("scontrol") else \
+        f"job {job_id}: no scontrol to ask"
 
 
 def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
@@ -142,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if not run_dir.is_dir():
         raise LaunchError(f"no such run directory: {run_dir}")
     if args.wait:
-        if shutil.which("scontrol") is None:
-            raise LaunchError("--wait needs scontrol (SLURM's client) on this machine")
         deadline = time.time() + args.timeout if args.timeout > 0 else float("inf")
         state, detail = run_state(run_dir)
+        if state == UNKNOWN and shutil.which("scontrol") is None:  # nothing could ever answer
+            raise LaunchError(f"--wait needs scontrol (SLURM's client) here: {detail}, the log shows no end")
         # Every state but UNKNOWN (scontrol did not answer: the controller may be restarting)
         # ends or moves on by itself; a forgotten job is NOT_FOUND, which is ended.
         while not (is_ended(state) or state in ("COMPLETED", "STOPPED", "NO_JOB")):
