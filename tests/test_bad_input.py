@@ -59,9 +59,23 @@ def test_checkpoint_of_another_architecture(digits_root, tmp_path):
     before = snapshot(run_dir)
     res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
                    *tiny_overrides(digits_root, run_dir, **{"optim.iters": 4, "model.arch": "resnet18"}))
+    # The config check refuses first, naming the key and both values.
+    assert_one_line_error(res, "model.arch", "'resnet10' -> 'resnet18'", "train.run_dir")
+    assert_unchanged(before, snapshot(run_dir))
+    # A saved config edited by hand gets past that check: the checkpoint's own check refuses.
+    saved = run_dir / "config.yaml"
+    edited = saved.read_text().replace("arch: resnet10", "arch: resnet18")
+    assert edited != saved.read_text()
+    saved.write_text(edited)
+    before = {k: v for k, v in snapshot(run_dir).items() if k != "config.yaml"}
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                   *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2, "model.arch": "resnet18"}))
     assert_one_line_error(res, "ckpt_000000002.pt", "arch='resnet10'", "'resnet18'")
-    after = snapshot(run_dir)
-    # Nothing that was there is changed (the log files only gain lines).
+    assert_unchanged(before, snapshot(run_dir))
+
+
+def assert_unchanged(before: dict[str, str], after: dict[str, str]) -> None:
+    """Nothing that was there is changed (the log files only gain lines)."""
     for name, digest in before.items():
         if not name.startswith("log_rank"):
             assert after[name] == digest, name
