@@ -54,7 +54,10 @@ class Method(nn.Module):
             return self.teacher(x, **kwargs)
         perm = dist.shuffle_permutation(x.shape[0] * world, self.seed, iteration)
         plan = dist.shuffle_plan(perm, dist.rank(), world, x.device)
-        logits, emb = self.teacher(dist.batch_shuffle(x, plan), **kwargs)
+        shuffled = dist.batch_shuffle(x, plan)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            shuffled = shuffled.contiguous(memory_format=torch.channels_last)  # keep the layout
+        logits, emb = self.teacher(shuffled, **kwargs)
         c = logits.shape[1]
         parts = [logits.float()] + ([emb.float()] if emb is not None else [])
         out = dist.batch_unshuffle(torch.cat(parts, dim=1), plan)  # one exchange for both
