@@ -140,6 +140,9 @@ def test_second_writer_is_refused_and_the_first_is_unaffected(digits_root, tmp_p
     first = _popen([*TRAIN, *args])
     try:
         _wait_for_iteration(run_dir, 1, first)
+        # Held still (a stopped process keeps its lock) so that it cannot finish before the
+        # second writer has tried: the refusal, not the timing, is under test.
+        os.kill(first.pid, signal.SIGSTOP)
         assert not dead.exists(), "a dead writer's temporary file was not removed"
         live = run_dir / "checkpoints" / ".ckpt_000000099.pt.1.live.tmp"  # stands for the first run's
         live.write_bytes(b"x")
@@ -150,9 +153,11 @@ def test_second_writer_is_refused_and_the_first_is_unaffected(digits_root, tmp_p
                          f"(lock {run_dir / '.lock'}); one writer per run directory"], second.stderr
         assert live.exists(), "the refused run removed a live writer's file"
         live.unlink()
+        os.kill(first.pid, signal.SIGCONT)
         out, err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
+            os.kill(first.pid, signal.SIGCONT)
             first.kill()
     assert first.returncode == 0, err[-3000:]
     assert "removed 1 temporary file(s) (1.0 MB)" in err
