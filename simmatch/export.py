@@ -108,18 +108,23 @@ def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:
     return card
 
 
-def _atomic_output(path: Path, write, check=None) -> None:
-    """Write to a temporary name next to `path`, check it, then rename; nothing is left on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _atomic_outputs(paths: list[Path], write, check) -> bool:
+    """Write every file under a temporary name next to its target, check them together, and
+    rename them only if `check` returns True; nothing is left behind otherwise."""
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmps = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in paths]
     try:
-        write(tmp)
-        if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
+        write(tmps)
+        if not check(tmps):
+            return False
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+        return True
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def export(path: str | Path, which: str, out: str | Path, head_out: str | Path | None = None,
@@ -143,28 +148,26 @@ def export(path: str | Path, which: str, out: str | Path, head_out: str | Path |
     targets = [stem.with_suffix(".pth"), stem.with_suffix(".safetensors")]
     if head_out and head:
         targets.append(Path(head_out))
-    for t in targets:
-        t.parent.mkdir(parents=True, exist_ok=True)
-    tmps = [t.with_name(f".{t.name}.{os.getpid()}.tmp") for t in targets]
     contiguous = {k: v.contiguous() for k, v in backbone.items()}
     card = model_card(cfg, state, which)
     diff = float("nan")
-    try:
+
+    def write(tmps: list[Path]) -> None:
         torch.save(contiguous, tmps[0])
         save_file(contiguous, str(tmps[1]), metadata=card)
         if len(tmps) > 2:
             torch.save({k: v.contiguous() for k, v in head.items()}, tmps[2])
+
+    def check(tmps: list[Path]) -> bool:
+        nonlocal diff
         diff = max(verify(cfg, net_state, written) for written in
                    (torch.load(tmps[0], map_location="cpu", weights_only=True), load_file(str(tmps[1]))))
-        if diff == 0.0:
-            for tmp, target in zip(tmps, targets):
-                os.replace(tmp, target)
+        return diff == 0.0
+
+    try:
+        _atomic_outputs(targets, write, check)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"export to {stem} failed: {str(exc).splitlines()[0]}") from None
-    finally:
-        for tmp in tmps:
-            if tmp.exists():
-                tmp.unlink()
     return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
             "small_input": cfg.model.small_input, "max_abs_diff": diff,
             "written": targets if diff == 0.0 else [], "metadata": card}
@@ -196,8 +199,10 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     result: dict = {}
 
-    def write(tmp: Path) -> None:
+    def write(tmps: list[Path]) -> None:
         import warnings
+
+        (tmp,) = tmps
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -209,7 +214,8 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
             proto.metadata_props.add(key=key, value=value)
         onnx.save(proto, str(tmp))
 
-    def check(tmp: Path) -> None:
+    def check(tmps: list[Path]) -> bool:
+        (tmp,) = tmps
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(session.run(["logits"], {"image": x.numpy()})[0])
         with torch.no_grad():
@@ -218,10 +224,11 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
         if not result["max_abs_diff"] <= tolerance:
             raise CheckpointError(f"ONNX export of {file}: onnxruntime's logits differ from PyTorch's by "
                                   f"{result['max_abs_diff']:.3g} (tolerance {tolerance:g}); nothing written")
+        return True
 
     out = Path(out)
     out = out if out.suffix == ".onnx" else out.with_suffix(".onnx")
-    _atomic_output(out, write, check)
+    _atomic_outputs([out], write, check)
     return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
             "small_input": cfg.model.small_input, "max_abs_diff": result["max_abs_diff"],
             "tolerance": tolerance, "written": [out], "metadata": card}

@@ -93,11 +93,10 @@ def read_list(path: str | Path) -> list[str]:
 
 def write_list(paths: list[str], out: str | Path) -> Path:
     """One relative path per line; written to a temporary name first so readers never see half."""
+    from simmatch.checkpoint import atomic_write_text
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(p + "\n" for p in paths))
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(p + "\n" for p in paths))
     return out
 
 
