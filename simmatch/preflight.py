@@ -3,8 +3,10 @@
 The checks a job would otherwise fail on minutes (or a queue wait) after it starts: config
 values, the data tree (exists, class count, val classes, split lists resolve, a sample of
 train and every val and labeled image decode), the run directory (writable, not held by
-another writer, a saved config this run may resume with, the world size of its
-checkpoints). `tools/submit.py` runs it before sbatch. Each check is one printed line.
+another writer, a saved config this run may resume with, and what resuming its newest
+checkpoint at the job's world size changes: batch, lr, iteration). `tools/submit.py` runs it
+before sbatch, so a job that would fail at start is refused before the queue wait. Each check
+is one printed line.
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ def run_checks(cfg: Config, run_dir: Path, world_size: int | None = None,
         checks.append(_run("images decode", decode))
     checks.append(_run("run directory", lambda: _run_dir(run_dir)))
     if resuming:
-        checks.append(_run("resume", lambda: _resume(cfg, run_dir, world_size, allow_config_change)))
+        counts = (len(splits.labeled_files), len(splits.unlabeled_files)) if splits is not None else None
+        checks.append(_run("resume", lambda: _resume(cfg, run_dir, world_size, allow_config_change, counts)))
     return checks
 
 
@@ -104,8 +107,13 @@ def _run_dir(run_dir: Path) -> str:
     return f"{run_dir} {state}, writable, not in use"
 
 
-def _resume(cfg: Config, run_dir: Path, world_size: int | None, allow_config_change: bool) -> str:
-    """The run's saved config accepts this one; its newest checkpoint has this world size."""
+def _resume(cfg: Config, run_dir: Path, world_size: int | None, allow_config_change: bool,
+            counts: tuple[int, int] | None = None) -> str:
+    """The run's saved config accepts this one, and its newest checkpoint can go on at
+    `world_size`: the same world size resumes exactly; another one is an elastic resume, judged
+    here (the batch and BN groups at the new size must exist) and described in one line.
+
+    `counts` (labeled, unlabeled images) lets the line give the run's length in new steps."""
     import yaml
 
     from simmatch import checkpoint as ckpt
@@ -121,11 +129,25 @@ def _resume(cfg: Config, run_dir: Path, world_size: int | None, allow_config_cha
     if found is None:
         return "no loadable checkpoint: the run starts afresh"
     path, state = found
-    ranks = state.get("world_size")
-    if world_size is not None and ranks != world_size:
-        raise UserError(f"{path.name} was written by {ranks} ranks, the job has {world_size}: "
-                        f"exact resume needs the same world size (ask for {ranks} tasks)")
-    return f"resumes from {path.name} (iteration {state.get('iteration')}, {ranks} ranks)"
+    ranks, iteration = state.get("world_size"), state.get("iteration")
+    head = f"resumes from {path.name} (iteration {iteration}, written by {ranks} rank{'' if ranks == 1 else 's'})"
+    if world_size is None or not ranks or ranks == world_size or iteration is None:
+        return head + (": same world size, exact resume" if world_size is not None and ranks == world_size else "")
+    return f"{head}: {describe_elastic(cfg, ranks, world_size, int(iteration), counts)}"
+
+
+def describe_elastic(cfg: Config, old_world: int, new_world: int, iteration: int,
+                     counts: tuple[int, int] | None = None) -> str:
+    """What resuming at `new_world` ranks changes (simmatch.elastic.describe); a ConfigError
+    naming the key when the recipe has no batch or BN groups at that world size."""
+    from simmatch.config import derive
+    from simmatch.elastic import describe
+
+    derive_scale(cfg, new_world)  # its own error first: it names the key that cannot scale
+    total = None
+    if cfg.optim.iters > 0 or counts is not None:
+        total = derive(cfg, new_world, *(counts or (1, 1))).total_iters
+    return describe(cfg, old_world, new_world, iteration, total)
 
 
 def check_main(cfg: Config, run_dir: Path, world_size: int | None, allow_config_change: bool) -> int:

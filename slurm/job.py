@@ -92,16 +92,21 @@ def _newest_checkpoint_iteration(run_dir: str) -> int | None:
 
 
 class TrainJob:
-    """The submitted callable: `simmatch.train.run(cfg_path, overrides + [train.run_dir=...])`."""
+    """The submitted callable: `simmatch.train.run(cfg_path, overrides + [train.run_dir=...])`.
+
+    `allow_config_change` is tools/submit.py's --allow-config-change, carried into the job (and
+    its requeues) because the job, not the submitting shell, resumes the run with the new config.
+    """
 
     WAIT_FOR_REQUEUE_S = 180  # non-zero ranks: how long to wait for rank 0's requeue to stop them
 
     def __init__(self, cfg_path: str | None, overrides: list[str], run_dir: str,
-                 entry: str = "simmatch.train:run") -> None:
+                 entry: str = "simmatch.train:run", allow_config_change: bool = False) -> None:
         self.cfg_path = cfg_path
         self.overrides = list(overrides)
         self.run_dir = str(run_dir)
         self.entry = entry  # module:function with run's signature (tests use a stand-in)
+        self.allow_config_change = allow_config_change
         self._transient()
 
     def _transient(self) -> None:
@@ -112,14 +117,16 @@ class TrainJob:
 
     def __getstate__(self) -> dict:
         return {"cfg_path": self.cfg_path, "overrides": self.overrides, "run_dir": self.run_dir,
-                "entry": self.entry}
+                "entry": self.entry, "allow_config_change": self.allow_config_change}
 
     def __setstate__(self, state: dict) -> None:
+        self.allow_config_change = False  # pickled before the flag existed
         self.__dict__.update(state)
         self._transient()
 
     def __repr__(self) -> str:
-        return f"TrainJob(cfg={self.cfg_path!r}, run_dir={self.run_dir!r}, overrides={self.overrides!r})"
+        flag = ", allow_config_change=True" if self.allow_config_change else ""
+        return f"TrainJob(cfg={self.cfg_path!r}, run_dir={self.run_dir!r}, overrides={self.overrides!r}{flag})"
 
     def train_overrides(self) -> list[str]:
         return [*self.overrides, f"train.run_dir={self.run_dir}"]
@@ -146,7 +153,8 @@ class TrainJob:
         module, _, name = self.entry.partition(":")
         run = getattr(importlib.import_module(module), name)  # lazily: torch is imported in the job only
         try:
-            result = run(self.cfg_path, self.train_overrides())
+            extra = {"allow_config_change": True} if self.allow_config_change else {}
+            result = run(self.cfg_path, self.train_overrides(), **extra)
         except Exception as exc:
             if in_submitit and rank == 0:
                 submissions.append_event(self.run_dir, submissions.FAILED, job_id=job_env.job_id,
@@ -254,7 +262,8 @@ class TrainJob:
             submissions.append_event(self.run_dir, submissions.REQUEUED, job_id=job_id,
                                      reason="timeout" if timed_out else "preemption",
                                      signal=_signame(self._signum), iteration=iteration, timeouts_left=left)
-        return DelayedSubmission(TrainJob(self.cfg_path, self.overrides, self.run_dir, self.entry))
+        return DelayedSubmission(TrainJob(self.cfg_path, self.overrides, self.run_dir, self.entry,
+                                          self.allow_config_change))
 
 
 def _signame(signum: int | None) -> str | None:

@@ -52,10 +52,10 @@ def test_missing_data_is_refused_before_sbatch(slurm_env, tmp_path):
     assert not (run_dir / "submissions.jsonl").exists() and not (run_dir / "slurm").exists()
 
 
-def test_resume_keeps_the_job_shape_and_world_size(slurm_env, digits_root, tmp_path):
+def test_resume_keeps_the_job_shape_and_judges_the_world_size(slurm_env, digits_root, tmp_path):
     run_dir = tmp_path / "r"
     res = subprocess.run([sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml",
-                          *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2, "train.batch_size": 4})],
+                          *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2, "train.batch_size": 3})],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     # the run's own submission: 1 node x 1 CPU task (written as tools/submit.py writes it)
@@ -65,10 +65,10 @@ def test_resume_keeps_the_job_shape_and_world_size(slurm_env, digits_root, tmp_p
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --nodes=1" in res.stdout and "#SBATCH --ntasks-per-node=1" in res.stdout
     assert "gpus" not in res.stdout.split("\n\n")[0]  # not the 8-GPU default
-    # another world size is refused before sbatch: the checkpoint was written by 1 rank
+    # another world size is an elastic resume, judged before sbatch: 3 images per step cannot be
+    # shared by 2 ranks (tests/test_elastic_preflight.py has the accepted case)
     res = run_tool("submit.py", "--resume", str(run_dir), "--slurm", "--nodes", "2", env=slurm_env, timeout=300)
-    one_error(res, "pre-flight check failed", "written by 1 ranks, the job has 2")
-    assert "FAIL  resume" in res.stdout
+    one_error(res, "train.batch_size=3 does not divide by the world size 2")
     assert [e["event"] for e in submissions.read_events(run_dir)] == [submissions.SUBMITTED]
 
 

@@ -4,6 +4,7 @@
   python tools/submit.py --nodes 4 --cfg yaml/in1k_1pct.yaml [key=value ...]
   python tools/submit.py --cfg yaml/digits.yaml --gpus-per-node 0 --tasks-per-node 2 --nodes 2 ...
   python tools/submit.py --resume RUN_DIR            # continue a stopped or cancelled run
+  python tools/submit.py --resume RUN_DIR --nodes 1  # ... on another number of nodes (elastic resume)
   python tools/submit.py ... --dry-run               # print the sbatch script and the recipe, submit nothing
 
 Without SLURM (no sbatch on PATH) the run starts locally unless --slurm is given.
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds between USR2 and the time limit (the checkpoint's time budget)")
     p.add_argument("--max-requeues", type=int, default=10,
                    help="requeues after a time-out (preemptions requeue without limit)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue the run with another schedule length (optim.iters / "
+                        "optim.epochs given as overrides); judged by the pre-flight check and passed to the job")
     p.add_argument("--skip-check", action="store_true",
                    help="submit without the pre-flight checks (tools/train.py --check) of data and run directory")
     p.add_argument("--dry-run", action="store_true",
@@ -81,7 +85,8 @@ def _resume_source(run_dir: Path) -> tuple[str, list[str]]:
 
 def _job_shape(args: argparse.Namespace) -> None:
     """--nodes / --gpus-per-node / --tasks-per-node not given: a resumed run's own job shape
-    (its last submission), else 1 node x 8 GPUs."""
+    (its last submission), else 1 node x 8 GPUs. Those given win: `--resume RUN --nodes 1`
+    keeps the run's tasks per node on one node (an elastic resume, judged by the pre-flight)."""
     shape = {}
     if args.resume:
         for e in reversed(submissions.read_events(Path(args.resume))):
@@ -89,9 +94,13 @@ def _job_shape(args: argparse.Namespace) -> None:
                 shape = {"nodes": e["nodes"], "gpus_per_node": e.get("gpus_per_node", 8),
                          "tasks_per_node": None if e.get("gpus_per_node", 8) else e.get("tasks_per_node")}
                 break
+    inherited = set()
     for key, default in (("nodes", 1), ("gpus_per_node", 8), ("tasks_per_node", None)):
         if getattr(args, key) is None:
             setattr(args, key, shape.get(key, default))
+            inherited.add(key)
+    if "tasks_per_node" in inherited and args.gpus_per_node > 0:
+        args.tasks_per_node = None  # GPU tasks: one per GPU, whatever CPU tasks the run had before
 
 
 def _preflight(args: argparse.Namespace, job: TrainJob, spec: JobSpec) -> None:
@@ -109,7 +118,7 @@ def _preflight(args: argparse.Namespace, job: TrainJob, spec: JobSpec) -> None:
         return
     train = Path(__file__).resolve().parent / "train.py"
     cmd = [sys.executable, str(train), "--cfg", job.cfg_path, "--check", "--world-size", str(spec.world_size),
-           *(["--allow-config-change"] if getattr(args, "allow_config_change", False) else []),
+           *(["--allow-config-change"] if args.allow_config_change else []),
            *job.train_overrides()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout, end="", flush=True)
@@ -176,7 +185,8 @@ def run_local(job: TrainJob, spec: JobSpec, note: str) -> int:
         return 0
     from simmatch.launch_local import launch
 
-    return launch(job.cfg_path, job.train_overrides(), tasks)
+    return launch(job.cfg_path, job.train_overrides(), tasks,
+                  ["--allow-config-change"] if job.allow_config_change else [])
 
 
 def _selftest(args: argparse.Namespace) -> int:
@@ -215,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(cfg_path, overrides)  # a bad key or value fails here, before any job exists
     run_dir = _run_dir(args, cfg)
     overrides = [o for o in overrides if parse_override(o)[0] != "train.run_dir"]
-    job = TrainJob(str(Path(cfg_path).resolve()) if cfg_path else None, overrides, str(run_dir))
+    job = TrainJob(str(Path(cfg_path).resolve()) if cfg_path else None, overrides, str(run_dir),
+                   allow_config_change=args.allow_config_change)
     spec = _spec(args, cfg)
     if args.dry_run:
         print(sbatch_script(spec, run_dir), end="")
