@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Where a run stands: job state, its submissions and requeues, newest checkpoint, last metrics.
+"""Where a run stands: job state, its submissions and requeues, newest checkpoint, the world
+sizes it has trained at (an elastic resume changes it), last metrics.
 
   python tools/status.py RUN_DIR [--lines 5] [--wait [--timeout S]]
 
@@ -124,9 +125,13 @@ def _metrics(run_dir: Path, n: int) -> str:
 
 
 def report(run_dir: Path, lines: int) -> str:
+    from simmatch.world_sizes import world_sizes_line
+
     state, detail = run_state(run_dir)
+    newest = newest_checkpoint(run_dir)
+    sizes = world_sizes_line(run_dir, newest[1] if newest else None, submissions.read_events(run_dir))
     text = [f"run:        {run_dir}", f"state:      {state} ({detail})", writer_line(run_dir),
-            *checkpoint_lines(run_dir), "submissions:", *(_history(run_dir) or ["  (none)"]), f"metrics (last {lines}):",
+            *checkpoint_lines(run_dir), sizes, "submissions:", *(_history(run_dir) or ["  (none)"]), f"metrics (last {lines}):",
             _metrics(run_dir, lines)]
     return "\n".join(text)
 
