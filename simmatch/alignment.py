@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from simmatch import distributed as dist
+from simmatch.elastic import resize_fifo
 
 
 class DistributionAlignment(nn.Module):
@@ -24,6 +25,18 @@ class DistributionAlignment(nn.Module):
         self.register_buffer("queue", torch.zeros(length, num_classes))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A queue saved at another length (an elastic resume under train.scale=per_gpu, where
+        the length follows the global batch): its newest means, in order (elastic.resize_fifo)."""
+        key = prefix + "queue"
+        if key in state_dict and state_dict[key].shape[0] != self.queue.shape[0]:
+            rows, ptr, count = resize_fifo(state_dict[key].cpu(), int(state_dict[prefix + "ptr"]),
+                                           int(state_dict[prefix + "count"]), self.queue.shape[0])
+            state_dict[key] = rows
+            state_dict[prefix + "ptr"] = torch.tensor(ptr)
+            state_dict[prefix + "count"] = torch.tensor(count)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def forward(self, probs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,6 +72,18 @@ class ReMixMatchAlignment(nn.Module):
         self.register_buffer("p_model", torch.full((length, num_classes), 1.0 / num_classes))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("p_data", torch.full((num_classes,), 1.0 / num_classes))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A buffer saved at another length: its newest entries in order, the rest uniform as
+        at the start (every entry counts, as in their code)."""
+        key = prefix + "p_model"
+        if key in state_dict and state_dict[key].shape[0] != self.p_model.shape[0]:
+            saved = state_dict[key].cpu()
+            rows, ptr, _ = resize_fifo(saved, int(state_dict[prefix + "ptr"]), saved.shape[0],
+                                       self.p_model.shape[0], fill=torch.full_like(saved[0], 1.0 / saved.shape[1]))
+            state_dict[key] = rows
+            state_dict[prefix + "ptr"] = torch.tensor(ptr)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def forward(self, probs: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from simmatch.engine.metrics import read_metrics  # noqa: E402
 from simmatch.errors import UserError, cli_errors  # noqa: E402
 
-NOT_PLOTTED = {"kind", "iteration", "time", "img_s"}
+NOT_PLOTTED = {"kind", "iteration", "time", "img_s", "world_size"}
 
 
 def panel_keys(frames: dict) -> list[tuple[str, str]]:

@@ -83,17 +83,37 @@ class TrainStream:
                 **extra}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where `state` was saved; with another plan, at its epoch start."""
+        """Continue exactly where `state` was saved. A position saved under another world size
+        or per-rank batch (any rank's: they read in lockstep) continues at the first item of the
+        epoch that no rank had read (see sharding); another item sequence restarts its epoch."""
         if state.get("kind") != self.kind:
             raise CheckpointError(f"data position of a '{state.get('kind')}' stream given to "
                                   f"the '{self.kind}' stream")
         epoch, batch = int(state["epoch"]), int(state["batch"])
         extra = {k: v for k, v in state.items() if k not in ("kind", "plan", "epoch", "batch")}
-        if state.get("plan") != self.plan.fingerprint():
-            warnings.warn(f"{self.kind} stream: saved data position is for {state.get('plan')}, "
-                          f"now {self.plan.fingerprint()}; restarting epoch {epoch}")
-            batch, extra = 0, {}
-        self._seek(epoch, batch, extra)
+        saved = state.get("plan") or {}
+        if self.plan.same_items(saved):
+            own = self.plan.with_tail(*ShardPlan.tail_of(saved))
+            if saved == own.fingerprint():  # the same layout: bit-exact
+                self.plan = own
+                self._seek(epoch, batch, extra)
+                return
+            old = ShardPlan(self.plan.num_items, int(saved["batch_size"]), int(saved["rank"]),
+                            int(saved["world_size"]), self.plan.seed, self.plan.tag, self.plan.drop_last,
+                            *ShardPlan.tail_of(saved))
+            self._continue_elastic(epoch, old.consumed(epoch, batch))
+            return
+        warnings.warn(f"{self.kind} stream: saved data position is for {saved}, "
+                      f"now {self.plan.fingerprint()}; restarting epoch {epoch}")
+        self._seek(epoch, 0, {})
+
+    def _continue_elastic(self, epoch: int, consumed: int) -> None:
+        """Read the rest of `epoch` (from item `consumed` of its order) in this layout."""
+        plan = self.plan.with_tail(epoch, consumed)
+        if consumed >= plan.num_items or plan.batches_in(epoch) == 0:  # nothing left (drop_last)
+            plan, epoch = self.plan.with_tail(epoch + 1, 0), epoch + 1
+        self.plan = plan
+        self._seek(epoch, 0, {})
 
     def close(self) -> None:
         """Release workers or pipelines; the stream reopens itself on the next draw."""

@@ -92,17 +92,29 @@ class DaliTrainStream(TrainStream):
         self._segment_files: list[str] = []
 
     @property
+    def _segment_epochs(self) -> range:
+        return range(self._segment_epoch, self._segment_epoch + self._epochs_per_segment)
+
+    @property
     def _segment_batches(self) -> int:
-        return self._epochs_per_segment * self.plan.batches_per_epoch
+        return sum(self.plan.batches_in(e) for e in self._segment_epochs)
+
+    def _segment_start(self, epoch: int) -> int:
+        """First epoch of `epoch`'s segment; segments start at an elastic resume's first epoch."""
+        anchor = max(0, self.plan.tail_epoch)
+        return anchor + (epoch - anchor) // self._epochs_per_segment * self._epochs_per_segment
 
     def _open(self) -> None:
         from dali_pipelines.common import build, layout_of
 
-        epochs = range(self._segment_epoch, self._segment_epoch + self._epochs_per_segment)
-        order = [int(i) for e in epochs for i in self.plan.rank_order(e)]
+        order = [int(i) for e in self._segment_epochs for i in self.plan.rank_order(e)]
         self._segment_files = [self._files[i] for i in order]
         device_id = dali_device_id(self._device, self._dali_device)
-        seed = derive_seed(self.plan.seed, self.plan.tag, self._segment_epoch, self.plan.rank)
+        p = self.plan
+        parts = [p.seed, p.tag, self._segment_epoch, p.rank]
+        if p.tail_epoch >= 0:  # after an elastic resume: seeds of the new layout
+            parts += [p.world_size, p.tail_epoch, p.tail_offset]
+        seed = derive_seed(*parts)
         skip = 0
         checkpoint = self._pending
         if checkpoint is None and self._batch > 0:
@@ -139,18 +151,19 @@ class DaliTrainStream(TrainStream):
         return pack_batch(self.kind, views, index, self._labels)
 
     def _position(self) -> tuple[int, int, dict]:
-        bpe = self.plan.batches_per_epoch
-        epoch = self._segment_epoch + self._batch // bpe
+        epoch, batch = self._segment_epoch, self._batch
+        while batch >= self.plan.batches_in(epoch):
+            batch -= self.plan.batches_in(epoch)
+            epoch += 1
         checkpoint = None
         if self._batch > 0:
             checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._pending
-        return epoch, self._batch % bpe, {"dali": checkpoint}
+        return epoch, batch, {"dali": checkpoint}
 
     def _seek(self, epoch: int, batch: int, extra: dict) -> None:
         self.close()
-        eps = self._epochs_per_segment
-        self._segment_epoch = epoch - epoch % eps
-        self._batch = (epoch - self._segment_epoch) * self.plan.batches_per_epoch + batch
+        self._segment_epoch = self._segment_start(epoch)
+        self._batch = sum(self.plan.batches_in(e) for e in range(self._segment_epoch, epoch)) + batch
         checkpoint = extra.get("dali")
         self._pending = bytes(checkpoint) if checkpoint is not None and self._batch > 0 else None
 

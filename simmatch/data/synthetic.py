@@ -42,7 +42,7 @@ class SyntheticTrainStream(TrainStream):
         b = self.plan.batch_size
         index = self._order[self._batch * b:(self._batch + 1) * b]
         self._batch += 1
-        if self._batch == self.plan.batches_per_epoch:
+        if self._batch == self.plan.batches_in(self._epoch):
             self._epoch, self._batch, self._order = self._epoch + 1, 0, None
         return pack_batch(self.kind, self._views, index, self._labels)
 

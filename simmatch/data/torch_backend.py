@@ -140,11 +140,14 @@ class _EpochSampler(Sampler):
         self.plan = plan
         self.keys: list[tuple[int, int]] = []
 
-    def set_epoch(self, epoch: int, start_batch: int) -> None:
-        order = self.plan.rank_order(epoch)
-        rng = np.random.default_rng([self.plan.seed, self.plan.tag, epoch, self.plan.rank])
-        seeds = rng.integers(0, 2**62, size=len(order))
-        start = start_batch * self.plan.batch_size
+    def set_epoch(self, plan: ShardPlan, epoch: int, start_batch: int) -> None:
+        self.plan = plan
+        order = plan.rank_order(epoch)
+        key = [plan.seed, plan.tag, epoch, plan.rank]
+        if plan.offset(epoch):  # an elastic resume's first epoch: its own sample seeds
+            key += [plan.world_size, plan.offset(epoch)]
+        seeds = np.random.default_rng(key).integers(0, 2**62, size=len(order))
+        start = start_batch * plan.batch_size
         self.keys = list(zip(order[start:].tolist(), seeds[start:].tolist()))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
@@ -185,7 +188,7 @@ class TorchTrainStream(TrainStream):
 
     def __next__(self) -> dict[str, Any]:
         if self._it is None:
-            self._sampler.set_epoch(self._epoch, self._batch)
+            self._sampler.set_epoch(self.plan, self._epoch, self._batch)
             self._it = iter(self._loader)
         try:
             *views, index = next(self._it)
@@ -193,7 +196,7 @@ class TorchTrainStream(TrainStream):
             self.close()
             reraise_worker_error(exc)
         self._batch += 1
-        if self._batch == self.plan.batches_per_epoch:
+        if self._batch == self.plan.batches_in(self._epoch):
             self._epoch, self._batch, self._it = self._epoch + 1, 0, None
         memory = torch.channels_last if self._channels_last else torch.contiguous_format
         views = [v.to(self._device, non_blocking=True).contiguous(memory_format=memory)

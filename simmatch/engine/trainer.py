@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simmatch import checkpoint as ckpt
 from simmatch import distributed as dist
-from simmatch.config import Config, Derived, derive, to_dict
+from simmatch.config import Config, Derived, derive, derive_scale, to_dict
+from simmatch.data.sharding import derive_seed
+from simmatch.elastic import describe, rescale_iteration
 from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.guard import NonFiniteGuard
@@ -119,6 +122,9 @@ class Trainer:
         trackers = build_trackers(cfg, run_dir) if self.rank == 0 else []
         self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0, trackers=trackers)
         self.iteration = 0
+        self.world_history = [{"world_size": self.world, "iteration": 0}]  # each world size the run has had
+        self.elastic_from: tuple[int, int] | None = None  # (world size, iteration) of an elastic resume
+        self.resumed_from: tuple[int, int] | None = None  # (iteration, world size) of the checkpoint
         self.best = ckpt.best_record(run_dir / "checkpoints")  # what best.pt holds, if any
 
     def _check_images(self) -> None:
@@ -157,6 +163,8 @@ class Trainer:
             "num_classes": self.cfg.data.num_classes,
             "method_name": self.cfg.method.name,
             "world_size": self.world,
+            "global_batch": self.derived.global_batch,
+            "world_history": self.world_history,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -167,14 +175,18 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, source: Path) -> None:
+        """Exact resume on the same world size; on another one, an elastic resume (simmatch/elastic.py):
+        the replicated state exactly, the data from the first unread image of the epoch, the
+        iteration in steps of the new global batch, per-rank random streams derived afresh."""
         for key, mine in (("arch", self.cfg.model.arch), ("num_classes", self.cfg.data.num_classes),
                           ("method_name", self.cfg.method.name)):
             if state.get(key) != mine:
                 raise CheckpointError(f"checkpoint {source} has {key}={state.get(key)!r}, "
                                       f"this run has {mine!r}")
-        if state.get("world_size") != self.world:
-            raise CheckpointError(f"checkpoint {source} was written by {state.get('world_size')} ranks, "
-                                  f"this run has {self.world}: exact resume needs the same world size")
+        old_world = int(state.get("world_size") or 0)
+        if old_world < 1 or len(state.get("ranks", ())) != old_world:
+            raise CheckpointError(f"checkpoint {source} holds no per-rank state for its world size "
+                                  f"{state.get('world_size')!r}")
         try:
             self.method.load_state_dict(state["method"])
         except RuntimeError as exc:
@@ -182,12 +194,27 @@ class Trainer:
                                   f"{str(exc).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        mine = state["ranks"][self.rank]
-        rng.restore(mine["rng"])
-        self.streams.labeled.load_state_dict(mine["labeled"])
-        if self.streams.unlabeled is not None:
-            self.streams.unlabeled.load_state_dict(mine["unlabeled"])
-        self.iteration = int(state["iteration"])
+        iteration = int(state["iteration"])
+        self.world_history = [dict(h) for h in state.get("world_history") or
+                              [{"world_size": old_world, "iteration": 0}]]
+        if old_world == self.world:
+            mine = state["ranks"][self.rank]
+            rng.restore(mine["rng"])
+        else:  # ranks read in lockstep: any rank's position says what the epoch has consumed
+            mine = state["ranks"][0]
+            old_batch = int(state.get("global_batch") or derive_scale(self.cfg, old_world).global_batch)
+            self.iteration = rescale_iteration(iteration, old_batch, self.derived.global_batch)
+            rng.seed_all(derive_seed(self.cfg.train.seed, 1000 + self.rank, self.world, self.iteration))
+            self.world_history.append({"world_size": self.world, "iteration": self.iteration})
+            self.elastic_from = (old_world, iteration)
+        with warnings.catch_warnings():
+            if old_world != self.world:
+                warnings.simplefilter("error")  # an elastic position must continue, never restart
+            self.streams.labeled.load_state_dict(mine["labeled"])
+            if self.streams.unlabeled is not None:
+                self.streams.unlabeled.load_state_dict(mine["unlabeled"])
+        if old_world == self.world:
+            self.iteration = iteration
 
     def resume(self) -> bool:
         found = ckpt.load_newest_valid(self.run_dir / "checkpoints")
@@ -195,7 +222,11 @@ class Trainer:
             return False
         path, state = found
         self.load_state_dict(state, path)
+        if self.elastic_from is not None:
+            old_world, old_it = self.elastic_from
+            self.log.info("%s", describe(self.cfg, old_world, self.world, old_it, self.derived.total_iters))
         self.log.info("resumed from %s at iteration %d", path, self.iteration)
+        self.resumed_from = (int(state["iteration"]), int(state["world_size"]))
         return True
 
     def _init_from(self, source: str) -> None:
@@ -290,6 +321,10 @@ class Trainer:
             self._init_from(self.cfg.model.init_from)
         if self.iteration >= d.total_iters:
             return self._already_finished()
+        if self.resumed_from is not None:
+            self.metrics_file.write({"kind": "resume", "iteration": self.iteration, "world_size": self.world,
+                                     "from_iteration": self.resumed_from[0],
+                                     "from_world_size": self.resumed_from[1]})
         stop = StopRequest()
         stop.install()
         window = MetricWindow()
@@ -363,7 +398,7 @@ class Trainer:
     def _log(self, values: dict[str, float], lr: float, img_s: float, s_per_it: float,
              progress: Progress, steps: int, partial: bool) -> dict:
         record = {"kind": "train", "iteration": self.iteration, "lr": lr, "img_s": img_s * 1.0,
-                  "steps": steps, **values}
+                  "steps": steps, "world_size": self.world, **values}
         if partial:
             record["partial"] = True
         self.metrics_file.write(record)

@@ -1,0 +1,207 @@
+"""Elastic resume: a run continued on another number of ranks.
+
+Stream level (every backend, in one process, ranks emulated): the epoch goes on from the first
+image no rank has read, every image of the epoch once (then the last batch's padding); a later
+same-layout resume stays bit-exact. End to end (real gloo ranks): 2 -> 1 and 1 -> 2 ranks under
+train.scale=per_gpu, where the global batch, the lr and the DA length change with the world size:
+the replicated state loads exactly, the learning rate stays the same function of images seen.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.register_assert_rewrite("conftest_data")
+
+from conftest import ROOT, final_state, run_tool, tiny_overrides  # noqa: E402
+from conftest_data import data_cfg  # noqa: E402
+from simmatch.data import build_streams  # noqa: E402
+
+pytest_plugins = ["conftest_data"]
+CPU = torch.device("cpu")
+K = 40  # labeled images of data_cfg's split
+
+
+def _streams(root: Path, backend: str, rank: int, world: int):
+    extra = ["data.num_threads=0"] if backend == "torch" else []
+    cfg = data_cfg(root, "train.scale=per_gpu", "train.batch_per_gpu=3", "data.synthetic_size=40",
+                   *extra, backend=backend)
+    return build_streams(cfg, rank, world, CPU)
+
+
+def _draw(streams: list, n: int) -> list[list[int]]:
+    """n steps of every rank's labeled stream: the indices of each step, rank after rank."""
+    return [[i for s in streams for i in next(s.labeled)["index"].tolist()] for _ in range(n)]
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
+def test_elastic_streams_finish_the_epoch_once(digits_root, backend):
+    """2 ranks read 3 steps (18 images), 3 ranks 1 step (9 more), 1 rank the rest: every labeled
+    image of the epoch exactly once before any repeat, the padding only in the epoch's last batch;
+    then a whole new epoch. A same-layout resume after the elastic ones continues bit-identically."""
+    two = [_streams(digits_root, backend, r, 2) for r in range(2)]
+    seen = sum(_draw(two, 3), [])
+    saved = two[1].labeled.state_dict()  # any rank's position: they read in lockstep
+    three = [_streams(digits_root, backend, r, 3) for r in range(3)]
+    for s in three:
+        s.labeled.load_state_dict(saved)
+    seen += sum(_draw(three, 1), [])
+    saved = three[0].labeled.state_dict()
+    one = [_streams(digits_root, backend, 0, 1)]
+    one[0].labeled.load_state_dict(saved)
+    left = K - len(seen)  # 13: five batches of 3, the last two images padding
+    tail = sum(_draw(one, math.ceil(left / 3)), [])
+    epoch = seen + tail[:left]
+    assert sorted(epoch) == list(range(K)), "an image of the epoch was skipped or read twice"
+    assert len(tail) - left == 2 and set(tail[left:]) <= set(epoch)
+    nxt = sum(_draw(one, math.ceil(K / 3)), [])  # the next epoch is whole again
+    assert sorted(nxt[:K]) == list(range(K))
+
+    state = one[0].labeled.state_dict()
+    ahead = [next(one[0].labeled) for _ in range(2)]
+    again = _streams(digits_root, backend, 0, 1)
+    again.labeled.load_state_dict(state)
+    for want in ahead:
+        got = next(again.labeled)
+        assert torch.equal(got["index"], want["index"]) and torch.equal(got["x"], want["x"])
+    for s in two + three + one + [again]:
+        s.close()
+
+
+# ---------------------------------------------------------------------------------- end to end
+PER_GPU = {"train.scale": "per_gpu", "train.batch_per_gpu": 4, "optim.base_batch": 16, "optim.lr": 0.05,
+           "optim.iters": 6, "train.ckpt_every": 1, "train.log_every": 1, "method.da_len": 32}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stop_after_checkpoint(args: list[str], run_dir: Path) -> int:
+    """Start a training, SIGTERM it once it has saved a checkpoint; the iteration it stopped at."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not list((run_dir / "checkpoints").glob("ckpt_*.pt")):
+        assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 10 minutes"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return int(final_state(run_dir)["iteration"])
+
+
+def _lr_of_images(images: float, total_images: float, world: int) -> float:
+    """The cosine of the per_gpu recipe as a function of images seen (no warm-up):
+    base lr 0.05 x (4 x world) / 16."""
+    return 0.05 * 4 * world / 16 * 0.5 * (1 + math.cos(math.pi * images / total_images))
+
+
+def _cmd(nproc: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", *(["--nproc", str(nproc)] if nproc > 1 else []),
+            *overrides]
+
+
+def _elastic(digits_root: Path, tmp_path: Path, before: int, after: int, backend: str) -> tuple[Path, int, dict]:
+    run_dir = tmp_path / "run"
+    extra = {"data.backend": backend, "data.num_threads": 1 if backend == "dali" else 0}
+    overrides = tiny_overrides(digits_root, run_dir, **PER_GPU, **extra)
+    stopped = _stop_after_checkpoint(_cmd(before, overrides), run_dir)
+    saved = final_state(run_dir)
+    shutil.copytree(run_dir, tmp_path / "stopped")
+    res = run_tool(*_cmd(after, overrides)[1:], timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir, stopped, saved
+
+
+def _check_schedule(run_dir: Path, before: int, after: int, stopped: int) -> None:
+    # 6 steps of the reference batch 16 = 96 images: 12 steps of 8 on 2 ranks, 24 of 4 on 1
+    total_images = 6 * 16
+    rows = _records(run_dir)
+    resumed_at = round(stopped * 4 * before / (4 * after))
+    assert [r for r in rows if r["kind"] == "resume"] == [
+        {"kind": "resume", "iteration": resumed_at, "world_size": after, "from_iteration": stopped,
+         "from_world_size": before, "time": pytest.approx(time.time(), abs=3600)}]
+    train = [r for r in rows if r["kind"] == "train"]
+    for r in train:
+        world = r["world_size"]
+        # a record's lr is the one of its last step, which began after iteration - 1 steps
+        assert r["lr"] == pytest.approx(_lr_of_images((r["iteration"] - 1) * 4 * world, total_images, world),
+                                        rel=1e-9, abs=1e-12), r
+    cut = next(i for i, r in enumerate(rows) if r["kind"] == "resume")
+    assert {r["world_size"] for r in rows[:cut] if r["kind"] == "train"} <= {before}
+    assert {r["world_size"] for r in rows[cut:] if r["kind"] == "train"} == {after}
+    assert train[-1]["iteration"] == total_images // (4 * after)
+    assert final_state(run_dir)["world_history"] == [{"world_size": before, "iteration": 0},
+                                                     {"world_size": after, "iteration": resumed_at}]
+
+
+@pytest.mark.slow
+def test_elastic_two_ranks_to_one(digits_root, tmp_path):
+    """2 gloo ranks stopped by SIGTERM, resumed in 1 process: the run ends at the 1-rank schedule
+    and the lr of every logged step is the per_gpu cosine of the images seen."""
+    run_dir, stopped, saved = _elastic(digits_root, tmp_path, 2, 1, "dali")
+    _check_schedule(run_dir, 2, 1, stopped)
+    assert "elastic resume 2 -> 1 ranks" in (run_dir / "log_rank0.txt").read_text()
+    _check_loaded_state(tmp_path / "stopped", saved, stopped)
+
+
+def _fifo_reference(rows: torch.Tensor, ptr: int, count: int, length: int) -> tuple[torch.Tensor, int, int]:
+    """A ring buffer's newest rows, oldest first, in a zeroed buffer of `length` rows (a loop)."""
+    order = []
+    for age in range(count):  # age 0: the oldest filled row
+        order.append(rows[(ptr - count + age) % rows.shape[0]])
+    order = order[-length:]
+    out = torch.zeros(length, rows.shape[1])
+    for i, row in enumerate(order):
+        out[i] = row
+    return out, len(order) % length, len(order)
+
+
+def _check_loaded_state(stopped_dir: Path, saved: dict, stopped: int) -> None:
+    """The 2-rank checkpoint loaded by one process: weights, teacher, bank, optimizer momenta and
+    scaler exactly; the DA queue (64 means of 8 images -> 128 of 4) holds the same means, oldest
+    first; the data continue where both ranks together had stopped; the iteration doubles."""
+    from simmatch.config import load_config
+    from simmatch.engine.trainer import Trainer
+
+    cfg = load_config(str(stopped_dir / "config.yaml"), [f"train.run_dir={stopped_dir}"])
+    trainer = Trainer(cfg, stopped_dir, CPU)
+    assert trainer.resume()
+    assert trainer.iteration == 2 * stopped
+    state = trainer.method.state_dict()
+    da = {k for k in state if k.startswith("da.")}
+    assert da == {"da.queue", "da.ptr", "da.count"}
+    different = [k for k in state if k not in da and not torch.equal(state[k], saved["method"][k])]
+    assert not different, f"{len(different)} tensors differ after an elastic load, e.g. {different[:3]}"
+    want = _fifo_reference(saved["method"]["da.queue"], int(saved["method"]["da.ptr"]),
+                           int(saved["method"]["da.count"]), 128)
+    assert state["da.queue"].shape == (128, 10) and torch.equal(state["da.queue"], want[0])
+    assert (int(state["da.ptr"]), int(state["da.count"])) == want[1:]
+    assert state["da.queue"].sum(0).div(want[2]).allclose(
+        saved["method"]["da.queue"].sum(0) / int(saved["method"]["da.count"]))  # the same p_model
+    opt = trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(opt[i]["momentum_buffer"], saved["optimizer"]["state"][i]["momentum_buffer"])
+               for i in saved["optimizer"]["state"])
+    assert trainer.scaler.state_dict() == saved["scaler"]
+    for name, per_step in (("labeled", 8), ("unlabeled", 16)):  # 2 ranks x 4 (x mu=2)
+        pos = saved["ranks"][0][name]
+        plan = getattr(trainer.streams, name).plan
+        assert (plan.world_size, plan.batch_size) == (1, per_step // 2)
+        assert (plan.tail_epoch, plan.tail_offset) == (pos["epoch"], pos["batch"] * per_step)
+    trainer.streams.close()
+
+
+@pytest.mark.slow
+def test_elastic_one_rank_to_two(digits_root, tmp_path):
+    run_dir, stopped, saved = _elastic(digits_root, tmp_path, 1, 2, "torch")
+    _check_schedule(run_dir, 1, 2, stopped)
