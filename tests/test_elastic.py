@@ -77,6 +77,35 @@ def test_elastic_streams_finish_the_epoch_once(digits_root, backend):
         s.close()
 
 
+@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("n,b1,w1,steps,b2,w2", [(103, 4, 2, 5, 3, 3), (103, 5, 3, 4, 7, 1), (50, 2, 4, 5, 1, 3),
+                                                  (50, 3, 1, 15, 2, 2), (37, 3, 3, 3, 5, 2), (20, 2, 2, 4, 3, 2)])
+def test_elastic_plan_reads_each_item_of_the_epoch_once(n, b1, w1, steps, b2, w2, drop):
+    """The items of an epoch read by w1 ranks for some steps, then by w2 ranks to the epoch's end:
+    together each item once (pad: all of them, then padding; drop: whole batches only, what is
+    left short of one dropped), and the next epoch is a whole permutation in the new layout."""
+    from simmatch.data.sharding import ShardPlan
+
+    def rows(plans: list, epoch: int) -> list[list[int]]:
+        per_rank = [p.rank_order(epoch).reshape(-1, p.batch_size) for p in plans]
+        return [[int(i) for r in per_rank for i in r[k]] for k in range(len(per_rank[0]))]
+
+    before = [ShardPlan(n, b1, r, w1, 7, 2, drop) for r in range(w1)]
+    seen = sum(rows(before, 0)[:steps], [])
+    assert len(seen) == steps * b1 * w1 < n
+    after = [p for r in range(w2) for p in [ShardPlan(n, b2, r, w2, 7, 2, drop, 0, len(seen))]]
+    tail = sum(rows(after, 0), [])
+    left, step = n - len(seen), b2 * w2
+    if drop:
+        assert len(tail) == left // step * step
+        assert len(set(seen + tail)) == len(seen) + len(tail)
+    else:
+        assert len(tail) == -(-left // step) * step
+        assert sorted(seen + tail[:left]) == list(range(n))
+    following = sum(rows(after, 1), [])
+    assert len(set(following)) == len(following) if drop else sorted(set(following)) == list(range(n))
+
+
 # ---------------------------------------------------------------------------------- end to end
 PER_GPU = {"train.scale": "per_gpu", "train.batch_per_gpu": 4, "optim.base_batch": 16, "optim.lr": 0.05,
            "optim.iters": 6, "train.ckpt_every": 1, "train.log_every": 1, "method.da_len": 32}

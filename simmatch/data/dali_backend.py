@@ -1,7 +1,8 @@
 """DALI streams: per-segment pipelines over our own file order, exact resume by DALI checkpoints.
 
 A segment is a fixed group of consecutive epochs (enough for `MIN_SEGMENT_BATCHES`, so tiny
-labeled sets do not rebuild a pipeline every few steps; one epoch at ImageNet scale). Its
+labeled sets do not rebuild a pipeline every few steps; one epoch at ImageNet scale), counted
+from epoch 0 or from the first epoch of an elastic resume (sharding.ShardPlan.tail_epoch). Its
 pipeline reads the rank's files of those epochs in order (sharding.ShardPlan) with a seed
 derived from (seed, stream, segment, GLOBAL rank). The position is (epoch, batch) plus the
 pipeline's DALI checkpoint (reader position and every RNG state), so a resumed stream

@@ -204,6 +204,9 @@ class Trainer:
             mine = state["ranks"][0]
             old_batch = int(state.get("global_batch") or derive_scale(self.cfg, old_world).global_batch)
             self.iteration = rescale_iteration(iteration, old_batch, self.derived.global_batch)
+            old = derive(self.cfg, old_world, self.derived.num_labeled, self.derived.num_unlabeled)
+            if iteration >= old.total_iters:  # finished where it was trained: finished here too
+                self.iteration = max(self.iteration, self.derived.total_iters)
             rng.seed_all(derive_seed(self.cfg.train.seed, 1000 + self.rank, self.world, self.iteration))
             self.world_history.append({"world_size": self.world, "iteration": self.iteration})
             self.elastic_from = (old_world, iteration)
