@@ -182,6 +182,13 @@ def test_elastic_two_ranks_to_one(digits_root, tmp_path):
     _check_schedule(run_dir, 2, 1, stopped)
     assert "elastic resume 2 -> 1 ranks" in (run_dir / "log_rank0.txt").read_text()
     _check_loaded_state(tmp_path / "stopped", saved, stopped)
+    # the finished run, started again on 2 ranks, is finished there too: nothing trained or appended
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    overrides = tiny_overrides(digits_root, run_dir, **PER_GPU, **{"data.num_threads": 1})
+    res = run_tool(*_cmd(2, overrides)[1:], timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already finished" in res.stdout + res.stderr
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
 def _fifo_reference(rows: torch.Tensor, ptr: int, count: int, length: int) -> tuple[torch.Tensor, int, int]:

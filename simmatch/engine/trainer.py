@@ -389,7 +389,9 @@ class Trainer:
         """A re-run of a finished run trains nothing and appends nothing: it reports the final
         evaluation (run only if the previous process stopped between the last save and it)."""
         last = last_eval(self.run_dir / "metrics.jsonl")
-        if last.get("iteration") != self.iteration:
+        # the checkpoint's own iteration: another world size re-expresses it (elastic resume)
+        saved = self.resumed_from[0] if self.resumed_from else self.iteration
+        if last.get("iteration") not in (self.iteration, saved):
             last = self.evaluate()
         self.saver.wait()  # a best.pt that evaluation may have started
         self.metrics_file.close()
