@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,12 +209,9 @@ class Trainer:
             rng.seed_all(derive_seed(self.cfg.train.seed, 1000 + self.rank, self.world, self.iteration))
             self.world_history.append({"world_size": self.world, "iteration": self.iteration})
             self.elastic_from = (old_world, iteration)
-        with warnings.catch_warnings():
-            if old_world != self.world:
-                warnings.simplefilter("error")  # an elastic position must continue, never restart
-            self.streams.labeled.load_state_dict(mine["labeled"])
-            if self.streams.unlabeled is not None:
-                self.streams.unlabeled.load_state_dict(mine["unlabeled"])
+        self.streams.labeled.load_state_dict(mine["labeled"])
+        if self.streams.unlabeled is not None:
+            self.streams.unlabeled.load_state_dict(mine["unlabeled"])
         if old_world == self.world:
             self.iteration = iteration
 
