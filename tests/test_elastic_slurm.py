@@ -21,11 +21,13 @@ from slurm.launcher import load_job  # noqa: E402
 pytest_plugins = ["conftest_slurm"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
-ITERS = 30
+ITERS = 30  # at the reference batch, which 2 ranks have: 60 steps of the 1-rank batch
 # torch data without worker processes: SLURM signals every process of a step (docs/SLURM.md);
-# train.scale=fixed_global (the digits config): 4 labeled images per step on 2 ranks and on 1
+# train.scale=per_gpu with 2 labeled images per rank and a reference batch of 4: on 1 rank the
+# global batch halves, so every step count (iteration, optim.iters, intervals) doubles
 TINY = ["data.backend=torch", "data.num_threads=0", f"optim.iters={ITERS}", "train.ckpt_every=2",
-        "train.log_every=2", "train.batch_size=4", "train.mu=2"]
+        "train.log_every=2", "train.scale=per_gpu", "train.batch_per_gpu=2", "optim.base_batch=4",
+        "train.mu=2"]
 JOB = ["--slurm", "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout", "30"]
 
 
@@ -60,7 +62,8 @@ def test_elastic_slurm_two_nodes_to_one(slurm_env, tmp_path):
 
     resumed = run_tool("submit.py", "--resume", str(run_dir), "--nodes", "1", "--slurm", env=slurm_env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "elastic resume 2 -> 1 ranks: 4 -> 4 labeled images per step" in resumed.stdout, resumed.stdout
+    assert f"elastic resume 2 -> 1 ranks: 4 -> 2 labeled images per step, lr 0.05 -> 0.025, iteration " \
+           f"{left_at} -> {2 * left_at} of {2 * ITERS}" in resumed.stdout, resumed.stdout
     assert "#SBATCH" not in resumed.stdout and "submitted job" in resumed.stdout
     # the reference: the copied run directory resumed in one local process, meanwhile
     local = subprocess.Popen([sys.executable, "tools/train.py", "--cfg", str(copy_dir / "config.yaml"),
@@ -82,11 +85,11 @@ def test_elastic_slurm_two_nodes_to_one(slurm_env, tmp_path):
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     resumes = [r for r in records if r.get("kind") == "resume"]
     assert [(r["from_world_size"], r["from_iteration"], r["world_size"], r["iteration"]) for r in resumes] == \
-        [(2, left_at, 1, left_at)]  # the global batch stays 4, so the iteration does too
+        [(2, left_at, 1, 2 * left_at)]  # as many images: twice the steps of half the batch
     status = run_tool("status.py", str(run_dir), env=slurm_env)
     assert status.returncode == 0, status.stderr
-    assert f"world sizes: 2 ranks (iterations 0-{left_at}), 1 rank (from iteration {left_at})" in status.stdout, \
+    assert f"world sizes: 2 ranks (iterations 0-{left_at}), 1 rank (from iteration {2 * left_at})" in status.stdout, \
         status.stdout
     ours, ref = final_state(run_dir), final_state(copy_dir)
-    assert ours["iteration"] == ref["iteration"] == ITERS and ours["world_size"] == 1
+    assert ours["iteration"] == ref["iteration"] == 2 * ITERS and ours["world_size"] == 1
     assert_same_weights(ours, ref)
