@@ -140,9 +140,10 @@ def _cmd(nproc: int, overrides: list[str]) -> list[str]:
             *overrides]
 
 
-def _elastic(digits_root: Path, tmp_path: Path, before: int, after: int, backend: str) -> tuple[Path, int, dict]:
+def _elastic(digits_root: Path, tmp_path: Path, before: int, after: int, backend: str,
+             **more) -> tuple[Path, int, dict]:
     run_dir = tmp_path / "run"
-    extra = {"data.backend": backend, "data.num_threads": 1 if backend == "dali" else 0}
+    extra = {"data.backend": backend, "data.num_threads": 1 if backend == "dali" else 0, **more}
     overrides = tiny_overrides(digits_root, run_dir, **PER_GPU, **extra)
     stopped = _stop_after_checkpoint(_cmd(before, overrides), run_dir)
     saved = final_state(run_dir)
@@ -153,7 +154,8 @@ def _elastic(digits_root: Path, tmp_path: Path, before: int, after: int, backend
 
 
 def _check_schedule(run_dir: Path, before: int, after: int, stopped: int) -> None:
-    # 6 steps of the reference batch 16 = 96 images: 12 steps of 8 on 2 ranks, 24 of 4 on 1
+    # 6 steps of the reference batch 16 = 96 images: 12 steps of 8 on 2 ranks, 24 of 4 on 1,
+    # 8 of 12 on 3 (where an iteration of 8 images is re-expressed to the nearest step of 12)
     total_images = 6 * 16
     rows = _records(run_dir)
     resumed_at = round(stopped * 4 * before / (4 * after))
@@ -241,3 +243,53 @@ def _check_loaded_state(stopped_dir: Path, saved: dict, stopped: int) -> None:
 def test_elastic_one_rank_to_two(digits_root, tmp_path):
     run_dir, stopped, saved = _elastic(digits_root, tmp_path, 1, 2, "torch")
     _check_schedule(run_dir, 1, 2, stopped)
+
+
+@pytest.mark.slow
+def test_elastic_two_ranks_to_three(digits_root, tmp_path):
+    """To 3 ranks, with the authors' shuffle-BN teacher (its permutation spans every rank) and
+    ReMixMatch's DA, whose 256-entry buffer (128 at the reference batch) shrinks to 171: the run
+    ends on the 3-rank schedule, the buffer at its new length (its contents: the test below)."""
+    run_dir, stopped, saved = _elastic(digits_root, tmp_path, 2, 3, "dali",
+                                       **{"model.teacher": "ema_shuffle_bn", "method.da_target": "labeled"})
+    _check_schedule(run_dir, 2, 3, stopped)
+    assert saved["method"]["da.p_model"].shape == (256, 10)
+    final = final_state(run_dir)
+    assert final["method"]["da.p_model"].shape == (171, 10) and final["world_size"] == 3
+
+
+@pytest.mark.parametrize("old_len,new_len", [(256, 171), (64, 128), (32, 32)])
+def test_elastic_da_queues_keep_their_newest_means(old_len, new_len):
+    """Both DA modules loaded from a state of another length: SimMatch's queue keeps its newest
+    `count` means oldest first (zeros after), ReMixMatch's buffer its newest entries (every entry
+    counts, uniform ones included) and uniform rows after; ptr points at the next row to replace."""
+    from simmatch.alignment import DistributionAlignment, ReMixMatchAlignment
+
+    gen = torch.Generator().manual_seed(old_len + new_len)
+    for count in (old_len // 3, old_len):  # part filled, wrapped around
+        old = DistributionAlignment(10, old_len)
+        for _ in range(count + old_len // 2 if count == old_len else count):
+            old(torch.softmax(torch.randn(4, 10, generator=gen), 1))
+        new = DistributionAlignment(10, new_len)
+        new.load_state_dict(old.state_dict())
+        if new_len == old_len:  # the same length loads as it is
+            assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+            continue
+        rows, ptr, filled = _fifo_reference(old.queue, int(old.ptr), int(old.count), new_len)
+        assert torch.equal(new.queue, rows) and (int(new.ptr), int(new.count)) == (ptr, filled)
+
+    old = ReMixMatchAlignment(10, old_len)
+    for _ in range(old_len // 2 + 3):
+        old(torch.softmax(torch.randn(4, 10, generator=gen), 1), torch.randint(0, 10, (4,), generator=gen))
+    new = ReMixMatchAlignment(10, new_len)
+    new.load_state_dict(old.state_dict())
+    if new_len == old_len:
+        assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+        return
+    chronological = [old.p_model[(int(old.ptr) + i) % old_len] for i in range(old_len)]  # oldest first
+    kept = chronological[-new_len:]
+    want = torch.full((new_len, 10), 0.1)
+    for i, row in enumerate(kept):
+        want[i] = row
+    assert torch.equal(new.p_model, want) and int(new.ptr) == len(kept) % new_len
+    assert torch.equal(new.p_data, old.p_data)
