@@ -84,6 +84,22 @@ def tiny_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def wait_for_checkpoint(run_dir: Path, iteration: int, proc, timeout: float = 600) -> None:
+    """Until `proc` (a training) has saved a checkpoint at `iteration` or later; fails if it ends first."""
+    import re
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "training ended before the signal"
+        its = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("ckpt_*.pt")
+               if (m := re.fullmatch(r"ckpt_(\d+)\.pt", p.name))]
+        if its and max(its) >= iteration:
+            return
+        time.sleep(0.05)
+    raise AssertionError("checkpoint never written")
+
+
 def final_state(run_dir: Path) -> dict:
     """The newest checkpoint of a run directory, loaded on the CPU."""
     import torch

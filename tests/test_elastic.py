@@ -22,7 +22,7 @@ import torch
 
 pytest.register_assert_rewrite("conftest_data")
 
-from conftest import ROOT, final_state, run_tool, tiny_overrides  # noqa: E402
+from conftest import ROOT, final_state, run_tool, tiny_overrides, wait_for_checkpoint  # noqa: E402
 from conftest_data import data_cfg  # noqa: E402
 from simmatch.data import build_streams  # noqa: E402
 
@@ -118,11 +118,7 @@ def _records(run_dir: Path) -> list[dict]:
 def _stop_after_checkpoint(args: list[str], run_dir: Path) -> int:
     """Start a training, SIGTERM it once it has saved a checkpoint; the iteration it stopped at."""
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not list((run_dir / "checkpoints").glob("ckpt_*.pt")):
-        assert proc.poll() is None, f"training ended before its first checkpoint:\n{proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint within 10 minutes"
-        time.sleep(0.2)
+    wait_for_checkpoint(run_dir, 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]

@@ -2,7 +2,6 @@
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides
+from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides, wait_for_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -84,18 +83,6 @@ def test_signal_then_resume_is_bit_identical(digits_root, tmp_path, signum, teac
     assert_same_weights(final_state(ref_dir), final_state(run_dir))
 
 
-def _wait_for_checkpoint(run_dir: Path, iteration: int, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "training ended before the signal"
-        its = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("ckpt_*.pt")
-               if (m := re.fullmatch(r"ckpt_(\d+)\.pt", p.name))]
-        if its and max(its) >= iteration:
-            return
-        time.sleep(0.05)
-    raise AssertionError("checkpoint never written")
-
-
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_four_rank_resume_is_bit_identical(digits_root, tmp_path, backend):
@@ -112,7 +99,7 @@ def test_four_rank_resume_is_bit_identical(digits_root, tmp_path, backend):
     args = [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", str(nproc),
             *tiny_overrides(digits_root, run_dir, **common, **{"train.log_every": iters, "train.ckpt_every": 1})]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_checkpoint(run_dir, 1, proc)
+    wait_for_checkpoint(run_dir, 1, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
