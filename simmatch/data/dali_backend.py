@@ -145,7 +145,7 @@ class DaliTrainStream(TrainStream):
         views = [as_nchw(to_torch(o, self._device), self._channels_last) for o in outputs[:-1]]
         index = to_torch(outputs[-1], self._device)
         self._batch += 1
-        if self._batch == self._segment_batches:
+        if self._batch * self.plan.batch_size == len(self._segment_files):  # the segment's last batch
             self.close()
             self._segment_epoch += self._epochs_per_segment
             self._batch = 0

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simmatch import checkpoint as ckpt
 from simmatch import distributed as dist
-from simmatch.config import Config, Derived, derive, derive_scale, to_dict
+from simmatch.config import Config, Derived, derive, to_dict
 from simmatch.data.sharding import derive_seed
 from simmatch.elastic import describe, rescale_iteration
 from simmatch.engine import rng
@@ -122,7 +122,6 @@ class Trainer:
         self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0, trackers=trackers)
         self.iteration = 0
         self.world_history = [{"world_size": self.world, "iteration": 0}]  # each world size the run has had
-        self.elastic_from: tuple[int, int] | None = None  # (world size, iteration) of an elastic resume
         self.resumed_from: tuple[int, int] | None = None  # (iteration, world size) of the checkpoint
         self.best = ckpt.best_record(run_dir / "checkpoints")  # what best.pt holds, if any
 
@@ -201,19 +200,19 @@ class Trainer:
             rng.restore(mine["rng"])
         else:  # ranks read in lockstep: any rank's position says what the epoch has consumed
             mine = state["ranks"][0]
-            old_batch = int(state.get("global_batch") or derive_scale(self.cfg, old_world).global_batch)
-            self.iteration = rescale_iteration(iteration, old_batch, self.derived.global_batch)
             old = derive(self.cfg, old_world, self.derived.num_labeled, self.derived.num_unlabeled)
+            old_batch = int(state.get("global_batch") or old.global_batch)
+            self.iteration = rescale_iteration(iteration, old_batch, self.derived.global_batch)
             if iteration >= old.total_iters:  # finished where it was trained: finished here too
                 self.iteration = max(self.iteration, self.derived.total_iters)
             rng.seed_all(derive_seed(self.cfg.train.seed, 1000 + self.rank, self.world, self.iteration))
             self.world_history.append({"world_size": self.world, "iteration": self.iteration})
-            self.elastic_from = (old_world, iteration)
         self.streams.labeled.load_state_dict(mine["labeled"])
         if self.streams.unlabeled is not None:
             self.streams.unlabeled.load_state_dict(mine["unlabeled"])
         if old_world == self.world:
             self.iteration = iteration
+        self.resumed_from = (iteration, old_world)
 
     def resume(self) -> bool:
         found = ckpt.load_newest_valid(self.run_dir / "checkpoints")
@@ -221,11 +220,10 @@ class Trainer:
             return False
         path, state = found
         self.load_state_dict(state, path)
-        if self.elastic_from is not None:
-            old_world, old_it = self.elastic_from
+        old_it, old_world = self.resumed_from
+        if old_world != self.world:
             self.log.info("%s", describe(self.cfg, old_world, self.world, old_it, self.derived.total_iters))
         self.log.info("resumed from %s at iteration %d", path, self.iteration)
-        self.resumed_from = (int(state["iteration"]), int(state["world_size"]))
         return True
 
     def _init_from(self, source: str) -> None:
