@@ -9,9 +9,10 @@ those fields fall back to the newest checkpoint, then to the submissions log.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from simmatch.jsonl import read_records
 
 
 @dataclass
@@ -21,21 +22,6 @@ class Span:
     world_size: int
     start: int
     end: int | None = None
-
-
-def _records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line being written right now (not yet JSON) is skipped."""
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def spans_from_metrics(records: list[dict]) -> list[Span]:
@@ -84,7 +70,7 @@ def world_sizes_line(run_dir: Path, newest_checkpoint: Path | None = None,
                      submitted: list[dict] | None = None) -> str:
     """status's line: from metrics.jsonl, else the newest checkpoint (read through mmap: its
     tensors are not read), else the submissions log's nodes x tasks per node."""
-    spans = spans_from_metrics(_records(Path(run_dir) / "metrics.jsonl"))
+    spans = spans_from_metrics(read_records(Path(run_dir) / "metrics.jsonl"))
     if spans:
         return f"world sizes: {describe(spans)}"
     if newest_checkpoint is not None:

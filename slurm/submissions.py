@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simmatch.jsonl import read_records
+
 LOG_NAME = "submissions.jsonl"
 
 # event names
@@ -46,18 +48,7 @@ def append_event(run_dir: str | Path, event: str, **fields: Any) -> dict:
 
 def read_events(run_dir: str | Path) -> list[dict]:
     """All events, oldest first; a torn or foreign line is skipped, never fatal."""
-    path = log_path(run_dir)
-    if not path.is_file():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "event" in record:
-            events.append(record)
-    return events
+    return [record for record in read_records(log_path(run_dir)) if "event" in record]
 
 
 def last_job_id(events: list[dict]) -> str | None:

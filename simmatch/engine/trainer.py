@@ -8,7 +8,6 @@ the device until `log_every`; checkpoints are atomic and hold everything exact r
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from simmatch.engine.tracking import build_trackers
 from simmatch.engine.optim import build_optimizer, lr_at, set_lr
 from simmatch.engine.stop import StopRequest
 from simmatch.errors import CheckpointError
+from simmatch.jsonl import read_records
 from simmatch.methods import build_method
 from simmatch.models.group_bn import convert_group_bn
 from simmatch.distributed import average_buffers
@@ -413,16 +413,7 @@ class Trainer:
 
 def last_eval(path: Path) -> dict:
     """The last evaluation record of a metrics.jsonl file ({} when there is none)."""
-    last: dict = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut by a crash
-                continue
-            if rec.get("kind") == "eval":
-                last = rec
-    return last
+    return next((r for r in reversed(read_records(path)) if r.get("kind") == "eval"), {})
 
 
 def write_splits(lists: dict[str, list[str]], run_dir: Path, overwrite: bool) -> None:
