@@ -150,8 +150,11 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
         try:
             run_dir = prepare_run_dir(cfg, allow_config_change)
             trainer = Trainer(cfg, run_dir, device)
-            save_run_config(cfg, run_dir)
-            result = trainer.fit()
+            try:
+                save_run_config(cfg, run_dir)
+                result = trainer.fit()
+            finally:
+                trainer.close()
         finally:
             if lock is not None:
                 lock.release()

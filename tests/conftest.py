@@ -1,6 +1,7 @@
 """Shared test helpers: repository paths and a runner for real multi-process gloo groups."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -61,6 +62,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slower end-to-end tests (CI runs them too)")
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason where none is)")
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _simmatch_logging_given_back():
+    """A test that fails between building a trainer and closing it must not leave the run's handlers
+    on the `simmatch` logger: later tests read its records through caplog."""
+    yield
+    from simmatch.engine.metrics import close_logging
+
+    logger = logging.getLogger("simmatch")
+    if logger.handlers or not logger.propagate:
+        close_logging(logger)
 
 
 @pytest.fixture(scope="session")

@@ -232,7 +232,7 @@ def _check_loaded_state(stopped_dir: Path, saved: dict, stopped: int) -> None:
         plan = getattr(trainer.streams, name).plan
         assert (plan.world_size, plan.batch_size) == (1, per_step // 2)
         assert (plan.tail_epoch, plan.tail_offset) == (pos["epoch"], pos["batch"] * per_step)
-    trainer.streams.close()
+    trainer.close()
 
 
 @pytest.mark.slow

@@ -179,3 +179,27 @@ def test_export_resnet50_loads_into_torchvision(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     model.eval(), student.eval()
     assert torch.equal(model(x), student(x)[0])
+
+
+def test_a_run_in_this_process_gives_its_logging_back(digits_root, tmp_path, caplog, monkeypatch):
+    """simmatch.train.run called in-process (a notebook, a test, the self-test) leaves no handler of the
+    run on the `simmatch` logger and no log file open: a later record reaches the caller's logging."""
+    import logging
+
+    from simmatch.train import run
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(ROOT)
+    run_dir = tmp_path / "run"
+    result = run("yaml/digits.yaml", tiny_overrides(digits_root, run_dir, **{"optim.iters": 2}))
+    assert result.status == "finished" and result.iteration == 2
+    assert "run " in (run_dir / "log_rank0.txt").read_text()  # the run did log to its file
+    logger = logging.getLogger("simmatch")
+    assert logger.handlers == [] and logger.propagate
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [p for p in held if p.startswith(str(run_dir))], held
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("simmatch.checkpoint").warning("a record after the run")
+    assert "a record after the run" in caplog.text

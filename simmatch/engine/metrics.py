@@ -107,6 +107,15 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     return logger
 
 
+def close_logging(logger: logging.Logger) -> None:
+    """Give the run's handlers back: a process that builds several trainers (tests, the self-test,
+    a notebook) keeps no log file of an earlier run open, and its own logging sees the records again."""
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.propagate = True
+
+
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)

@@ -25,8 +25,8 @@ from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.guard import NonFiniteGuard
 from simmatch.engine.representation import knn_accuracy
-from simmatch.engine.metrics import (MetricsFile, MetricWindow, Progress, eval_progress, format_eta,
-                                     setup_logging)
+from simmatch.engine.metrics import (MetricsFile, MetricWindow, Progress, close_logging, eval_progress,
+                                     format_eta, setup_logging)
 from simmatch.engine.tracking import build_trackers
 from simmatch.engine.optim import build_optimizer, lr_at, set_lr
 from simmatch.engine.stop import StopRequest
@@ -378,6 +378,12 @@ class Trainer:
             self.saver.wait()
             dist.barrier()
         return TrainResult(status, self.iteration, stop.signum, last, start_it)
+
+    def close(self) -> None:
+        """Release what the trainer holds outside itself: data workers or pipelines, trackers, log files."""
+        self.streams.close()
+        self.metrics_file.close()
+        close_logging(self.log)
 
     def _already_finished(self) -> TrainResult:
         """A re-run of a finished run trains nothing and appends nothing: it reports the final

@@ -83,6 +83,7 @@ def check_step(setup: StepSetup, world: int, device: torch.device, threads: int)
         values = {k: float(v) for k, v in losses[-1].items()}
         bad = sorted(k for step in losses for k, v in step.items() if not bool(torch.isfinite(v).all()))
         moved = not torch.equal(before, param.detach())
+        trainer.close()
         del trainer
     text = f"{setup.what}, {world} rank(s): loss {values['loss']:.4f}"
     if bad:
@@ -103,6 +104,7 @@ def check_throughput(setup: StepSetup, world: int, device: torch.device, sample_
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(setup, world, device, Path(tmp) / "s", ["data.backend=synthetic"], threads)
         synthetic = timed_steps(trainer, setup)
+        trainer.close()
         del trainer
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -113,7 +115,7 @@ def check_throughput(setup: StepSetup, world: int, device: torch.device, sample_
                                      "installed", "pip install -e '.[dali]'"), data
         trainer = build_trainer(setup, world, device, Path(tmp) / "d", data, threads)
         fed = timed_steps(trainer, setup)
-        trainer.streams.close()
+        trainer.close()
         del trainer
     ratio = fed / synthetic if synthetic > 0 else math.nan
     text = (f"{setup.what}: synthetic {synthetic:.1f}, DALI-fed ({dali_device}, {threads} threads, "
