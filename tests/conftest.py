@@ -12,6 +12,11 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The data and SLURM fixtures live in their own files; registered here, before any test module
+# imports them, so that their asserts are rewritten too.
+pytest.register_assert_rewrite("conftest_data", "conftest_slurm")
+pytest_plugins = ["conftest_data", "conftest_slurm"]
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -8,7 +8,6 @@ from conftest import run_tool, tiny_overrides
 from conftest_data import load_tool
 from test_bad_input import assert_one_line_error
 
-pytest_plugins = ["conftest_data"]
 pytestmark = pytest.mark.timeout(1200)
 check_data = load_tool("check_data")
 

@@ -7,14 +7,12 @@ import pytest
 import torch
 
 pytest.importorskip("nvidia.dali")
-pytest.register_assert_rewrite("conftest_data")
 
-from conftest_data import data_cfg, same_batches, take  # noqa: E402
-from simmatch.data import build_streams  # noqa: E402
-from simmatch.data.splits import load_splits  # noqa: E402
-from simmatch.errors import DataError  # noqa: E402
+from conftest_data import data_cfg, same_batches, take
+from simmatch.data import build_streams
+from simmatch.data.splits import load_splits
+from simmatch.errors import DataError
 
-pytest_plugins = ["conftest_data"]
 CPU = torch.device("cpu")
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

@@ -7,15 +7,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-pytest.register_assert_rewrite("conftest_data")
 
-from conftest_data import data_cfg, load_tool  # noqa: E402
-from simmatch.data.digits import write_digits  # noqa: E402
-from simmatch.data.sharding import ShardPlan, val_slice  # noqa: E402
-from simmatch.data.splits import load_splits, make_labeled_list, read_list, scan_tree  # noqa: E402
-from simmatch.errors import ConfigError, DataError  # noqa: E402
+from conftest_data import data_cfg, load_tool
+from simmatch.data.digits import write_digits
+from simmatch.data.sharding import ShardPlan, val_slice
+from simmatch.data.splits import load_splits, make_labeled_list, read_list, scan_tree
+from simmatch.errors import ConfigError, DataError
 
-pytest_plugins = ["conftest_data"]
 check_data = load_tool("check_data")
 make_split = load_tool("make_split")
 

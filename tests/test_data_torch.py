@@ -4,13 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.register_assert_rewrite("conftest_data")
 
-from conftest_data import data_cfg, same_batches, take  # noqa: E402
-from simmatch.data import build_streams  # noqa: E402
-from simmatch.errors import DataError  # noqa: E402
+from conftest_data import data_cfg, same_batches, take
+from simmatch.data import build_streams
+from simmatch.errors import DataError
 
-pytest_plugins = ["conftest_data"]
 CPU = torch.device("cpu")
 
 

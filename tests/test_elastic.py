@@ -20,13 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.register_assert_rewrite("conftest_data")
+from conftest import ROOT, final_state, run_tool, tiny_overrides, wait_for_checkpoint
+from conftest_data import data_cfg
+from simmatch.data import build_streams
 
-from conftest import ROOT, final_state, run_tool, tiny_overrides, wait_for_checkpoint  # noqa: E402
-from conftest_data import data_cfg  # noqa: E402
-from simmatch.data import build_streams  # noqa: E402
-
-pytest_plugins = ["conftest_data"]
 CPU = torch.device("cpu")
 K = 40  # labeled images of data_cfg's split
 

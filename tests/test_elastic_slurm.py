@@ -18,7 +18,6 @@ from conftest_slurm import ROOT, events, job_log_tail, run_tool, wait_for  # noq
 from conftest import assert_same_weights, final_state  # noqa: E402
 from slurm.launcher import load_job  # noqa: E402
 
-pytest_plugins = ["conftest_slurm"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ITERS = 30  # at the reference batch, which 2 ranks have: 60 steps of the 1-rank batch

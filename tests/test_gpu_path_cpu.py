@@ -7,8 +7,6 @@ import torch
 
 from simmatch import distributed as dist
 
-pytest.register_assert_rewrite("conftest_data")
-pytest_plugins = ["conftest_data"]
 CPU = torch.device("cpu")
 
 

@@ -22,7 +22,6 @@ from conftest import assert_same_weights, final_state  # noqa: E402
 from slurm.jobstate import job_state  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, load_job, make_executor, submit, submitit_folder  # noqa: E402
 
-pytest_plugins = ["conftest_slurm"]
 pytestmark = pytest.mark.slow
 
 ITERS = 30

@@ -20,7 +20,6 @@ from conftest_slurm import CLUSTER_SH, ROOT, SLURM_DIR, events, job_log_tail, me
 from conftest import assert_same_weights, final_state  # noqa: E402
 from slurm.launcher import load_job  # noqa: E402
 
-pytest_plugins = ["conftest_slurm"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 NODES, ITERS = 4, 12

@@ -8,7 +8,6 @@ pytest.register_assert_rewrite("conftest_slurm")
 
 from conftest_slurm import run_tool  # noqa: E402
 
-pytest_plugins = ["conftest_slurm"]
 pytestmark = pytest.mark.slow
 
 

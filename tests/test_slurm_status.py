@@ -15,7 +15,6 @@ from slurm import submissions  # noqa: E402
 from slurm.jobstate import job_state  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, submit  # noqa: E402
 
-pytest_plugins = ["conftest_slurm"]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 

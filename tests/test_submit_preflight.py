@@ -15,7 +15,6 @@ from conftest_slurm import ROOT, run_tool  # noqa: E402
 from conftest import tiny_overrides  # noqa: E402
 from slurm import submissions  # noqa: E402
 
-pytest_plugins = ["conftest_slurm"]
 pytestmark = pytest.mark.slow
 
 CPU_JOB = ["--slurm", "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout", "10"]
