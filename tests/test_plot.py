@@ -42,3 +42,48 @@ def test_panels_for_runs_of_different_methods(tmp_path):
 def test_no_metrics_is_one_error_line(tmp_path):
     res = run_tool("tools/plot.py", str(tmp_path), "--out", str(tmp_path / "c.png"))
     assert res.returncode == 2 and res.stderr.startswith("error: no metrics file")
+
+
+def test_history_after_a_crash_and_an_elastic_resume(tmp_path):
+    """2 ranks log 10..50 with a checkpoint at 40 and die; 1 rank resumes (iteration 40 -> 80,
+    simmatch/elastic.py) and logs 90, 100. The history that led to the weights: 10..40 at twice
+    their iteration (steps of the 1-rank batch), the lost record at 50 left out, then 90, 100."""
+    from simmatch.engine.metrics import read_metrics, trained_history
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"kind": "train", "iteration": i, "world_size": 2, "lr": 0.1, "loss": 1.0 / i} for i in (10, 20, 30, 40)]
+    rows.append({"kind": "eval", "iteration": 40, "teacher_top1": 50.0})
+    rows.append({"kind": "train", "iteration": 50, "world_size": 2, "lr": 0.1, "loss": 0.02})  # lost
+    rows.append({"kind": "resume", "iteration": 80, "world_size": 1, "from_iteration": 40, "from_world_size": 2})
+    rows += [{"kind": "train", "iteration": i, "world_size": 1, "lr": 0.05, "loss": 1.0 / i} for i in (90, 100)]
+    rows.append({"kind": "eval", "iteration": 100, "teacher_top1": 60.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    history, rescaled = trained_history(read_metrics(run))
+    assert rescaled
+    train = history[history["kind"] == "train"]
+    assert list(train["iteration"]) == [20.0, 40.0, 60.0, 80.0, 90.0, 100.0]
+    assert list(train["logged_iteration"]) == [10, 20, 30, 40, 90, 100]
+    assert list(history[history["kind"] == "eval"]["iteration"]) == [80.0, 100.0]
+    assert "resume" not in set(history["kind"]) and 0.02 not in set(train["loss"])
+
+    res = run_tool("tools/plot.py", str(run), "--out", str(tmp_path / "c.png"))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[-1] == f"{run}: iterations before an elastic resume drawn in steps of the last global batch"
+    assert [line.split(":")[0].strip() for line in lines[1:-1]] == ["lr", "loss", "val teacher_top1"]
+
+
+def test_same_world_resume_keeps_iterations_and_drops_lost_records(tmp_path):
+    from simmatch.engine.metrics import read_metrics, trained_history
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"kind": "train", "iteration": i, "loss": 1.0} for i in (1, 2, 3)]
+    rows.append({"kind": "resume", "iteration": 2, "world_size": 3, "from_iteration": 2, "from_world_size": 3})
+    rows += [{"kind": "train", "iteration": i, "loss": 2.0} for i in (3, 4)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    history, rescaled = trained_history(read_metrics(run))
+    assert not rescaled
+    assert list(history["iteration"]) == [1, 2, 3, 4] and list(history["loss"]) == [1.0, 1.0, 2.0, 2.0]

@@ -7,6 +7,9 @@ over iterations.
 Runs of different methods log different keys: each metric gets one panel, shared by every
 run that has it, so that runs sit side by side in comparable panels (a run without that
 metric is named in the panel as absent). The panels drawn are listed on stdout.
+Each run is drawn as the history that led to its newest weights: records of work lost to a
+crash are left out, and after an elastic resume (another world size) the iterations before it
+are re-expressed in steps of the last global batch, so that the curves stay continuous.
 """
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from simmatch.engine.metrics import read_metrics  # noqa: E402
+from simmatch.engine.metrics import read_metrics, trained_history  # noqa: E402
 from simmatch.errors import UserError, cli_errors  # noqa: E402
 
-NOT_PLOTTED = {"kind", "iteration", "time", "img_s", "world_size"}
+NOT_PLOTTED = {"kind", "iteration", "logged_iteration", "time", "img_s", "world_size"}
 
 
 def panel_keys(frames: dict) -> list[tuple[str, str]]:
@@ -38,14 +41,19 @@ def panel_keys(frames: dict) -> list[tuple[str, str]]:
     return [("train", k) for k in order] + [("eval", k) for k in sorted(evals)]
 
 
-def main_plot(runs: list[Path], out: str) -> list[tuple[str, list[str]]]:
-    """Draw the panels into `out`; returns each panel's title and the runs drawn in it."""
+def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Draw the panels into `out`; returns each panel's title and the runs drawn in it, and the
+    runs whose iterations were re-expressed after an elastic resume."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frames = {str(r): read_metrics(r) for r in runs}
+    frames, rescaled = {}, []
+    for r in runs:
+        frames[str(r)], changed = trained_history(read_metrics(r))
+        if changed:
+            rescaled.append(str(r))
     panels = panel_keys(frames)
     if not panels:
         raise UserError(f"nothing to plot: no metrics in {', '.join(frames)}")
@@ -65,7 +73,7 @@ def main_plot(runs: list[Path], out: str) -> list[tuple[str, list[str]]]:
         title = f"{key}" if kind == "train" else f"val {key}"
         ax.set_title(title + (f"\n(absent: {', '.join(Path(n).name for n in absent)})" if absent else ""),
                      fontsize=9)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("iteration" + (" (steps of the last global batch)" if rescaled else ""))
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if len(frames) > 1:
@@ -76,7 +84,7 @@ def main_plot(runs: list[Path], out: str) -> list[tuple[str, list[str]]]:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return drawn
+    return drawn, rescaled
 
 
 @cli_errors
@@ -85,10 +93,12 @@ def main() -> int:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", default="curves.png")
     args = ap.parse_args()
-    drawn = main_plot(args.runs, args.out)
+    drawn, rescaled = main_plot(args.runs, args.out)
     print(f"wrote {args.out}: {len(drawn)} panels")
     for title, names in drawn:
         print(f"  {title.splitlines()[0]}: {', '.join(names)}")
+    for name in rescaled:
+        print(f"{name}: iterations before an elastic resume drawn in steps of the last global batch")
     return 0
 
 

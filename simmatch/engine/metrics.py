@@ -76,6 +76,34 @@ def read_metrics(run_dir: Path):
     return pd.read_json(path, lines=True)
 
 
+def trained_history(df):
+    """The records of the training that led to the newest weights, on one iteration axis.
+
+    A resume record ends the previous process's story at its checkpoint: records it logged past
+    that iteration (work lost to a crash, trained again since) are dropped. An elastic resume
+    re-expresses the iteration in steps of the new global batch (simmatch/elastic.py), so the
+    earlier records are scaled by the same ratio: every `iteration` is then in steps of the run's
+    last global batch (float where the ratio is not whole) and `logged_iteration` keeps the value
+    as written. Resume records themselves are not returned. Returns (frame, rescaled?).
+    """
+    if "kind" not in df.columns or not (df["kind"] == "resume").any():
+        return df.assign(logged_iteration=df["iteration"]), False
+    kept: list[tuple[int, float]] = []  # (row position, iteration in the current units)
+    rescaled = False
+    for pos, row in enumerate(df.itertuples(index=False)):
+        if row.kind != "resume":
+            kept.append((pos, float(row.iteration)))
+            continue
+        until = float(row.from_iteration)
+        ratio = float(row.iteration) / until if until > 0 else 1.0
+        rescaled = rescaled or ratio != 1.0
+        kept = [(p, x * ratio) for p, x in kept if x <= until]
+    out = df.iloc[[p for p, _ in kept]].copy()
+    out["logged_iteration"] = out["iteration"]
+    out["iteration"] = [x for _, x in kept]
+    return out.reset_index(drop=True), rescaled
+
+
 class _ConsoleHandler(logging.StreamHandler):
     """Console lines through tqdm.write: printed above a progress bar, never glued onto it."""
 
