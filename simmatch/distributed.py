@@ -74,7 +74,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     out = torch.empty((world_size() * tensor.shape[0], *tensor.shape[1:]),
                       dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous())
+    dist.all_gather_single(out, tensor.contiguous())
     return out
 
 

@@ -15,14 +15,14 @@ FIX = "check the network between the nodes (NCCL_DEBUG=INFO shows the transport)
 
 
 def check_collectives(device: torch.device, megabytes: int) -> Check:
-    """all_gather_into_tensor, all_reduce (sum) and an uneven all-gather, through
+    """The equal-size all-gather, all_reduce (sum) and an uneven all-gather, through
     torch.distributed directly (so a 1-rank group is exercised too), plus all-reduce bandwidth."""
     name = "collectives"
     world, rank = tdist.get_world_size(), tdist.get_rank()
     backend = tdist.get_backend()
     mine = torch.arange(4, dtype=torch.float32, device=device) + 100 * rank
     gathered = torch.empty(4 * world, device=device)
-    tdist.all_gather_into_tensor(gathered, mine)
+    tdist.all_gather_single(gathered, mine)
     expected = torch.cat([torch.arange(4, dtype=torch.float32) + 100 * r for r in range(world)])
     problems = []
     if not torch.equal(gathered.cpu(), expected):
