@@ -87,3 +87,21 @@ def test_same_world_resume_keeps_iterations_and_drops_lost_records(tmp_path):
     history, rescaled = trained_history(read_metrics(run))
     assert not rescaled
     assert list(history["iteration"]) == [1, 2, 3, 4] and list(history["loss"]) == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_a_line_cut_by_a_crash_is_skipped_and_an_empty_log_is_one_error_line(tmp_path):
+    """SIGKILL during an append leaves half a JSON line: the curves are still drawn from the rest."""
+    run = tmp_path / "run"
+    write_metrics(run, ["loss"], ["teacher_top1"])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "iteration": 40, "lo')
+    res = run_tool("tools/plot.py", str(run), "--out", str(tmp_path / "c.png"))
+    assert res.returncode == 0, res.stderr
+    assert [line.split(":")[0].strip() for line in res.stdout.splitlines()[1:]] == ["lr", "loss", "val teacher_top1"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    res = run_tool("tools/plot.py", str(empty), "--out", str(tmp_path / "e.png"))
+    assert res.returncode != 0
+    assert res.stderr.strip() == f"error: no metrics recorded yet in {empty / 'metrics.jsonl'}"

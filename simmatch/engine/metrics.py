@@ -70,10 +70,15 @@ def read_metrics(run_dir: Path):
 
     from simmatch.errors import UserError
 
+    from simmatch.jsonl import read_records
+
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"no metrics file in {run_dir} (expected {path})")
-    return pd.read_json(path, lines=True)
+    records = read_records(path)  # a line cut by a crash or being written now is skipped
+    if not any("iteration" in r for r in records):
+        raise UserError(f"no metrics recorded yet in {path}")
+    return pd.DataFrame(records)
 
 
 def trained_history(df):
