@@ -81,3 +81,21 @@ def test_elastic_status_falls_back_to_the_checkpoint_then_the_log(tmp_path, caps
                     run / "checkpoints" / "ckpt_000000090.pt")
     assert _status(run, capsys, monkeypatch) == \
         "world sizes: 2 ranks (from iteration 0), 1 rank (from iteration 80) (checkpoint ckpt_000000090.pt)"
+
+
+def test_status_reads_metrics_past_a_line_cut_by_a_crash(tmp_path, capsys, monkeypatch):
+    """A process killed mid-append leaves a torn line that the resumed run writes after: status
+    still shows the records around it (it used to stop with pandas' ValueError)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"kind": "train", "iteration": 1, "world_size": 2, "loss": 2.5}) + "\n"
+        + '{"kind": "train", "iteration": 2, "lo\n'
+        + json.dumps({"kind": "eval", "iteration": 2, "teacher_top1": 40.0}) + "\n")
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    spec = importlib.util.spec_from_file_location("tool_status", ROOT / "tools" / "status.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    text = tool.report(run, 5)
+    assert "world sizes: 2 ranks (from iteration 0)" in text
+    assert "teacher_top1" in text and "40.0" in text and "2.5" in text

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from simmatch.errors import cli_errors  # noqa: E402
+from simmatch.jsonl import read_records  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import UNKNOWN, is_ended, query_job  # noqa: E402
 from slurm.launcher import LaunchError  # noqa: E402
@@ -94,9 +95,9 @@ def writer_line(run_dir: Path) -> str:
     return f"writer:     {who} (holds {run_dir / '.lock'})" if who else "writer:     none"
 
 
-def _history(run_dir: Path) -> list[str]:
+def _history(events: list[dict]) -> list[str]:
     lines = []
-    for e in submissions.read_events(run_dir):
+    for e in events:
         what = e["event"]
         extra = [f"{k}={e[k]}" for k in ("reason", "iteration", "restart", "timeouts_left", "error")
                  if e.get(k) not in (None, "")]
@@ -105,18 +106,12 @@ def _history(run_dir: Path) -> list[str]:
 
 
 def _metrics(run_dir: Path, n: int) -> str:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file() or path.stat().st_size == 0:
+    records = read_records(run_dir / "metrics.jsonl")  # skips a line being written or cut by a crash
+    if not records:
         return "  (none yet)"
     import pandas as pd
 
-    try:
-        df = pd.read_json(path, lines=True)
-    except ValueError:  # a line being written right now
-        text = "\n".join(path.read_text().splitlines()[:-1])
-        df = pd.read_json(__import__("io").StringIO(text), lines=True)
-    if df.empty:
-        return "  (none yet)"
+    df = pd.DataFrame(records)
     out = []
     for kind, part in df.groupby("kind", sort=False) if "kind" in df else [("", df)]:
         part = part.dropna(axis=1, how="all").tail(n)
@@ -128,10 +123,11 @@ def report(run_dir: Path, lines: int) -> str:
     from simmatch.world_sizes import world_sizes_line
 
     state, detail = run_state(run_dir)
+    events = submissions.read_events(run_dir)
     newest = newest_checkpoint(run_dir)
-    sizes = world_sizes_line(run_dir, newest[1] if newest else None, submissions.read_events(run_dir))
+    sizes = world_sizes_line(run_dir, newest[1] if newest else None, events)
     text = [f"run:        {run_dir}", f"state:      {state} ({detail})", writer_line(run_dir),
-            *checkpoint_lines(run_dir), sizes, "submissions:", *(_history(run_dir) or ["  (none)"]), f"metrics (last {lines}):",
+            *checkpoint_lines(run_dir), sizes, "submissions:", *(_history(events) or ["  (none)"]), f"metrics (last {lines}):",
             _metrics(run_dir, lines)]
     return "\n".join(text)
 
