@@ -1,6 +1,7 @@
 """What every backend's training stream shares: the batch layout and the resume bookkeeping."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -98,9 +99,8 @@ class TrainStream:
                 self.plan = own
                 self._seek(epoch, batch, extra)
                 return
-            old = ShardPlan(self.plan.num_items, int(saved["batch_size"]), int(saved["rank"]),
-                            int(saved["world_size"]), self.plan.seed, self.plan.tag, self.plan.drop_last,
-                            *ShardPlan.tail_of(saved))
+            old = dataclasses.replace(self.plan, batch_size=int(saved["batch_size"]), rank=int(saved["rank"]),
+                                      world_size=int(saved["world_size"])).with_tail(*ShardPlan.tail_of(saved))
             self._continue_elastic(epoch, old.consumed(epoch, batch))
             return
         warnings.warn(f"{self.kind} stream: saved data position is for {saved}, "

@@ -69,7 +69,6 @@ def read_metrics(run_dir: Path):
     import pandas as pd
 
     from simmatch.errors import UserError
-
     from simmatch.jsonl import read_records
 
     path = Path(run_dir) / "metrics.jsonl"

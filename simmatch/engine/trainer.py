@@ -198,6 +198,7 @@ class Trainer:
         if old_world == self.world:
             mine = state["ranks"][self.rank]
             rng.restore(mine["rng"])
+            self.iteration = iteration
         else:  # ranks read in lockstep: any rank's position says what the epoch has consumed
             mine = state["ranks"][0]
             old = derive(self.cfg, old_world, self.derived.num_labeled, self.derived.num_unlabeled)
@@ -210,8 +211,6 @@ class Trainer:
         self.streams.labeled.load_state_dict(mine["labeled"])
         if self.streams.unlabeled is not None:
             self.streams.unlabeled.load_state_dict(mine["unlabeled"])
-        if old_world == self.world:
-            self.iteration = iteration
         self.resumed_from = (iteration, old_world)
 
     def resume(self) -> bool:
