@@ -105,3 +105,19 @@ def test_a_line_cut_by_a_crash_is_skipped_and_an_empty_log_is_one_error_line(tmp
     res = run_tool("tools/plot.py", str(empty), "--out", str(tmp_path / "e.png"))
     assert res.returncode != 0
     assert res.stderr.strip() == f"error: no metrics recorded yet in {empty / 'metrics.jsonl'}"
+
+
+def test_the_record_after_a_torn_line_is_kept(tmp_path):
+    """SIGKILL mid-append leaves a line without its newline; the resumed process's first record
+    (its resume record) must start a line of its own, not be glued onto the torn one."""
+    from simmatch.engine.metrics import MetricsFile
+    from simmatch.jsonl import read_records
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"kind": "train", "iteration": 1}) + "\n" + '{"kind": "train", "itera')
+    metrics = MetricsFile(path, enabled=True)
+    metrics.write({"kind": "resume", "iteration": 1, "world_size": 1, "from_iteration": 1, "from_world_size": 1})
+    metrics.write({"kind": "train", "iteration": 2})
+    assert [(r["kind"], r["iteration"]) for r in read_records(path)] == [("train", 1), ("resume", 1), ("train", 2)]
+    MetricsFile(path, enabled=True)  # a file that ends cleanly is left as it is
+    assert path.read_text().count("\n") == 4 and path.read_text().endswith("}\n")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ class MetricWindow:
 
 
 class MetricsFile:
-    """Appends one JSON object per line (rank 0 only); `pandas.read_json(lines=True)` reads it.
+    """Appends one JSON object per line (rank 0 only); `read_metrics` (or simmatch.jsonl) reads it.
 
     Every record gets `time` (seconds since the epoch) and goes to the trackers too
     (TensorBoard, W&B: simmatch/engine/tracking.py)."""
@@ -48,6 +49,21 @@ class MetricsFile:
         self.path = path
         self.enabled = enabled
         self.trackers = list(trackers or []) if enabled else []
+        if enabled:
+            self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        """A process killed mid-append leaves a line without its newline: end it, so that the
+        first record of this process (a resume record) is not glued onto it and lost."""
+        try:
+            with open(self.path, "rb+") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+        except FileNotFoundError:
+            pass
 
     def write(self, record: dict) -> None:
         if not self.enabled:
