@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from simmatch.checkpoint import CheckpointSaver, verify  # noqa: E402
+from simmatch.checkpoint.saver import CheckpointSaver
+from simmatch.checkpoint.store import verify  # noqa: E402
 from simmatch.methods.simmatch import SimMatch  # noqa: E402
 from simmatch.models import build_network  # noqa: E402
 

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from simmatch.config import load_config  # noqa: E402
-from simmatch.timing import PhaseTimer  # noqa: E402
 from simmatch.engine.trainer import Trainer  # noqa: E402
+from simmatch.timing import PhaseTimer  # noqa: E402
 
 PHASES = ["data", "teacher_forward", "targets", "student_forward", "losses", "backward", "optimizer",
           "ema", "bank_update"]
@@ -68,19 +68,19 @@ def measure(args, method: str, device: torch.device) -> dict:
         trainer = build(args, method, Path(tmp), device)
         trainer.method.train()
         for _ in range(args.warmup):
-            trainer._step()
+            trainer.step()
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(args.iters):
-            trainer._step()
+            trainer.step()
         sync(device)
         step_s = (time.perf_counter() - t0) / args.iters
         timer = PhaseTimer(enabled=True, device=device)
         trainer.method.timer = timer
         for _ in range(max(3, args.iters // 2)):
-            trainer._step()
+            trainer.step()
         breakdown = timer.means_ms()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**30

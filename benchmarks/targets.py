@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from simmatch.alignment import DistributionAlignment  # noqa: E402
+from simmatch.methods.alignment import DistributionAlignment  # noqa: E402
 from simmatch.methods.simmatch import pseudo_labels  # noqa: E402
 
 

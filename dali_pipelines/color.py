@@ -15,7 +15,8 @@ ops on real photos the mean absolute difference stays under 1/255 per op
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline

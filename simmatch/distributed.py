@@ -108,15 +108,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank when `flag` is true on at least one (a collective: call on all ranks)."""
-    if not is_dist() or world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
     if not is_dist() or world_size() == 1:

@@ -5,43 +5,21 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
-from simmatch import checkpoint as ckpt
 from simmatch import distributed as dist
-from simmatch.config import Config, load_config, save_config, to_dict
-from simmatch.config_change import ALLOW_FLAG, differences, judge
+from simmatch.checkpoint.atomic import remove_leftovers
+from simmatch.config import Config, load_config, to_dict
 from simmatch.engine.metrics import format_eta
 from simmatch.engine.tracking import check_available as check_trackers
 from simmatch.engine.trainer import Trainer, TrainResult
 from simmatch.errors import UserError
-from simmatch.rundir import ensure_writable_dir
-from simmatch.runlock import RunLock, RunLocked
+from simmatch.run.change import ALLOW_FLAG, differences, judge
+from simmatch.run.lock import RunLock, RunLocked
+from simmatch.run.rundir import RunDir, run_dir_of
 
 log = logging.getLogger("simmatch")
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.train.run_dir) if cfg.train.run_dir else Path(cfg.train.output_root) / (cfg.name or "run")
-
-
-def _with_defaults(saved: dict, defaults: dict) -> dict:
-    """A saved config with keys added to the project since it was written set to their defaults."""
-    out = dict(defaults)
-    for key, value in saved.items():
-        out[key] = _with_defaults(value, defaults[key]) if isinstance(value, dict) and \
-            isinstance(defaults.get(key), dict) else value
-    return out
-
-
-def _saved_config(run_dir: Path) -> dict | None:
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return None
-    return _with_defaults(yaml.safe_load(saved.read_text()) or {}, to_dict(Config()))
 
 
 def lock_run_dir(cfg: Config) -> RunLock | None:
@@ -51,14 +29,14 @@ def lock_run_dir(cfg: Config) -> RunLock | None:
     if dist.is_main():
         run_dir = run_dir_of(cfg)
         try:
-            ensure_writable_dir(run_dir)
+            run_dir.ensure_writable()
             lock = RunLock(run_dir).acquire()
         except UserError as exc:  # in use by another writer, or not a usable directory
             refused = str(exc)
         except OSError as exc:
             refused = f"train.run_dir={run_dir} cannot hold a lock file: {exc.strerror or exc}"
         if lock is not None:
-            removed = ckpt.remove_leftovers(run_dir, run_dir / "splits", run_dir / "checkpoints")
+            removed = remove_leftovers(run_dir.root, run_dir.splits, run_dir.checkpoints)
             if removed:
                 mb = sum(size for _, size in removed) / 2**20
                 print(f"note: removed {len(removed)} temporary file(s) ({mb:.1f} MB) left in {run_dir} "
@@ -70,25 +48,25 @@ def lock_run_dir(cfg: Config) -> RunLock | None:
     return lock
 
 
-def prepare_run_dir(cfg: Config, allow_config_change: bool = False) -> Path:
+def prepare_run_dir(cfg: Config, allow_config_change: bool = False) -> RunDir:
     """Check the config against the run directory's and create the directory.
 
     A run directory with checkpoints is resumed only with a config that trains the same way
-    (simmatch/config_change.py): otherwise one error line names the differing keys. A path
+    (simmatch/run/change.py): otherwise one error line names the differing keys. A path
     that is a file, under a file or in a read-only place is one line too. The config itself
     is saved by `save_run_config`, once the run is set up.
     """
     run_dir = run_dir_of(cfg)
-    old = _saved_config(run_dir)
-    if old is not None and ckpt.list_checkpoints(run_dir / "checkpoints"):
+    old = run_dir.saved_config()
+    if old is not None and run_dir.has_checkpoints():
         judge(old, to_dict(cfg), str(run_dir), allow_config_change)  # every rank: a refusal stops all
     if dist.is_main():
-        ensure_writable_dir(run_dir)
+        run_dir.ensure_writable()
     dist.barrier()
     return run_dir
 
 
-def save_run_config(cfg: Config, run_dir: Path) -> None:
+def save_run_config(cfg: Config, run_dir: RunDir) -> None:
     """Save the resolved config as RUN_DIR/config.yaml.
 
     Called after the data, the split and the derived values have been checked, so a run that
@@ -98,12 +76,12 @@ def save_run_config(cfg: Config, run_dir: Path) -> None:
     """
     if not dist.is_main():
         return
-    saved = run_dir / "config.yaml"
-    resuming = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
-    old = _saved_config(run_dir)
+    saved = run_dir.config
+    resuming = run_dir.has_checkpoints()
+    old = run_dir.saved_config()
     changed = differences(old, to_dict(cfg)) if old is not None else []
     if old is None or changed:
-        save_config(cfg, saved)
+        run_dir.save_config(cfg)
     shown = [k for k in changed if k not in ("train.run_dir", "name")]
     if shown:
         print(f"note: {saved} updated ({', '.join(shown[:8])} changed"
@@ -118,7 +96,7 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _report(result: TrainResult, run_dir: Path) -> None:
+def _report(result: TrainResult, run_dir: RunDir) -> None:
     """The line a user reads at the end: the accuracy, or that the run had already finished."""
     m = result.metrics
     kind = "" if "student_top1" in m or "teacher_top1" in m else "knn_"
@@ -141,8 +119,8 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
     dist.init()
     try:
         device = pick_device()
-        if cfg.model.init_from and not ckpt.list_checkpoints(run_dir_of(cfg) / "checkpoints"):
-            from simmatch.export import check_init_source
+        if cfg.model.init_from and not run_dir_of(cfg).has_checkpoints():
+            from simmatch.weights.init import check_init_source
 
             check_init_source(cfg)  # before the run directory is created or written
         check_trackers(cfg)  # an uninstalled tracker is refused before the run directory is written
@@ -189,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from simmatch.launch_local import watch_launcher
+    from simmatch.launch.local import watch_launcher
 
     watch_launcher()  # a rank of tools/train.py --nproc N: never outlive the launcher for long
     sys.exit(main())

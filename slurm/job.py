@@ -22,9 +22,9 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from simmatch.run.rundir import RunDir
 from slurm import submissions, submitit_compat
 from slurm.jobstate import UNKNOWN, query_job
 
@@ -42,8 +42,9 @@ def export_distributed_env(job_env: Any) -> Any:
     """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from submitit's job environment.
 
     CUDA_VISIBLE_DEVICES is left alone: the trainer picks cuda:(LOCAL_RANK mod visible GPUs),
-    right both where every task sees the node's GPUs and where the site binds one per task. The port changes with SLURM_RESTART_COUNT so that a
-    requeued job never meets the previous run's store socket.
+    right both where every task sees the node's GPUs and where the site binds one per task. The
+    port changes with SLURM_RESTART_COUNT so that a requeued job never meets the previous run's
+    store socket.
     """
     from submitit.helpers import TorchDistributedEnvironment
 
@@ -61,7 +62,7 @@ def export_distributed_env(job_env: Any) -> Any:
     return env
 
 
-def _job_environment() -> Any | None:
+def job_environment() -> Any | None:
     """submitit's JobEnvironment inside a submitit job, else None (a plain call)."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
         return None
@@ -86,9 +87,8 @@ def _is_submitit_handler(handler: Any) -> bool:
 
 
 def _newest_checkpoint_iteration(run_dir: str) -> int | None:
-    names = [p.name for p in (Path(run_dir) / "checkpoints").glob("ckpt_*.pt")]
-    its = [int(n[5:-3]) for n in names if n[5:-3].isdigit()]
-    return max(its) if its else None
+    newest = RunDir(run_dir).newest_checkpoint()
+    return newest[0] if newest else None
 
 
 class TrainJob:
@@ -132,7 +132,7 @@ class TrainJob:
         return [*self.overrides, f"train.run_dir={self.run_dir}"]
 
     def __call__(self) -> Any:
-        job_env = _job_environment()
+        job_env = job_environment()
         if job_env is not None:
             export_distributed_env(job_env)
         rank = int(os.environ.get("RANK", "0"))

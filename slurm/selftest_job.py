@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slurm.job import _job_environment, export_distributed_env
+from slurm.job import export_distributed_env, job_environment
 
 
 class SelftestJob:
@@ -24,7 +24,7 @@ class SelftestJob:
         return f"SelftestJob(args={self.args!r})"
 
     def __call__(self) -> tuple[int, list[str]]:
-        job_env = _job_environment()
+        job_env = job_environment()
         if job_env is not None:
             export_distributed_env(job_env)
         from simmatch.selftest.runner import run  # torch is imported in the job only
@@ -45,9 +45,8 @@ def run_selftest(spec: Any, folder: Path, args: list[str], *, dry_run: bool, loc
                  require_slurm: bool) -> int:
     """Submit one self-test job with `spec`'s nodes and tasks and print its report (waits for
     it); print the sbatch script with `dry_run`; run on this machine without SLURM."""
-    from slurm.launcher import LaunchError, make_executor, sbatch_script, submitit_folder
-
     from simmatch.selftest.cli import parse_args
+    from slurm.launcher import LaunchError, make_executor, sbatch_script, submitit_folder
 
     parse_args(args)  # a wrong option fails here, before any job exists
     if dry_run:
@@ -64,7 +63,7 @@ def run_selftest(spec: Any, folder: Path, args: list[str], *, dry_run: bool, loc
             tasks = min(torch.cuda.device_count(), spec.gpus_per_node) or 1
         note = "" if local else "no SLURM found (no sbatch on PATH): "
         print(f"{note}self-test on this machine: {tasks} process(es)", flush=True)
-        from simmatch.launch_local import spawn
+        from simmatch.launch.local import spawn
 
         return spawn([sys.executable, "-m", "simmatch.selftest", *args], tasks)
     from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simmatch.jsonl import read_records
-
-LOG_NAME = "submissions.jsonl"
+from simmatch.run.jsonl import read_records
+from simmatch.run.rundir import RunDir
 
 # event names
 SUBMITTED = "submitted"  # by tools/submit.py: job_id, nodes, tasks, cfg, overrides
@@ -28,7 +27,7 @@ FAILED = "failed"  # the training raised
 
 
 def log_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / LOG_NAME
+    return RunDir(run_dir).submissions
 
 
 def append_event(run_dir: str | Path, event: str, **fields: Any) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,12 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # imports them, so that their asserts are rewritten too.
 pytest.register_assert_rewrite("conftest_data", "conftest_slurm")
 pytest_plugins = ["conftest_data", "conftest_slurm"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
@@ -42,6 +36,8 @@ def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
 def run_gloo(fn, world: int, tmp_path: Path, *args) -> list:
     """Run fn(rank, world, *args) in `world` real processes joined by gloo; their results."""
     import torch
+
+    from simmatch.launch.local import free_port
 
     port = free_port()
     mp.spawn(_worker, args=(world, port, fn, args, str(tmp_path)), nprocs=world, join=True)
@@ -104,15 +100,15 @@ def tiny_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
 
 def wait_for_checkpoint(run_dir: Path, iteration: int, proc, timeout: float = 600) -> None:
     """Until `proc` (a training) has saved a checkpoint at `iteration` or later; fails if it ends first."""
-    import re
     import time
+
+    from simmatch.run.rundir import RunDir
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "training ended before the signal"
-        its = [int(m.group(1)) for p in (run_dir / "checkpoints").glob("ckpt_*.pt")
-               if (m := re.fullmatch(r"ckpt_(\d+)\.pt", p.name))]
-        if its and max(its) >= iteration:
+        newest = RunDir(run_dir).newest_checkpoint()
+        if newest and newest[0] >= iteration:
             return
         time.sleep(0.05)
     raise AssertionError("checkpoint never written")
@@ -122,9 +118,11 @@ def final_state(run_dir: Path) -> dict:
     """The newest checkpoint of a run directory, loaded on the CPU."""
     import torch
 
-    found = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))
-    assert found, f"no checkpoint in {run_dir}"
-    return torch.load(found[-1], map_location="cpu", weights_only=True)
+    from simmatch.run.rundir import RunDir
+
+    newest = RunDir(run_dir).newest_checkpoint()
+    assert newest, f"no checkpoint in {run_dir}"
+    return torch.load(newest[1], map_location="cpu", weights_only=True)
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -139,8 +137,14 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
-def run_tool(*args: str, timeout: int = 300, **popen) -> "subprocess.CompletedProcess":
-    import subprocess
+def save_unchecked(state: dict, path: Path) -> None:
+    """A checkpoint file without a digest sidecar, as written before checkpoints carried one."""
+    import torch
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def run_tool(*args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **popen)

@@ -1,4 +1,5 @@
-"""Shared fixtures of the data tests: a tiny digits tree (32 px) and config helpers."""
+"""Shared fixtures of the data tests: a tree with a corrupt image, and config helpers (the digits
+tree, 16 px, is tests/conftest.py's `digits_root`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,8 +11,6 @@ import pytest
 import torch
 
 from simmatch.config import Config, load_config
-from simmatch.data.digits import write_digits
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,13 +29,6 @@ def data_cfg(root: Path | str, *overrides: str, backend: str = "dali") -> Config
             f"data.backend={backend}", "data.device=cpu", "data.crop_size=32",
             "data.num_threads=2", "train.batch_size=8", "train.mu=2", "train.seed=3"]
     return load_config(None, base + list(overrides))
-
-
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("digits")
-    write_digits(root, size=32)
-    return root
 
 
 @pytest.fixture(scope="session")

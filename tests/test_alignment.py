@@ -1,6 +1,6 @@
 import torch
 
-from simmatch.alignment import DistributionAlignment
+from simmatch.methods.alignment import DistributionAlignment
 
 
 def test_rows_sum_to_one():

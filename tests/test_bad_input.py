@@ -54,7 +54,8 @@ def test_batch_not_divisible_by_world_size(digits_root, tmp_path):
 @pytest.mark.slow
 def test_checkpoint_of_another_architecture(digits_root, tmp_path):
     run_dir = tmp_path / "r"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2}))
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                   *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2}))
     assert res.returncode == 0, res.stderr[-2000:]
     before = snapshot(run_dir)
     res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",

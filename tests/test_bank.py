@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from simmatch.bank import LabeledBank
+from simmatch.methods.bank import LabeledBank
 
 K, D = 12, 4
 

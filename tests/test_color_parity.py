@@ -9,7 +9,7 @@ and, where CUDA exists, on the GPU.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest

@@ -3,10 +3,10 @@ of every val and labeled image before the first step (not at the final evaluatio
 import shutil
 
 import pytest
+from test_bad_input import assert_one_line_error
 
 from conftest import run_tool, tiny_overrides
 from conftest_data import load_tool
-from test_bad_input import assert_one_line_error
 
 pytestmark = pytest.mark.timeout(1200)
 check_data = load_tool("check_data")

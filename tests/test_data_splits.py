@@ -7,7 +7,6 @@ from collections import Counter
 import numpy as np
 import pytest
 
-
 from conftest_data import data_cfg, load_tool
 from simmatch.data.digits import write_digits
 from simmatch.data.sharding import ShardPlan, val_slice

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 from conftest_data import data_cfg, same_batches, take
 from simmatch.data import build_streams
 from simmatch.errors import DataError

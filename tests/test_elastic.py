@@ -129,7 +129,8 @@ def _lr_of_images(images: float, total_images: float, world: int) -> float:
 
 
 def _cmd(nproc: int, overrides: list[str]) -> list[str]:
-    return [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", *(["--nproc", str(nproc)] if nproc > 1 else []),
+    return [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml",
+            *(["--nproc", str(nproc)] if nproc > 1 else []),
             *overrides]
 
 
@@ -256,7 +257,7 @@ def test_elastic_da_queues_keep_their_newest_means(old_len, new_len):
     """Both DA modules loaded from a state of another length: SimMatch's queue keeps its newest
     `count` means oldest first (zeros after), ReMixMatch's buffer its newest entries (every entry
     counts, uniform ones included) and uniform rows after; ptr points at the next row to replace."""
-    from simmatch.alignment import DistributionAlignment, ReMixMatchAlignment
+    from simmatch.methods.alignment import DistributionAlignment, ReMixMatchAlignment
 
     gen = torch.Generator().manual_seed(old_len + new_len)
     for count in (old_len // 3, old_len):  # part filled, wrapped around

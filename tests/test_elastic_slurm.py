@@ -13,9 +13,8 @@ import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
-from conftest_slurm import ROOT, events, job_log_tail, run_tool, wait_for  # noqa: E402
-
 from conftest import assert_same_weights, final_state  # noqa: E402
+from conftest_slurm import ROOT, events, job_log_tail, run_tool, wait_for  # noqa: E402
 from slurm.launcher import load_job  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]

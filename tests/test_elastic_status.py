@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from simmatch.checkpoint import save_checkpoint
+from simmatch.checkpoint.store import save_checkpoint
 from slurm import submissions
 
 pytestmark = pytest.mark.timeout(120)

@@ -77,7 +77,7 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
 
     # A failed check leaves no file behind (not even the temporary one)
     from simmatch.errors import CheckpointError
-    from simmatch.export import export_onnx
+    from simmatch.weights.export import export_onnx
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -111,13 +111,13 @@ class RemixReference:
 
 
 def test_remixmatch_alignment_matches_a_transcription_of_its_code():
-    from simmatch.alignment import ReMixMatchAlignment
+    from simmatch.methods.alignment import ReMixMatchAlignment
 
     c, length = 5, 4  # a short buffer so the FIFO wraps within the test
     ours = ReMixMatchAlignment(c, length=length)
     ref = RemixReference(c, dbuf=length)
     g = torch.Generator().manual_seed(0)
-    for step in range(11):
+    for _ in range(11):
         probs = torch.softmax(3 * torch.randn(6, c, generator=g), 1)
         labels = torch.randint(0, 2, (3,), generator=g)  # an unbalanced labeled stream
         got = ours(probs, labels)
@@ -127,9 +127,9 @@ def test_remixmatch_alignment_matches_a_transcription_of_its_code():
 
 
 def test_da_target_labeled_builds_remixmatch_alignment_and_fixmatch_refuses_it():
-    from simmatch.alignment import DistributionAlignment, ReMixMatchAlignment
     from simmatch.errors import ConfigError
     from simmatch.methods import build_method
+    from simmatch.methods.alignment import DistributionAlignment, ReMixMatchAlignment
 
     cfg = tiny("digits.yaml", "method.da_target=labeled")
     m = build_method(cfg, derived(cfg), torch.arange(40) % 10)
@@ -215,13 +215,18 @@ def test_parameter_only_ema_leaves_the_teachers_buffers_alone():
 # --------------------------------------------------------------------------- registry and choices
 
 def test_registry_and_config_choices_name_the_same_methods():
-    from simmatch.config import MethodConfig
-    from simmatch.methods import METHODS
+    import importlib
 
+    from simmatch.config import MethodConfig
+    from simmatch.methods import SPECS
+    from simmatch.methods.registry import METHODS
+
+    for spec in SPECS.values():
+        importlib.import_module(spec.module)
     allowed = typing.get_args(typing.get_type_hints(MethodConfig)["name"])
-    assert set(METHODS) == set(allowed)
-    for cls in METHODS.values():
-        assert "from_config" in vars(cls)
+    assert set(METHODS) == set(allowed) == set(SPECS)
+    for name, cls in METHODS.items():
+        assert "from_config" in vars(cls) and cls.spec is SPECS[name]
 
 
 @pytest.mark.parametrize("override,key", [("model.teacher=ema", "model.teacher"), ("train.amp=fp8", "train.amp"),

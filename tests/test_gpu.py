@@ -82,7 +82,7 @@ def test_amp_step_finite_and_close_to_fp32(cuda, tmp_path, amp, rel):
     with exact_fp32():
         for mode in ("none", amp):
             trainer = trainer_for(cuda, tmp_path / mode, f"train.amp={mode}", "method.name=supervised")
-            out = trainer._step()
+            out = trainer.step()
             losses[mode] = float(out["loss"])
             assert all(bool(torch.isfinite(p).all()) for p in trainer.method.student.parameters())
             del trainer
@@ -93,7 +93,7 @@ def test_amp_step_finite_and_close_to_fp32(cuda, tmp_path, amp, rel):
 def test_simmatch_bf16_steps_finite(cuda, tmp_path):
     trainer = trainer_for(cuda, tmp_path, "train.amp=bf16")
     for _ in range(3):
-        out = trainer._step()
+        out = trainer.step()
         bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
         assert not bad, f"not finite: {bad}"
 
@@ -121,7 +121,7 @@ def test_compiled_step_runs_and_matches_eager(cuda, tmp_path):
         for compiled in (False, True):
             trainer = trainer_for(cuda, tmp_path / str(compiled), "model.arch=resnet18", "train.amp=none",
                                   "method.name=supervised", f"train.compile={compiled}")
-            losses[compiled] = [float(trainer._step()["loss"]) for _ in range(2)]
+            losses[compiled] = [float(trainer.step()["loss"]) for _ in range(2)]
             del trainer
     assert all(torch.isfinite(torch.tensor(v)).all() for v in losses.values())
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)

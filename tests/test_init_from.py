@@ -7,11 +7,10 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from conftest import run_tool, tiny_overrides
-from simmatch import checkpoint as ckpt
+from conftest import run_tool, save_unchecked, tiny_overrides
 from simmatch.errors import CheckpointError
 from simmatch.models.network import build_backbone
-from simmatch.weights import init_backbone
+from simmatch.weights.init import init_backbone
 
 
 def source_resnet(num_classes: int, seed: int = 1) -> torchvision.models.ResNet:
@@ -46,7 +45,8 @@ def layouts(tmp_path):
     out.append(("resnet10-1a2b3c4d.pth", thousand, 0))
     # MoCo / ISD: {'state_dict': {'module.encoder_q.*', 'module.encoder_k.*', 'module.queue'}, 'epoch', ...}
     moco = {f"module.encoder_q.{k}": v for k, v in ten.items() if not k.startswith("fc.")}
-    moco.update({"module.encoder_q.fc.0.weight": torch.randn(512, 512), "module.encoder_q.fc.2.weight": torch.randn(128, 512)})
+    moco.update({"module.encoder_q.fc.0.weight": torch.randn(512, 512),
+                 "module.encoder_q.fc.2.weight": torch.randn(128, 512)})
     moco.update({f"module.encoder_k.{k}": v for k, v in other.items()})
     moco["module.queue"] = torch.randn(128, 64)
     torch.save({"epoch": 200, "arch": "resnet10", "state_dict": moco, "optimizer": {"state": {}, "param_groups": []}},
@@ -90,9 +90,9 @@ def test_a_chosen_checkpoint_of_a_run(tmp_path):
     for it in (1, 2):
         sd = source_resnet(10, seed=10 + it).state_dict()
         sds[it] = sd
-        ckpt.atomic_torch_save({"iteration": it, "config": cfg,
-                                "method": {f"student.backbone.{k}": v for k, v in sd.items()}},
-                               tmp_path / "run" / "checkpoints" / f"ckpt_{it:09d}.pt")
+        save_unchecked({"iteration": it, "config": cfg,
+                        "method": {f"student.backbone.{k}": v for k, v in sd.items()}},
+                       tmp_path / "run" / "checkpoints" / f"ckpt_{it:09d}.pt")
     for source, it in ((tmp_path / "run", 2), (tmp_path / "run" / "checkpoints" / "ckpt_1.pt", 1)):
         net = build_backbone("resnet10", 10, small_input=True)
         init_backbone(net, source, "resnet10")
@@ -127,8 +127,9 @@ def test_moco_checkpoint_starts_a_run(digits_root, tmp_path):
     src = layouts(tmp_path)[1]
     run_dir = tmp_path / "run"
     res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, run_dir, **{"optim.iters": 1, "optim.lr": "1.0e-30", "data.val_batch": 512,
-                                                            "model.init_from": str(tmp_path / src[0])}))
+                   *tiny_overrides(digits_root, run_dir, **{
+                       "optim.iters": 1, "optim.lr": "1.0e-30", "data.val_batch": 512,
+                       "model.init_from": str(tmp_path / src[0])}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"loaded {len(trunk(src[1]))} tensors" in res.stdout and "missing 0" in res.stdout
     assert f"unexpected (not used) {src[2]}: module.encoder_q.fc.0.weight" in res.stdout

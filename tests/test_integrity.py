@@ -5,23 +5,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import ROOT
-from simmatch import checkpoint as ckpt
+from simmatch.checkpoint import atomic, store
+from simmatch.checkpoint.saver import CheckpointSaver
 from simmatch.errors import CheckpointError
-from simmatch.runlock import RunLock, RunLocked, holder
+from simmatch.run.lock import RunLock, RunLocked, holder
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _saved(tmp_path: Path, iterations=(10, 20), keep: int = 5) -> ckpt.CheckpointSaver:
-    saver = ckpt.CheckpointSaver(tmp_path, keep=keep, background=True)
+def _saved(tmp_path: Path, iterations=(10, 20), keep: int = 5) -> CheckpointSaver:
+    saver = CheckpointSaver(tmp_path, keep=keep, background=True)
     for it in iterations:
         saver.save({"format": 2, "iteration": it, "method": {"w": torch.full((4096,), float(it))}}, it)
     saver.wait()
@@ -32,7 +31,7 @@ def test_digest_sidecar_matches_the_file(tmp_path):
     saver = _saved(tmp_path)
     for it in (10, 20):
         path = saver.path_for(it)
-        sha, name = ckpt.digest_path(path).read_text().split()
+        sha, name = atomic.digest_path(path).read_text().split()
         assert name == path.name and sha == hashlib.sha256(path.read_bytes()).hexdigest()
     assert subprocess.run(["sha256sum", "-c", "--quiet", "ckpt_000000020.pt.sha256"], cwd=tmp_path).returncode == 0
 
@@ -44,42 +43,43 @@ def test_overwritten_bytes_are_rejected_and_the_previous_one_used(tmp_path, capl
         f.seek(newest.stat().st_size // 2)
         f.write(os.urandom(4096))
     with pytest.raises(CheckpointError, match="is damaged: its SHA-256 does not match ckpt_000000020.pt.sha256"):
-        ckpt.load(newest)
-    path, state = ckpt.load_newest_valid(tmp_path)
+        store.read_checkpoint(newest)
+    path, state = store.find_checkpoint(tmp_path, required=False)
     assert path == saver.path_for(10) and state["iteration"] == 10
     assert "skipping unusable checkpoint" in caplog.text and "ckpt_000000020.pt" in caplog.text
-    assert ckpt.usability(newest).startswith("damaged") and ckpt.usability(path) == "ok"
+    assert store.usability(newest).startswith("damaged") and store.usability(path) == "ok"
 
 
 def test_last_and_best_are_checked_too(tmp_path):
     saver = _saved(tmp_path)
     saver.save_best({"format": 2, "iteration": 20, "method": {"w": torch.ones(8)}}, {"iteration": 20})
     saver.wait()
-    assert ckpt.load(tmp_path / "last.pt")["iteration"] == 20  # a symlink: checked against its target's digest
-    assert ckpt.verify(tmp_path / "best.pt")
+    # last.pt is a symlink: checked against its target's digest
+    assert store.read_checkpoint(tmp_path / "last.pt")["iteration"] == 20
+    assert store.verify(tmp_path / "best.pt")
     for name in ("ckpt_000000020.pt", "best.pt"):
         with open(tmp_path / name, "r+b") as f:
             f.seek(100)
             f.write(b"\xff" * 64)
     for name in ("last.pt", "best.pt"):
         with pytest.raises(CheckpointError, match="is damaged"):
-            ckpt.load(tmp_path / name)
-    assert ckpt.load_picked(tmp_path, "last")[1]["iteration"] == 10  # falls back past the damaged one
+            store.read_checkpoint(tmp_path / name)
+    assert store.find_checkpoint(tmp_path, "last")[1]["iteration"] == 10  # falls back past the damaged one
     with pytest.raises(CheckpointError, match="best.pt is damaged"):
-        ckpt.load_picked(tmp_path, "best")
+        store.find_checkpoint(tmp_path, "best")
 
 
 def test_missing_digest_new_format_refused_old_format_accepted(tmp_path, caplog):
     saver = _saved(tmp_path)
-    ckpt.digest_path(saver.path_for(20)).unlink()
+    atomic.digest_path(saver.path_for(20)).unlink()
     with pytest.raises(CheckpointError, match="has no digest file ckpt_000000020.pt.sha256"):
-        ckpt.load(saver.path_for(20))
+        store.read_checkpoint(saver.path_for(20))
     old = tmp_path / "ckpt_000000005.pt"  # a checkpoint from before digests: format 1, no sidecar
     torch.save({"format": 1, "iteration": 5, "method": {"w": torch.ones(2)}}, old)
-    assert ckpt.load(old)["iteration"] == 5
+    assert store.read_checkpoint(old)["iteration"] == 5
     assert "has no digest" in caplog.text and "ckpt_000000005.pt" in caplog.text
-    assert ckpt.usability(old).startswith("no digest")
-    assert ckpt.usability(saver.path_for(20)) == "damaged: its digest file ckpt_000000020.pt.sha256 is missing"
+    assert store.usability(old).startswith("no digest")
+    assert store.usability(saver.path_for(20)) == "damaged: its digest file ckpt_000000020.pt.sha256 is missing"
 
 
 def test_pruning_removes_digests_too(tmp_path):
@@ -93,10 +93,10 @@ def test_checkpoints_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
         saver = _saved(tmp_path, iterations=(1,))
-        ckpt.atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        atomic.atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
     finally:
         os.umask(old)
-    for p in (saver.path_for(1), ckpt.digest_path(saver.path_for(1)), tmp_path / "config.yaml"):
+    for p in (saver.path_for(1), atomic.digest_path(saver.path_for(1)), tmp_path / "config.yaml"):
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
 
 
@@ -106,7 +106,7 @@ def test_non_tensor_pickle_gets_the_projects_own_line(tmp_path):
     p = tmp_path / "ckpt_000000001.pt"
     torch.save({"x": Fraction(1, 3)}, p)
     with pytest.raises(CheckpointError) as err:
-        ckpt.load(p)
+        store.read_checkpoint(p)
     msg = str(err.value)
     assert msg == f"checkpoint {p} holds objects other than tensors and plain containers; refusing to unpickle it"
     assert "weights_only" not in msg and "Weights only" not in msg
@@ -117,7 +117,7 @@ def test_leftovers_removed(tmp_path):
     junk = [tmp_path / ".ckpt_000000002.pt.123.abcd1234.tmp", tmp_path / "ckpt_000000002.pt.sha256"]
     for j in junk:
         j.write_bytes(b"x" * 1000)
-    removed = ckpt.remove_leftovers(tmp_path)
+    removed = atomic.remove_leftovers(tmp_path)
     assert sorted(p for p, _ in removed) == sorted(junk) and all(size == 1000 for _, size in removed)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt", "ckpt_000000001.pt.sha256", "last.pt"]
 
@@ -125,9 +125,11 @@ def test_leftovers_removed(tmp_path):
 DISK_FULL = r"""
 import sys, torch
 from pathlib import Path
-from simmatch import checkpoint as ckpt
+from simmatch.checkpoint import store
+from simmatch.checkpoint.saver import CheckpointSaver
+from simmatch.errors import CheckpointError
 d = Path(sys.argv[1]) / "checkpoints"
-saver = ckpt.CheckpointSaver(d, keep=3, background=True)
+saver = CheckpointSaver(d, keep=3, background=True)
 state = {"format": 2, "iteration": 1, "method": {"w": torch.ones(1_500_000)}}  # 6 MB
 saver.save(state, 1)
 saver.wait()
@@ -136,10 +138,10 @@ saver.save(state, 2)
 try:
     saver.wait()
     print("no error")
-except ckpt.CheckpointError as exc:
+except CheckpointError as exc:
     print("ERROR", exc)
 print("FILES", sorted(p.name for p in d.iterdir()))
-print("NEWEST", ckpt.load_newest_valid(d)[1]["iteration"])
+print("NEWEST", store.find_checkpoint(d, required=False)[1]["iteration"])
 """
 
 
@@ -168,7 +170,7 @@ def test_disk_full_is_named(tmp_path):
 
 HOLDER = r"""
 import sys, time
-from simmatch.runlock import RunLock
+from simmatch.run.lock import RunLock
 RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)

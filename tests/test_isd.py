@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import assert_same_weights, final_state, run_tool, tiny_overrides
 from simmatch.methods.isd import isd_loss
-from simmatch.queue import EmbeddingQueue
+from simmatch.methods.queue import EmbeddingQueue
 
 
 def loop_isd(q, k, queue, t_s, t_t) -> float:

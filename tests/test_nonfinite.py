@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from test_bad_input import assert_one_line_error
 
 from conftest import run_tool, tiny_overrides
-from test_bad_input import assert_one_line_error
 
 
 def test_guard_counts_consecutive_steps():

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from simmatch.config import load_config
 from simmatch.engine.optim import build_optimizer, lr_at

@@ -46,7 +46,7 @@ def test_no_metrics_is_one_error_line(tmp_path):
 
 def test_history_after_a_crash_and_an_elastic_resume(tmp_path):
     """2 ranks log 10..50 with a checkpoint at 40 and die; 1 rank resumes (iteration 40 -> 80,
-    simmatch/elastic.py) and logs 90, 100. The history that led to the weights: 10..40 at twice
+    simmatch/checkpoint/elastic.py) and logs 90, 100. The history that led to the weights: 10..40 at twice
     their iteration (steps of the 1-rank batch), the lost record at 50 left out, then 90, 100."""
     from simmatch.engine.metrics import read_metrics, trained_history
 
@@ -111,7 +111,7 @@ def test_the_record_after_a_torn_line_is_kept(tmp_path):
     """SIGKILL mid-append leaves a line without its newline; the resumed process's first record
     (its resume record) must start a line of its own, not be glued onto the torn one."""
     from simmatch.engine.metrics import MetricsFile
-    from simmatch.jsonl import read_records
+    from simmatch.run.jsonl import read_records
 
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps({"kind": "train", "iteration": 1}) + "\n" + '{"kind": "train", "itera')

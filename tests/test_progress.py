@@ -64,7 +64,7 @@ def test_bar_on_a_terminal_and_plain_lines_elsewhere(digits_root, tmp_path):
 
 
 def test_children_get_omp_threads_like_torchrun():
-    from simmatch.launch_local import child_env
+    from simmatch.launch.local import child_env
 
     cores = len(os.sched_getaffinity(0))
     base = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}

@@ -129,7 +129,8 @@ def test_epoch_rounding_and_drop_last_plan():
 def test_shipped_lists_exact_per_class_and_found_from_any_cwd(tmp_path):
     code = ("from simmatch.data.splits import read_list\n"
             "import json\n"
-            "print(json.dumps({n: read_list(f'shipped:imagenet/simmatch_split_{n}_index.txt') for n in ('1p', '10p')}))")
+            "print(json.dumps({n: read_list(f'shipped:imagenet/simmatch_split_{n}_index.txt')\n"
+            "                  for n in ('1p', '10p')}))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)

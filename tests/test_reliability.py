@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides
-from simmatch import checkpoint as ckpt
+from simmatch.checkpoint import store
 from simmatch.errors import CheckpointError
-from simmatch.launch_local import ORPHAN_GRACE_S
+from simmatch.launch.local import ORPHAN_GRACE_S
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 TRAIN = [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml"]
@@ -85,8 +85,8 @@ def test_fuzzed_newest_checkpoint_is_rejected_and_the_resume_is_bit_identical(sh
     for trial in range(20):
         offset = _damage(newest, rng, original)
         with pytest.raises(CheckpointError, match=f"{newest} is damaged"):
-            ckpt.load(newest)
-        path, state = ckpt.load_newest_valid(newest.parent)
+            store.read_checkpoint(newest)
+        path, state = store.find_checkpoint(newest.parent, required=False)
         assert path == previous and state["iteration"] == 4, (trial, offset)
         if trial < 2:  # resume the real run past the damaged file, to the end
             res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *args)
@@ -94,14 +94,14 @@ def test_fuzzed_newest_checkpoint_is_rejected_and_the_resume_is_bit_identical(sh
             assert f"skipping unusable checkpoint: checkpoint {newest} is damaged" in res.stdout
             assert f"resumed from {previous} at iteration 4" in res.stdout
             assert_same_weights(uninterrupted, final_state(run_dir))
-            assert ckpt.verify(newest)  # the rewritten checkpoint has a matching digest again
+            assert store.verify(newest)  # the rewritten checkpoint has a matching digest again
 
 
 def test_readers_reject_a_damaged_checkpoint(short_run, tmp_path, monkeypatch):
     """export and status fall back past a damaged newest checkpoint and name it; eval, export
     and model.init_from given the damaged file itself refuse it; a failed export check leaves
     no file behind."""
-    from simmatch import export as export_mod
+    from simmatch.weights import export as export_mod
 
     run_dir, args = _copy_run(short_run, tmp_path)
     newest = run_dir / "checkpoints" / "ckpt_000000006.pt"
@@ -120,7 +120,8 @@ def test_readers_reject_a_damaged_checkpoint(short_run, tmp_path, monkeypatch):
     assert "checkpoint: iteration 4 (ckpt_000000004.pt), the newest usable one" in res.stdout
     assert "iteration        6 (ckpt_000000006.pt): damaged: its SHA-256 does not match" in res.stdout
     assert "iteration        2 (ckpt_000000002.pt): ok" in res.stdout
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *[a for a in args if not a.startswith("train.run_dir=")],
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                   *[a for a in args if not a.startswith("train.run_dir=")],
                    f"model.init_from={newest}",
                    f"train.run_dir={tmp_path / 'init'}")
     assert res.returncode == 2 and f"checkpoint {newest} is damaged" in res.stderr, res.stderr

@@ -1,11 +1,10 @@
 """A run directory belongs to one experiment: a changed config is refused with one line, a
 longer schedule needs --allow-config-change, a finished run is reported, never re-trained."""
-import yaml
-
-from conftest import final_state, run_tool, tiny_overrides
+import pytest
 from test_bad_input import assert_one_line_error
 
-import pytest
+import yaml
+from conftest import final_state, run_tool, tiny_overrides
 
 pytestmark = pytest.mark.slow
 

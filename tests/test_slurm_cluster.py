@@ -16,9 +16,8 @@ import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
-from conftest_slurm import ROOT, events, job_log_tail, metrics_iteration, run_tool, wait_for  # noqa: E402
-
 from conftest import assert_same_weights, final_state  # noqa: E402
+from conftest_slurm import ROOT, events, job_log_tail, metrics_iteration, run_tool, wait_for  # noqa: E402
 from slurm.jobstate import job_state  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, load_job, make_executor, submit, submitit_folder  # noqa: E402
 

@@ -9,15 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
-from conftest_slurm import CLUSTER_SH, ROOT, SLURM_DIR, events, job_log_tail, metrics_iteration, run_tool, wait_for  # noqa: E402
-
 from conftest import assert_same_weights, final_state  # noqa: E402
+from conftest_slurm import CLUSTER_SH, ROOT, SLURM_DIR, events, job_log_tail, metrics_iteration, run_tool, wait_for  # noqa: E402
 from slurm.launcher import load_job  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]

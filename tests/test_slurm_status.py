@@ -10,7 +10,6 @@ import pytest
 pytest.register_assert_rewrite("conftest_slurm")
 
 from conftest_slurm import ROOT, events, job_log_tail, metrics_iteration, run_tool, wait_for  # noqa: E402
-
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import job_state  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, submit  # noqa: E402

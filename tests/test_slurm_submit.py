@@ -17,7 +17,6 @@ import pytest
 pytest.register_assert_rewrite("conftest_slurm")
 
 from conftest_slurm import ROOT, FakeResult, run_tool  # noqa: E402
-
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import ScontrolSlurmJob, is_ended, query_job  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, sbatch_script  # noqa: E402
@@ -184,7 +183,7 @@ def test_status_reads_run_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no scontrol: the log decides
     run = tmp_path / "r"
     (run / "checkpoints").mkdir(parents=True)
-    from simmatch.checkpoint import save_checkpoint
+    from simmatch.checkpoint.store import save_checkpoint
 
     for it in (10, 20):
         save_checkpoint({"format": 2, "iteration": it}, run / "checkpoints" / f"ckpt_{it:09d}.pt")

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
-from conftest_slurm import ROOT, run_tool  # noqa: E402
-
 from conftest import tiny_overrides  # noqa: E402
+from conftest_slurm import ROOT, run_tool  # noqa: E402
 from slurm import submissions  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -98,8 +96,8 @@ def test_check_sees_a_live_lock_holder(tmp_path):
     import os
     import socket
 
-    from simmatch.preflight import lock_holder
-    from simmatch.runlock import RunLock
+    from simmatch.run.lock import RunLock
+    from simmatch.run.preflight import lock_holder
 
     lock = RunLock(tmp_path).acquire()
     assert f"pid {os.getpid()} on {socket.gethostname()}" in lock_holder(tmp_path)

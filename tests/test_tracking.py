@@ -6,9 +6,9 @@ import os
 import time
 
 import pytest
+from test_bad_input import assert_one_line_error
 
 from conftest import run_tool, tiny_overrides
-from test_bad_input import assert_one_line_error
 
 pytestmark = pytest.mark.slow
 

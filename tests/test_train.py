@@ -12,7 +12,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides, wait_for_checkpoint
+from conftest import (
+    ROOT,
+    assert_same_weights,
+    final_state,
+    run_tool,
+    save_unchecked,
+    tiny_overrides,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +121,8 @@ def test_four_rank_resume_is_bit_identical(digits_root, tmp_path, backend):
     rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert [(r["iteration"], r["steps"], r.get("partial")) for r in rows] == \
         [(stopped, stopped, True), (iters, iters - stopped, True)]
-    ref_rows = [r for r in map(json.loads, (ref_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    ref_rows = [r for r in map(json.loads, (ref_dir / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
     assert [(r["steps"], r.get("partial")) for r in ref_rows] == [(1, None)] * iters
     # Each partial window holds the mean of its own steps (the reference logged every step).
     for row, steps in ((rows[0], ref_rows[:stopped]), (rows[1], ref_rows[stopped:])):
@@ -160,7 +169,6 @@ def test_export_resnet50_loads_into_torchvision(tmp_path):
     """A ResNet-50 training checkpoint exports into torchvision.models.resnet50() strictly."""
     import torchvision
 
-    from simmatch import checkpoint as ckpt
     from simmatch.config import load_config, to_dict
     from simmatch.models import build_network
     from simmatch.models.ema import EMA
@@ -170,8 +178,8 @@ def test_export_resnet50_loads_into_torchvision(tmp_path):
     student = build_network("resnet50", 7)
     method = torch.nn.Module()
     method.student, method.teacher = student, EMA(student, 0.9)
-    ckpt.atomic_torch_save({"iteration": 5, "method": method.state_dict(), "config": to_dict(cfg)},
-                           tmp_path / "checkpoints" / "ckpt_000000005.pt")
+    save_unchecked({"iteration": 5, "method": method.state_dict(), "config": to_dict(cfg)},
+                   tmp_path / "checkpoints" / "ckpt_000000005.pt")
     res = run_tool("tools/export.py", str(tmp_path), "--which", "student", "--out", str(tmp_path / "r50.pth"))
     assert res.returncode == 0, res.stderr
     model = torchvision.models.resnet50(num_classes=7)

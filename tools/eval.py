@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Score a checkpoint's student and teacher on its validation split.
 
-`python tools/eval.py RUN_DIR|CKPT [--which student|teacher|both] [--which-ckpt last|best] [--knn] [--linear] [key=value ...]`
+`python tools/eval.py RUN_DIR|CKPT [--which student|teacher|both] [--which-ckpt last|best] [--knn] [--linear]
+ [key=value ...]`
 Default: the classifier's top-1 / top-5. --knn: weighted k-NN top-1 of the trunk's features
 with the labeled set as memory (train.knn_k, train.knn_temperature). --linear: top-1 of a
 linear probe (L-BFGS logistic regression) fitted on the frozen features of the labeled set.
@@ -33,7 +34,7 @@ def main() -> int:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=DIR")
     args = ap.parse_args()
-    from simmatch.evaluation import evaluate_checkpoint
+    from simmatch.engine.offline import evaluate_checkpoint
 
     which = ("student", "teacher") if args.which == "both" else (args.which,)
     modes = tuple(m for m, on in (("knn", args.knn), ("linear", args.linear)) if on) or ("classifier",)

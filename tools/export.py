@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--format", default="torch", choices=["torch", "onnx"],
                     help="torch: .pth + .safetensors (default); onnx: a verified .onnx file")
     args = ap.parse_args()
-    from simmatch.export import export, export_onnx
+    from simmatch.weights.export import export, export_onnx
 
     if args.format == "onnx":
         res = export_onnx(args.source, args.which, args.out, args.which_ckpt)

@@ -28,7 +28,7 @@ def main() -> int:
 
     args = parse_args(sys.argv[1:])
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from simmatch.launch_local import spawn
+        from simmatch.launch.local import spawn
 
         rest = [a for i, a in enumerate(sys.argv[1:]) if not a.startswith("--nproc")
                 and (i == 0 or sys.argv[i] != "--nproc")]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 import time
@@ -23,12 +22,12 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from simmatch.errors import cli_errors  # noqa: E402
-from simmatch.jsonl import read_records  # noqa: E402
+from simmatch.run.jsonl import read_records  # noqa: E402
+from simmatch.run.rundir import RunDir  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import UNKNOWN, is_ended, query_job  # noqa: E402
 from slurm.launcher import LaunchError  # noqa: E402
 
-_CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 _ENDINGS = {submissions.FINISHED: "COMPLETED", submissions.STOPPED: "STOPPED", submissions.FAILED: "FAILED"}
 
 
@@ -68,17 +67,11 @@ def run_state(run_dir: Path) -> tuple[str, str]:
         f"job {job_id}: no scontrol to ask"
 
 
-def newest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("ckpt_*.pt")
-             if (m := _CKPT.match(p.name))]
-    return max(found) if found else None
-
-
 def checkpoint_lines(run_dir: Path) -> list[str]:
     """The newest usable checkpoint, then every checkpoint with its integrity check."""
-    from simmatch.checkpoint import list_checkpoints, usability
+    from simmatch.checkpoint.store import usability
 
-    found = [(it, path, usability(path)) for it, path in reversed(list_checkpoints(run_dir / "checkpoints"))]
+    found = [(it, path, usability(path)) for it, path in reversed(RunDir(run_dir).list_checkpoints())]
     if not found:
         return ["checkpoint: none yet"]
     usable = [(it, path) for it, path, use in found if not use.startswith("damaged")]
@@ -89,10 +82,10 @@ def checkpoint_lines(run_dir: Path) -> list[str]:
 
 
 def writer_line(run_dir: Path) -> str:
-    from simmatch.runlock import holder
+    from simmatch.run.lock import holder
 
     who = holder(run_dir)
-    return f"writer:     {who} (holds {run_dir / '.lock'})" if who else "writer:     none"
+    return f"writer:     {who} (holds {RunDir(run_dir).lock})" if who else "writer:     none"
 
 
 def _history(events: list[dict]) -> list[str]:
@@ -106,7 +99,7 @@ def _history(events: list[dict]) -> list[str]:
 
 
 def _metrics(run_dir: Path, n: int) -> str:
-    records = read_records(run_dir / "metrics.jsonl")  # skips a line being written or cut by a crash
+    records = read_records(RunDir(run_dir).metrics)  # skips a line being written or cut by a crash
     if not records:
         return "  (none yet)"
     import pandas as pd
@@ -120,14 +113,15 @@ def _metrics(run_dir: Path, n: int) -> str:
 
 
 def report(run_dir: Path, lines: int) -> str:
-    from simmatch.world_sizes import world_sizes_line
+    from simmatch.run.world_sizes import world_sizes_line
 
     state, detail = run_state(run_dir)
     events = submissions.read_events(run_dir)
-    newest = newest_checkpoint(run_dir)
+    newest = RunDir(run_dir).newest_checkpoint()
     sizes = world_sizes_line(run_dir, newest[1] if newest else None, events)
     text = [f"run:        {run_dir}", f"state:      {state} ({detail})", writer_line(run_dir),
-            *checkpoint_lines(run_dir), sizes, "submissions:", *(_history(events) or ["  (none)"]), f"metrics (last {lines}):",
+            *checkpoint_lines(run_dir), sizes, "submissions:", *(_history(events) or ["  (none)"]),
+            f"metrics (last {lines}):",
             _metrics(run_dir, lines)]
     return "\n".join(text)
 

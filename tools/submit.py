@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from simmatch.config import derive_scale, load_config, parse_override  # noqa: E402
 from simmatch.errors import cli_errors  # noqa: E402
-from simmatch.recipe import recipe_lines  # noqa: E402
+from simmatch.run.recipe import recipe_lines  # noqa: E402
+from simmatch.run.rundir import RunDir  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import is_ended, job_state  # noqa: E402
 from slurm.launcher import JobSpec, LaunchError, TrainJob, sbatch_script, submit  # noqa: E402
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _resume_source(run_dir: Path) -> tuple[str, list[str]]:
     """Config file and overrides of the run in `run_dir`: its saved config, else its submission."""
-    saved = run_dir / "config.yaml"
+    saved = RunDir(run_dir).config
     if saved.is_file():
         return str(saved), []
     for e in reversed(submissions.read_events(run_dir)):
@@ -140,7 +141,7 @@ def _run_dir(args: argparse.Namespace, cfg) -> Path:
 
 def _check_run_dir(run_dir: Path, resuming: bool) -> None:
     """Never start a second run over an existing one, nor resume a run whose job still lives."""
-    if not resuming and ((run_dir / "config.yaml").exists() or (run_dir / "checkpoints").exists()):
+    if not resuming and RunDir(run_dir).holds_run():
         raise LaunchError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                           "or choose another --run-dir")
     job_id = submissions.last_job_id(submissions.read_events(run_dir))
@@ -183,7 +184,7 @@ def run_local(job: TrainJob, spec: JobSpec, note: str) -> int:
         result = job()
         print(f"{result.status} at iteration {result.iteration}")
         return 0
-    from simmatch.launch_local import launch
+    from simmatch.launch.local import launch
 
     return launch(job.cfg_path, job.train_overrides(), tasks,
                   ["--allow-config-change"] if job.allow_config_change else [])

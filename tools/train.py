@@ -41,8 +41,8 @@ def main() -> int:
         return print_config(args)
     if args.check:
         from simmatch.config import load_config
-        from simmatch.preflight import check_main
-        from simmatch.train import run_dir_of
+        from simmatch.run.preflight import check_main
+        from simmatch.run.rundir import run_dir_of
 
         cfg = load_config(args.cfg, args.overrides)
         return check_main(cfg, run_dir_of(cfg), args.world_size or args.nproc or None,
@@ -62,14 +62,14 @@ def main() -> int:
         from simmatch.train import main as train_main
 
         return train_main(["--cfg", args.cfg, *flags, *args.overrides])
-    from simmatch.launch_local import launch
+    from simmatch.launch.local import launch
 
     return launch(args.cfg, args.overrides, nproc, flags)
 
 
 def print_config(args: argparse.Namespace) -> int:
     from simmatch.config import load_config
-    from simmatch.recipe import recipe_lines
+    from simmatch.run.recipe import recipe_lines
 
     cfg = load_config(args.cfg, args.overrides)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or args.nproc

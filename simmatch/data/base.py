@@ -66,7 +66,7 @@ class TrainStream:
         """Epoch of the next batch."""
         return self._position()[0]
 
-    def __iter__(self) -> "TrainStream":
+    def __iter__(self) -> TrainStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
@@ -104,7 +104,7 @@ class TrainStream:
             self._continue_elastic(epoch, old.consumed(epoch, batch))
             return
         warnings.warn(f"{self.kind} stream: saved data position is for {saved}, "
-                      f"now {self.plan.fingerprint()}; restarting epoch {epoch}")
+                      f"now {self.plan.fingerprint()}; restarting epoch {epoch}", stacklevel=2)
         self._seek(epoch, 0, {})
 
     def _continue_elastic(self, epoch: int, consumed: int) -> None:

@@ -3,10 +3,10 @@
 Epoch e shuffles all N items with a generator seeded from (seed, stream tag, e) — the same on
 every rank — and repeats the permutation cyclically up to a whole number of global batches
 (so every batch is full and nothing is dropped), or with `drop_last` cuts it to
-floor(N / global batch) batches (the authors' drop_last; the next epoch reshuffles). Global step s reads the contiguous chunk
-[s*B*W, (s+1)*B*W) of that order; rank r takes the r-th B-slice of it. The global sequence of
-batches therefore does not depend on the world size, and ranks never share an item within a
-step. Augmentation randomness is seeded from the GLOBAL rank.
+floor(N / global batch) batches (the authors' drop_last; the next epoch reshuffles). Global
+step s reads the contiguous chunk [s*B*W, (s+1)*B*W) of that order; rank r takes the r-th
+B-slice of it. The global sequence of batches therefore does not depend on the world size, and
+ranks never share an item within a step. Augmentation randomness is seeded from the GLOBAL rank.
 
 Elastic resume: a run continued on another world size (or per-rank batch) goes on from the
 first item of the epoch's permutation that no rank has consumed (`tail_offset` items of epoch
@@ -98,7 +98,7 @@ class ShardPlan:
         mine = self.fingerprint()
         return all(fingerprint.get(k) == mine.get(k) for k in ("num_items", "seed", "tag", "drop_last"))
 
-    def with_tail(self, epoch: int, offset: int) -> "ShardPlan":
+    def with_tail(self, epoch: int, offset: int) -> ShardPlan:
         return dataclasses.replace(self, tail_epoch=epoch, tail_offset=offset)
 
     @staticmethod

@@ -93,7 +93,7 @@ def read_list(path: str | Path) -> list[str]:
 
 def write_list(paths: list[str], out: str | Path) -> Path:
     """One relative path per line; written to a temporary name first so readers never see half."""
-    from simmatch.checkpoint import atomic_write_text
+    from simmatch.checkpoint.atomic import atomic_write_text
 
     out = Path(out)
     atomic_write_text(out, "".join(p + "\n" for p in paths))

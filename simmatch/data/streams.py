@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -53,6 +54,7 @@ class Streams:
         return self._labeled_eval() if self._labeled_eval is not None else iter(())
 
     def state_dict(self) -> dict[str, Any]:
+        """Both training streams' positions (a checkpoint's per-rank data state)."""
         return {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@ the position like a real epoch-sharded stream, so the method's bank logic is exe
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

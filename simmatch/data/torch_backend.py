@@ -7,8 +7,9 @@ all the state there is, and skipping batches only skips sampler entries.
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,8 +1,8 @@
 """Top-1 / top-5 over the validation stream, summed over ranks (each image counted once)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Iterable
 
 import torch
 import torch.nn as nn

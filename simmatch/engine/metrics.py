@@ -6,8 +6,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -40,7 +40,7 @@ class MetricWindow:
 
 
 class MetricsFile:
-    """Appends one JSON object per line (rank 0 only); `read_metrics` (or simmatch.jsonl) reads it.
+    """Appends one JSON object per line (rank 0 only); `read_metrics` (or run/jsonl.py) reads it.
 
     Every record gets `time` (seconds since the epoch) and goes to the trackers too
     (TensorBoard, W&B: simmatch/engine/tracking.py)."""
@@ -85,9 +85,10 @@ def read_metrics(run_dir: Path):
     import pandas as pd
 
     from simmatch.errors import UserError
-    from simmatch.jsonl import read_records
+    from simmatch.run.jsonl import read_records
+    from simmatch.run.rundir import RunDir
 
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise UserError(f"no metrics file in {run_dir} (expected {path})")
     records = read_records(path)  # a line cut by a crash or being written now is skipped
@@ -101,7 +102,7 @@ def trained_history(df):
 
     A resume record ends the previous process's story at its checkpoint: records it logged past
     that iteration (work lost to a crash, trained again since) are dropped. An elastic resume
-    re-expresses the iteration in steps of the new global batch (simmatch/elastic.py), so the
+    re-expresses the iteration in steps of the new global batch (simmatch/checkpoint/elastic.py), so the
     earlier records are scaled by the same ratio: every `iteration` is then in steps of the run's
     last global batch (float where the ratio is not whole) and `logged_iteration` keeps the value
     as written. Resume records themselves are not returned. Returns (frame, rescaled?).
@@ -135,8 +136,8 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
-    """A log file per rank; the console gets rank 0's messages only."""
+def setup_logging(log_file: Path, console: bool) -> logging.Logger:
+    """The rank's log file (RUN_DIR/log_rank<R>.txt); the console gets rank 0's messages only."""
     logger = logging.getLogger("simmatch")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -144,10 +145,10 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
         logger.removeHandler(h)
         h.close()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    fh = logging.FileHandler(run_dir / f"log_rank{rank}.txt")
+    fh = logging.FileHandler(log_file)
     fh.setFormatter(fmt)
     logger.addHandler(fh)
-    if rank == 0:
+    if console:
         sh = _ConsoleHandler(sys.stdout)
         sh.setFormatter(fmt)
         sh.addFilter(lambda record: getattr(record, "console", True))

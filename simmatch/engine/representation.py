@@ -5,8 +5,8 @@ queries, so a self-supervised run (ISD) that never trains its classifier can sti
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ def embed(model: torch.nn.Module, batches: Iterable[dict], autocast: AbstractCon
     model.train(was_training)
     device = next(model.parameters()).device
     if not feats:
-        return torch.zeros(0, getattr(model, "feat_dim", 1), device=device), torch.zeros(0, dtype=torch.long, device=device)
+        empty = torch.zeros(0, getattr(model, "feat_dim", 1), device=device)
+        return empty, torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels)
 
 

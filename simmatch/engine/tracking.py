@@ -14,6 +14,7 @@ from typing import Protocol
 
 from simmatch.config import Config, to_dict
 from simmatch.errors import ConfigError
+from simmatch.run.rundir import RunDir
 
 SKIP = ("kind", "iteration", "time")
 
@@ -43,10 +44,10 @@ def check_available(cfg: Config) -> None:
 class TensorBoard:
     """Event files under RUN_DIR/tensorboard (a resumed run appends a new file there)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path | RunDir):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(RunDir(run_dir).tensorboard))
 
     def write(self, record: dict) -> None:
         step = int(record.get("iteration", 0))
@@ -63,9 +64,10 @@ class WandB:
     """A W&B run named after the run directory and resumed with it; WANDB_MODE=offline (or
     `wandb offline`) is honoured by wandb itself, the files go to RUN_DIR/wandb."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path | RunDir):
         import wandb
 
+        run_dir = RunDir(run_dir).root
         run_id = "".join(c if c.isalnum() else "-" for c in str(run_dir.resolve()))[-64:].strip("-")
         self.run = wandb.init(project=cfg.train.wandb_project, name=run_dir.name, id=run_id, resume="allow",
                               dir=str(run_dir), config=to_dict(cfg))
@@ -77,7 +79,7 @@ class WandB:
         self.run.finish()
 
 
-def build_trackers(cfg: Config, run_dir: Path) -> list[Tracker]:
+def build_trackers(cfg: Config, run_dir: Path | RunDir) -> list[Tracker]:
     check_available(cfg)
     out: list[Tracker] = []
     if cfg.train.tensorboard:

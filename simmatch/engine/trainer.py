@@ -16,27 +16,35 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from simmatch import checkpoint as ckpt
 from simmatch import distributed as dist
+from simmatch.checkpoint import store
+from simmatch.checkpoint.atomic import atomic_write_text
+from simmatch.checkpoint.elastic import describe, rescale_iteration
+from simmatch.checkpoint.saver import CheckpointSaver
 from simmatch.config import Config, Derived, derive, to_dict
 from simmatch.data.sharding import derive_seed
-from simmatch.elastic import describe, rescale_iteration
+from simmatch.distributed import average_buffers
 from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.guard import NonFiniteGuard
-from simmatch.engine.representation import knn_accuracy
-from simmatch.engine.metrics import (MetricsFile, MetricWindow, Progress, close_logging, eval_progress,
-                                     format_eta, setup_logging)
-from simmatch.engine.tracking import build_trackers
+from simmatch.engine.metrics import (
+    MetricsFile,
+    MetricWindow,
+    Progress,
+    close_logging,
+    eval_progress,
+    format_eta,
+    setup_logging,
+)
 from simmatch.engine.optim import build_optimizer, lr_at, set_lr
+from simmatch.engine.representation import knn_accuracy
 from simmatch.engine.stop import StopRequest
+from simmatch.engine.tracking import build_trackers
 from simmatch.errors import CheckpointError
-from simmatch.jsonl import read_records
 from simmatch.methods import build_method
 from simmatch.models.group_bn import convert_group_bn
-from simmatch.distributed import average_buffers
-
-CHECKPOINT_FORMAT = 2  # 2: written with a digest sidecar, which readers then require
+from simmatch.run.jsonl import read_records
+from simmatch.run.rundir import SPLIT_NAMES, RunDir
 
 
 @dataclass
@@ -70,19 +78,20 @@ def move_batch(batch: dict | None, device: torch.device, channels_last: bool) ->
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, device: torch.device):
+    def __init__(self, cfg: Config, run_dir: Path | RunDir, device: torch.device):
         from simmatch.data import build_streams  # the data layer imports DALI: keep it lazy
 
+        run_dir = RunDir(run_dir)
         self.cfg, self.run_dir, self.device = cfg, run_dir, device
         if device.type == "cuda":
             # fixed crop sizes: cuDNN picks its fastest kernels once per input shape
             torch.backends.cudnn.benchmark = True
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.log = setup_logging(run_dir, self.rank)
+        self.log = setup_logging(run_dir.log(self.rank), console=self.rank == 0)
         # A run that has saved a checkpoint trains on the split it started with (RUN_DIR/splits).
-        resuming = bool(ckpt.list_checkpoints(run_dir / "checkpoints"))
+        resuming = run_dir.has_checkpoints()
         self.streams = build_streams(cfg, self.rank, self.world, device,
-                                     frozen_splits=run_dir / "splits" if resuming else None)
+                                     frozen_splits=run_dir.splits if resuming else None)
         self.derived: Derived = derive(cfg, self.world, self.streams.num_labeled, self.streams.num_unlabeled)
         if cfg.data.check_images:
             self._check_images()
@@ -116,14 +125,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.method.student, cfg, self.derived.lr)
         self.dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.saver = ckpt.CheckpointSaver(run_dir / "checkpoints", cfg.train.keep_ckpts,
-                                          background=cfg.train.async_ckpt)
+        self.saver = CheckpointSaver(run_dir.checkpoints, cfg.train.keep_ckpts, background=cfg.train.async_ckpt)
         trackers = build_trackers(cfg, run_dir) if self.rank == 0 else []
-        self.metrics_file = MetricsFile(run_dir / "metrics.jsonl", enabled=self.rank == 0, trackers=trackers)
+        self.metrics_file = MetricsFile(run_dir.metrics, enabled=self.rank == 0, trackers=trackers)
         self.iteration = 0
         self.world_history = [{"world_size": self.world, "iteration": 0}]  # each world size the run has had
         self.resumed_from: tuple[int, int] | None = None  # (iteration, world size) of the checkpoint
-        self.best = ckpt.best_record(run_dir / "checkpoints")  # what best.pt holds, if any
+        self.best = store.best_record(run_dir.checkpoints)  # what best.pt holds, if any
 
     def _check_images(self) -> None:
         """Decode every val and labeled image before the first step, each rank a share, so that
@@ -146,16 +154,13 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def _rank_state(self) -> dict:
-        state = {"rng": rng.capture(), "labeled": self.streams.labeled.state_dict()}
-        if self.streams.unlabeled is not None:
-            state["unlabeled"] = self.streams.unlabeled.state_dict()
-        return state
+        return {"rng": rng.capture(), **self.streams.state_dict()}
 
     def state_dict(self) -> dict:
         """Everything exact resume needs; a collective (every rank's RNG and data position)."""
         ranks = dist.all_gather_objects(self._rank_state())
         return {
-            "format": CHECKPOINT_FORMAT,
+            "format": store.FORMAT,
             "iteration": self.iteration,
             "arch": self.cfg.model.arch,
             "num_classes": self.cfg.data.num_classes,
@@ -173,7 +178,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict, source: Path) -> None:
-        """Exact resume on the same world size; on another one, an elastic resume (simmatch/elastic.py):
+        """Exact resume on the same world size; on another one, an elastic resume (simmatch/checkpoint/elastic.py):
         the replicated state exactly, the data from the first unread image of the epoch, the
         iteration in steps of the new global batch, per-rank random streams derived afresh."""
         for key, mine in (("arch", self.cfg.model.arch), ("num_classes", self.cfg.data.num_classes),
@@ -208,13 +213,11 @@ class Trainer:
                 self.iteration = max(self.iteration, self.derived.total_iters)
             rng.seed_all(derive_seed(self.cfg.train.seed, 1000 + self.rank, self.world, self.iteration))
             self.world_history.append({"world_size": self.world, "iteration": self.iteration})
-        self.streams.labeled.load_state_dict(mine["labeled"])
-        if self.streams.unlabeled is not None:
-            self.streams.unlabeled.load_state_dict(mine["unlabeled"])
+        self.streams.load_state_dict(mine)
         self.resumed_from = (iteration, old_world)
 
     def resume(self) -> bool:
-        found = ckpt.load_newest_valid(self.run_dir / "checkpoints")
+        found = store.find_checkpoint(self.run_dir.root, required=False)
         if found is None:
             return False
         path, state = found
@@ -228,7 +231,7 @@ class Trainer:
     def _init_from(self, source: str) -> None:
         """A fresh run starts from another run's (or an export's) trunk; a resumed one does not
         need the source any more."""
-        from simmatch.export import init_student_from
+        from simmatch.weights.init import init_student_from
 
         report = init_student_from(self.method, source, self.cfg.model.arch)
         self.method.teacher.module.load_state_dict(self.method.student.state_dict())
@@ -242,7 +245,8 @@ class Trainer:
             self.saver.save(state, self.iteration)
 
     # ------------------------------------------------------------------ loop
-    def _step(self) -> dict[str, torch.Tensor]:
+    def step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step at the current iteration (the loop advances the iteration and the lr)."""
         cl, timer = self.cfg.train.channels_last, self.method.timer
         with timer("data"):
             labeled = unlabeled = None
@@ -325,7 +329,7 @@ class Trainer:
         stop.install()
         window = MetricWindow()
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.device)
-        ckpt_dir = self.run_dir / "checkpoints"
+        ckpt_dir = self.run_dir.checkpoints
         progress = Progress(d.total_iters, self.rank == 0, initial=self.iteration)
         # images drawn per step (an unlabeled image counts once, however many views it has)
         per_step = d.global_batch * (self.method.needs_labeled + t.mu * self.method.needs_unlabeled)
@@ -337,7 +341,7 @@ class Trainer:
             while self.iteration < d.total_iters:
                 lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters)
                 set_lr(self.optimizer, lr)
-                losses = self._step()
+                losses = self.step()
                 guard.update(losses["loss"])
                 window.add(losses)
                 self.iteration += 1
@@ -365,8 +369,7 @@ class Trainer:
                     self.log.info("signal %s: saved at iteration %d, stopping", stop.signum, self.iteration)
                     break
             if status == "finished":
-                if not (self.run_dir / "checkpoints").exists() or \
-                        not ckpt.list_checkpoints(self.run_dir / "checkpoints"):
+                if not self.run_dir.has_checkpoints():
                     self.save()
                 last.update(self.evaluate())
         finally:
@@ -387,7 +390,7 @@ class Trainer:
     def _already_finished(self) -> TrainResult:
         """A re-run of a finished run trains nothing and appends nothing: it reports the final
         evaluation (run only if the previous process stopped between the last save and it)."""
-        last = last_eval(self.run_dir / "metrics.jsonl")
+        last = last_eval(self.run_dir.metrics)
         # the checkpoint's own iteration: another world size re-expresses it (elastic resume)
         saved = self.resumed_from[0] if self.resumed_from else self.iteration
         if last.get("iteration") not in (self.iteration, saved):
@@ -421,12 +424,12 @@ def last_eval(path: Path) -> dict:
     return next((r for r in reversed(read_records(path)) if r.get("kind") == "eval"), {})
 
 
-def write_splits(lists: dict[str, list[str]], run_dir: Path, overwrite: bool) -> None:
+def write_splits(lists: dict[str, list[str]], run_dir: RunDir, overwrite: bool) -> None:
     """Keep the labeled and unlabeled lists of a run in RUN_DIR/splits/; a resumed run reads
     them back (`overwrite` only before the run's first checkpoint, when it starts afresh)."""
-    out = run_dir / "splits"
-    out.mkdir(exist_ok=True)
+    run_dir.splits.mkdir(exist_ok=True)
     for name, files in lists.items():
-        target = out / f"{name}.txt"
+        assert name in SPLIT_NAMES, name
+        target = run_dir.split(name)
         if overwrite or not target.exists():
-            ckpt.atomic_write_text(target, "".join(f + "\n" for f in files))
+            atomic_write_text(target, "".join(f + "\n" for f in files))

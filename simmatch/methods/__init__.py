@@ -1,24 +1,23 @@
 """Methods by name: each turns model outputs into losses; the engine is shared.
 
-Importing this package registers every method; `build_method` looks the configured name up
-in the registry and lets the class build itself from the config.
+`simmatch.methods.spec` holds every method's facts (torch-free: the config, the recipe and the
+pre-flight read them); `build_method` imports the configured method's module, whose class
+registers itself (`registry.register`), and lets the class build itself from the config.
 """
 from __future__ import annotations
 
-import torch
+import importlib
+from typing import Any
 
-from simmatch.config import Config, Derived
-from simmatch.methods import fixmatch, isd, simmatch, supervised  # noqa: F401  (registers them)
-from simmatch.methods.base import Method
-from simmatch.methods.registry import METHODS, register
+from simmatch.methods.spec import SPECS, MethodSpec, spec_of
 
-__all__ = ["METHODS", "Method", "build_method", "register"]
+__all__ = ["SPECS", "MethodSpec", "build_method", "spec_of"]
 
 
-def build_method(cfg: Config, derived: Derived, bank_labels: torch.Tensor) -> Method:
-    """The method named by `cfg.method.name`, with a freshly initialised student."""
-    try:
-        cls = METHODS[cfg.method.name]
-    except KeyError:
-        raise NotImplementedError(f"method.name={cfg.method.name!r} is not available") from None
-    return cls.from_config(cfg, derived, bank_labels)
+def build_method(cfg: Any, derived: Any, bank_labels: Any) -> Any:
+    """The method named by `cfg.method.name` (a `base.Method`), with a freshly initialised student."""
+    from simmatch.methods.registry import METHODS
+
+    spec = spec_of(cfg.method.name)
+    importlib.import_module(spec.module)
+    return METHODS[spec.name].from_config(cfg, derived, bank_labels)

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from simmatch import distributed as dist
+from simmatch.methods.spec import MethodSpec
 from simmatch.models import EMA, Network
 from simmatch.timing import NO_TIMER, PhaseTimer
 
@@ -15,14 +16,26 @@ class Method(nn.Module):
     """Owns the model-side state (student, teacher, banks, queues) as submodules and buffers,
     so `state_dict()` is everything a checkpoint needs from it. The engine owns the rest.
 
-    Subclasses are registered by name (`simmatch.methods.register`) and built from the config
-    by their `from_config`.
+    Subclasses are registered by name (`simmatch.methods.registry.register`), which attaches
+    their facts (`spec`: streams, teacher, evaluation; simmatch/methods/spec.py), and built from
+    the config by their `from_config`.
     """
 
-    needs_labeled: bool = True
-    trains_classifier: bool = True  # False: evaluated by k-NN on the trunk's features
-    needs_unlabeled: bool = True
+    spec: MethodSpec
     timer: PhaseTimer = NO_TIMER  # benchmarks swap in an enabled one
+
+    @property
+    def needs_labeled(self) -> bool:
+        return self.spec.needs_labeled
+
+    @property
+    def needs_unlabeled(self) -> bool:
+        return self.spec.needs_unlabeled
+
+    @property
+    def trains_classifier(self) -> bool:
+        """False: evaluated by k-NN on the trunk's features."""
+        return self.spec.trains_classifier
 
     def __init__(self, student: Network, ema_momentum: float, teacher: str = "eman", seed: int = 0):
         super().__init__()
@@ -31,7 +44,7 @@ class Method(nn.Module):
         self.seed = seed
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> "Method":
+    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> Method:
         """The method as `cfg` describes it, with a freshly initialised student."""
         raise NotImplementedError
 

@@ -26,7 +26,7 @@ class FixMatch(Method):
         self.tau, self.lambda_u = tau, lambda_u
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> "FixMatch":
+    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> FixMatch:
         return cls(network_for(cfg, head=False), derived.ema_momentum, tau=cfg.method.fixmatch_tau,
                    lambda_u=cfg.method.lambda_u, seed=cfg.train.seed)
 

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from simmatch.methods.base import Batch, Method
 from simmatch.methods.losses import fp32
+from simmatch.methods.queue import EmbeddingQueue
 from simmatch.methods.registry import register
 from simmatch.models import Network, network_for
-from simmatch.queue import EmbeddingQueue
 
 
 def isd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, queue: torch.Tensor,
@@ -22,9 +22,6 @@ def isd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, queue: torch.
 
 @register("isd")
 class ISD(Method):
-    needs_labeled = False
-    trains_classifier = False
-
     def __init__(self, student: Network, ema_momentum: float, queue_size: int, t_student: float = 0.1,
                  t_teacher: float = 0.01, teacher: str = "eman", seed: int = 0):
         super().__init__(student, ema_momentum, teacher, seed)
@@ -35,10 +32,10 @@ class ISD(Method):
         self._pending: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> "ISD":
+    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> ISD:
         m = cfg.method
         return cls(network_for(cfg, head=True, predictor=True), derived.ema_momentum, m.queue_size,
-                   m.isd_t_student, m.isd_t_teacher, teacher=cfg.model.teacher, seed=cfg.train.seed)
+                   m.isd_t_student, m.isd_t_teacher, teacher=cls.spec.teacher(cfg), seed=cfg.train.seed)
 
     def training_losses(self, student, labeled: Batch | None, unlabeled: Batch | None,
                         iteration: int) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from simmatch.alignment import DistributionAlignment, ReMixMatchAlignment
-from simmatch.bank import LabeledBank
+from simmatch.methods.alignment import DistributionAlignment, ReMixMatchAlignment
+from simmatch.methods.bank import LabeledBank
 from simmatch.methods.base import Batch, Method
 from simmatch.methods.losses import fp32, pseudo_label_metrics, soft_cross_entropy
 from simmatch.methods.registry import register
@@ -63,7 +63,7 @@ class SimMatch(Method):
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> "SimMatch":
+    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> SimMatch:
         m = cfg.method
         da = None
         if m.dist_align and m.da_target == "labeled":
@@ -73,7 +73,7 @@ class SimMatch(Method):
             tau=m.tau, temperature=m.temperature, alpha=m.alpha, lambda_u=m.lambda_u,
             lambda_in=m.lambda_in if m.use_bank else 0.0, dist_align=m.dist_align, da_len=derived.da_len,
             da=da, bank_momentum=m.bank_momentum, propagate_after_iters=derived.propagate_after_iters,
-            use_bank=m.use_bank, teacher=cfg.model.teacher, seed=cfg.train.seed)
+            use_bank=m.use_bank, teacher=cls.spec.teacher(cfg), seed=cfg.train.seed)
 
     @torch.no_grad()
     def _targets(self, labeled: Batch, unlabeled: Batch, iteration: int):
@@ -102,7 +102,6 @@ class SimMatch(Method):
     def training_losses(self, student, labeled: Batch, unlabeled: Batch | None,
                         iteration: int) -> dict[str, torch.Tensor]:
         assert unlabeled is not None
-        b, bu = labeled["x"].shape[0], unlabeled["weak"].shape[0]
         p_hat, q_hat = self._targets(labeled, unlabeled, iteration)
         strong = list(unlabeled["strong"])
         with self.timer("student_forward"):

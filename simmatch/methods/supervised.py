@@ -11,12 +11,10 @@ from simmatch.models import network_for
 
 @register("supervised")
 class Supervised(Method):
-    needs_unlabeled = False
-
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> "Supervised":
-        # the EMA is only evaluated: it averages BN statistics too (EMAN-style)
-        return cls(network_for(cfg, head=False), derived.ema_momentum, "eman", cfg.train.seed)
+    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> Supervised:
+        # the EMA is only evaluated: it averages BN statistics too (EMAN-style, spec.py)
+        return cls(network_for(cfg, head=False), derived.ema_momentum, cls.spec.teacher(cfg), cfg.train.seed)
 
     def training_losses(self, student, labeled: Batch, unlabeled: Batch | None,
                         iteration: int) -> dict[str, torch.Tensor]:

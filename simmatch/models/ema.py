@@ -60,7 +60,7 @@ class EMA(nn.Module):
     def shuffle_bn(self) -> bool:
         return self.mode == "ema_shuffle_bn"
 
-    def train(self, mode: bool = True) -> "EMA":
+    def train(self, mode: bool = True) -> EMA:
         super().train(mode)
         self.module.train(mode and self.shuffle_bn)
         return self

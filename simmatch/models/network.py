@@ -13,7 +13,7 @@ import torchvision
 from simmatch.errors import ConfigError
 
 
-def _small_input_stem(net: torchvision.models.ResNet) -> None:
+def small_input_stem(net: torchvision.models.ResNet) -> None:
     """3x3 stride-1 first conv and no max-pool: keeps spatial size for 32-px (or smaller) images."""
     width = net.conv1.out_channels
     net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
@@ -34,7 +34,7 @@ def build_backbone(arch: str, num_classes: int, small_input: bool = False) -> to
     else:
         raise ConfigError(f"model.arch={arch!r} is not a torchvision ResNet (or resnet10)")
     if small_input:
-        _small_input_stem(net)
+        small_input_stem(net)
     return net
 
 

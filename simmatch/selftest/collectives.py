@@ -61,7 +61,7 @@ def check_collectives(device: torch.device, megabytes: int) -> Check:
 def check_bank(device: torch.device) -> Check:
     """Each rank writes 3 rows of a shared bank; every rank must end with every rank's rows and
     the same bank (the update path of training: LabeledBank.update -> all_gather_cat)."""
-    from simmatch.bank import LabeledBank
+    from simmatch.methods.bank import LabeledBank
 
     name = "bank all-gather"
     world, rank = tdist.get_world_size(), tdist.get_rank()

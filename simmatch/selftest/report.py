@@ -1,25 +1,9 @@
-"""One self-test check's outcome, its one-line form, and the merge of every rank's outcomes."""
+"""The self-test's report: every rank's check outcomes merged into one, its summary and exit code."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from simmatch.checks import FAIL, PASS, SKIP, Check
 
-PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
-
-
-@dataclass
-class Check:
-    """`reason` says what was seen (figures included); `fix` what to do about a FAIL or SKIP."""
-
-    name: str
-    status: str
-    reason: str
-    fix: str = ""
-
-    def line(self) -> str:
-        text = f"{self.status}  {self.name:<16} {self.reason}"
-        if self.fix and self.status != PASS:
-            text += f"  [fix: {self.fix}]"
-        return text
+__all__ = ["FAIL", "PASS", "SKIP", "Check", "exit_code", "merge", "summary"]
 
 
 def merge(per_rank: list[list[Check]]) -> list[Check]:

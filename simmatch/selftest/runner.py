@@ -7,15 +7,16 @@ order on every rank; the others are per rank.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as tdist
@@ -34,7 +35,7 @@ def _join_group(cuda: bool) -> None:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         dist.init(backend, timeout_s=300)
         return
-    from simmatch.launch_local import free_port
+    from simmatch.launch.local import free_port
 
     tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                              world_size=1, timeout=timedelta(seconds=300))

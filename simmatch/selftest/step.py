@@ -63,11 +63,11 @@ def _sync(device: torch.device) -> None:
 def timed_steps(trainer, setup: StepSetup) -> float:
     """Unlabeled images per second per rank over `iters` steps after `warmup` (no per-step sync)."""
     for _ in range(setup.warmup):
-        trainer._step()
+        trainer.step()
     _sync(trainer.device)
     t0 = time.perf_counter()
     for _ in range(setup.iters):
-        trainer._step()
+        trainer.step()
     _sync(trainer.device)
     return setup.batch * setup.mu * setup.iters / (time.perf_counter() - t0)
 
@@ -79,7 +79,7 @@ def check_step(setup: StepSetup, world: int, device: torch.device, threads: int)
         trainer = build_trainer(setup, world, device, Path(tmp), ["data.backend=synthetic"], threads)
         param = next(trainer.method.student.parameters())
         before = param.detach().clone()
-        losses = [trainer._step() for _ in range(2)]
+        losses = [trainer.step() for _ in range(2)]
         values = {k: float(v) for k, v in losses[-1].items()}
         bad = sorted(k for step in losses for k, v in step.items() if not bool(torch.isfinite(v).all()))
         moved = not torch.equal(before, param.detach())

@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 from simmatch.errors import UserError
-
-LOCK_NAME = ".lock"
+from simmatch.run.rundir import RunDir
 
 
 class RunLocked(UserError):
@@ -41,11 +40,11 @@ class RunLock:
     """An exclusive, non-blocking flock on RUN_DIR/.lock; `previous` names an unclean holder."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = RunDir(run_dir).lock
         self._fd: int | None = None
         self.previous: str | None = None  # the holder that died without releasing, if any
 
-    def acquire(self, wait_s: float = 2.0) -> "RunLock":
+    def acquire(self, wait_s: float = 2.0) -> RunLock:
         """Take the lock or raise RunLocked naming the holder. Retries for `wait_s` seconds:
         a status query holds the lock for an instant."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -82,7 +81,7 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -91,7 +90,7 @@ class RunLock:
 
 def holder(run_dir: str | Path) -> str | None:
     """Who holds the run directory's lock now ('pid P on HOST'), or None when nobody does."""
-    path = Path(run_dir) / LOCK_NAME
+    path = RunDir(run_dir).lock
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # no lock file (never written), or not readable by this user

@@ -11,7 +11,7 @@ from simmatch.config import apply_overrides
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.representation import knn_accuracy, linear_probe
 from simmatch.engine.trainer import amp_dtype
-from simmatch.export import load_run_checkpoint, network_state, training_network
+from simmatch.weights.networks import load_run_checkpoint, network_state, training_network
 
 MODES = ("classifier", "knn", "linear")
 

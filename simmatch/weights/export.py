@@ -1,70 +1,27 @@
-"""Trained weights out of a run: a plain torchvision ResNet state_dict (.pth and .safetensors).
+"""Trained weights out of a run: a plain torchvision ResNet state_dict (.pth and .safetensors with
+a model card), or ONNX.
 
-The student and teacher are `Network`s whose `backbone` is a torchvision ResNet with `fc`
-as the classifier, so exporting is a prefix strip; the export is verified by comparing the
-logits of a torchvision model loaded with strict=True against the training model's.
+The export is verified before it gets its name: every file is written under a temporary name,
+read back, and the logits of a torchvision model loaded from it (strict=True) must equal the
+training model's (onnxruntime's within a tolerance); only then are the files renamed into place.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-import torchvision
 
-from simmatch import checkpoint as ckpt
-from simmatch.config import Config, from_dict
+from simmatch.checkpoint.atomic import replace_together
+from simmatch.config import Config
 from simmatch.errors import CheckpointError, UserError
-from simmatch.models import Network, network_for
-from simmatch.models.network import resnet10
-
-PREFIXES = {"student": "student.", "teacher": "teacher.module."}
-
-
-def load_run_checkpoint(path: str | Path, which_ckpt: str = "last") -> tuple[Path, dict, Config]:
-    """A training checkpoint (a file, or a run directory's `last` or `best` one) and its config."""
-    file, state = ckpt.load_picked(path, which_ckpt)  # `last` falls back past damaged checkpoints
-    if "method" not in state or "config" not in state:
-        raise CheckpointError(f"{file} is not a training checkpoint of this project")
-    return file, state, from_dict(state["config"], f"config inside {file}")
-
-
-def network_state(state: dict, which: str) -> dict[str, torch.Tensor]:
-    """The Network (backbone + head) weights of the student or the teacher."""
-    prefix = PREFIXES[which]
-    out = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
-    if not out:
-        raise CheckpointError(f"the checkpoint holds no {which} weights")
-    return out
-
-
-def split_backbone(net_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    backbone = {k[len("backbone."):]: v for k, v in net_state.items() if k.startswith("backbone.")}
-    head = {k[len("head."):]: v for k, v in net_state.items() if k.startswith("head.")}
-    return backbone, head
-
-
-def torchvision_model(cfg: Config) -> torchvision.models.ResNet:
-    """The plain torchvision model the export loads into (stem changed for small inputs)."""
-    if cfg.model.arch == "resnet10":
-        net = resnet10(cfg.data.num_classes)
-    else:
-        net = getattr(torchvision.models, cfg.model.arch)(weights=None, num_classes=cfg.data.num_classes)
-    if cfg.model.small_input:
-        from simmatch.models.network import _small_input_stem
-
-        _small_input_stem(net)
-    return net
-
-
-def training_network(cfg: Config, net_state: dict) -> Network:
-    """Trunk, classifier and projection head; a student's predictor (ISD) is not needed to evaluate."""
-    net_state = {k: v for k, v in net_state.items() if not k.startswith("predictor.")}
-    has_head = any(k.startswith("head.") for k in net_state)
-    net = network_for(cfg, head=has_head)
-    net.load_state_dict(net_state, strict=True)
-    return net
+from simmatch.weights.networks import (
+    load_run_checkpoint,
+    network_state,
+    split_backbone,
+    torchvision_model,
+    training_network,
+)
 
 
 @torch.no_grad()
@@ -108,25 +65,6 @@ def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:
     return card
 
 
-def _atomic_outputs(paths: list[Path], write, check) -> bool:
-    """Write every file under a temporary name next to its target, check them together, and
-    rename them only if `check` returns True; nothing is left behind otherwise."""
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmps = [path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in paths]
-    try:
-        write(tmps)
-        if not check(tmps):
-            return False
-        for tmp, path in zip(tmps, paths):
-            os.replace(tmp, path)
-        return True
-    finally:
-        for tmp in tmps:
-            if tmp.exists():
-                tmp.unlink()
-
-
 def export(path: str | Path, which: str, out: str | Path, head_out: str | Path | None = None,
            which_ckpt: str = "last") -> dict:
     """Write `out` with .pth and .safetensors suffixes; returns what was written and the check.
@@ -138,8 +76,6 @@ def export(path: str | Path, which: str, out: str | Path, head_out: str | Path |
     """
     from safetensors.torch import load_file, save_file
 
-    if which not in PREFIXES:
-        raise UserError(f"--which must be student or teacher, not {which!r}")
     file, state, cfg = load_run_checkpoint(path, which_ckpt)
     net_state = network_state(state, which)
     backbone, head = split_backbone(net_state)
@@ -165,7 +101,7 @@ def export(path: str | Path, which: str, out: str | Path, head_out: str | Path |
         return diff == 0.0
 
     try:
-        _atomic_outputs(targets, write, check)
+        replace_together(targets, write, check)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"export to {stem} failed: {str(exc).splitlines()[0]}") from None
     return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
@@ -187,8 +123,6 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
     except ImportError:
         raise UserError("--format onnx needs the onnx and onnxruntime packages "
                         "(pip install onnx onnxruntime, or the `onnx` extra)") from None
-    if which not in PREFIXES:
-        raise UserError(f"--which must be student or teacher, not {which!r}")
     file, state, cfg = load_run_checkpoint(path, which_ckpt)
     backbone, _ = split_backbone(network_state(state, which))
     model = torchvision_model(cfg)
@@ -228,25 +162,7 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
 
     out = Path(out)
     out = out if out.suffix == ".onnx" else out.with_suffix(".onnx")
-    _atomic_outputs([out], write, check)
+    replace_together([out], write, check)
     return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
             "small_input": cfg.model.small_input, "max_abs_diff": result["max_abs_diff"],
             "tolerance": tolerance, "written": [out], "metadata": card}
-
-
-def check_init_source(cfg: Config) -> None:
-    """Fail before anything is written when model.init_from does not fit the configured model."""
-    from simmatch.models.network import build_backbone
-    from simmatch.weights import map_onto_trunk, read_weights
-
-    target = build_backbone(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input).state_dict()
-    map_onto_trunk(read_weights(cfg.model.init_from), target, cfg.model.init_from, cfg.model.arch)
-
-
-def init_student_from(method, path: str | Path, arch: str = ""):
-    """Initialise the student's trunk from another run, an export or a published weight file
-    (simmatch/weights.py); the classifier is kept when its shape matches."""
-    from simmatch.weights import init_backbone
-
-    backbone = method.student.backbone
-    return init_backbone(backbone, path, arch or type(backbone).__name__)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from simmatch.jsonl import read_records
+from simmatch.run.jsonl import read_records
+from simmatch.run.rundir import RunDir
 
 
 @dataclass
@@ -70,7 +71,7 @@ def world_sizes_line(run_dir: Path, newest_checkpoint: Path | None = None,
                      submitted: list[dict] | None = None) -> str:
     """status's line: from metrics.jsonl, else the newest checkpoint (read through mmap: its
     tensors are not read), else the submissions log's nodes x tasks per node."""
-    spans = spans_from_metrics(read_records(Path(run_dir) / "metrics.jsonl"))
+    spans = spans_from_metrics(read_records(RunDir(run_dir).metrics))
     if spans:
         return f"world sizes: {describe(spans)}"
     if newest_checkpoint is not None:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from simmatch import checkpoint as ckpt
+from simmatch.checkpoint.store import find_checkpoint, read_checkpoint
+from simmatch.config import Config
 from simmatch.errors import CheckpointError
 
 NESTING = ("state_dict", "model", "model_state_dict", "net", "network")
@@ -73,9 +74,9 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # not a safetensors file, truncated ...
             raise CheckpointError(f"model.init_from={p} cannot be read: {str(exc).splitlines()[0]}") from None
     if p.is_dir() or not p.exists():  # a run directory (its newest usable checkpoint), or a
-        p, state = ckpt.load_resolved(p)  # checkpoint named by its iteration
+        p, state = find_checkpoint(p)  # checkpoint named by its iteration
     else:
-        state = ckpt.load(p)
+        state = read_checkpoint(p)
     if "method" in state and "config" in state:  # this project's training checkpoint
         prefix = "student.backbone."
         trunk = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
@@ -140,3 +141,18 @@ def init_backbone(backbone: torch.nn.Module, source: str | Path, arch: str) -> I
     state, report = map_onto_trunk(read_weights(source), backbone.state_dict(), source, arch)
     backbone.load_state_dict(state, strict=False)
     return report
+
+
+def check_init_source(cfg: Config) -> None:
+    """Fail before anything is written when model.init_from does not fit the configured model."""
+    from simmatch.models.network import build_backbone
+
+    target = build_backbone(cfg.model.arch, cfg.data.num_classes, cfg.model.small_input).state_dict()
+    map_onto_trunk(read_weights(cfg.model.init_from), target, cfg.model.init_from, cfg.model.arch)
+
+
+def init_student_from(method, path: str | Path, arch: str = ""):
+    """Initialise the student's trunk from another run, an export or a published weight file
+    (`read_weights`, `map_onto_trunk` above); the classifier is kept when its shape matches."""
+    backbone = method.student.backbone
+    return init_backbone(backbone, path, arch or type(backbone).__name__)

@@ -12,7 +12,27 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from simmatch import distributed as dist
-from simmatch.elastic import resize_fifo
+
+
+def resize_fifo(rows: torch.Tensor, ptr: int, filled: int, new_len: int,
+                fill: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
+    """A ring buffer of `rows` (next write at `ptr`, `filled` rows written) at another length:
+    the newest min(filled, new_len) rows kept in order of age, the free rows zero (or `fill`).
+
+    Returns (rows, ptr, filled) of the new buffer; with `new_len` equal it is the buffer itself.
+    """
+    old_len = rows.shape[0]
+    if new_len == old_len:
+        return rows.clone(), ptr, filled
+    filled = min(filled, old_len)
+    ages = [(ptr - filled + i) % old_len for i in range(filled)]  # oldest first
+    kept = ages[-new_len:] if new_len < filled else ages
+    out = torch.zeros((new_len,) + tuple(rows.shape[1:]), dtype=rows.dtype)
+    if fill is not None:
+        out[:] = fill
+    if kept:
+        out[: len(kept)] = rows[kept]
+    return out, len(kept) % new_len, len(kept)
 
 
 class DistributionAlignment(nn.Module):

@@ -1,7 +1,9 @@
 """The derived recipe of a config at a world size, shown before anything trains.
 
 `tools/train.py --print-config` and `tools/submit.py --dry-run` print it: batches, BN groups,
-teacher, momentum, lr, steps, splits and their sizes. Image counts come from the data tree
+teacher, momentum, lr, steps, splits and their sizes. What the method uses (its teacher, DA,
+bank, streams) comes from its facts (simmatch/methods/spec.py): a FixMatch recipe shows the
+teacher it trains with and no DA queue. Image counts come from the data tree
 when it is there, otherwise from the split lists and `data.num_train_images` (so the recipe
 of an ImageNet run can be read on a machine without ImageNet). No torch import here: the
 submitting machine stays light.
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from simmatch.config import Config, Derived, derive, derive_scale
 from simmatch.data.splits import list_path, load_splits, read_list
+from simmatch.methods.spec import spec_of
 
 
 @dataclass
@@ -65,11 +68,6 @@ def split_sizes(cfg: Config) -> SplitSizes:
     return SplitSizes(n_lab, n_pool, labeled, unlabeled, where)
 
 
-def teacher_mode(cfg: Config) -> str:
-    """model.teacher where the config has it; the EMAN-style teacher otherwise."""
-    return str(getattr(cfg.model, "teacher", "eman"))
-
-
 def recipe(cfg: Config, world_size: int) -> dict:
     """The recipe as one flat dict (the JSON line); steps are None when sizes are unknown."""
     sizes = split_sizes(cfg)
@@ -78,6 +76,7 @@ def recipe(cfg: Config, world_size: int) -> dict:
         s = d
     else:
         d, s = None, derive_scale(cfg, world_size)
+    spec = spec_of(cfg.method.name)
     return {
         "config": cfg.name, "method": cfg.method.name, "world_size": world_size,
         "scale": cfg.train.scale,
@@ -85,18 +84,26 @@ def recipe(cfg: Config, world_size: int) -> dict:
         "global_labeled": s.global_batch, "global_unlabeled": s.global_unlabeled,
         "bn_group_ranks": s.bn_group_ranks, "bn_group_images": s.bn_group_images,
         "min_bn_images": cfg.train.min_bn_images,
-        "teacher": teacher_mode(cfg), "ema_momentum": s.ema_momentum, "lr": s.lr,
-        "da_len": s.da_len, "partial_batch": cfg.train.partial_batch,
+        "teacher": spec.teacher(cfg), "ema_momentum": s.ema_momentum, "lr": s.lr,
+        "da_len": _alignment_length(cfg, s), "partial_batch": cfg.train.partial_batch,
         "steps_per_epoch": d.steps_per_epoch if d else None,
         "epochs": cfg.optim.epochs if cfg.optim.iters <= 0 else None,
         "total_iters": d.total_iters if d else None,
         "warmup_iters": d.warmup_iters if d else None,
-        "l_in_start_iter": d.propagate_after_iters if d else None,
+        "l_in_start_iter": d.propagate_after_iters if d and spec.uses_bank(cfg) else None,
         "log_every": s.log_every, "ckpt_every": s.ckpt_every, "eval_every": s.eval_every,
         "num_labeled": sizes.num_labeled, "num_unlabeled": sizes.num_unlabeled,
         "labeled_set": sizes.labeled, "unlabeled_set": sizes.unlabeled,
         "sizes_from": sizes.counted_from,
     }
+
+
+def _alignment_length(cfg: Config, s) -> int | None:
+    """Batch means the method's alignment keeps: SimMatch's queue, ReMixMatch's buffer, or None
+    for a method that aligns no distribution (FixMatch, ISD, supervised) or with DA off."""
+    if not spec_of(cfg.method.name).uses_da(cfg):
+        return None
+    return s.remixmatch_da_len if cfg.method.da_target == "labeled" else s.da_len
 
 
 def _n(value) -> str:
@@ -106,9 +113,10 @@ def _n(value) -> str:
 def _batch_text(r: dict) -> str:
     """Per-GPU and global batches of the streams the method trains on."""
     gpus = f"per step over {r['world_size']} GPU(s)"
-    if r["method"] == "isd":
+    spec = spec_of(r["method"])
+    if not spec.needs_labeled:
         return f"{r['unlabeled_per_gpu']} unlabeled per GPU; {r['global_unlabeled']} {gpus} (no labels in training)"
-    if r["method"] == "supervised":
+    if not spec.needs_unlabeled:
         return f"{r['labeled_per_gpu']} labeled per GPU; {r['global_labeled']} {gpus}"
     return (f"{r['labeled_per_gpu']} labeled + {r['unlabeled_per_gpu']} unlabeled per GPU; "
             f"{r['global_labeled']} + {r['global_unlabeled']} {gpus}")
@@ -117,10 +125,10 @@ def _batch_text(r: dict) -> str:
 def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     """Human-readable lines, then the recipe as one JSON object (the last line)."""
     r = recipe(cfg, world_size)
-    o, m = cfg.optim, cfg.method
+    o, m, spec = cfg.optim, cfg.method, spec_of(cfg.method.name)
     k = r["global_labeled"] / o.base_batch if cfg.train.scale == "per_gpu" else 1.0
-    pool = r["num_unlabeled"] if r["method"] != "supervised" else r["num_labeled"]
-    per_step = r["global_unlabeled"] if r["method"] != "supervised" else r["global_labeled"]
+    pool = r["num_unlabeled"] if spec.needs_unlabeled else r["num_labeled"]
+    per_step = r["global_unlabeled"] if spec.needs_unlabeled else r["global_labeled"]
     rounding = "floor" if r["partial_batch"] == "drop" else "ceil"
     length = (f"{_n(r['total_iters'])} iterations ({o.epochs:g} epochs)" if o.iters <= 0 else
               f"{_n(r['total_iters'])} iterations (optim.iters={o.iters})")
@@ -138,10 +146,13 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         f"train.partial_batch={r['partial_batch']})",
         f"  total        {length}",
     ]
-    if r["method"] == "simmatch":
+    if spec.uses_bank(cfg):
         lines.append(f"  L_in         starts at iteration {_n(r['l_in_start_iter'])} "
                      f"(method.propagate_after_epochs={m.propagate_after_epochs})")
-    if r["method"] in ("simmatch", "fixmatch") and m.dist_align:
+    if r["da_len"] is not None and m.da_target == "labeled":
+        lines.append(f"  DA           ReMixMatch's: {r['da_len']} batch means, labeled-label marginal as "
+                     f"target, sharpening T={m.remixmatch_t:g}")
+    elif r["da_len"] is not None:
         lines.append(f"  DA queue     {r['da_len']} batch means")
     lines += [
         f"  intervals    log every {r['log_every']}, checkpoint every {r['ckpt_every']} iterations, "

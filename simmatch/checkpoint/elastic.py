@@ -2,15 +2,14 @@
 
 Exact across world sizes: weights, teacher, bank, optimizer and scaler (replicated on every
 rank), and the data position (the epoch's images consumed by all ranks together, see
-`sharding.ShardPlan.tail_*`). Re-expressed: the iteration, in steps of the new global batch so
+`data.sharding.ShardPlan.tail_*`). Re-expressed: the iteration, in steps of the new global batch so
 that the schedule (warm-up, cosine, intervals, all per step of the reference batch under
 `train.scale=per_gpu`) stays continuous in images seen; the DA queues, whose length is a number
-of batch means and so follows the global batch too (`resize_fifo`); the per-rank random streams,
-derived afresh from (seed, global rank, world size, iteration).
+of batch means and so follows the global batch too (`methods.alignment.resize_fifo`); the
+per-rank random streams, derived afresh from (seed, global rank, world size, iteration).
+No torch here: the pre-flight describes an elastic resume before anything is submitted.
 """
 from __future__ import annotations
-
-import torch
 
 from simmatch.config import Config, derive_scale
 
@@ -30,24 +29,3 @@ def describe(cfg: Config, old_world: int, new_world: int, iteration: int, total_
     of = f" of {total_iters}" if total_iters else ""
     return (f"elastic resume {old_world} -> {new_world} ranks: {old.global_batch} -> {new.global_batch} "
             f"labeled images per step, lr {old.lr:.4g} -> {new.lr:.4g}, iteration {iteration} -> {it}{of}")
-
-
-def resize_fifo(rows: torch.Tensor, ptr: int, filled: int, new_len: int,
-                fill: torch.Tensor | None = None) -> tuple[torch.Tensor, int, int]:
-    """A ring buffer of `rows` (next write at `ptr`, `filled` rows written) at another length:
-    the newest min(filled, new_len) rows kept in order of age, the free rows zero (or `fill`).
-
-    Returns (rows, ptr, filled) of the new buffer; with `new_len` equal it is the buffer itself.
-    """
-    old_len = rows.shape[0]
-    if new_len == old_len:
-        return rows.clone(), ptr, filled
-    filled = min(filled, old_len)
-    ages = [(ptr - filled + i) % old_len for i in range(filled)]  # oldest first
-    kept = ages[-new_len:] if new_len < filled else ages
-    out = torch.zeros((new_len,) + tuple(rows.shape[1:]), dtype=rows.dtype)
-    if fill is not None:
-        out[:] = fill
-    if kept:
-        out[: len(kept)] = rows[kept]
-    return out, len(kept) % new_len, len(kept)

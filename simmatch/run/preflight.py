@@ -13,62 +13,58 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from simmatch.checks import FAIL, PASS, Check
 from simmatch.config import Config, derive_scale, to_dict
 from simmatch.errors import UserError
+from simmatch.run.change import judge
+from simmatch.run.lock import holder
+from simmatch.run.rundir import RunDir
 
 TRAIN_SAMPLE = 500  # training images decoded (the val set and the labeled list are decoded whole)
 
 
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-    def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}"
+def check_line(check: Check) -> str:
+    """The pre-flight's form of a check: `ok    name: reason` or `FAIL  name: reason`."""
+    return f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.reason}"
 
 
 def _run(name: str, fn: Callable[[], str]) -> Check:
     try:
-        return Check(name, True, fn())
+        return Check(name, PASS, fn())
     except UserError as exc:
-        return Check(name, False, str(exc))
+        return Check(name, FAIL, str(exc))
 
 
-def lock_holder(run_dir: Path) -> str | None:
+def lock_holder(run_dir: Path | RunDir) -> str | None:
     """Who holds RUN_DIR/.lock now ('pid P on HOST'), else None: the training's own test
-    (simmatch/runlock.py), an flock that the kernel drops when its holder dies, so a stale
-    lock file naming a dead (or recycled) pid never blocks a run."""
-    from simmatch.runlock import holder
-
+    (run/lock.py), an flock that the kernel drops when its holder dies, so a stale lock file
+    naming a dead (or recycled) pid never blocks a run."""
     who = holder(run_dir)
-    return f"{run_dir / '.lock'}: {who}" if who else None
+    return f"{RunDir(run_dir).lock}: {who}" if who else None
 
 
-def run_checks(cfg: Config, run_dir: Path, world_size: int | None = None,
+def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = None,
                allow_config_change: bool = False) -> list[Check]:
     """Every check, in order; a failed one does not stop the others (all are reported)."""
     from simmatch.data.checks import find_undecodable, raise_if_undecodable
     from simmatch.data.splits import load_splits
 
-    checks = [Check("config values", True, f"{cfg.name or 'config'}: every key in its range")]
+    rd = RunDir(run_dir)
+    checks = [Check("config values", PASS, f"{cfg.name or 'config'}: every key in its range")]
     if world_size is not None:
         checks.append(_run("batch at the world size",
                            lambda: _scale(cfg, world_size)))
-    ckpt_dir = run_dir / "checkpoints"
-    resuming = ckpt_dir.is_dir() and any(ckpt_dir.glob("ckpt_*.pt"))
+    resuming = rd.has_checkpoints()
     splits = None
     if cfg.data.backend == "synthetic":
-        checks.append(Check("data", True, "synthetic backend: no files"))
+        checks.append(Check("data", PASS, "synthetic backend: no files"))
     else:
         def tree() -> str:
             nonlocal splits
-            splits = load_splits(cfg.data, frozen=run_dir / "splits" if resuming else None)
+            splits = load_splits(cfg.data, frozen=rd.splits if resuming else None)
             return (f"{cfg.data.root}: {len(splits.classes)} classes, {len(splits.labeled_files)} "
                     f"labeled ({splits.labeled_source}), {len(splits.unlabeled_files)} unlabeled, "
                     f"{len(splits.val_files)} val images")
@@ -84,10 +80,10 @@ def run_checks(cfg: Config, run_dir: Path, world_size: int | None = None,
             return (f"{len(files)} images decode (every val and labeled image, {len(sample)} "
                     f"sampled training images) in {time.perf_counter() - started:.1f} s")
         checks.append(_run("images decode", decode))
-    checks.append(_run("run directory", lambda: _run_dir(run_dir)))
+    checks.append(_run("run directory", lambda: _run_dir(rd)))
     if resuming:
         counts = (len(splits.labeled_files), len(splits.unlabeled_files)) if splits is not None else None
-        checks.append(_run("resume", lambda: _resume(cfg, run_dir, world_size, allow_config_change, counts)))
+        checks.append(_run("resume", lambda: _resume(cfg, rd, world_size, allow_config_change, counts)))
     return checks
 
 
@@ -96,36 +92,28 @@ def _scale(cfg: Config, world_size: int) -> str:
     return f"{world_size} tasks, {s.global_batch} labeled images per step"
 
 
-def _run_dir(run_dir: Path) -> str:
-    from simmatch.rundir import ensure_writable_dir
-
-    ensure_writable_dir(run_dir, create=False)
-    holder = lock_holder(run_dir)
-    if holder is not None:
-        raise UserError(f"{run_dir} is in use by another training ({holder})")
-    state = "exists" if run_dir.is_dir() else "will be created"
-    return f"{run_dir} {state}, writable, not in use"
+def _run_dir(rd: RunDir) -> str:
+    rd.ensure_writable(create=False)
+    who = lock_holder(rd)
+    if who is not None:
+        raise UserError(f"{rd} is in use by another training ({who})")
+    state = "exists" if rd.root.is_dir() else "will be created"
+    return f"{rd} {state}, writable, not in use"
 
 
-def _resume(cfg: Config, run_dir: Path, world_size: int | None, allow_config_change: bool,
+def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change: bool,
             counts: tuple[int, int] | None = None) -> str:
     """The run's saved config accepts this one, and its newest checkpoint can go on at
     `world_size`: the same world size resumes exactly; another one is an elastic resume, judged
     here (the batch and BN groups at the new size must exist) and described in one line.
 
     `counts` (labeled, unlabeled images) lets the line give the run's length in new steps."""
-    import yaml
+    from simmatch.checkpoint.store import find_checkpoint  # reading a checkpoint needs torch
 
-    from simmatch import checkpoint as ckpt
-    from simmatch.config_change import judge
-
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        from simmatch.train import _with_defaults
-
-        old = _with_defaults(yaml.safe_load(saved.read_text()) or {}, to_dict(Config()))
-        judge(old, to_dict(cfg), str(run_dir), allow_config_change)
-    found = ckpt.load_newest_valid(run_dir / "checkpoints")
+    old = rd.saved_config()
+    if old is not None:
+        judge(old, to_dict(cfg), str(rd), allow_config_change)
+    found = find_checkpoint(rd.root, required=False)
     if found is None:
         return "no loadable checkpoint: the run starts afresh"
     path, state = found
@@ -138,10 +126,10 @@ def _resume(cfg: Config, run_dir: Path, world_size: int | None, allow_config_cha
 
 def describe_elastic(cfg: Config, old_world: int, new_world: int, iteration: int,
                      counts: tuple[int, int] | None = None) -> str:
-    """What resuming at `new_world` ranks changes (simmatch.elastic.describe); a ConfigError
+    """What resuming at `new_world` ranks changes (checkpoint/elastic.py `describe`); a ConfigError
     naming the key when the recipe has no batch or BN groups at that world size."""
+    from simmatch.checkpoint.elastic import describe
     from simmatch.config import derive
-    from simmatch.elastic import describe
 
     derive_scale(cfg, new_world)  # its own error first: it names the key that cannot scale
     total = None
@@ -150,11 +138,11 @@ def describe_elastic(cfg: Config, old_world: int, new_world: int, iteration: int
     return describe(cfg, old_world, new_world, iteration, total)
 
 
-def check_main(cfg: Config, run_dir: Path, world_size: int | None, allow_config_change: bool) -> int:
+def check_main(cfg: Config, run_dir: Path | RunDir, world_size: int | None, allow_config_change: bool) -> int:
     """Print one line per check; 0 when all pass, 1 otherwise."""
     checks = run_checks(cfg, run_dir, world_size, allow_config_change)
     for c in checks:
-        print(c.line(), flush=True)
+        print(check_line(c), flush=True)
     failed = [c for c in checks if not c.ok]
     print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" +
           (f"; failed: {', '.join(c.name for c in failed)}" if failed else ""), flush=True)

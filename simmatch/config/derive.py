@@ -1,0 +1,133 @@
+"""Everything that follows from a config and a world size (and, for step counts, the data).
+
+Computed once, here: batches, BN groups, the linear lr rule, teacher momentum, DA length,
+intervals, steps per epoch, total and warm-up iterations. The method's facts (which streams it
+draws, which forwards normalise with batch statistics) come from simmatch/methods/spec.py.
+Methods and the engine take these values from `Derived`, never from the raw config. No torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from simmatch.config.schema import Config
+from simmatch.errors import ConfigError
+from simmatch.methods.spec import spec_of
+
+
+@dataclass
+class Scale:
+    """Batches and every per-step quantity at a world size (no data needed)."""
+
+    world_size: int
+    batch_per_rank: int  # labeled images per rank per step
+    unlabeled_per_rank: int
+    global_batch: int  # labeled images per step over all ranks
+    global_unlabeled: int
+    step_scale: float  # images seen per step relative to the reference batch (per_gpu), else 1
+    lr: float  # linear rule: optim.lr x global labeled batch / optim.base_batch
+    ema_momentum: float  # model.ema_momentum ** step_scale
+    da_len: int  # batch means in the DA queue: method.da_len / step_scale, rounded, >= 1
+    remixmatch_da_len: int  # the same for ReMixMatch's buffer (method.da_target=labeled)
+    bn_group_ranks: int
+    bn_group_images: int  # images in one BN batch (the smaller of student and teacher forward)
+    log_every: int
+    ckpt_every: int
+    eval_every: int
+
+
+@dataclass
+class Derived(Scale):
+    """Values that follow from the config, the world size and the data; computed in one place."""
+
+    steps_per_epoch: int = 1  # one epoch = one pass over the unlabeled set
+    total_iters: int = 1
+    warmup_iters: int = 0
+    propagate_after_iters: int = 0  # the iteration at which L_in and aggregation start
+    num_labeled: int = 0  # K, the bank size
+    num_unlabeled: int = 0
+
+
+def _per_step(value: int, step_scale: float) -> int:
+    """A count of steps at the reference batch, in steps of this batch (nearest, >= 1)."""
+    return max(1, round(value / step_scale))
+
+
+def steps_per_epoch(num_items: int, global_batch: int, partial_batch: str) -> int:
+    """Global batches in one pass over `num_items`: ceil (pad) or floor (drop), at least 1."""
+    per = max(1, global_batch)
+    steps = num_items // per if partial_batch == "drop" else -(-num_items // per)
+    return max(1, steps)
+
+
+def derive_scale(cfg: Config, world_size: int) -> Scale:
+    """Batches, lr, teacher momentum, DA length, intervals and BN groups at `world_size`.
+
+    scale=per_gpu: the global batch is batch_per_gpu x world size and every quantity the
+    config gives per step is converted so that it is the same in images seen: with
+    k = global labeled batch / optim.base_batch, lr x k, momentum ** k, DA queue length / k
+    (nearest integer, ties to even, at least 1), step intervals and optim.iters / k.
+    scale=fixed_global: the global batch is train.batch_size; only the lr follows the linear
+    rule. Refuses BN groups smaller than train.min_bn_images.
+    """
+    t = cfg.train
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be at least 1")
+    if t.scale == "per_gpu":
+        if t.batch_per_gpu <= 0:
+            raise ConfigError(f"train.scale=per_gpu needs train.batch_per_gpu > 0 (it is {t.batch_per_gpu})")
+        per_rank = t.batch_per_gpu
+    else:
+        if t.batch_size % world_size != 0:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} does not divide by the world size {world_size}")
+        per_rank = t.batch_size // world_size
+    glob = per_rank * world_size
+    k = glob / cfg.optim.base_batch if t.scale == "per_gpu" else 1.0
+    rank_images = spec_of(cfg.method.name).bn_batch(per_rank, per_rank * t.mu, cfg.data.num_strong,
+                                                    cfg.model.teacher)
+    group = t.bn_group_ranks
+    if group == 0:  # the smallest divisor of the world size whose group reaches the minimum
+        group = next((g for g in range(1, world_size + 1)
+                      if world_size % g == 0 and g * rank_images >= t.min_bn_images), world_size)
+    if world_size % group != 0:
+        raise ConfigError(f"train.bn_group_ranks={group} does not divide the world size {world_size}")
+    bn_images = group * rank_images
+    if bn_images < t.min_bn_images:
+        raise ConfigError(
+            f"BN groups would see {bn_images} images ({group} rank(s) x {rank_images}) at world size "
+            f"{world_size}, fewer than train.min_bn_images={t.min_bn_images}: use train.scale=per_gpu, "
+            f"a larger train.bn_group_ranks (or 0: automatic), or lower train.min_bn_images to accept it")
+    return Scale(
+        world_size=world_size, batch_per_rank=per_rank, unlabeled_per_rank=per_rank * t.mu,
+        global_batch=glob, global_unlabeled=glob * t.mu, step_scale=k,
+        lr=cfg.optim.lr * glob / cfg.optim.base_batch,
+        ema_momentum=cfg.model.ema_momentum ** k,
+        da_len=_per_step(cfg.method.da_len, k),
+        remixmatch_da_len=_per_step(cfg.method.remixmatch_da_len, k),
+        bn_group_ranks=group, bn_group_images=bn_images,
+        log_every=_per_step(t.log_every, k), ckpt_every=_per_step(t.ckpt_every, k),
+        eval_every=_per_step(t.eval_every, k) if t.eval_every > 0 else 0,
+    )
+
+
+def derive(cfg: Config, world_size: int, num_labeled: int, num_unlabeled: int) -> Derived:
+    """Compute everything that depends on the config together with the run's environment."""
+    s = derive_scale(cfg, world_size)
+    uses_unlabeled = spec_of(cfg.method.name).needs_unlabeled
+    denom = s.global_unlabeled if uses_unlabeled else s.global_batch
+    pool = num_unlabeled if uses_unlabeled else num_labeled
+    steps = steps_per_epoch(pool, denom, cfg.train.partial_batch)
+    if cfg.optim.iters > 0:
+        total = _per_step(cfg.optim.iters, s.step_scale)
+    else:
+        total = max(1, round(cfg.optim.epochs * steps))
+    return Derived(
+        **dataclasses.asdict(s),
+        steps_per_epoch=steps,
+        total_iters=total,
+        warmup_iters=round(cfg.optim.warmup_epochs * steps),
+        propagate_after_iters=cfg.method.propagate_after_epochs * steps,
+        num_labeled=num_labeled,
+        num_unlabeled=num_unlabeled,
+    )

@@ -1,0 +1,231 @@
+"""The run configuration's schema: one dataclass per section, every default, every valid range.
+
+A numeric field carries its valid interval on the field itself (`num(default, Range)`), so a
+new key cannot be added without one; `RANGES` collects them for `validate`. Literal fields
+list their choices in the annotation. No torch here: the submitting machine stays light.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid interval of a numeric field (of each item, for a list); never NaN or inf."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        hi = "inf)" if math.isinf(self.hi) else f"{self.hi:g}{')' if self.hi_open else ']'}"
+        return f"{'(' if self.lo_open else '['}{self.lo:g}, {hi}"
+
+
+def at_least(lo: float) -> Range:
+    return Range(lo)
+
+
+def above(lo: float) -> Range:
+    return Range(lo, lo_open=True)
+
+
+UNIT = Range(0.0, 1.0)
+COUNT = at_least(1)  # a positive integer
+NONNEG = at_least(0)
+
+
+def num(default: Any, valid: Range, factory: typing.Callable[[], Any] | None = None) -> Any:
+    """A numeric field (or list of numbers, with `factory`) and its valid range."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"range": valid})
+    return field(default=default, metadata={"range": valid})
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how each stream decodes and augments them."""
+
+    root: str = ""  # ImageNet-style tree: root/train/<class>/*, root/val/<class>/*
+    train_dir: str = "train"
+    val_dir: str = "val"
+    # file of labeled image paths (relative to train_dir, or bare file names), one per line;
+    # `shipped:<name>` names a list shipped with the package (simmatch/splits/<name>)
+    labeled_list: str = ""
+    labeled_percent: float = num(0.0, Range(0.0, 100.0))  # used when labeled_list is empty
+    labeled_per_class: int = num(0, NONNEG)  # used when labeled_list is empty and labeled_percent is 0
+    unlabeled_list: str = ""  # default: every training image
+    # The unlabeled set: `all` training images (of unlabeled_list if given) or their
+    # `complement` with the labeled list (the authors' ImageNet runs).
+    unlabeled: Literal["all", "complement"] = "all"
+    # Training images the data set has, declared: only `--print-config` / `--dry-run` use it,
+    # to show the recipe where the data tree is absent (ImageNet-1k: 1,281,167). 0: unknown.
+    num_train_images: int = num(0, NONNEG)
+    split_seed: int = num(0, NONNEG)
+    num_classes: int = num(1000, COUNT)
+    backend: Literal["dali", "torch", "synthetic"] = "dali"
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    crop_size: int = num(224, COUNT)
+    val_resize: int = num(256, COUNT)  # shorter side before the center crop
+    min_scale: float = num(0.2, Range(0.0, 1.0, lo_open=True))
+    max_scale: float = num(1.0, Range(0.0, 1.0, lo_open=True))
+    strong: Literal["simclr", "randaugment"] = "simclr"
+    jitter: float = num(0.4, NONNEG)  # brightness, contrast, saturation strength
+    hue: float = num(0.1, Range(0.0, 0.5))
+    jitter_prob: float = num(0.8, UNIT)
+    gray_prob: float = num(0.2, UNIT)
+    blur_prob: float = num(0.5, UNIT)
+    blur_sigma_min: float = num(0.1, above(0))
+    blur_sigma_max: float = num(2.0, above(0))
+    randaug_n: int = num(2, NONNEG)
+    randaug_m: int = num(10, Range(0, 30))
+    num_strong: int = num(1, COUNT)  # strong views per unlabeled image (augmentation anchoring)
+    num_threads: int = num(4, NONNEG)  # 0: torch DataLoader without worker processes; DALI needs 1+
+    prefetch: int = num(2, COUNT)
+    hw_decoder_load: float = num(0.65, UNIT)
+    # nvJPEG pre-allocation of the GPU (`mixed`) decoders, so large images do not reallocate
+    decoder_width_hint: int = num(5980, NONNEG)  # hardware decoder: sized for ImageNet's largest image
+    decoder_height_hint: int = num(6430, NONNEG)
+    host_padding_mb: int = num(16, NONNEG)  # pinned host: 2 buffers per decoder thread (dali_pinned_estimate)
+    device_padding_mb: int = num(64, NONNEG)  # GPU memory: 1 buffer per decoder thread
+    mean: list[float] = num(None, UNIT, lambda: [0.485, 0.456, 0.406])
+    std: list[float] = num(None, above(0), lambda: [0.229, 0.224, 0.225])
+    synthetic_size: int = num(1024, COUNT)  # images per split for the synthetic backend
+    val_batch: int = num(0, NONNEG)  # per-rank validation batch; 0: the per-rank unlabeled batch (B * mu)
+    check_images: bool = True  # decode every val and labeled image before the first step
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # a torchvision ResNet name, or resnet10 (one block per stage)
+    small_input: bool = False  # 3x3 stride-1 stem and no max-pool, for images of 32 px or less
+    proj_dim: int = num(128, COUNT)  # output of the projection head
+    proj_hidden: int = num(0, NONNEG)  # hidden width of the projection head; 0: the trunk's feature width
+    proj_bn: bool = False  # BatchNorm1d in the head's hidden layer (ISD: yes; SimMatch: no)
+    ema_momentum: float = num(0.999, UNIT)
+    # eman: EMA of parameters and BN buffers, eval mode. ema_shuffle_bn: EMA of parameters only,
+    # train mode (BN on batch statistics) with shuffle-BN across ranks (SimMatch's published runs,
+    # MoCo, ISD). Only a teacher that makes targets runs this way; FixMatch's and the supervised
+    # baseline's EMA is only evaluated and always eman (simmatch/methods/spec.py).
+    teacher: Literal["eman", "ema_shuffle_bn"] = "eman"
+    init_from: str = ""  # run directory or checkpoint whose trunk initialises the student
+
+
+@dataclass
+class MethodConfig:
+    # the methods of simmatch/methods/spec.py (a test checks that both list the same names)
+    name: Literal["simmatch", "fixmatch", "supervised", "isd"] = "simmatch"
+    tau: float = num(0.7, UNIT)  # confidence threshold of SimMatch's class pseudo-label
+    # FixMatch's threshold (its paper: 0.95 CIFAR/SVHN/STL, 0.7 ImageNet)
+    fixmatch_tau: float = num(0.95, UNIT)
+    use_bank: bool = True  # false: SimMatch without the labeled bank (no L_in, no propagation)
+    temperature: float = num(0.1, above(0))  # t of the similarity softmax
+    alpha: float = num(0.9, UNIT)  # blend of p_w and the aggregated q_w
+    lambda_u: float = num(10.0, NONNEG)
+    lambda_in: float = num(5.0, NONNEG)
+    dist_align: bool = True
+    da_len: int = num(256, COUNT)
+    # uniform: SimMatch's DA (da_len batch means, uniform target); labeled: ReMixMatch's DA
+    # (remixmatch_da_len-entry average initialised uniform, labeled-label marginal as target)
+    # followed by its sharpening with remixmatch_t
+    da_target: Literal["uniform", "labeled"] = "uniform"
+    remixmatch_da_len: int = num(128, COUNT)
+    remixmatch_t: float = num(0.5, above(0))
+    bank_momentum: float = num(0.0, Range(0.0, 1.0, hi_open=True))  # 0: overwrite rows; >0: temporal ensemble
+    propagate_after_epochs: int = num(0, NONNEG)  # official: L_in and aggregation start after epoch 0
+    # ISD (self-supervised): queue of teacher embeddings and the two temperatures
+    queue_size: int = num(128_000, COUNT)
+    isd_t_student: float = num(0.1, above(0))
+    isd_t_teacher: float = num(0.01, above(0))
+    predictor_hidden: int = num(512, COUNT)
+    predictor_bn: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = num(0.03, above(0))
+    base_batch: int = num(64, COUNT)  # lr is given for this global labeled batch and scaled linearly
+    momentum: float = num(0.9, Range(0.0, 1.0, hi_open=True))
+    nesterov: bool = True
+    weight_decay: float = num(1e-4, NONNEG)
+    decay_bn_bias: bool = False  # True restores the official decay of BN and biases
+    warmup_epochs: float = num(5.0, NONNEG)
+    epochs: float = num(400.0, above(0))
+    iters: int = num(0, NONNEG)  # >0 overrides epochs: total optimizer steps (per_gpu: of the reference batch)
+    impl: Literal["foreach", "fused", "plain"] = "foreach"
+
+
+@dataclass
+class TrainConfig:
+    # How the batch follows the world size. fixed_global: `batch_size` images over all ranks
+    # (the per-rank batch shrinks as ranks are added). per_gpu: `batch_per_gpu` per rank, the
+    # global batch grows with the ranks and every per-step quantity (lr, teacher momentum, DA
+    # length, step counts and intervals) is converted from the reference global labeled batch
+    # optim.base_batch so that it stays the same in images seen (see config/derive.py).
+    scale: Literal["fixed_global", "per_gpu"] = "fixed_global"
+    batch_size: int = num(64, COUNT)  # global labeled batch, divided over the ranks (scale=fixed_global)
+    batch_per_gpu: int = num(0, NONNEG)  # labeled images per rank (scale=per_gpu)
+    mu: int = num(5, COUNT)  # unlabeled images per labeled image
+    # Ranks whose BN statistics are pooled (SyncBatchNorm over groups of consecutive ranks);
+    # 1: per-rank BN (the authors'); 0: the smallest group that reaches min_bn_images.
+    bn_group_ranks: int = num(1, NONNEG)
+    # Refuse a run whose BN groups see fewer images per forward than this (0: no check).
+    min_bn_images: int = num(0, NONNEG)
+    # The epoch's last incomplete global batch: pad (repeat items cyclically, every image every
+    # epoch: steps = ceil) or drop (the authors' drop_last: steps = floor(N / global batch)).
+    partial_batch: Literal["pad", "drop"] = "pad"
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on GPU, none on CPU
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = num(0, NONNEG)
+    # Intervals in steps (scale=per_gpu: steps of the reference batch optim.base_batch)
+    log_every: int = num(50, COUNT)
+    ckpt_every: int = num(1000, COUNT)
+    keep_ckpts: int = num(3, COUNT)
+    async_ckpt: bool = True  # write checkpoints in a background thread after a host copy
+    eval_every: int = num(0, NONNEG)  # 0: only at the end
+    knn_k: int = num(20, COUNT)  # k-NN evaluation (methods without a trained classifier, tools/eval.py --knn)
+    knn_temperature: float = num(0.07, above(0))
+    max_nonfinite_steps: int = num(3, NONNEG)  # stop when the loss is NaN/inf for more consecutive steps
+    tensorboard: bool = False  # scalars of every metrics.jsonl record under RUN_DIR/tensorboard
+    wandb: bool = False  # the same records to Weights & Biases (WANDB_MODE=offline honoured)
+    wandb_project: str = "simmatch"
+    run_dir: str = ""  # default: <output_root>/<config name>
+    output_root: str = "runs"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = ""
+
+
+def _collect_ranges() -> dict[str, Range]:
+    """Dotted key -> valid range of every numeric field, read off the fields above."""
+    out: dict[str, Range] = {}
+    hints = typing.get_type_hints(Config)
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        if dataclasses.is_dataclass(cls):
+            out.update({f"{section.name}.{f.name}": f.metadata["range"]
+                        for f in dataclasses.fields(cls) if "range" in f.metadata})
+    return out
+
+
+RANGES: dict[str, Range] = _collect_ranges()

@@ -1,0 +1,66 @@
+"""The networks a training checkpoint holds: its config, the student's or teacher's weights,
+the training `Network` built from them, and the plain torchvision model they export into.
+
+Shared by evaluation (engine/offline.py) and export (weights/export.py); the student and teacher
+are `Network`s whose `backbone` is a torchvision ResNet with `fc` as the classifier, so the
+torchvision weights are a prefix strip.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+
+from simmatch.checkpoint.store import find_checkpoint
+from simmatch.config import Config, from_dict
+from simmatch.errors import CheckpointError, UserError
+from simmatch.models import Network, network_for
+from simmatch.models.network import resnet10, small_input_stem
+
+PREFIXES = {"student": "student.", "teacher": "teacher.module."}
+
+
+def load_run_checkpoint(path: str | Path, which_ckpt: str = "last") -> tuple[Path, dict, Config]:
+    """A training checkpoint (a file, or a run directory's `last` or `best` one) and its config."""
+    file, state = find_checkpoint(path, which_ckpt)  # `last` falls back past damaged checkpoints
+    if "method" not in state or "config" not in state:
+        raise CheckpointError(f"{file} is not a training checkpoint of this project")
+    return file, state, from_dict(state["config"], f"config inside {file}")
+
+
+def network_state(state: dict, which: str) -> dict[str, torch.Tensor]:
+    """The Network (backbone + head) weights of the student or the teacher."""
+    if which not in PREFIXES:
+        raise UserError(f"--which must be student or teacher, not {which!r}")
+    prefix = PREFIXES[which]
+    out = {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    if not out:
+        raise CheckpointError(f"the checkpoint holds no {which} weights")
+    return out
+
+
+def split_backbone(net_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    backbone = {k[len("backbone."):]: v for k, v in net_state.items() if k.startswith("backbone.")}
+    head = {k[len("head."):]: v for k, v in net_state.items() if k.startswith("head.")}
+    return backbone, head
+
+
+def torchvision_model(cfg: Config) -> torchvision.models.ResNet:
+    """The plain torchvision model the export loads into (stem changed for small inputs)."""
+    if cfg.model.arch == "resnet10":
+        net = resnet10(cfg.data.num_classes)
+    else:
+        net = getattr(torchvision.models, cfg.model.arch)(weights=None, num_classes=cfg.data.num_classes)
+    if cfg.model.small_input:
+        small_input_stem(net)
+    return net
+
+
+def training_network(cfg: Config, net_state: dict) -> Network:
+    """Trunk, classifier and projection head; a student's predictor (ISD) is not needed to evaluate."""
+    net_state = {k: v for k, v in net_state.items() if not k.startswith("predictor.")}
+    has_head = any(k.startswith("head.") for k in net_state)
+    net = network_for(cfg, head=has_head)
+    net.load_state_dict(net_state, strict=True)
+    return net
