@@ -36,7 +36,7 @@ from simmatch.checkpoint.atomic import (
     write_atomic,
 )
 from simmatch.errors import CheckpointError
-from simmatch.run.rundir import BEST, BEST_RECORD, checkpoint_iteration, list_checkpoints
+from simmatch.run.rundir import BEST, BEST_RECORD, RunDir, checkpoint_iteration, list_checkpoints
 
 log = logging.getLogger(__name__)
 FORMAT = 2  # 2: written with a digest sidecar, which readers then require of it
@@ -146,7 +146,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def _checkpoint_dir(source: Path) -> Path | None:
     """RUN_DIR/checkpoints, or `source` itself, whichever holds recovery checkpoints."""
-    return next((d for d in (source / "checkpoints", source) if list_checkpoints(d)), None)
+    return next((d for d in (RunDir(source).checkpoints, source) if list_checkpoints(d)), None)
 
 
 def _named_file(source: Path, which: str) -> Path:
@@ -164,7 +164,7 @@ def _named_file(source: Path, which: str) -> Path:
         raise CheckpointError(f"no checkpoint of iteration {iteration} in {source.parent} (it has "
                               f"{', '.join(str(i) for i, _ in have) or 'none'})")
     if which == "best":
-        for ckpt_dir in (source / "checkpoints", source):
+        for ckpt_dir in (RunDir(source).checkpoints, source):
             if (ckpt_dir / BEST).is_file():
                 return ckpt_dir / BEST
         raise CheckpointError(f"no best checkpoint in {source} (best.pt is written at each evaluation "

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from simmatch.errors import ConfigError, DataError
+from simmatch.run.rundir import split_list
 
 # `shipped:<name>` in data.labeled_list / data.unlabeled_list names a list in this folder.
 SHIPPED_PREFIX = "shipped:"
@@ -225,8 +226,8 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
         raise DataError(f"data directory not found: {root}")
     train = scan_tree(root / data_cfg.train_dir, data_cfg.num_classes)
     frozen = Path(frozen) if frozen is not None else None
-    frozen_lab = frozen / "labeled.txt" if frozen is not None else None
-    frozen_unl = frozen / "unlabeled.txt" if frozen is not None else None
+    frozen_lab = split_list(frozen, "labeled") if frozen is not None else None
+    frozen_unl = split_list(frozen, "unlabeled") if frozen is not None else None
     if frozen_lab is not None and frozen_lab.is_file():
         lab_files, lab_labels = _resolve_frozen(train, frozen_lab, "labeled", allow_outside=False)
         source = str(frozen_lab)

@@ -26,6 +26,11 @@ LAST, BEST, BEST_RECORD = "last.pt", "best.pt", "best.json"  # stable names besi
 SPLIT_NAMES = ("labeled", "unlabeled")
 
 
+def split_list(folder: str | Path, name: str) -> Path:
+    """A run's split list in its splits/ folder: labeled.txt or unlabeled.txt."""
+    return Path(folder) / f"{name}.txt"
+
+
 def checkpoint_name(iteration: int) -> str:
     """Zero-padded, so that names sort as iterations do."""
     return f"ckpt_{iteration:09d}.pt"
@@ -77,7 +82,7 @@ class RunDir:
 
     def split(self, name: str) -> Path:
         """splits/labeled.txt or splits/unlabeled.txt."""
-        return self.splits / f"{name}.txt"
+        return split_list(self.splits, name)
 
     @property
     def checkpoints(self) -> Path:
