@@ -50,19 +50,52 @@ def gloo():
 
 
 SLURM_TEST_TIMEOUT_S = 1800  # the first one also installs and starts the local cluster
+# Fixtures that start processes: a test using one belongs to the slow tier (pyproject.toml's addopts
+# leave it out of a plain `pytest`; `pytest -m "" tests` runs everything).
+PROCESS_FIXTURES = frozenset({"gloo", "slurm_cluster", "slurm_env", "trained_run"})
+GUARD_MESSAGE = "starts a process: mark it slow"
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by the marks added here
 def pytest_collection_modifyitems(config, items):
-    """Tests on the local SLURM cluster get a longer timeout than pyproject.toml's default."""
+    """Tests on processes (gloo ranks, the SLURM cluster) are marked slow; tests on the local SLURM
+    cluster get a longer timeout than pyproject.toml's default."""
     for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("timeout"):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & PROCESS_FIXTURES and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+        if "slurm_cluster" in fixtures and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLURM_TEST_TIMEOUT_S))
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: slower end-to-end tests (CI runs them too)")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason where none is)")
     sys.path.insert(0, str(ROOT))
+
+
+class ProcessGuard:
+    """While on, starting a subprocess or spawning ranks fails the test: the fast tier runs in this
+    process only. Forked DataLoader workers (multiprocessing.Process) are not affected."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, test: str):
+        self.monkeypatch, self.test = monkeypatch, test
+
+    def refuse(self, *args, **kwargs):
+        pytest.fail(f"{self.test} {GUARD_MESSAGE} (or keep it in this process)", pytrace=True)
+
+    def on(self) -> None:
+        spawn_module = sys.modules["torch.multiprocessing.spawn"]
+        self.monkeypatch.setattr(subprocess.Popen, "_execute_child", self.refuse)
+        for owner in (mp, spawn_module):
+            self.monkeypatch.setattr(owner, "spawn", self.refuse)
+            self.monkeypatch.setattr(owner, "start_processes", self.refuse)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """A test not marked slow that starts a process fails (see ProcessGuard)."""
+    if request.node.get_closest_marker("slow") is None:
+        ProcessGuard(monkeypatch, request.node.nodeid).on()
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +181,80 @@ def save_unchecked(state: dict, path: Path) -> None:
 def run_tool(*args: str, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+def call_tool(script: str, *args: str, env: dict[str, str] | None = None,
+              timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS...` from the repository root, run in this process: what run_tool returns,
+    without a new interpreter. The exit status is main()'s return or SystemExit's code; an exception
+    escaping main() is a traceback on stderr and status 1, as in a process of its own. `timeout` is
+    run_tool's; here the test's own timeout applies."""
+    import contextlib
+    import importlib.util
+    import io
+    import traceback
+
+    path = ROOT / script
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        patch.setattr(sys, "argv", [str(path), *args])
+        patch.setattr(sys, "path", list(sys.path))  # a tool puts the repository on it
+        if env is not None:
+            for key in set(os.environ) - set(env):
+                patch.delenv(key)
+            for key, value in env.items():
+                patch.setenv(key, value)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                spec = importlib.util.spec_from_file_location(f"_tool_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                code = module.main()
+            except SystemExit as exc:
+                code = exc.code
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    if code is not None and not isinstance(code, int):
+        err.write(f"{code}\n")
+        code = 1
+    return subprocess.CompletedProcess([sys.executable, script, *args], code or 0, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def _trained_runs(digits_root, tmp_path_factory):
+    """Finished tiny runs (tiny_overrides plus the given overrides), each trained once per session
+    through tools/train.py; tests get copies of them from `trained_run`."""
+    runs: dict[tuple, Path] = {}
+
+    def get(**extra) -> Path:
+        key = tuple(sorted((k, str(v)) for k, v in extra.items()))
+        if key not in runs:
+            run_dir = tmp_path_factory.mktemp("trained") / "run"
+            res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                           *tiny_overrides(digits_root, run_dir, **extra), timeout=600)
+            assert res.returncode == 0, res.stderr[-3000:]
+            runs[key] = run_dir
+        return runs[key]
+
+    return get
+
+
+@pytest.fixture
+def trained_run(_trained_runs, tmp_path):
+    """trained_run(name, **overrides): this test's own copy, tmp_path / name, of the finished tiny run
+    of digits_root with tiny_overrides(..., **overrides), trained once per session. The copy's saved
+    config names the copy as its train.run_dir, as if it had been trained there."""
+    import shutil
+
+    def copy(name: str = "run", **extra) -> Path:
+        src, dst = _trained_runs(**extra), tmp_path / name
+        shutil.copytree(src, dst, symlinks=True)  # checkpoints/last.pt stays a link
+        config = dst / "config.yaml"
+        text = config.read_text()
+        assert text.count(f"run_dir: {src}\n") == 1, text
+        config.write_text(text.replace(f"run_dir: {src}\n", f"run_dir: {dst}\n"))
+        return dst
+
+    return copy
