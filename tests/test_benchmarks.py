@@ -8,6 +8,8 @@ import pytest
 
 from conftest import run_tool
 
+pytestmark = pytest.mark.slow  # each benchmark is a command line of its own
+
 
 def last_json(res) -> dict:
     assert res.returncode == 0, res.stderr[-3000:]

@@ -25,6 +25,7 @@ print("second", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_kill_during_write_leaves_previous_loadable(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "first"

@@ -27,6 +27,7 @@ def _saved(tmp_path: Path, iterations=(10, 20), keep: int = 5) -> CheckpointSave
     return saver
 
 
+@pytest.mark.slow
 def test_digest_sidecar_matches_the_file(tmp_path):
     saver = _saved(tmp_path)
     for it in (10, 20):
@@ -145,6 +146,7 @@ print("NEWEST", store.find_checkpoint(d, required=False)[1]["iteration"])
 """
 
 
+@pytest.mark.slow
 def test_disk_full_is_named(tmp_path):
     """A real full file system: a 10 MB tmpfs in a private mount namespace."""
     if shutil.which("unshare") is None:
@@ -177,6 +179,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_one_writer_per_run_dir_and_a_dead_holder_is_detected(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))

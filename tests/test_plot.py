@@ -1,8 +1,11 @@
 """tools/plot.py: lr, loss components, training diagnostics and evaluation curves; runs of
-different methods (different metric keys) share comparable panels."""
+different methods (different metric keys) share comparable panels. The tool runs in this process
+(conftest.call_tool) but for one test of its command line."""
 import json
 
-from conftest import run_tool
+import pytest
+
+from conftest import call_tool, run_tool
 
 
 def write_metrics(run_dir, train_keys, eval_keys, iters=(10, 20, 30)):
@@ -23,7 +26,7 @@ def test_panels_for_runs_of_different_methods(tmp_path):
     write_metrics(tmp_path / "supervised", ["loss", "loss_x"], ["student_top1", "teacher_top1"])
     write_metrics(tmp_path / "isd", ["loss"], ["teacher_knn_top1"])
     out = tmp_path / "curves.png"
-    res = run_tool("tools/plot.py", *(str(tmp_path / n) for n in ("simmatch", "supervised", "isd")),
+    res = call_tool("tools/plot.py", *(str(tmp_path / n) for n in ("simmatch", "supervised", "isd")),
                    "--out", str(out))
     assert res.returncode == 0, res.stderr
     panels = dict(line.strip().split(": ", 1) for line in res.stdout.splitlines()[1:])
@@ -39,6 +42,7 @@ def test_panels_for_runs_of_different_methods(tmp_path):
     assert image[..., :3].std() > 0.05  # something is drawn
 
 
+@pytest.mark.slow
 def test_no_metrics_is_one_error_line(tmp_path):
     res = run_tool("tools/plot.py", str(tmp_path), "--out", str(tmp_path / "c.png"))
     assert res.returncode == 2 and res.stderr.startswith("error: no metrics file")
@@ -68,7 +72,7 @@ def test_history_after_a_crash_and_an_elastic_resume(tmp_path):
     assert list(history[history["kind"] == "eval"]["iteration"]) == [80.0, 100.0]
     assert "resume" not in set(history["kind"]) and 0.02 not in set(train["loss"])
 
-    res = run_tool("tools/plot.py", str(run), "--out", str(tmp_path / "c.png"))
+    res = call_tool("tools/plot.py", str(run), "--out", str(tmp_path / "c.png"))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[-1] == f"{run}: iterations before an elastic resume drawn in steps of the last global batch"
@@ -95,14 +99,14 @@ def test_a_line_cut_by_a_crash_is_skipped_and_an_empty_log_is_one_error_line(tmp
     write_metrics(run, ["loss"], ["teacher_top1"])
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "iteration": 40, "lo')
-    res = run_tool("tools/plot.py", str(run), "--out", str(tmp_path / "c.png"))
+    res = call_tool("tools/plot.py", str(run), "--out", str(tmp_path / "c.png"))
     assert res.returncode == 0, res.stderr
     assert [line.split(":")[0].strip() for line in res.stdout.splitlines()[1:]] == ["lr", "loss", "val teacher_top1"]
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
-    res = run_tool("tools/plot.py", str(empty), "--out", str(tmp_path / "e.png"))
+    res = call_tool("tools/plot.py", str(empty), "--out", str(tmp_path / "e.png"))
     assert res.returncode != 0
     assert res.stderr.strip() == f"error: no metrics recorded yet in {empty / 'metrics.jsonl'}"
 

@@ -1,6 +1,7 @@
 """The published ImageNet recipes at 8 and 32 GPUs, derived without the data set, through the
-command lines that print them (tools/train.py --print-config, tools/submit.py --dry-run);
-the per-step conversions, BN-group rules and epoch rounding of `derive`; the shipped lists."""
+command lines that print them (tools/train.py --print-config, tools/submit.py --dry-run; run in
+this process by conftest.call_tool, and as commands by the slow variants); the per-step
+conversions, BN-group rules and epoch rounding of `derive`; the shipped lists."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import ROOT, run_tool
+from conftest import ROOT, call_tool, run_tool
 from simmatch.config import derive, derive_scale, load_config, steps_per_epoch
 from simmatch.data.sharding import ShardPlan
 from simmatch.errors import ConfigError
@@ -23,9 +24,12 @@ AUTHORS = {"in1k_1pct": dict(num_labeled=13_000, steps=3_963, total=1_585_200),
            "in1k_10pct": dict(num_labeled=128_000, steps=3_603, total=1_441_200)}
 
 
-def print_config(cfg: str, world: int, *overrides: str) -> dict:
+TOOLS = [pytest.param(call_tool, id="in_process"), pytest.param(run_tool, marks=pytest.mark.slow, id="command_line")]
+
+
+def print_config(cfg: str, world: int, *overrides: str, tool=call_tool) -> dict:
     """Run tools/train.py --print-config; its last stdout line is the recipe's JSON."""
-    proc = run_tool("tools/train.py", "--cfg", f"yaml/{cfg}.yaml", "--print-config",
+    proc = tool("tools/train.py", "--cfg", f"yaml/{cfg}.yaml", "--print-config",
                     "--world-size", str(world), *overrides, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -70,8 +74,9 @@ def test_in1k_fixed_global_alternative_at_32_gpus(name):
     assert (r["steps_per_epoch"], r["total_iters"]) == (a["steps"], a["total"])
 
 
-def test_small_bn_groups_are_refused_in_one_line():
-    proc = run_tool("tools/train.py", "--cfg", "yaml/in1k_1pct.yaml", "--print-config", "--world-size", "32",
+@pytest.mark.parametrize("tool", TOOLS)
+def test_small_bn_groups_are_refused_in_one_line(tool):
+    proc = tool("tools/train.py", "--cfg", "yaml/in1k_1pct.yaml", "--print-config", "--world-size", "32",
                     "train.scale=fixed_global", "train.bn_group_ranks=2", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -80,12 +85,13 @@ def test_small_bn_groups_are_refused_in_one_line():
         "automatic), or lower train.min_bn_images to accept it"]
     # the explicit opt-out
     r = print_config("in1k_1pct", 32, "train.scale=fixed_global", "train.bn_group_ranks=1",
-                     "train.min_bn_images=0")
+                     "train.min_bn_images=0", tool=tool)
     assert r["bn_group_images"] == 12
 
 
-def test_submit_dry_run_prints_the_recipe(tmp_path):
-    proc = run_tool("tools/submit.py", "--nodes", "4", "--cfg", "yaml/in1k_1pct.yaml", "--dry-run",
+@pytest.mark.parametrize("tool", TOOLS)
+def test_submit_dry_run_prints_the_recipe(tmp_path, tool):
+    proc = tool("tools/submit.py", "--nodes", "4", "--cfg", "yaml/in1k_1pct.yaml", "--dry-run",
                     "--output-root", str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
@@ -126,6 +132,7 @@ def test_epoch_rounding_and_drop_last_plan():
     assert "drop_last" not in ShardPlan(103, 5, 1, 2, 0, 2).fingerprint()  # old checkpoints still match
 
 
+@pytest.mark.slow  # a fresh interpreter in another working directory
 def test_shipped_lists_exact_per_class_and_found_from_any_cwd(tmp_path):
     code = ("from simmatch.data.splits import read_list\n"
             "import json\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_tool
+from conftest import call_tool, run_tool
 from simmatch.selftest.driver import check_driver
 from simmatch.selftest.pipelines import compare_views, image_differences
 from simmatch.selftest.report import FAIL, PASS, SKIP, Check, exit_code, merge
@@ -94,6 +94,7 @@ def test_selftest_three_gloo_ranks():
     assert res.stdout.count("selftest: ") == 2  # the header and one summary: rank 0 speaks alone
 
 
+@pytest.mark.slow
 def test_selftest_fails_on_a_corrupt_jpeg(tmp_path):
     pytest.importorskip("nvidia.dali")
     from simmatch.selftest.samples import write_samples
@@ -110,5 +111,5 @@ def test_selftest_fails_on_a_corrupt_jpeg(tmp_path):
 
 
 def test_selftest_unknown_check_is_one_error_line():
-    res = run_tool("tools/selftest.py", "--skip", "speed", timeout=120)
+    res = call_tool("tools/selftest.py", "--skip", "speed")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("error: --skip speed")

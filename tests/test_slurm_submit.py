@@ -1,6 +1,7 @@
 """tools/submit.py and tools/status.py without a cluster: the sbatch script, bad input, the log.
 
-These need no SLURM (they run in a second or so); tests/test_slurm_cluster.py runs jobs.
+These need no SLURM and run in this process (conftest.call_tool) but for the two that start one;
+tests/test_slurm_cluster.py runs jobs and the command lines.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
-from conftest_slurm import ROOT, FakeResult, run_tool  # noqa: E402
+from conftest import call_tool  # noqa: E402
+from conftest_slurm import ROOT, FakeResult  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import ScontrolSlurmJob, is_ended, query_job  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, sbatch_script  # noqa: E402
@@ -44,7 +46,7 @@ def _error_of(capsys, argv: list[str]) -> str:
 
 
 def test_dry_run_4_nodes_x_8_gpus(tmp_path):
-    proc = run_tool("submit.py", "--nodes", "4", "--cfg", "yaml/in1k_1pct.yaml", "--dry-run",
+    proc = call_tool("tools/submit.py", "--nodes", "4", "--cfg", "yaml/in1k_1pct.yaml", "--dry-run",
                     "--output-root", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -61,7 +63,7 @@ def test_dry_run_4_nodes_x_8_gpus(tmp_path):
 
 
 def test_dry_run_cpu_tasks_and_options(tmp_path):
-    proc = run_tool("submit.py", "--cfg", "yaml/digits.yaml", "--nodes", "2", "--gpus-per-node", "0",
+    proc = call_tool("tools/submit.py", "--cfg", "yaml/digits.yaml", "--nodes", "2", "--gpus-per-node", "0",
                     "--tasks-per-node", "2", "--partition", "cpu", "--account", "acc", "--qos", "high",
                     "--constraint", "skylake", "--mem", "64G", "--timeout", "120", "--signal-delay", "120",
                     "--job-name", "demo", "--run-dir", str(tmp_path / "r"), "--dry-run", "train.batch_size=8")
@@ -73,6 +75,7 @@ def test_dry_run_cpu_tasks_and_options(tmp_path):
     assert not any("gpus" in ln or "cpus-per-task" in ln for ln in lines)
 
 
+@pytest.mark.slow
 def test_submit_imports_no_torch(tmp_path):
     """Submitting must stay cheap: no torch/CUDA import, a small pickle naming no torch object."""
     code = ("import runpy, sys; sys.argv = ['submit.py', '--cfg', 'yaml/in1k_1pct.yaml', '--dry-run', "
@@ -110,7 +113,8 @@ def test_bad_input_is_one_error_line(capsys, argv, needle):
 
 def test_slurm_forced_without_sbatch(tmp_path):
     env = dict(os.environ, PATH=str(Path(sys.executable).parent))
-    proc = run_tool("submit.py", "--slurm", "--cfg", "yaml/digits.yaml", "--run-dir", str(tmp_path / "r"), env=env)
+    proc = call_tool("tools/submit.py", "--slurm", "--cfg", "yaml/digits.yaml", "--run-dir", str(tmp_path / "r"),
+                     env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --slurm: no SLURM here (no sbatch on PATH)"
 
@@ -166,6 +170,7 @@ def _fake_scontrol(tmp_path: Path, monkeypatch, stdout: str, rc: int = 0, stderr
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
 
+@pytest.mark.slow
 def test_states_come_from_scontrol(tmp_path, monkeypatch):
     line = "JobId=7 JobName=x JobState=CANCELLED Reason=None Restarts=1 NodeList=n[1-2]\n"
     _fake_scontrol(tmp_path, monkeypatch, line)
