@@ -1,8 +1,11 @@
 """Shared test helpers: repository paths and a runner for real multi-process gloo groups."""
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -183,15 +186,41 @@ def run_tool(*args: str, timeout: int = 300, **popen) -> subprocess.CompletedPro
                           timeout=timeout, **popen)
 
 
+@contextlib.contextmanager
+def _like_a_process(out: io.StringIO, err: io.StringIO):
+    """What a fresh interpreter gives a command: stdout and stderr (here `out` and `err`), a warning
+    logged without a handler printed to stderr (logging.lastResort; pytest's own handlers put aside),
+    Python's default warning filters with warnings printed to stderr. Signal handlers that the
+    command installs are undone afterwards."""
+    import warnings
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    root.handlers[:] = []
+    root.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+            yield
+    finally:
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def call_tool(script: str, *args: str, env: dict[str, str] | None = None,
               timeout: float | None = None) -> subprocess.CompletedProcess:
     """`python SCRIPT ARGS...` from the repository root, run in this process: what run_tool returns,
-    without a new interpreter. The exit status is main()'s return or SystemExit's code; an exception
-    escaping main() is a traceback on stderr and status 1, as in a process of its own. `timeout` is
-    run_tool's; here the test's own timeout applies."""
-    import contextlib
+    without a new interpreter (see _like_a_process). The exit status is main()'s return or
+    SystemExit's code; an exception escaping main() is a traceback on stderr and status 1. `timeout`
+    is run_tool's; here the test's own timeout applies."""
     import importlib.util
-    import io
     import traceback
 
     path = ROOT / script
@@ -205,7 +234,7 @@ def call_tool(script: str, *args: str, env: dict[str, str] | None = None,
                 patch.delenv(key)
             for key, value in env.items():
                 patch.setenv(key, value)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with _like_a_process(out, err):
             try:
                 spec = importlib.util.spec_from_file_location(f"_tool_{path.stem}", path)
                 module = importlib.util.module_from_spec(spec)

@@ -15,6 +15,7 @@ pytest.register_assert_rewrite("conftest_slurm")
 
 from conftest import assert_same_weights, final_state  # noqa: E402
 from conftest_slurm import ROOT, events, job_log_tail, run_tool, wait_for  # noqa: E402
+from simmatch.run.rundir import RunDir  # noqa: E402
 from slurm.launcher import load_job  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -30,8 +31,8 @@ JOB = ["--slurm", "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout", 
 
 
 def _newest_checkpoint(run_dir: Path) -> int:
-    its = [int(p.name[5:-3]) for p in (run_dir / "checkpoints").glob("ckpt_*.pt") if p.name[5:-3].isdigit()]
-    return max(its, default=-1)
+    newest = RunDir(run_dir).newest_checkpoint()
+    return newest[0] if newest else -1
 
 
 def test_elastic_slurm_two_nodes_to_one(slurm_env, tmp_path):

@@ -1,29 +1,30 @@
-"""A resumed run trains on the split it started with: missing files stop it, new ones are ignored."""
+"""A resumed run trains on the split it started with: missing files stop it, new ones are ignored.
+
+The run starts as a copy of a shared finished run of digits_root (conftest.trained_run), its data as
+a copy of that tree; it is resumed in this process (conftest.call_tool)."""
 import shutil
 
 import pytest
 from test_bad_input import assert_one_line_error
 
-from conftest import run_tool, tiny_overrides
+from conftest import call_tool, tiny_overrides
 
 pytestmark = pytest.mark.timeout(1200)
 
 
 def train(data, run_dir, iters):
-    return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--allow-config-change",
-                    *tiny_overrides(data, run_dir, **{"optim.iters": iters, "data.labeled_per_class": 4}), timeout=600)
+    return call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--allow-config-change",
+                     *tiny_overrides(data, run_dir, **{"optim.iters": iters, "data.labeled_per_class": 4}))
 
 
-@pytest.mark.slow
-def test_resume_keeps_split(digits_root, tmp_path):
+def test_resume_keeps_split(trained_run, digits_root, tmp_path):
     from simmatch.config import load_config
     from simmatch.data.splits import load_splits, sample_split, scan_tree
     from simmatch.errors import DataError
 
-    data, run_dir = tmp_path / "data", tmp_path / "run"
+    data = tmp_path / "data"
     shutil.copytree(digits_root, data)
-    res = train(data, run_dir, 2)
-    assert res.returncode == 0, res.stderr[-2000:]
+    run_dir = trained_run(**{"optim.iters": 2})  # trained on digits_root: the same tree as `data`
     labeled = (run_dir / "splits" / "labeled.txt").read_text().split()
     unlabeled = (run_dir / "splits" / "unlabeled.txt").read_text().split()
     assert len(labeled) == 40 and len(unlabeled) == len(scan_tree(data / "train"))

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from conftest import run_tool, save_unchecked, tiny_overrides
+from conftest import call_tool, final_state, run_tool, save_unchecked, tiny_overrides
 from simmatch.errors import CheckpointError
 from simmatch.models.network import build_backbone
 from simmatch.weights.init import init_backbone
@@ -133,13 +133,13 @@ def test_moco_checkpoint_starts_a_run(digits_root, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"loaded {len(trunk(src[1]))} tensors" in res.stdout and "missing 0" in res.stdout
     assert f"unexpected (not used) {src[2]}: module.encoder_q.fc.0.weight" in res.stdout
-    state = torch.load(sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1], weights_only=True)["method"]
+    state = final_state(run_dir)["method"]
     for k, v in trunk(src[1]).items():
         if "running_" not in k and "num_batches" not in k:  # one step in train mode moves BN statistics
             assert torch.allclose(state[f"student.backbone.{k}"], v, rtol=0, atol=1e-20), k  # lr 1e-30
 
     torch.save({"state_dict": {"text_encoder.weight": torch.zeros(3)}}, tmp_path / "other.pth")
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, tmp_path / "r2", **{"model.init_from": str(tmp_path / "other.pth")}))
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                    *tiny_overrides(digits_root, tmp_path / "r2", **{"model.init_from": str(tmp_path / "other.pth")}))
     assert res.returncode == 2 and "nothing in it maps onto the resnet10 trunk" in res.stderr
     assert not (tmp_path / "r2").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_same_weights, final_state, run_tool, tiny_overrides
+from conftest import assert_same_weights, call_tool, final_state, run_tool, tiny_overrides
 from simmatch.methods.isd import isd_loss
 from simmatch.methods.queue import EmbeddingQueue
 
@@ -103,17 +103,14 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
                               atol=1e-6), key
 
 
-def test_init_from_another_architecture_is_one_error_line(digits_root, tmp_path):
+def test_init_from_another_architecture_is_one_error_line(trained_run, digits_root, tmp_path):
     """A resnet10 run cannot initialise a resnet18 one: one line naming the mismatch."""
     import subprocess
 
-    src = tmp_path / "src"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, src, **{"optim.iters": 1, "method.name": "supervised"}))
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, tmp_path / "dst", **{"model.arch": "resnet18",
-                                                                      "model.init_from": str(src)}))
+    src = trained_run("src", **{"optim.iters": 2})  # a finished resnet10 run (of any method)
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                    *tiny_overrides(digits_root, tmp_path / "dst", **{"model.arch": "resnet18",
+                                                                       "model.init_from": str(src)}))
     assert res.returncode == 2 and isinstance(res, subprocess.CompletedProcess)
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.init_from" in lines[0] and "architecture mismatch" in lines[0]

@@ -11,9 +11,9 @@ import termios
 
 import pytest
 
-from conftest import ROOT, run_tool, tiny_overrides
+from conftest import ROOT, call_tool, tiny_overrides
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs; minutes on a loaded 2-core machine
+pytestmark = pytest.mark.timeout(900)  # two runs; minutes on a loaded 2-core machine
 
 COLUMNS = 90
 
@@ -39,6 +39,7 @@ def run_on_pty(args: list[str], timeout: float = 400) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_bar_on_a_terminal_and_plain_lines_elsewhere(digits_root, tmp_path):
     args = ["tools/train.py", "--cfg", "yaml/digits.yaml",
             *tiny_overrides(digits_root, tmp_path / "tty", **{"optim.iters": 4, "train.log_every": 2,
@@ -56,7 +57,7 @@ def test_bar_on_a_terminal_and_plain_lines_elsewhere(digits_root, tmp_path):
     logged = [s for s in segments if re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d it \d/4 ", s)]
     assert [s.split(" it ")[1].split()[0] for s in logged] == ["2/4", "4/4"]
 
-    res = run_tool(*[a.replace(str(tmp_path / "tty"), str(tmp_path / "pipe")) for a in args])
+    res = call_tool(*[a.replace(str(tmp_path / "tty"), str(tmp_path / "pipe")) for a in args])  # not a TTY
     assert res.returncode == 0, res.stderr[-3000:]
     assert "\r" not in res.stdout and "train:" not in res.stdout and "eval teacher:" not in res.stdout
     assert [line.split(" it ")[1].split()[0] for line in res.stdout.splitlines()

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides
+from conftest import ROOT, assert_same_weights, call_tool, final_state, run_tool, tiny_overrides
 from simmatch.checkpoint import store
 from simmatch.errors import CheckpointError
 from simmatch.launch.local import ORPHAN_GRACE_S
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 TRAIN = [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml"]
 
 
@@ -71,6 +71,7 @@ def _damage(path: Path, rng: random.Random, original: bytes) -> int:
     return offset
 
 
+@pytest.mark.slow
 def test_fuzzed_newest_checkpoint_is_rejected_and_the_resume_is_bit_identical(short_run, tmp_path):
     """20 seeded trials of 4 KiB of random bytes written at a random offset of the newest
     checkpoint of a real run: every one is rejected by the loader, which falls back to the
@@ -97,6 +98,7 @@ def test_fuzzed_newest_checkpoint_is_rejected_and_the_resume_is_bit_identical(sh
             assert store.verify(newest)  # the rewritten checkpoint has a matching digest again
 
 
+@pytest.mark.slow
 def test_readers_reject_a_damaged_checkpoint(short_run, tmp_path, monkeypatch):
     """export and status fall back past a damaged newest checkpoint and name it; eval, export
     and model.init_from given the damaged file itself refuse it; a failed export check leaves
@@ -106,24 +108,25 @@ def test_readers_reject_a_damaged_checkpoint(short_run, tmp_path, monkeypatch):
     run_dir, args = _copy_run(short_run, tmp_path)
     newest = run_dir / "checkpoints" / "ckpt_000000006.pt"
     _damage(newest, random.Random(1), newest.read_bytes())
-    res = run_tool("tools/export.py", str(run_dir), "--out", str(tmp_path / "x" / "r.pth"))
+    # the tools in this process (conftest.call_tool): their command lines run in tests/test_train.py
+    res = call_tool("tools/export.py", str(run_dir), "--out", str(tmp_path / "x" / "r.pth"))
     assert res.returncode == 0, res.stderr
     assert f"checkpoint {newest} is damaged" in res.stderr and "(iteration 4," in res.stdout
     for tool in ("tools/export.py", "tools/eval.py"):
         extra = ["--out", str(tmp_path / "y.pth")] if tool == "tools/export.py" else []
-        res = run_tool(tool, str(newest), *extra)
+        res = call_tool(tool, str(newest), *extra)
         assert res.returncode == 2 and res.stderr.strip() == (
             f"error: checkpoint {newest} is damaged: its SHA-256 does not match ckpt_000000006.pt.sha256"), res.stderr
     assert not (tmp_path / "y.pth").exists()
-    res = run_tool("tools/status.py", str(run_dir))
+    res = call_tool("tools/status.py", str(run_dir))
     assert res.returncode == 0, res.stderr
     assert "checkpoint: iteration 4 (ckpt_000000004.pt), the newest usable one" in res.stdout
     assert "iteration        6 (ckpt_000000006.pt): damaged: its SHA-256 does not match" in res.stdout
     assert "iteration        2 (ckpt_000000002.pt): ok" in res.stdout
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *[a for a in args if not a.startswith("train.run_dir=")],
-                   f"model.init_from={newest}",
-                   f"train.run_dir={tmp_path / 'init'}")
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                    *[a for a in args if not a.startswith("train.run_dir=")],
+                    f"model.init_from={newest}",
+                    f"train.run_dir={tmp_path / 'init'}")
     assert res.returncode == 2 and f"checkpoint {newest} is damaged" in res.stderr, res.stderr
     # the export's own check fails: nothing of it is left behind
     monkeypatch.setattr(export_mod, "verify", lambda *a, **k: 1.0)
@@ -132,6 +135,7 @@ def test_readers_reject_a_damaged_checkpoint(short_run, tmp_path, monkeypatch):
     assert result["written"] == [] and sorted(os.listdir(out.parent)) == []
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_the_first_is_unaffected(digits_root, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -188,6 +192,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait is missing
 
 
+@pytest.mark.slow
 def test_ranks_die_with_their_launcher(digits_root, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_overrides(digits_root, run_dir, **{"optim.iters": 400})
@@ -223,6 +228,7 @@ def test_ranks_die_with_their_launcher(digits_root, tmp_path):
     assert f"at iteration {stopped}" in (run_dir / "log_rank0.txt").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_stops_with_options_after_the_overrides(digits_root, tmp_path):
     run_dir = tmp_path / "run"
     args = tiny_overrides(digits_root, run_dir, **{"optim.iters": 400})
@@ -242,7 +248,6 @@ def test_ctrl_c_saves_and_stops_with_options_after_the_overrides(digits_root, tm
 
 
 def test_options_anywhere_on_the_command_line(tmp_path):
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", f"train.run_dir={tmp_path / 'r'}", "--nproc", "3",
-                   timeout=120)
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", f"train.run_dir={tmp_path / 'r'}", "--nproc", "3")
     assert res.returncode == 2
     assert res.stderr.strip() == "error: train.batch_size=16 does not divide by the world size 3"

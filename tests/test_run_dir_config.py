@@ -1,23 +1,23 @@
 """A run directory belongs to one experiment: a changed config is refused with one line, a
-longer schedule needs --allow-config-change, a finished run is reported, never re-trained."""
-import pytest
+longer schedule needs --allow-config-change, a finished run is reported, never re-trained.
+
+The finished run is a copy of a shared one (conftest.trained_run); the commands after it run in
+this process (conftest.call_tool)."""
 from test_bad_input import assert_one_line_error
 
 import yaml
-from conftest import final_state, run_tool, tiny_overrides
+from conftest import call_tool, final_state, tiny_overrides
 
-pytestmark = pytest.mark.slow
+RUN = {"optim.iters": 3, "data.val_batch": 512}
 
 
 def train(root, run_dir, *extra: str, **over):
-    values = {"optim.iters": 3, "data.val_batch": 512, **over}
-    return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *extra, *tiny_overrides(root, run_dir, **values))
+    values = {**RUN, **over}
+    return call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *extra, *tiny_overrides(root, run_dir, **values))
 
 
-def test_changed_config_refused_finished_run_reported(digits_root, tmp_path):
-    run_dir = tmp_path / "run"
-    res = train(digits_root, run_dir)
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_changed_config_refused_finished_run_reported(trained_run, digits_root):
+    run_dir = trained_run(**RUN)  # `train(digits_root, run_dir)` run to its end
     metrics = (run_dir / "metrics.jsonl").read_bytes()
     config = (run_dir / "config.yaml").read_bytes()
 

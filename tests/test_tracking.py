@@ -8,11 +8,10 @@ import time
 import pytest
 from test_bad_input import assert_one_line_error
 
-from conftest import run_tool, tiny_overrides
-
-pytestmark = pytest.mark.slow
+from conftest import call_tool, run_tool, tiny_overrides
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_metrics_file(digits_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -43,12 +42,13 @@ def test_tensorboard_scalars_match_metrics_file(digits_root, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_wandb_asked_for_but_not_installed(digits_root, tmp_path):
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
                    *tiny_overrides(digits_root, tmp_path / "r", **{"train.wandb": "true"}))
     assert_one_line_error(res, "train.wandb", "pip install wandb")
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_wandb_offline(digits_root, tmp_path):
     pytest.importorskip("wandb")
     run_dir = tmp_path / "run"

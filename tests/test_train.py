@@ -15,6 +15,7 @@ import torch
 from conftest import (
     ROOT,
     assert_same_weights,
+    call_tool,
     final_state,
     run_tool,
     save_unchecked,
@@ -129,12 +130,10 @@ def test_four_rank_resume_is_bit_identical(digits_root, tmp_path, backend):
         assert row["loss"] == pytest.approx(sum(r["loss"] for r in steps) / len(steps), rel=1e-5)
 
 
-def test_export_round_trip_and_eval_tool(digits_root, tmp_path):
+def test_export_round_trip_and_eval_tool(trained_run, tmp_path):
     import torchvision
 
-    run_dir = tmp_path / "run"
-    res = train(tiny_overrides(digits_root, run_dir, **{"optim.iters": 3}), nproc=1)
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = trained_run(**{"optim.iters": 3, "data.val_batch": 512})  # trained in 1 process
     out = tmp_path / "export" / "resnet.pth"
     res = run_tool("tools/export.py", str(run_dir), "--which", "teacher", "--out", str(out),
                    "--head-out", str(tmp_path / "head.pth"))
@@ -180,7 +179,7 @@ def test_export_resnet50_loads_into_torchvision(tmp_path):
     method.student, method.teacher = student, EMA(student, 0.9)
     save_unchecked({"iteration": 5, "method": method.state_dict(), "config": to_dict(cfg)},
                    tmp_path / "checkpoints" / "ckpt_000000005.pt")
-    res = run_tool("tools/export.py", str(tmp_path), "--which", "student", "--out", str(tmp_path / "r50.pth"))
+    res = call_tool("tools/export.py", str(tmp_path), "--which", "student", "--out", str(tmp_path / "r50.pth"))
     assert res.returncode == 0, res.stderr
     model = torchvision.models.resnet50(num_classes=7)
     model.load_state_dict(torch.load(tmp_path / "r50.pth", weights_only=True), strict=True)
