@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, call_tool
 from slurm.job import TrainJob
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 TINY = ["data.backend=torch", "data.num_threads=0", "optim.iters=4", "train.ckpt_every=2", "train.mu=2",
         "train.log_every=2"]
@@ -27,10 +27,10 @@ def _train(run_dir: Path, root: Path, *extra: str) -> None:
 
 
 def _check(run_dir: Path, world: int) -> tuple[int, dict[str, str]]:
-    """Exit code and {check name: printed line} of the pre-flight at `world` ranks."""
-    res = subprocess.run([sys.executable, "tools/train.py", "--cfg", str(run_dir / "config.yaml"), "--check",
-                          "--world-size", str(world), f"train.run_dir={run_dir}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    """Exit code and {check name: printed line} of the pre-flight at `world` ranks (in this process:
+    tests/test_submit_preflight.py runs the --check command line)."""
+    res = call_tool("tools/train.py", "--cfg", str(run_dir / "config.yaml"), "--check",
+                    "--world-size", str(world), f"train.run_dir={run_dir}")
     lines = {ln[6:].split(":")[0]: ln for ln in res.stdout.splitlines() if ln[:4] in ("ok  ", "FAIL")}
     assert "resume" in lines, res.stdout + res.stderr
     return res.returncode, lines
@@ -44,6 +44,7 @@ def per_gpu_run(digits_root, tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_elastic_preflight_describes_a_new_world_size(per_gpu_run):
     rc, lines = _check(per_gpu_run, 2)
     assert rc == 0, lines
@@ -56,6 +57,7 @@ def test_elastic_preflight_describes_a_new_world_size(per_gpu_run):
     assert rc == 0 and lines["resume"].endswith("written by 1 rank): same world size, exact resume"), lines
 
 
+@pytest.mark.slow
 def test_elastic_preflight_refuses_a_world_size_the_recipe_cannot_take(digits_root, tmp_path):
     """train.scale=fixed_global, batch 4: 3 ranks cannot share it; on 4 ranks the BN groups of one
     rank (1 labeled + 2 unlabeled images) fall below train.min_bn_images=6; 2 ranks are fine."""
@@ -74,9 +76,7 @@ def test_elastic_preflight_refuses_a_world_size_the_recipe_cannot_take(digits_ro
                                      "lr 0.0125 -> 0.0125, iteration 4 -> 4 of 4"), lines
 
     # a longer schedule: refused without the flag; with it the job itself accepts it and trains on
-    no_flag = subprocess.run([sys.executable, "tools/submit.py", "--resume", str(run_dir), "--local",
-                              "--gpus-per-node", "0", "optim.iters=6"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=240)
+    no_flag = call_tool("tools/submit.py", "--resume", str(run_dir), "--local", "--gpus-per-node", "0", "optim.iters=6")
     assert no_flag.returncode == 2 and "--allow-config-change" in no_flag.stderr, no_flag.stderr[-2000:]
     flag = subprocess.run([sys.executable, "tools/submit.py", "--resume", str(run_dir), "--local",
                            "--gpus-per-node", "0", "--allow-config-change", "optim.iters=6"],

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import run_tool, tiny_overrides
+from conftest import call_tool, run_tool, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs; minutes on a loaded 2-core machine
 
@@ -40,13 +40,14 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
     assert os.readlink(ckpts / "last.pt") == "ckpt_000000004.pt"
     assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] == best_it
 
-    res = run_tool("tools/eval.py", str(run_dir), "--which-ckpt", "best", "--which", "teacher")
+    # eval and the .safetensors export in this process (their command lines: tests/test_train.py)
+    res = call_tool("tools/eval.py", str(run_dir), "--which-ckpt", "best", "--which", "teacher")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["teacher_top1"] == pytest.approx(top)
 
     # .safetensors with the model card, from the best checkpoint
     out = tmp_path / "export" / "resnet.pth"
-    res = run_tool("tools/export.py", str(run_dir), "--which-ckpt", "best", "--out", str(out))
+    res = call_tool("tools/export.py", str(run_dir), "--which-ckpt", "best", "--out", str(out))
     assert res.returncode == 0, res.stderr
     with safe_open(str(out.with_suffix(".safetensors")), "pt") as f:
         card = f.metadata()

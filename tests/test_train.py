@@ -30,9 +30,27 @@ def train(cfg_args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProc
     return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", str(nproc), *cfg_args, **kw)
 
 
-def test_two_process_training_and_outputs(digits_root, tmp_path):
-    run_dir = tmp_path / "run"
-    res = train(tiny_overrides(digits_root, run_dir, **{"train.eval_every": 4}))
+TWO_RANKS = {"optim.iters": 8, "train.eval_every": 4}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(digits_root, tmp_path_factory):
+    """two_rank_runs(teacher): (run directory, finished process) of an uninterrupted 2-process run of
+    TWO_RANKS with that teacher, trained once per module; tests only read it."""
+    runs = {}
+
+    def get(teacher: str) -> tuple[Path, subprocess.CompletedProcess]:
+        if teacher not in runs:
+            run_dir = tmp_path_factory.mktemp(f"two_ranks_{teacher}") / "run"
+            overrides = tiny_overrides(digits_root, run_dir, **TWO_RANKS, **{"model.teacher": teacher})
+            runs[teacher] = run_dir, train(overrides)
+        return runs[teacher]
+
+    return get
+
+
+def test_two_process_training_and_outputs(two_rank_runs):
+    run_dir, res = two_rank_runs("eman")  # the teacher of yaml/digits.yaml
     assert res.returncode == 0, res.stderr[-3000:]
     assert "validation top-1: student" in res.stdout
     df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
@@ -67,12 +85,13 @@ def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, t
 
 
 @pytest.mark.parametrize("signum,teacher", [(signal.SIGUSR2, "ema_shuffle_bn"), (signal.SIGTERM, "eman")])
-def test_signal_then_resume_is_bit_identical(digits_root, tmp_path, signum, teacher):
-    """Also the train-mode teacher with shuffle-BN across the 2 ranks (all_to_all under gloo)."""
-    iters = 10
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    extra = {"optim.iters": iters, "model.teacher": teacher}
-    ref = train(tiny_overrides(digits_root, ref_dir, **extra))
+def test_signal_then_resume_is_bit_identical(two_rank_runs, digits_root, tmp_path, signum, teacher):
+    """Also the train-mode teacher with shuffle-BN across the 2 ranks (all_to_all under gloo). The
+    uninterrupted reference evaluates at the same iterations (evaluation leaves the training alone)."""
+    iters = TWO_RANKS["optim.iters"]
+    run_dir = tmp_path / "run"
+    extra = {**TWO_RANKS, "model.teacher": teacher}
+    ref_dir, ref = two_rank_runs(teacher)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     stop_after = random.Random(signum + os.getpid()).randint(1, iters - 3)
