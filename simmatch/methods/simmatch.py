@@ -128,8 +128,9 @@ class SimMatch(Method):
         loss = loss_x + self.lambda_u * loss_u
         if q_hat is not None:
             loss = loss + self.lambda_in * loss_in
-        elif emb is not None:
-            loss = loss + 0.0 * emb.sum()  # keeps DDP's set of used parameters fixed
+        # Before L_in starts the head is in no loss: its gradient stays None (DDP, built with
+        # find_unused_parameters=True, leaves a parameter unused on every rank so), and SGD skips
+        # it, weight decay and momentum included, as in the authors' code.
 
         return {
             "loss": loss,
