@@ -36,14 +36,23 @@ def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+# The ranks are forked from a server process that has imported these once (multiprocessing's
+# forkserver, started by the first gloo test) instead of each importing torch afresh (seconds each).
+RANK_PRELOAD = ["torch", "torch.distributed", "simmatch.models", "simmatch.methods"]
+
+
 def run_gloo(fn, world: int, tmp_path: Path, *args) -> list:
     """Run fn(rank, world, *args) in `world` real processes joined by gloo; their results."""
+    import multiprocessing
+
     import torch
 
     from simmatch.launch.local import free_port
 
     port = free_port()
-    mp.spawn(_worker, args=(world, port, fn, args, str(tmp_path)), nprocs=world, join=True)
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)
+    mp.start_processes(_worker, args=(world, port, fn, args, str(tmp_path)), nprocs=world, join=True,
+                       start_method="forkserver")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -53,19 +62,20 @@ def gloo():
 
 
 SLURM_TEST_TIMEOUT_S = 1800  # the first one also installs and starts the local cluster
-# Fixtures that start processes: a test using one belongs to the slow tier (pyproject.toml's addopts
-# leave it out of a plain `pytest`; `pytest -m "" tests` runs everything).
-PROCESS_FIXTURES = frozenset({"gloo", "slurm_cluster", "slurm_env", "trained_run"})
+# Fixtures that start processes (gloo ranks, the SLURM cluster) or train runs: a test using one belongs
+# to the slow tier (pyproject.toml's addopts leave it out of a plain `pytest`; `pytest -m "" tests`
+# runs everything).
+SLOW_FIXTURES = frozenset({"gloo", "slurm_cluster", "slurm_env", "trained_run"})
 GUARD_MESSAGE = "starts a process: mark it slow"
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects by the marks added here
 def pytest_collection_modifyitems(config, items):
-    """Tests on processes (gloo ranks, the SLURM cluster) are marked slow; tests on the local SLURM
-    cluster get a longer timeout than pyproject.toml's default."""
+    """Tests on SLOW_FIXTURES are marked slow; tests on the local SLURM cluster get a longer timeout
+    than pyproject.toml's default."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & PROCESS_FIXTURES and not item.get_closest_marker("slow"):
+        if fixtures & SLOW_FIXTURES and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
         if "slurm_cluster" in fixtures and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLURM_TEST_TIMEOUT_S))
@@ -75,30 +85,39 @@ def pytest_configure(config):
     sys.path.insert(0, str(ROOT))
 
 
-class ProcessGuard:
-    """While on, starting a subprocess or spawning ranks fails the test: the fast tier runs in this
+@contextlib.contextmanager
+def process_guard(test: str):
+    """While on, starting a subprocess or spawning ranks fails `test`: the fast tier runs in this
     process only. Forked DataLoader workers (multiprocessing.Process) are not affected."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, test: str):
-        self.monkeypatch, self.test = monkeypatch, test
+    def refuse(*args, **kwargs):
+        pytest.fail(f"{test} {GUARD_MESSAGE} (or keep it in this process)")
 
-    def refuse(self, *args, **kwargs):
-        pytest.fail(f"{self.test} {GUARD_MESSAGE} (or keep it in this process)", pytrace=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "_execute_child", refuse)  # run, Popen, check_output, os.popen
+        for name in ("system", "posix_spawn", "posix_spawnp"):
+            patch.setattr(os, name, refuse)
+        for owner in (mp, sys.modules["torch.multiprocessing.spawn"]):
+            patch.setattr(owner, "spawn", refuse)
+            patch.setattr(owner, "start_processes", refuse)
+        yield
 
-    def on(self) -> None:
-        spawn_module = sys.modules["torch.multiprocessing.spawn"]
-        self.monkeypatch.setattr(subprocess.Popen, "_execute_child", self.refuse)
-        for owner in (mp, spawn_module):
-            self.monkeypatch.setattr(owner, "spawn", self.refuse)
-            self.monkeypatch.setattr(owner, "start_processes", self.refuse)
+
+def _guarded(item) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if item.get_closest_marker("slow") else process_guard(item.nodeid)
 
 
-@pytest.fixture(autouse=True)
-def _fast_tier_starts_no_process(request, monkeypatch):
-    """A test not marked slow that starts a process fails (see ProcessGuard)."""
-    if request.node.get_closest_marker("slow") is None:
-        ProcessGuard(monkeypatch, request.node.nodeid).on()
-    yield
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    """A test not marked slow fails if it, or a fixture set up for it (of any scope), starts a process."""
+    with _guarded(item):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    with _guarded(item):
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -254,15 +273,15 @@ def call_tool(script: str, *args: str, env: dict[str, str] | None = None,
 @pytest.fixture(scope="session")
 def _trained_runs(digits_root, tmp_path_factory):
     """Finished tiny runs (tiny_overrides plus the given overrides), each trained once per session
-    through tools/train.py; tests get copies of them from `trained_run`."""
+    through tools/train.py (in this process, call_tool); tests get copies of them from `trained_run`."""
     runs: dict[tuple, Path] = {}
 
     def get(**extra) -> Path:
         key = tuple(sorted((k, str(v)) for k, v in extra.items()))
         if key not in runs:
             run_dir = tmp_path_factory.mktemp("trained") / "run"
-            res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                           *tiny_overrides(digits_root, run_dir, **extra), timeout=600)
+            overrides = tiny_overrides(digits_root, run_dir, **extra)
+            res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *overrides)
             assert res.returncode == 0, res.stderr[-3000:]
             runs[key] = run_dir
         return runs[key]

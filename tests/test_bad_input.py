@@ -1,13 +1,13 @@
 """Bad input: one `error:` line naming the culprit, exit 2, no traceback, nothing overwritten.
 
-The tools run in this process (conftest.call_tool): the refusals come before any training, and
-the command lines themselves are run by the slow tests (here the architecture refusal)."""
+The tools run in this process (conftest.call_tool): the refusals come before any training (the
+command lines themselves are run by the slow tests of tests/test_train.py and others)."""
 import hashlib
 from pathlib import Path
 
 import pytest
 
-from conftest import call_tool, run_tool, tiny_overrides
+from conftest import call_tool, tiny_overrides
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
@@ -57,8 +57,8 @@ def test_batch_not_divisible_by_world_size(digits_root, tmp_path):
 def test_checkpoint_of_another_architecture(trained_run, digits_root):
     run_dir = trained_run("r", **{"optim.iters": 2})  # a finished resnet10 run
     before = snapshot(run_dir)
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, run_dir, **{"optim.iters": 4, "model.arch": "resnet18"}))
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                    *tiny_overrides(digits_root, run_dir, **{"optim.iters": 4, "model.arch": "resnet18"}))
     # The config check refuses first, naming the key and both values.
     assert_one_line_error(res, "model.arch", "'resnet10' -> 'resnet18'", "train.run_dir")
     assert_unchanged(before, snapshot(run_dir))

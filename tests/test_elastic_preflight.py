@@ -20,9 +20,8 @@ TINY = ["data.backend=torch", "data.num_threads=0", "optim.iters=4", "train.ckpt
 
 
 def _train(run_dir: Path, root: Path, *extra: str) -> None:
-    res = subprocess.run([sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", f"data.root={root}",
-                          *TINY, *extra, f"train.run_dir={run_dir}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=240)
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", f"data.root={root}",  # in this process
+                    *TINY, *extra, f"train.run_dir={run_dir}")
     assert res.returncode == 0, res.stderr[-2000:]
 
 

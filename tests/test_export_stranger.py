@@ -21,10 +21,10 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "run"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, run_dir, **{"optim.iters": 4, "train.eval_every": 1,
-                                                            "train.ckpt_every": 1, "train.keep_ckpts": 1,
-                                                            "data.val_batch": 512, "optim.lr": 0.2}))
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",  # in this process, as eval and export
+                    *tiny_overrides(digits_root, run_dir, **{"optim.iters": 4, "train.eval_every": 1,
+                                                             "train.ckpt_every": 1, "train.keep_ckpts": 1,
+                                                             "data.val_batch": 512, "optim.lr": 0.2}))
     assert res.returncode == 0, res.stderr[-3000:]
     ckpts = run_dir / "checkpoints"
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -40,7 +40,7 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
     assert os.readlink(ckpts / "last.pt") == "ckpt_000000004.pt"
     assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] == best_it
 
-    # eval and the .safetensors export in this process (their command lines: tests/test_train.py)
+    # eval and the .safetensors export in this process too (their command lines: tests/test_train.py)
     res = call_tool("tools/eval.py", str(run_dir), "--which-ckpt", "best", "--which", "teacher")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["teacher_top1"] == pytest.approx(top)

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from conftest import call_tool, final_state, run_tool, save_unchecked, tiny_overrides
+from conftest import call_tool, final_state, save_unchecked, tiny_overrides
 from simmatch.errors import CheckpointError
 from simmatch.models.network import build_backbone
 from simmatch.weights.init import init_backbone
@@ -126,10 +126,10 @@ def test_moco_checkpoint_starts_a_run(digits_root, tmp_path):
     file that maps nothing is one error line before the run directory exists."""
     src = layouts(tmp_path)[1]
     run_dir = tmp_path / "run"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, run_dir, **{
-                       "optim.iters": 1, "optim.lr": "1.0e-30", "data.val_batch": 512,
-                       "model.init_from": str(tmp_path / src[0])}))
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",  # in this process (conftest.call_tool)
+                    *tiny_overrides(digits_root, run_dir, **{
+                        "optim.iters": 1, "optim.lr": "1.0e-30", "data.val_batch": 512,
+                        "model.init_from": str(tmp_path / src[0])}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"loaded {len(trunk(src[1]))} tensors" in res.stdout and "missing 0" in res.stdout
     assert f"unexpected (not used) {src[2]}: module.encoder_q.fc.0.weight" in res.stdout

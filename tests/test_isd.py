@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_same_weights, call_tool, final_state, run_tool, tiny_overrides
+from conftest import assert_same_weights, call_tool, final_state, tiny_overrides
 from simmatch.methods.isd import isd_loss
 from simmatch.methods.queue import EmbeddingQueue
 
@@ -66,7 +66,7 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
             *tiny_overrides(digits_root, run, **{"optim.iters": 6, "train.ckpt_every": 3,
                                                  "method.queue_size": 40, "train.batch_size": 8,
                                                  "train.mu": 1, "model.proj_dim": 16})]
-    res = run_tool(*args)
+    res = call_tool(*args)  # the three runs train in this process (conftest.call_tool)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "validation k-NN top-1" in res.stdout
     state = final_state(run)
@@ -80,7 +80,7 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
     again = tmp_path / "again"
     shutil.copytree(run, again)
     (again / "checkpoints" / "ckpt_000000006.pt").unlink()
-    res = run_tool(*[a if not a.startswith("train.run_dir=") else f"train.run_dir={again}" for a in args])
+    res = call_tool(*[a if not a.startswith("train.run_dir=") else f"train.run_dir={again}" for a in args])
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = final_state(again)
     assert resumed["iteration"] == 6
@@ -89,9 +89,9 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
     # SimMatch initialised from the ISD run starts from its trunk (one step at lr 1e-30, below
     # float32 resolution of the weights, keeps it; lr 0 is not a valid config)
     sm = tmp_path / "sm"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, sm, **{"optim.iters": 1, "optim.lr": "1.0e-30",
-                                                       "model.init_from": str(run)}))
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                    *tiny_overrides(digits_root, sm, **{"optim.iters": 1, "optim.lr": "1.0e-30",
+                                                        "model.init_from": str(run)}))
     assert res.returncode == 0, res.stderr[-3000:]
     init = final_state(sm)["method"]
     trunk = [k for k in state["method"] if k.startswith("student.backbone.")

@@ -3,7 +3,6 @@ launcher, Ctrl-C, options after the overrides."""
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, assert_same_weights, call_tool, final_state, run_tool, tiny_overrides
+from conftest import ROOT, assert_same_weights, call_tool, final_state, tiny_overrides
 from simmatch.checkpoint import store
 from simmatch.errors import CheckpointError
 from simmatch.launch.local import ORPHAN_GRACE_S
@@ -45,21 +44,15 @@ def _popen(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.fixture(scope="module")
-def short_run(digits_root, tmp_path_factory) -> tuple[Path, list[str]]:
-    """A real 6-step run with checkpoints at 2, 4 and 6 (copied by each test that damages it)."""
-    run_dir = tmp_path_factory.mktemp("short") / "run"
-    args = tiny_overrides(digits_root, run_dir, **{"optim.iters": 6, "train.ckpt_every": 2, "train.keep_ckpts": 5})
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return run_dir, args
+SHORT = {"optim.iters": 6, "train.ckpt_every": 2, "train.keep_ckpts": 5}
 
 
-def _copy_run(short_run, tmp_path: Path) -> tuple[Path, list[str]]:
-    src, args = short_run
-    dst = tmp_path / "run"
-    shutil.copytree(src, dst)
-    return dst, [a.replace(str(src), str(dst)) for a in args]
+@pytest.fixture
+def short_run(trained_run, digits_root) -> tuple[Path, list[str]]:
+    """A real 6-step run with checkpoints at 2, 4 and 6, and its overrides: this test's own copy of a
+    run trained once (conftest.trained_run), which it may damage."""
+    run_dir = trained_run(**SHORT)
+    return run_dir, tiny_overrides(digits_root, run_dir, **SHORT)
 
 
 def _damage(path: Path, rng: random.Random, original: bytes) -> int:
@@ -72,12 +65,12 @@ def _damage(path: Path, rng: random.Random, original: bytes) -> int:
 
 
 @pytest.mark.slow
-def test_fuzzed_newest_checkpoint_is_rejected_and_the_resume_is_bit_identical(short_run, tmp_path):
+def test_fuzzed_newest_checkpoint_is_rejected_and_the_resume_is_bit_identical(short_run):
     """20 seeded trials of 4 KiB of random bytes written at a random offset of the newest
     checkpoint of a real run: every one is rejected by the loader, which falls back to the
     previous checkpoint; for two of them the run is resumed to the end and its final
     checkpoint is compared with the uninterrupted run's."""
-    run_dir, args = _copy_run(short_run, tmp_path)
+    run_dir, args = short_run
     newest = run_dir / "checkpoints" / "ckpt_000000006.pt"
     previous = run_dir / "checkpoints" / "ckpt_000000004.pt"
     original = newest.read_bytes()
@@ -89,8 +82,8 @@ def test_fuzzed_newest_checkpoint_is_rejected_and_the_resume_is_bit_identical(sh
             store.read_checkpoint(newest)
         path, state = store.find_checkpoint(newest.parent, required=False)
         assert path == previous and state["iteration"] == 4, (trial, offset)
-        if trial < 2:  # resume the real run past the damaged file, to the end
-            res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *args)
+        if trial < 2:  # resume the real run past the damaged file, to the end (in this process, as it was trained)
+            res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *args)
             assert res.returncode == 0, res.stderr[-3000:]
             assert f"skipping unusable checkpoint: checkpoint {newest} is damaged" in res.stdout
             assert f"resumed from {previous} at iteration 4" in res.stdout
@@ -105,7 +98,7 @@ def test_readers_reject_a_damaged_checkpoint(short_run, tmp_path, monkeypatch):
     no file behind."""
     from simmatch.weights import export as export_mod
 
-    run_dir, args = _copy_run(short_run, tmp_path)
+    run_dir, args = short_run
     newest = run_dir / "checkpoints" / "ckpt_000000006.pt"
     _damage(newest, random.Random(1), newest.read_bytes())
     # the tools in this process (conftest.call_tool): their command lines run in tests/test_train.py
@@ -151,7 +144,7 @@ def test_second_writer_is_refused_and_the_first_is_unaffected(digits_root, tmp_p
         assert not dead.exists(), "a dead writer's temporary file was not removed"
         live = run_dir / "checkpoints" / ".ckpt_000000099.pt.1.live.tmp"  # stands for the first run's
         live.write_bytes(b"x")
-        second = run_tool(*TRAIN[1:], *args, timeout=240)
+        second = call_tool(*TRAIN[1:], *args)  # this process is the second writer
         assert second.returncode == 2
         lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
         assert lines == [f"error: run directory {run_dir} is in use by pid {first.pid} on {socket.gethostname()} "

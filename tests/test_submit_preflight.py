@@ -9,7 +9,7 @@ import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
-from conftest import tiny_overrides  # noqa: E402
+from conftest import call_tool, tiny_overrides  # noqa: E402
 from conftest_slurm import ROOT, run_tool  # noqa: E402
 from slurm import submissions  # noqa: E402
 
@@ -51,9 +51,8 @@ def test_missing_data_is_refused_before_sbatch(slurm_env, tmp_path):
 
 def test_resume_keeps_the_job_shape_and_judges_the_world_size(slurm_env, digits_root, tmp_path):
     run_dir = tmp_path / "r"
-    res = subprocess.run([sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml",
-                          *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2, "train.batch_size": 3})],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",  # trained in this process
+                    *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2, "train.batch_size": 3}))
     assert res.returncode == 0, res.stderr[-2000:]
     # the run's own submission: 1 node x 1 CPU task (written as tools/submit.py writes it)
     submissions.append_event(run_dir, submissions.SUBMITTED, job_id="1", nodes=1, tasks_per_node=1,

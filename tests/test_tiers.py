@@ -1,12 +1,15 @@
 """The two test tiers (pyproject.toml, tests/conftest.py): a test not marked slow stays in this
 process; starting a subprocess or spawning ranks fails it with a line that says what to do."""
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import conftest
 from conftest import GUARD_MESSAGE, call_tool
 
 
@@ -18,9 +21,10 @@ def _rank(rank: int) -> None:  # never runs: the guard refuses first
     lambda: subprocess.run([sys.executable, "-c", "pass"], timeout=60),
     lambda: subprocess.Popen(["true"]).wait(),
     lambda: subprocess.check_output("true", shell=True),
+    lambda: os.system("true"),
     lambda: mp.spawn(_rank, nprocs=2),
     lambda: mp.start_processes(_rank, nprocs=2, start_method="spawn"),
-], ids=["run", "popen", "shell", "spawn", "start_processes"])
+], ids=["run", "popen", "shell", "os.system", "spawn", "start_processes"])
 def test_a_test_not_marked_slow_cannot_start_a_process(start, request):
     assert request.node.get_closest_marker("slow") is None
     with pytest.raises(pytest.fail.Exception, match=GUARD_MESSAGE):
@@ -40,8 +44,18 @@ def test_a_tool_called_in_this_process_gives_what_its_command_line_gives():
 
 
 @pytest.mark.slow
-def test_a_slow_test_may_start_processes():
+def test_a_slow_test_may_start_processes_and_the_guard_also_covers_fixture_setup():
+    """The guard is on for the setup of a test not marked slow too (its fixtures, of any scope)."""
     assert subprocess.run(["true"], timeout=60).returncode == 0
+    fast = SimpleNamespace(nodeid="tests/x.py::test_fast", get_closest_marker=lambda name: None)
+    for hook in (conftest.pytest_runtest_setup, conftest.pytest_runtest_call):
+        wrapper = hook(fast)
+        next(wrapper)  # the phase of the fast test begins
+        with pytest.raises(pytest.fail.Exception, match=f"tests/x.py::test_fast {GUARD_MESSAGE}"):
+            subprocess.run(["true"], timeout=60)
+        with pytest.raises(StopIteration):
+            wrapper.send(None)  # ... and ends
+        assert subprocess.run(["true"], timeout=60).returncode == 0
 
 
 def test_tests_on_processes_are_marked_slow_by_their_fixtures(request, gloo):

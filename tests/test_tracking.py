@@ -17,9 +17,9 @@ def test_tensorboard_scalars_match_metrics_file(digits_root, tmp_path):
 
     run_dir = tmp_path / "run"
     start = time.time()
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
-                   *tiny_overrides(digits_root, run_dir, **{"optim.iters": 3, "train.eval_every": 2,
-                                                            "train.tensorboard": "true", "data.val_batch": 512}))
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",  # trained in this process
+                    *tiny_overrides(digits_root, run_dir, **{"optim.iters": 3, "train.eval_every": 2,
+                                                             "train.tensorboard": "true", "data.val_batch": 512}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "total time " in res.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
