@@ -1,16 +1,15 @@
 """Pre-flight of an elastic resume, without SLURM: `tools/train.py --check --world-size N` on a
 run directory holding a real checkpoint judges the new world size (ok with what changes, FAIL
-naming the key that cannot scale), and tools/submit.py carries --allow-config-change into the job."""
+naming the key that cannot scale), and tools/submit.py carries --allow-config-change into the job.
+The trainings and the tools run in this process (conftest.call_tool)."""
 from __future__ import annotations
 
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, call_tool
+from conftest import call_tool
 from slurm.job import TrainJob
 
 pytestmark = pytest.mark.timeout(300)
@@ -77,9 +76,8 @@ def test_elastic_preflight_refuses_a_world_size_the_recipe_cannot_take(digits_ro
     # a longer schedule: refused without the flag; with it the job itself accepts it and trains on
     no_flag = call_tool("tools/submit.py", "--resume", str(run_dir), "--local", "--gpus-per-node", "0", "optim.iters=6")
     assert no_flag.returncode == 2 and "--allow-config-change" in no_flag.stderr, no_flag.stderr[-2000:]
-    flag = subprocess.run([sys.executable, "tools/submit.py", "--resume", str(run_dir), "--local",
-                           "--gpus-per-node", "0", "--allow-config-change", "optim.iters=6"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    flag = call_tool("tools/submit.py", "--resume", str(run_dir), "--local", "--gpus-per-node", "0",
+                     "--allow-config-change", "optim.iters=6")
     assert flag.returncode == 0, flag.stderr[-2000:]
     assert "finished at iteration 6" in flag.stdout, flag.stdout[-2000:]
 
