@@ -1,14 +1,14 @@
 """`tools/submit.py --selftest`: one short job on the requested nodes, every task a rank of the
-self-test, its report printed by the submitting command (a real local 2-node SLURM cluster)."""
+self-test, its report printed by the submitting command (a real local 2-node SLURM cluster); the
+dry run and a bad option in this process (conftest.call_tool)."""
 from __future__ import annotations
 
 import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
+from conftest import call_tool  # noqa: E402
 from conftest_slurm import run_tool  # noqa: E402
-
-pytestmark = pytest.mark.slow
 
 
 def test_selftest_job_on_two_nodes(slurm_env, tmp_path):
@@ -28,9 +28,9 @@ def test_selftest_job_on_two_nodes(slurm_env, tmp_path):
 
 
 def test_selftest_dry_run_and_bad_option(tmp_path):
-    proc = run_tool("submit.py", "--selftest", "--nodes", "3", "--dry-run", "--output-root", str(tmp_path))
+    proc = call_tool("tools/submit.py", "--selftest", "--nodes", "3", "--dry-run", "--output-root", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --nodes=3" in proc.stdout and "#SBATCH --gpus-per-node=8" in proc.stdout
     assert "#SBATCH --time=20" in proc.stdout and "#SBATCH --job-name=simmatch-selftest" in proc.stdout
-    bad = run_tool("submit.py", "--selftest", "--dry-run", "--selftest-args=--skip speed")
+    bad = call_tool("tools/submit.py", "--selftest", "--dry-run", "--selftest-args=--skip speed")
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --skip speed: no such check")

@@ -1,4 +1,5 @@
-"""End-to-end training on real JPEGs with real processes: DDP over gloo, signals, exact resume."""
+"""End-to-end training on real JPEGs with real processes: DDP over gloo, signals, exact resume (slow
+but for the ResNet-50 export, in this process)."""
 import json
 import os
 import random
@@ -22,8 +23,6 @@ from conftest import (
     tiny_overrides,
     wait_for_checkpoint,
 )
-
-pytestmark = pytest.mark.slow
 
 
 def train(cfg_args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:
@@ -49,6 +48,7 @@ def two_rank_runs(digits_root, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 def test_two_process_training_and_outputs(two_rank_runs):
     run_dir, res = two_rank_runs("eman")  # the teacher of yaml/digits.yaml
     assert res.returncode == 0, res.stderr[-3000:]
@@ -84,6 +84,7 @@ def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, t
     raise AssertionError("iteration never reached")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,teacher", [(signal.SIGUSR2, "ema_shuffle_bn"), (signal.SIGTERM, "eman")])
 def test_signal_then_resume_is_bit_identical(two_rank_runs, digits_root, tmp_path, signum, teacher):
     """Also the train-mode teacher with shuffle-BN across the 2 ranks (all_to_all under gloo). The
@@ -111,6 +112,7 @@ def test_signal_then_resume_is_bit_identical(two_rank_runs, digits_root, tmp_pat
     assert_same_weights(final_state(ref_dir), final_state(run_dir))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_four_rank_resume_is_bit_identical(digits_root, tmp_path, backend):
@@ -149,6 +151,7 @@ def test_four_rank_resume_is_bit_identical(digits_root, tmp_path, backend):
         assert row["loss"] == pytest.approx(sum(r["loss"] for r in steps) / len(steps), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_export_round_trip_and_eval_tool(trained_run, tmp_path):
     import torchvision
 
@@ -207,6 +210,7 @@ def test_export_resnet50_loads_into_torchvision(tmp_path):
     assert torch.equal(model(x), student(x)[0])
 
 
+@pytest.mark.slow  # a training, in this process
 def test_a_run_in_this_process_gives_its_logging_back(digits_root, tmp_path, caplog, monkeypatch):
     """simmatch.train.run called in-process (a notebook, a test, the self-test) leaves no handler of the
     run on the `simmatch` logger and no log file open: a later record reaches the caller's logging."""
