@@ -1,4 +1,6 @@
-"""Shared test helpers: repository paths and a runner for real multi-process gloo groups."""
+"""Shared test helpers: repository paths, a runner for real multi-process gloo groups, the guard of
+the fast tier (a test not marked slow that starts a process fails), tools run in this process
+(call_tool) and finished tiny runs trained once per session (trained_run)."""
 from __future__ import annotations
 
 import contextlib
