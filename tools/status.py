@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Where a run stands: job state, its submissions and requeues, newest checkpoint, the world
-sizes it has trained at (an elastic resume changes it), last metrics.
+sizes it has trained at (an elastic resume changes it; processes that ran several virtual ranks
+each are named beside them), last metrics.
 
   python tools/status.py RUN_DIR [--lines 5] [--wait [--timeout S]]
 

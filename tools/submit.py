@@ -6,6 +6,8 @@
   python tools/submit.py --resume RUN_DIR            # continue a stopped or cancelled run
   python tools/submit.py --resume RUN_DIR --nodes 1  # ... on another number of nodes (elastic resume)
   python tools/submit.py ... --dry-run               # print the sbatch script and the recipe, submit nothing
+  python tools/submit.py --nodes 1 --gpus-per-node 2 --cfg yaml/in1k_1pct.yaml train.virtual_world_size=8
+                                                     # the 8-GPU run on 2 GPUs: 4 virtual ranks per task
 
 Without SLURM (no sbatch on PATH) the run starts locally unless --slurm is given.
 Follow a run with `python tools/status.py RUN_DIR`. See docs/SLURM.md.
@@ -161,7 +163,9 @@ def _spec(args: argparse.Namespace, cfg) -> JobSpec:
                    job_name=args.job_name or f"simmatch-{cfg.name or 'run'}",
                    signal_delay_s=args.signal_delay, max_requeues=args.max_requeues)
     spec.validate()
-    derive_scale(cfg, spec.world_size)  # batch per task and BN groups, before any job exists
+    # batch per task, BN groups and virtual ranks (train.virtual_world_size a multiple of the
+    # tasks), refused in one line before any job exists
+    derive_scale(cfg, spec.world_size)
     return spec
 
 
@@ -175,11 +179,16 @@ def _local_tasks(spec: JobSpec) -> int:
     return spec.tasks_per_node or 1
 
 
-def run_local(job: TrainJob, spec: JobSpec, note: str) -> int:
-    """Train on this machine in the foreground: in this process, or one process per task."""
+def run_local(job: TrainJob, spec: JobSpec, note: str, cfg=None) -> int:
+    """Train on this machine in the foreground: in this process, or one process per task. With
+    virtual ranks the local processes must divide them too: checked before anything starts."""
     tasks = _local_tasks(spec)
     extra = f"; --nodes {spec.nodes} ignored" if spec.nodes > 1 else ""
-    print(f"{note}running locally: {tasks} process(es){extra}; run directory {job.run_dir}", flush=True)
+    ranks = ""
+    if cfg is not None:
+        s = derive_scale(cfg, tasks)
+        ranks = f" running {s.world_size} virtual ranks" if s.virtual_world_size else ""
+    print(f"{note}running locally: {tasks} process(es){ranks}{extra}; run directory {job.run_dir}", flush=True)
     if tasks == 1:
         result = job()
         print(f"{result.status} at iteration {result.iteration}")
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_run_dir(run_dir, bool(args.resume))
     if args.local or not has_slurm:
         note = "" if args.local else "no SLURM found (no sbatch on PATH): "
-        return run_local(job, spec, note)
+        return run_local(job, spec, note, cfg)
     _preflight(args, job, spec)
     sjob = submit(job, spec)
     print(f"submitted job {sjob.job_id}: {spec.nodes} node(s) x {spec.ntasks_per_node} task(s), "

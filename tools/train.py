@@ -5,7 +5,8 @@ One process per GPU by default (N CPU processes with --nproc on a CPU machine); 
 torchrun or SLURM (RANK/WORLD_SIZE already set) it trains in this process.
 `--print-config [--world-size N]` prints the derived recipe (batches, BN groups, teacher,
 momentum, lr, steps, splits) and exits without training or reading images; its last line is
-one JSON object.
+one JSON object. With `train.virtual_world_size=V` the N processes compute the run of V ranks
+(V / N of them per process, in turn, each optimizer step): the recipe is that of V GPUs.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ def main() -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the derived recipe at --world-size and exit (no training, no data needed)")
     parser.add_argument("--world-size", type=int, default=0,
-                        help="world size of --print-config and --check (default: $WORLD_SIZE, --nproc, "
-                             "or the GPUs here; --check without it skips the world-size checks)")
+                        help="processes of --print-config and --check (default: $WORLD_SIZE, --nproc, "
+                             "or the GPUs here; --check without it skips the world-size checks); with "
+                             "train.virtual_world_size=V they run V ranks between them")
     parser.add_argument("--check", action="store_true",
                         help="check config, data, images and run directory without training; "
                              "one line per check, exit 0 only when all pass")
@@ -48,13 +50,16 @@ def main() -> int:
         return check_main(cfg, run_dir_of(cfg), args.world_size or args.nproc or None,
                           args.allow_config_change)
     flags = ["--allow-config-change"] if args.allow_config_change else []
+    from simmatch.config import derive_scale, load_config
+
+    cfg = load_config(args.cfg, args.overrides)  # a bad key or value fails here, before torch is imported
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
         from simmatch.train import main as train_main
 
+        derive_scale(cfg, int(os.environ["WORLD_SIZE"]))  # e.g. virtual ranks the processes do not divide
         return train_main(["--cfg", args.cfg, *flags, *args.overrides])
-    from simmatch.config import load_config
-
-    load_config(args.cfg, args.overrides)  # a bad key or value fails here, before torch is imported
+    if args.nproc:
+        derive_scale(cfg, args.nproc)  # refused in one line before torch is imported or a process starts
     import torch
 
     nproc = args.nproc or max(1, torch.cuda.device_count())

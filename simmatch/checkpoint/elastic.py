@@ -1,5 +1,9 @@
 """Elastic resume: what a checkpoint written by W ranks becomes on W' ranks.
 
+Ranks here are a run's ranks, however many processes computed them (train.virtual_world_size):
+a run of 8 ranks continued on 4 processes as 8 virtual ranks is the same run, not re-scaled, and
+is no elastic resume; only another number of ranks is.
+
 Exact across world sizes: weights, teacher, bank, optimizer and scaler (replicated on every
 rank), and the data position (the epoch's images consumed by all ranks together, see
 `data.sharding.ShardPlan.tail_*`). Re-expressed: the iteration, in steps of the new global batch so
@@ -11,7 +15,7 @@ No torch here: the pre-flight describes an elastic resume before anything is sub
 """
 from __future__ import annotations
 
-from simmatch.config import Config, derive_scale
+from simmatch.config import Config, scale_at
 
 
 def rescale_iteration(iteration: int, old_global_batch: int, new_global_batch: int) -> int:
@@ -23,8 +27,9 @@ def rescale_iteration(iteration: int, old_global_batch: int, new_global_batch: i
 
 
 def describe(cfg: Config, old_world: int, new_world: int, iteration: int, total_iters: int | None = None) -> str:
-    """One line saying what an elastic resume from `old_world` to `new_world` ranks changes."""
-    old, new = derive_scale(cfg, old_world), derive_scale(cfg, new_world)
+    """One line saying what an elastic resume from `old_world` to `new_world` ranks changes: the
+    runs' ranks, virtual ones included, so each is scaled at its ranks whatever its processes."""
+    old, new = scale_at(cfg, old_world), scale_at(cfg, new_world)
     it = rescale_iteration(iteration, old.global_batch, new.global_batch)
     of = f" of {total_iters}" if total_iters else ""
     return (f"elastic resume {old_world} -> {new_world} ranks: {old.global_batch} -> {new.global_batch} "

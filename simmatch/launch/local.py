@@ -93,8 +93,10 @@ def child_env(base: dict, rank: int, nproc: int, port: int) -> dict:
 
 
 def launch(cfg_path: str, overrides: list[str], nproc: int, flags: list[str] = ()) -> int:
+    """Train with `nproc` local processes; the config is judged once here, so that a bad one
+    (or train.virtual_world_size that `nproc` does not divide) is one error line, not one per rank."""
     cfg = load_config(cfg_path, overrides)  # a bad config fails here, once, before any child starts
-    derive_scale(cfg, nproc)  # batch per rank and BN groups at this world size, checked once
+    derive_scale(cfg, nproc)  # batch per rank, BN groups and virtual ranks per process, checked once
     return spawn([sys.executable, "-m", "simmatch.train", "--cfg", cfg_path, *flags, *overrides], nproc)
 
 

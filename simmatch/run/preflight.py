@@ -4,12 +4,14 @@ The checks a job would otherwise fail on minutes (or a queue wait) after it star
 values, the data tree (exists, class count, val classes, split lists resolve, a sample of
 train and every val and labeled image decode), the run directory (writable, not held by
 another writer, a saved config this run may resume with, and what resuming its newest
-checkpoint at the job's world size changes: batch, lr, iteration). `tools/submit.py` runs it
-before sbatch, so a job that would fail at start is refused before the queue wait. Each check
-is one printed line.
+checkpoint with the job's processes changes: nothing when they run the checkpoint's ranks, as
+processes or virtual ranks (train.virtual_world_size); else batch, lr, iteration).
+`tools/submit.py` runs it before sbatch, so a job that would fail at start is refused before
+the queue wait. Each check is one printed line.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -17,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simmatch.checks import FAIL, PASS, Check
-from simmatch.config import Config, derive_scale, to_dict
+from simmatch.config import Config, derive_scale, run_world_size, to_dict
 from simmatch.errors import UserError
 from simmatch.run.change import judge
 from simmatch.run.lock import holder
@@ -88,8 +90,13 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
 
 
 def _scale(cfg: Config, world_size: int) -> str:
+    """The processes, the ranks they run and the batch: refused when the virtual ranks do not
+    divide over the processes, or the batch or BN groups do not exist at that size."""
     s = derive_scale(cfg, world_size)
-    return f"{world_size} tasks, {s.global_batch} labeled images per step"
+    if not s.virtual_world_size:
+        return f"{world_size} tasks, one rank each, {s.global_batch} labeled images per step"
+    return (f"{world_size} tasks running {s.world_size} virtual ranks (train.virtual_world_size="
+            f"{s.virtual_world_size}, {s.micro_batches} per task), {s.global_batch} labeled images per step")
 
 
 def _run_dir(rd: RunDir) -> str:
@@ -101,11 +108,22 @@ def _run_dir(rd: RunDir) -> str:
     return f"{rd} {state}, writable, not in use"
 
 
+def _ranks(n: int) -> str:
+    return f"{n} rank{'' if n == 1 else 's'}"
+
+
+def _processes(n: int) -> str:
+    return f"{n} process{'' if n == 1 else 'es'}"
+
+
 def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change: bool,
             counts: tuple[int, int] | None = None) -> str:
-    """The run's saved config accepts this one, and its newest checkpoint can go on at
-    `world_size`: the same world size resumes exactly; another one is an elastic resume, judged
-    here (the batch and BN groups at the new size must exist) and described in one line.
+    """The run's saved config accepts this one, and its newest checkpoint can go on with
+    `world_size` processes. The checkpoint's "world_size" is its run's ranks (virtual ranks
+    included) and "processes" what computed them (absent in older ones: one rank each). The
+    same ranks resume exactly, on the same processes bit for bit, on others up to float
+    summation order; other ranks are an elastic resume, judged here (the batch and BN groups at
+    the new size must exist) and described in one line.
 
     `counts` (labeled, unlabeled images) lets the line give the run's length in new steps."""
     from simmatch.checkpoint.store import find_checkpoint  # reading a checkpoint needs torch
@@ -118,24 +136,51 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
         return "no loadable checkpoint: the run starts afresh"
     path, state = found
     ranks, iteration = state.get("world_size"), state.get("iteration")
-    head = f"resumes from {path.name} (iteration {iteration}, written by {ranks} rank{'' if ranks == 1 else 's'})"
-    if world_size is None or not ranks or ranks == world_size or iteration is None:
-        return head + (": same world size, exact resume" if world_size is not None and ranks == world_size else "")
-    return f"{head}: {describe_elastic(cfg, ranks, world_size, int(iteration), counts)}"
+    procs = state.get("processes") if isinstance(state.get("processes"), int) else ranks
+    on = f" on {_processes(procs)}" if procs != ranks else ""
+    head = f"resumes from {path.name} (iteration {iteration}, written by {_ranks(ranks)}{on})"
+    if world_size is None or not ranks or iteration is None:
+        return head
+    new_ranks = run_world_size(cfg, world_size)
+    if ranks == new_ranks and procs == world_size:
+        return head + ": same world size, exact resume"
+    if ranks == new_ranks:
+        each = (f"{new_ranks // world_size} virtual ranks each" if new_ranks != world_size else "one rank each")
+        return (f"{head}: the same {ranks}-rank run continued on {_processes(world_size)} ({each}): the same "
+                f"data positions, batches and recipe, not re-scaled; equal up to float summation order")
+    line = f"{head}: {describe_elastic(cfg, ranks, world_size, int(iteration), counts)}"
+    if not cfg.train.virtual_world_size and ranks % world_size == 0:
+        hint = exact_continuation(cfg, ranks, world_size)
+        if hint:
+            line += f"; {hint}"
+    return line
 
 
-def describe_elastic(cfg: Config, old_world: int, new_world: int, iteration: int,
+def exact_continuation(cfg: Config, ranks: int, processes: int) -> str | None:
+    """The override that continues a `ranks`-rank run on `processes` processes exactly (virtual
+    ranks), when the recipe allows it there; else None."""
+    virtual = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, virtual_world_size=ranks))
+    try:
+        derive_scale(virtual, processes)
+    except UserError:
+        return None
+    return (f"train.virtual_world_size={ranks} would continue the {ranks}-rank run exactly instead "
+            f"({ranks // processes} virtual ranks per process)")
+
+
+def describe_elastic(cfg: Config, old_world: int, processes: int, iteration: int,
                      counts: tuple[int, int] | None = None) -> str:
-    """What resuming at `new_world` ranks changes (checkpoint/elastic.py `describe`); a ConfigError
+    """What resuming a run of `old_world` ranks with `processes` processes changes (their run's
+    ranks are run_world_size(cfg, processes); checkpoint/elastic.py `describe`); a ConfigError
     naming the key when the recipe has no batch or BN groups at that world size."""
     from simmatch.checkpoint.elastic import describe
     from simmatch.config import derive
 
-    derive_scale(cfg, new_world)  # its own error first: it names the key that cannot scale
+    new = derive_scale(cfg, processes)  # its own error first: it names the key that cannot scale
     total = None
     if cfg.optim.iters > 0 or counts is not None:
-        total = derive(cfg, new_world, *(counts or (1, 1))).total_iters
-    return describe(cfg, old_world, new_world, iteration, total)
+        total = derive(cfg, processes, *(counts or (1, 1))).total_iters
+    return describe(cfg, old_world, new.world_size, iteration, total)
 
 
 def check_main(cfg: Config, run_dir: Path | RunDir, world_size: int | None, allow_config_change: bool) -> int:

@@ -5,8 +5,10 @@ teacher, momentum, lr, steps, splits and their sizes. What the method uses (its 
 bank, streams) comes from its facts (simmatch/methods/spec.py): a FixMatch recipe shows the
 teacher it trains with and no DA queue. Image counts come from the data tree
 when it is there, otherwise from the split lists and `data.num_train_images` (so the recipe
-of an ImageNet run can be read on a machine without ImageNet). No torch import here: the
-submitting machine stays light.
+of an ImageNet run can be read on a machine without ImageNet). With virtual ranks
+(train.virtual_world_size) it is the recipe of that many ranks, whatever the processes: a
+"ranks" line says how many processes run them, as how many micro-batches each. No torch
+import here: the submitting machine stays light.
 """
 from __future__ import annotations
 
@@ -69,7 +71,10 @@ def split_sizes(cfg: Config) -> SplitSizes:
 
 
 def recipe(cfg: Config, world_size: int) -> dict:
-    """The recipe as one flat dict (the JSON line); steps are None when sizes are unknown."""
+    """The recipe of `world_size` processes as one flat dict (the JSON line); steps are None when
+    sizes are unknown. "world_size" is the run's ranks (train.virtual_world_size when set), so
+    that a virtual-rank run's recipe reads as that of as many GPUs; the processes are
+    world_size / micro_batches."""
     sizes = split_sizes(cfg)
     if sizes.num_labeled is not None and sizes.num_unlabeled is not None:
         d: Derived | None = derive(cfg, world_size, sizes.num_labeled, sizes.num_unlabeled)
@@ -78,7 +83,8 @@ def recipe(cfg: Config, world_size: int) -> dict:
         d, s = None, derive_scale(cfg, world_size)
     spec = spec_of(cfg.method.name)
     return {
-        "config": cfg.name, "method": cfg.method.name, "world_size": world_size,
+        "config": cfg.name, "method": cfg.method.name, "world_size": s.world_size,
+        "virtual_world_size": s.virtual_world_size, "micro_batches": s.micro_batches,
         "scale": cfg.train.scale,
         "labeled_per_gpu": s.batch_per_rank, "unlabeled_per_gpu": s.unlabeled_per_rank,
         "global_labeled": s.global_batch, "global_unlabeled": s.global_unlabeled,
@@ -110,20 +116,49 @@ def _n(value) -> str:
     return "unknown" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _batch_text(r: dict) -> str:
-    """Per-GPU and global batches of the streams the method trains on."""
-    gpus = f"per step over {r['world_size']} GPU(s)"
+def _processes(r: dict) -> int:
+    return r["world_size"] // r["micro_batches"]
+
+
+def _rank_images(r: dict) -> str:
+    """Images one rank draws per step, of the streams the method trains on."""
     spec = spec_of(r["method"])
     if not spec.needs_labeled:
-        return f"{r['unlabeled_per_gpu']} unlabeled per GPU; {r['global_unlabeled']} {gpus} (no labels in training)"
+        return f"{r['unlabeled_per_gpu']} unlabeled"
     if not spec.needs_unlabeled:
-        return f"{r['labeled_per_gpu']} labeled per GPU; {r['global_labeled']} {gpus}"
-    return (f"{r['labeled_per_gpu']} labeled + {r['unlabeled_per_gpu']} unlabeled per GPU; "
-            f"{r['global_labeled']} + {r['global_unlabeled']} {gpus}")
+        return f"{r['labeled_per_gpu']} labeled"
+    return f"{r['labeled_per_gpu']} + {r['unlabeled_per_gpu']}"
+
+
+def _batch_text(r: dict) -> str:
+    """Per-rank and global batches of the streams the method trains on: per GPU without virtual
+    ranks; with them per rank, since a process then runs several ranks."""
+    if r["virtual_world_size"]:
+        unit, over = "rank", f"per step over {r['world_size']} ranks on {_processes(r)} process(es)"
+    else:
+        unit, over = "GPU", f"per step over {r['world_size']} GPU(s)"
+    spec = spec_of(r["method"])
+    if not spec.needs_labeled:
+        return (f"{r['unlabeled_per_gpu']} unlabeled per {unit}; {r['global_unlabeled']} {over} "
+                f"(no labels in training)")
+    if not spec.needs_unlabeled:
+        return f"{r['labeled_per_gpu']} labeled per {unit}; {r['global_labeled']} {over}"
+    return (f"{r['labeled_per_gpu']} labeled + {r['unlabeled_per_gpu']} unlabeled per {unit}; "
+            f"{r['global_labeled']} + {r['global_unlabeled']} {over}")
+
+
+def _ranks_text(r: dict) -> str:
+    """Processes, virtual ranks and micro-batches: what computes the run's ranks."""
+    procs = _processes(r)
+    if not r["virtual_world_size"]:
+        return f"{procs} process(es), one rank each (train.virtual_world_size=0)"
+    return (f"{r['world_size']} virtual ranks on {procs} process(es): {r['micro_batches']} micro-batches of "
+            f"{_rank_images(r)} images per process per step (train.virtual_world_size={r['virtual_world_size']})")
 
 
 def recipe_lines(cfg: Config, world_size: int) -> list[str]:
-    """Human-readable lines, then the recipe as one JSON object (the last line)."""
+    """Human-readable lines, then the recipe as one JSON object (the last line); `world_size`
+    is the processes, as in `recipe`."""
     r = recipe(cfg, world_size)
     o, m, spec = cfg.optim, cfg.method, spec_of(cfg.method.name)
     k = r["global_labeled"] / o.base_batch if cfg.train.scale == "per_gpu" else 1.0
@@ -135,6 +170,7 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     lines = [
         f"recipe of {r['config'] or 'run'} ({r['method']}) at world size {r['world_size']}, "
         f"train.scale={r['scale']}",
+        f"  ranks        {_ranks_text(r)}",
         f"  batch        {_batch_text(r)}",
         f"  BN groups    {r['bn_group_ranks']} rank(s) = {r['bn_group_images']} images per BN batch"
         f" (train.min_bn_images={r['min_bn_images']})",
