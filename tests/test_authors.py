@@ -366,7 +366,7 @@ def test_shuffle_is_the_identity_in_one_process(tmp_path):
         method.train()
         assert method.teacher.module.training and method.teacher.shuffle_bn and sdist.world_size() == 1
         x = torch.randn(6, 3, SIZE, SIZE)
-        logits, emb = method.teacher_forward(x, iteration=0)
+        [(logits, emb)] = method.teacher_forward([x], iteration=0)
         ref_logits, ref_emb = method.teacher.module(x)
         assert torch.equal(logits, ref_logits) and torch.equal(emb, ref_emb)
         method.eval()

@@ -154,8 +154,9 @@ def _check_schedule(run_dir: Path, before: int, after: int, stopped: int) -> Non
     rows = _records(run_dir)
     resumed_at = round(stopped * 4 * before / (4 * after))
     assert [r for r in rows if r["kind"] == "resume"] == [
-        {"kind": "resume", "iteration": resumed_at, "world_size": after, "from_iteration": stopped,
-         "from_world_size": before, "time": pytest.approx(time.time(), abs=3600)}]
+        {"kind": "resume", "iteration": resumed_at, "world_size": after, "processes": after,
+         "from_iteration": stopped, "from_world_size": before, "from_processes": before,
+         "time": pytest.approx(time.time(), abs=3600)}]
     train = [r for r in rows if r["kind"] == "train"]
     for r in train:
         world = r["world_size"]

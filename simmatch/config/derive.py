@@ -19,7 +19,7 @@ from simmatch.methods.spec import spec_of
 class Scale:
     """Batches and every per-step quantity at a world size (no data needed)."""
 
-    world_size: int
+    world_size: int  # ranks of the run: the virtual world size when there is one, else the processes
     batch_per_rank: int  # labeled images per rank per step
     unlabeled_per_rank: int
     global_batch: int  # labeled images per step over all ranks
@@ -34,6 +34,9 @@ class Scale:
     log_every: int
     ckpt_every: int
     eval_every: int
+    physical_world_size: int = 0  # processes (GPUs); world_size / micro_batches
+    virtual_world_size: int = 0  # train.virtual_world_size (0: off)
+    micro_batches: int = 1  # ranks each process runs in turn per optimizer step
 
 
 @dataclass
@@ -60,8 +63,36 @@ def steps_per_epoch(num_items: int, global_batch: int, partial_batch: str) -> in
     return max(1, steps)
 
 
+def run_world_size(cfg: Config, processes: int) -> int:
+    """The ranks whose run `processes` processes compute: train.virtual_world_size when set
+    (a multiple of the processes, refused otherwise), else the processes themselves."""
+    if processes < 1:
+        raise ConfigError(f"world size {processes} must be at least 1")
+    v = cfg.train.virtual_world_size
+    if v == 0:
+        return processes
+    if v < processes or v % processes:
+        raise ConfigError(f"train.virtual_world_size={v} is not a multiple of the {processes} "
+                          f"process(es): each process runs the same number of virtual ranks")
+    return v
+
+
 def derive_scale(cfg: Config, world_size: int) -> Scale:
-    """Batches, lr, teacher momentum, DA length, intervals and BN groups at `world_size`.
+    """The recipe of `world_size` processes: that of train.virtual_world_size ranks when it is
+    set (each process then runs micro_batches of them in turn), else of `world_size` ranks."""
+    ranks = run_world_size(cfg, world_size)
+    s = scale_at(cfg, ranks)
+    s.physical_world_size, s.micro_batches = world_size, ranks // world_size
+    s.virtual_world_size = cfg.train.virtual_world_size
+    if s.bn_group_ranks % s.micro_batches and s.micro_batches % s.bn_group_ranks:
+        raise ConfigError(f"BN groups of {s.bn_group_ranks} ranks and {s.micro_batches} virtual ranks per "
+                          f"process: one must divide the other (train.bn_group_ranks, train.virtual_world_size)")
+    return s
+
+
+def scale_at(cfg: Config, world_size: int) -> Scale:
+    """Batches, lr, teacher momentum, DA length, intervals and BN groups of a run of
+    `world_size` ranks, however many processes compute them.
 
     scale=per_gpu: the global batch is batch_per_gpu x world size and every quantity the
     config gives per step is converted so that it is the same in images seen: with
@@ -108,11 +139,13 @@ def derive_scale(cfg: Config, world_size: int) -> Scale:
         bn_group_ranks=group, bn_group_images=bn_images,
         log_every=_per_step(t.log_every, k), ckpt_every=_per_step(t.ckpt_every, k),
         eval_every=_per_step(t.eval_every, k) if t.eval_every > 0 else 0,
+        physical_world_size=world_size,
     )
 
 
 def derive(cfg: Config, world_size: int, num_labeled: int, num_unlabeled: int) -> Derived:
-    """Compute everything that depends on the config together with the run's environment."""
+    """Compute everything that depends on the config together with the run's environment
+    (`world_size`: processes; see `derive_scale`)."""
     s = derive_scale(cfg, world_size)
     uses_unlabeled = spec_of(cfg.method.name).needs_unlabeled
     denom = s.global_unlabeled if uses_unlabeled else s.global_batch

@@ -178,6 +178,10 @@ class TrainConfig:
     batch_size: int = num(64, COUNT)  # global labeled batch, divided over the ranks (scale=fixed_global)
     batch_per_gpu: int = num(0, NONNEG)  # labeled images per rank (scale=per_gpu)
     mu: int = num(5, COUNT)  # unlabeled images per labeled image
+    # Virtual ranks: this many ranks' run computed by the physical processes, each process running
+    # virtual_world_size / processes of them in turn as micro-batches of one optimizer step (the
+    # same data, BN batches, shuffle-BN and recipe as that many GPUs). 0: off (one rank per process).
+    virtual_world_size: int = num(0, NONNEG)
     # Ranks whose BN statistics are pooled (SyncBatchNorm over groups of consecutive ranks);
     # 1: per-rank BN (the authors'); 0: the smallest group that reaches min_bn_images.
     bn_group_ranks: int = num(1, NONNEG)

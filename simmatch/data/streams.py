@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from simmatch.config import Config, derive_scale
+from simmatch.config import Config, derive_scale, run_world_size
 from simmatch.data.base import LABELED_KIND, UNLABELED_KIND, TrainStream
 from simmatch.data.sharding import LABELED, UNLABELED, ShardPlan
 from simmatch.data.splits import Splits, list_path, load_splits, write_list
@@ -18,11 +18,31 @@ from simmatch.errors import ConfigError
 
 
 @dataclass
-class Streams:
-    """One rank's data: endless training streams, the validation pass and the split facts."""
+class RankStreams:
+    """The two training streams of one rank of the run (a virtual rank under virtual ranks)."""
 
+    rank: int
     labeled: TrainStream
     unlabeled: TrainStream
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labeled.load_state_dict(state["labeled"])
+        self.unlabeled.load_state_dict(state["unlabeled"])
+
+    def close(self) -> None:
+        self.labeled.close()
+        self.unlabeled.close()
+
+
+@dataclass
+class Streams:
+    """One process's data: the training streams of each rank it runs (one, or its virtual
+    ranks), the validation passes of its share and the split facts."""
+
+    train: list[RankStreams]
     num_labeled: int  # K, the bank size
     num_unlabeled: int
     num_val: int
@@ -53,17 +73,33 @@ class Streams:
         evaluation and the training set of linear probes."""
         return self._labeled_eval() if self._labeled_eval is not None else iter(())
 
+    @property
+    def labeled(self) -> TrainStream:
+        """The first (or only) rank's labeled stream."""
+        return self.train[0].labeled
+
+    @labeled.setter
+    def labeled(self, stream: TrainStream) -> None:
+        self.train[0].labeled = stream
+
+    @property
+    def unlabeled(self) -> TrainStream:
+        return self.train[0].unlabeled
+
+    @unlabeled.setter
+    def unlabeled(self, stream: TrainStream) -> None:
+        self.train[0].unlabeled = stream
+
     def state_dict(self) -> dict[str, Any]:
-        """Both training streams' positions (a checkpoint's per-rank data state)."""
-        return {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict()}
+        """The first rank's stream positions (a single-rank process's data state)."""
+        return self.train[0].state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labeled.load_state_dict(state["labeled"])
-        self.unlabeled.load_state_dict(state["unlabeled"])
+        self.train[0].load_state_dict(state)
 
     def close(self) -> None:
-        self.labeled.close()
-        self.unlabeled.close()
+        for rank in self.train:
+            rank.close()
         for passes in (self._val, self._labeled_eval):
             getattr(passes, "close", lambda: None)()
 
@@ -103,7 +139,10 @@ def _split_files(cfg: Config, splits: Splits) -> tuple[dict[str, str], dict[str,
 
 def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
                   frozen_splits: str | Path | None = None) -> Streams:
-    """The streams of global rank `rank` of `world_size`, delivering tensors on `device`.
+    """The streams of process `rank` of `world_size`, delivering tensors on `device`: training
+    streams for each rank of the run it computes (itself, or its train.virtual_world_size /
+    world_size virtual ranks, each reading what that rank of a run on as many GPUs reads),
+    validation passes over its share of `world_size`.
 
     `frozen_splits`: the `splits/` folder of a run being resumed, whose lists are used
     instead of the config's (see `load_splits`).
@@ -117,24 +156,32 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
     b, bu, bv = per_rank_batches(cfg, world_size)
     seed = cfg.train.seed
     channels_last = cfg.train.channels_last
+    ranks = run_world_size(cfg, world_size)  # the run's ranks (virtual ones included)
+    mine = range(rank * ranks // world_size, (rank + 1) * ranks // world_size)
     if data.backend == "synthetic":
-        return _synthetic(cfg, rank, world_size, device, b, bu, bv)
+        return _synthetic(cfg, rank, world_size, device, b, bu, bv, ranks, mine)
     where = resolve_device(data.device) if data.backend == "dali" else "cpu"  # torch: CPU workers
     splits = load_splits(data, frozen=frozen_splits)
     bank_labels = torch.tensor(splits.labeled_labels, dtype=torch.int64)
     unl_labels = torch.tensor(splits.unlabeled_labels, dtype=torch.int64)
     drop = cfg.train.partial_batch == "drop"
-    plan_l = ShardPlan(len(splits.labeled_files), b, rank, world_size, seed, LABELED, drop)
-    plan_u = ShardPlan(len(splits.unlabeled_files), bu, rank, world_size, seed, UNLABELED, drop)
+
+    def plans(r: int) -> tuple[ShardPlan, ShardPlan]:
+        return (ShardPlan(len(splits.labeled_files), b, r, ranks, seed, LABELED, drop),
+                ShardPlan(len(splits.unlabeled_files), bu, r, ranks, seed, UNLABELED, drop))
+
     if data.backend == "dali":
         from simmatch.data.dali_backend import DaliTrainStream, DaliValPasses, dali_definitions
 
         defs = dali_definitions()
-        labeled = DaliTrainStream(LABELED_KIND, defs[LABELED_KIND], data, plan_l, splits.train_root,
-                                  splits.labeled_files, bank_labels, device, where, channels_last)
-        unlabeled = DaliTrainStream(UNLABELED_KIND, defs[UNLABELED_KIND], data, plan_u,
-                                    splits.train_root, splits.unlabeled_files, unl_labels, device,
-                                    where, channels_last)
+
+        def rank_streams(r: int) -> RankStreams:
+            plan_l, plan_u = plans(r)
+            return RankStreams(
+                r, DaliTrainStream(LABELED_KIND, defs[LABELED_KIND], data, plan_l, splits.train_root,
+                                   splits.labeled_files, bank_labels, device, where, channels_last),
+                DaliTrainStream(UNLABELED_KIND, defs[UNLABELED_KIND], data, plan_u, splits.train_root,
+                                splits.unlabeled_files, unl_labels, device, where, channels_last))
 
         def passes(root: Path, files: list[str], labels: list[int]):
             return DaliValPasses(data, root, files, labels, bv, rank, world_size, device, where,
@@ -142,10 +189,13 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
     elif data.backend == "torch":
         from simmatch.data.torch_backend import TorchTrainStream, torch_val_batches
 
-        labeled = TorchTrainStream(LABELED_KIND, data, plan_l, splits.train_root,
-                                   splits.labeled_files, bank_labels, device, channels_last)
-        unlabeled = TorchTrainStream(UNLABELED_KIND, data, plan_u, splits.train_root,
-                                     splits.unlabeled_files, unl_labels, device, channels_last)
+        def rank_streams(r: int) -> RankStreams:
+            plan_l, plan_u = plans(r)
+            return RankStreams(
+                r, TorchTrainStream(LABELED_KIND, data, plan_l, splits.train_root,
+                                    splits.labeled_files, bank_labels, device, channels_last),
+                TorchTrainStream(UNLABELED_KIND, data, plan_u, splits.train_root,
+                                 splits.unlabeled_files, unl_labels, device, channels_last))
 
         def passes(root: Path, files: list[str], labels: list[int]):
             return lambda: torch_val_batches(data, root, files, labels, bv, rank, world_size,
@@ -153,7 +203,7 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
     else:
         raise ConfigError(f"data.backend={data.backend!r} is not one of dali, torch, synthetic")
     files, texts = _split_files(cfg, splits)
-    return Streams(labeled, unlabeled, len(splits.labeled_files), len(splits.unlabeled_files),
+    return Streams([rank_streams(r) for r in mine], len(splits.labeled_files), len(splits.unlabeled_files),
                    len(splits.val_files), data.num_classes, bank_labels, files, texts,
                    data.backend, where, list(splits.classes),
                    {"labeled": splits.labeled_files, "unlabeled": splits.unlabeled_files},
@@ -164,22 +214,23 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
 
 
 def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b: int, bu: int,
-               bv: int) -> Streams:
+               bv: int, ranks: int, mine: range) -> Streams:
     from simmatch.data.synthetic import SyntheticTrainStream, synthetic_labels, synthetic_val_batches
 
     data, seed, cl = cfg.data, cfg.train.seed, cfg.train.channels_last
     n, drop = data.synthetic_size, cfg.train.partial_batch == "drop"
     labels = synthetic_labels(n, data.num_classes)
-    labeled = SyntheticTrainStream(LABELED_KIND, data,
-                                   ShardPlan(n, b, rank, world_size, seed, LABELED, drop), labels,
-                                   device, cl)
-    unlabeled = SyntheticTrainStream(UNLABELED_KIND, data,
-                                     ShardPlan(n, bu, rank, world_size, seed, UNLABELED, drop), labels,
-                                     device, cl)
+
+    def rank_streams(r: int) -> RankStreams:
+        return RankStreams(
+            r, SyntheticTrainStream(LABELED_KIND, data, ShardPlan(n, b, r, ranks, seed, LABELED, drop),
+                                    labels, device, cl),
+            SyntheticTrainStream(UNLABELED_KIND, data, ShardPlan(n, bu, r, ranks, seed, UNLABELED, drop),
+                                 labels, device, cl))
 
     def val() -> Iterator[dict[str, torch.Tensor]]:
         return synthetic_val_batches(data, n, bv, rank, world_size, device, cl)
 
-    return Streams(labeled, unlabeled, n, n, n, data.num_classes, labels, {}, {}, "synthetic",
+    return Streams([rank_streams(r) for r in mine], n, n, n, data.num_classes, labels, {}, {}, "synthetic",
                    device.type.replace("cuda", "gpu"), [str(c) for c in range(data.num_classes)],
                    {}, [], val, val)

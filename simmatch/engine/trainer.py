@@ -19,10 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from simmatch import distributed as dist
 from simmatch.checkpoint import store
 from simmatch.checkpoint.atomic import atomic_write_text
-from simmatch.checkpoint.elastic import describe, rescale_iteration
+from simmatch.checkpoint.elastic import describe
 from simmatch.checkpoint.saver import CheckpointSaver
-from simmatch.config import Config, Derived, derive, to_dict
-from simmatch.data.sharding import derive_seed
+from simmatch.config import Config, Derived, derive
 from simmatch.distributed import average_buffers
 from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
@@ -40,8 +39,10 @@ from simmatch.engine.optim import build_optimizer, lr_at, set_lr
 from simmatch.engine.representation import knn_accuracy
 from simmatch.engine.stop import StopRequest
 from simmatch.engine.tracking import build_trackers
-from simmatch.errors import CheckpointError
+from simmatch.engine.trainer_state import TrainerState
 from simmatch.methods import build_method
+from simmatch.methods.base import merge
+from simmatch.models.bn_stats import RankBNStats
 from simmatch.models.group_bn import convert_group_bn
 from simmatch.run.jsonl import read_records
 from simmatch.run.rundir import SPLIT_NAMES, RunDir
@@ -77,7 +78,7 @@ def move_batch(batch: dict | None, device: torch.device, channels_last: bool) ->
     return {k: move(v) for k, v in batch.items()}
 
 
-class Trainer:
+class Trainer(TrainerState):
     def __init__(self, cfg: Config, run_dir: Path | RunDir, device: torch.device):
         from simmatch.data import build_streams  # the data layer imports DALI: keep it lazy
 
@@ -86,13 +87,17 @@ class Trainer:
         if device.type == "cuda":
             # fixed crop sizes: cuDNN picks its fastest kernels once per input shape
             torch.backends.cudnn.benchmark = True
-        self.rank, self.world = dist.rank(), dist.world_size()
+        self.rank, self.processes = dist.rank(), dist.world_size()
         self.log = setup_logging(run_dir.log(self.rank), console=self.rank == 0)
         # A run that has saved a checkpoint trains on the split it started with (RUN_DIR/splits).
         resuming = run_dir.has_checkpoints()
-        self.streams = build_streams(cfg, self.rank, self.world, device,
+        self.streams = build_streams(cfg, self.rank, self.processes, device,
                                      frozen_splits=run_dir.splits if resuming else None)
-        self.derived: Derived = derive(cfg, self.world, self.streams.num_labeled, self.streams.num_unlabeled)
+        self.derived: Derived = derive(cfg, self.processes, self.streams.num_labeled, self.streams.num_unlabeled)
+        # the run's ranks (train.virtual_world_size, else the processes) and the ones this
+        # process runs in turn each step (one, or its virtual ranks)
+        self.world = self.derived.world_size
+        self.ranks = [r.rank for r in self.streams.train]
         if cfg.data.check_images:
             self._check_images()
         if self.rank == 0:
@@ -100,17 +105,23 @@ class Trainer:
 
         rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
         self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())
-        if self.derived.bn_group_ranks > 1:  # BN statistics pooled over groups of ranks
-            convert_group_bn(self.method, dist.bn_group(self.derived.bn_group_ranks), device.type)
+        group, mine = self.derived.bn_group_ranks, len(self.ranks)
+        # A BN group's ranks within this process share one forward; a group beyond it pools
+        # its statistics with the processes that run its other ranks.
+        self.method.ranks_per_forward = min(group, mine)
+        if group > mine:
+            convert_group_bn(self.method, dist.bn_group(group // mine), device.type)
+        if group > 1:
             self.log.info("BN statistics pooled over groups of %d ranks (%d images per BN batch)",
-                          self.derived.bn_group_ranks, self.derived.bn_group_images)
+                          group, self.derived.bn_group_images)
         self.method.to(device)
         if cfg.train.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        rng.seed_all(cfg.train.seed * 1000 + self.rank)  # augmentations differ per global rank
+        rng.seed_all(cfg.train.seed * 1000 + self.ranks[0])  # augmentations differ per global rank
 
         self.student: nn.Module = self.method.student
-        if self.world > 1:
+        self.ddp: DDP | None = None
+        if self.processes > 1:
             # find_unused_parameters=True is what keeps resume exact above 2 ranks: without it DDP
             # reduces a process's first step in one bucket and re-lays the buckets out afterwards,
             # and the ring all-reduce sums an element of 3+ ranks in an order that depends on its
@@ -118,8 +129,9 @@ class Trainer:
             # at its first step. With it the buckets are never rebuilt: one layout for every step
             # of every process (docs/RELIABILITY.md). The reducer's warning that no parameter was
             # unused is expected.
-            self.student = DDP(self.method.student, device_ids=[device.index] if device.type == "cuda" else None,
-                               forward_sync_buffers=False, find_unused_parameters=True)
+            self.ddp = DDP(self.method.student, device_ids=[device.index] if device.type == "cuda" else None,
+                           forward_sync_buffers=False, find_unused_parameters=True)
+            self.student = self.ddp
         if cfg.train.compile:
             self.student = torch.compile(self.student)
         self.optimizer = build_optimizer(self.method.student, cfg, self.derived.lr)
@@ -129,8 +141,9 @@ class Trainer:
         trackers = build_trackers(cfg, run_dir) if self.rank == 0 else []
         self.metrics_file = MetricsFile(run_dir.metrics, enabled=self.rank == 0, trackers=trackers)
         self.iteration = 0
-        self.world_history = [{"world_size": self.world, "iteration": 0}]  # each world size the run has had
+        self.world_history = [self._world_entry(0)]  # each world size the run has had
         self.resumed_from: tuple[int, int] | None = None  # (iteration, world size) of the checkpoint
+        self.resumed_processes = self.processes  # processes that wrote it
         self.best = store.best_record(run_dir.checkpoints)  # what best.pt holds, if any
 
     def _check_images(self) -> None:
@@ -140,7 +153,7 @@ class Trainer:
 
         files = self.streams.check_files
         started = time.perf_counter()
-        mine = find_undecodable(files[self.rank::self.world], self.cfg.data.num_threads)
+        mine = find_undecodable(files[self.rank::self.processes], self.cfg.data.num_threads)
         problems = [p for share in dist.all_gather_objects(mine) for p in share]
         raise_if_undecodable(problems, "val or labeled images")
         if self.rank == 0 and files:
@@ -153,69 +166,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def _rank_state(self) -> dict:
-        return {"rng": rng.capture(), **self.streams.state_dict()}
-
-    def state_dict(self) -> dict:
-        """Everything exact resume needs; a collective (every rank's RNG and data position)."""
-        ranks = dist.all_gather_objects(self._rank_state())
-        return {
-            "format": store.FORMAT,
-            "iteration": self.iteration,
-            "arch": self.cfg.model.arch,
-            "num_classes": self.cfg.data.num_classes,
-            "method_name": self.cfg.method.name,
-            "world_size": self.world,
-            "global_batch": self.derived.global_batch,
-            "world_history": self.world_history,
-            "method": self.method.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ranks": ranks,
-            "config": to_dict(self.cfg),
-            "splits": dict(self.streams.split_texts),
-            "classes": list(self.streams.classes),  # class names (wnids), index order: for exports
-        }
-
-    def load_state_dict(self, state: dict, source: Path) -> None:
-        """Exact resume on the same world size; on another one, an elastic resume (simmatch/checkpoint/elastic.py):
-        the replicated state exactly, the data from the first unread image of the epoch, the
-        iteration in steps of the new global batch, per-rank random streams derived afresh."""
-        for key, mine in (("arch", self.cfg.model.arch), ("num_classes", self.cfg.data.num_classes),
-                          ("method_name", self.cfg.method.name)):
-            if state.get(key) != mine:
-                raise CheckpointError(f"checkpoint {source} has {key}={state.get(key)!r}, "
-                                      f"this run has {mine!r}")
-        old_world = int(state.get("world_size") or 0)
-        if old_world < 1 or len(state.get("ranks", ())) != old_world:
-            raise CheckpointError(f"checkpoint {source} holds no per-rank state for its world size "
-                                  f"{state.get('world_size')!r}")
-        try:
-            self.method.load_state_dict(state["method"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {source} does not fit this model: "
-                                  f"{str(exc).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        iteration = int(state["iteration"])
-        self.world_history = [dict(h) for h in state.get("world_history") or
-                              [{"world_size": old_world, "iteration": 0}]]
-        if old_world == self.world:
-            mine = state["ranks"][self.rank]
-            rng.restore(mine["rng"])
-            self.iteration = iteration
-        else:  # ranks read in lockstep: any rank's position says what the epoch has consumed
-            mine = state["ranks"][0]
-            old = derive(self.cfg, old_world, self.derived.num_labeled, self.derived.num_unlabeled)
-            old_batch = int(state.get("global_batch") or old.global_batch)
-            self.iteration = rescale_iteration(iteration, old_batch, self.derived.global_batch)
-            if iteration >= old.total_iters:  # finished where it was trained: finished here too
-                self.iteration = max(self.iteration, self.derived.total_iters)
-            rng.seed_all(derive_seed(self.cfg.train.seed, 1000 + self.rank, self.world, self.iteration))
-            self.world_history.append({"world_size": self.world, "iteration": self.iteration})
-        self.streams.load_state_dict(mine)
-        self.resumed_from = (iteration, old_world)
-
     def resume(self) -> bool:
         found = store.find_checkpoint(self.run_dir.root, required=False)
         if found is None:
@@ -225,6 +175,9 @@ class Trainer:
         old_it, old_world = self.resumed_from
         if old_world != self.world:
             self.log.info("%s", describe(self.cfg, old_world, self.world, old_it, self.derived.total_iters))
+        elif self.resumed_processes != self.processes:
+            self.log.info("the same %d-rank run continued on %d process(es) (was %d): %d virtual rank(s) "
+                          "per process", self.world, self.processes, self.resumed_processes, len(self.ranks))
         self.log.info("resumed from %s at iteration %d", path, self.iteration)
         return True
 
@@ -246,25 +199,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def step(self) -> dict[str, torch.Tensor]:
-        """One optimizer step at the current iteration (the loop advances the iteration and the lr)."""
-        cl, timer = self.cfg.train.channels_last, self.method.timer
+        """One optimizer step at the current iteration (the loop advances the iteration and the lr).
+
+        Every rank this process runs (one, or its virtual ranks) draws its batches; the method
+        makes all their targets; then each rank's forward and backward in turn (a BN group's
+        ranks in one forward), its loss divided by the forwards so that the accumulated gradient,
+        averaged over the processes by DDP in the last backward only, is the mean over all ranks.
+        """
+        m, cl, timer = self.method, self.cfg.train.channels_last, self.method.timer
         with timer("data"):
-            labeled = unlabeled = None
-            if self.method.needs_labeled:
-                labeled = move_batch(next(self.streams.labeled), self.device, cl)
-            if self.method.needs_unlabeled:
-                unlabeled = move_batch(next(self.streams.unlabeled), self.device, cl)
+            labeled = [move_batch(next(r.labeled), self.device, cl) if m.needs_labeled else None
+                       for r in self.streams.train]
+            unlabeled = [move_batch(next(r.unlabeled), self.device, cl) if m.needs_unlabeled else None
+                         for r in self.streams.train]
         with self.autocast():
-            losses = self.method.training_losses(self.student, labeled, unlabeled, self.iteration)
-        with timer("backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["loss"]).backward()
+            targets = m.targets(labeled, unlabeled, self.iteration)
+        k = m.ranks_per_forward
+        groups = [slice(i, i + k) for i in range(0, len(labeled), k)]
+        stats = RankBNStats(m.student, len(groups))
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for i, g in enumerate(groups):
+            last = i == len(groups) - 1
+            with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                with self.autocast():
+                    losses = m.student_losses(self.student, merge(labeled[g]), merge(unlabeled[g]),
+                                              merge(targets[g]), self.iteration)
+                with timer("backward"):
+                    loss = losses["loss"] if len(groups) == 1 else losses["loss"] / len(groups)
+                    self.scaler.scale(loss).backward()
+            stats.after_forward()
+            parts.append({name: v.detach() for name, v in losses.items()})
         with timer("optimizer"):
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            average_buffers(self.method.student)
-        self.method.after_step()
-        return {k: v.detach() for k, v in losses.items()}
+            average_buffers(m.student)
+        m.after_step()
+        if len(parts) == 1:
+            return parts[0]
+        return {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
 
     def evaluate(self) -> dict[str, float]:
         """Classifier top-1/top-5, or k-NN top-1 for methods that train no classifier."""
@@ -290,10 +263,10 @@ class Trainer:
         """Validation and labeled-memory batches this rank reads in one pass (contiguous slices)."""
         from simmatch.data.streams import per_rank_batches
 
-        vb = per_rank_batches(self.cfg, self.world)[2]
+        vb = per_rank_batches(self.cfg, self.processes)[2]
 
         def batches(n: int) -> int:
-            share = n * (self.rank + 1) // self.world - n * self.rank // self.world
+            share = n * (self.rank + 1) // self.processes - n * self.rank // self.processes
             return -(-share // vb)
 
         return batches(self.streams.num_val), batches(self.streams.num_labeled)
@@ -314,8 +287,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         d, t = self.derived, self.cfg.train
         if self.rank == 0:
-            self.log.info("run %s: %d ranks, %d labeled / %d unlabeled images, %d iterations "
-                          "(%d per epoch), lr %.4g", self.run_dir, self.world, d.num_labeled,
+            self.log.info("run %s: %d ranks%s, %d labeled / %d unlabeled images, %d iterations "
+                          "(%d per epoch), lr %.4g", self.run_dir, self.world,
+                          f" on {self.processes} process(es), {len(self.ranks)} virtual rank(s) each"
+                          if self.processes != self.world else "", d.num_labeled,
                           d.num_unlabeled, d.total_iters, d.steps_per_epoch, d.lr)
         if not self.resume() and self.cfg.model.init_from:
             self._init_from(self.cfg.model.init_from)
@@ -323,8 +298,10 @@ class Trainer:
             return self._already_finished()
         if self.resumed_from is not None:
             self.metrics_file.write({"kind": "resume", "iteration": self.iteration, "world_size": self.world,
+                                     "processes": self.processes,
                                      "from_iteration": self.resumed_from[0],
-                                     "from_world_size": self.resumed_from[1]})
+                                     "from_world_size": self.resumed_from[1],
+                                     "from_processes": self.resumed_processes})
         stop = StopRequest()
         stop.install()
         window = MetricWindow()

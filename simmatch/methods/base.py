@@ -7,9 +7,11 @@ import torch.nn as nn
 from simmatch import distributed as dist
 from simmatch.methods.spec import MethodSpec
 from simmatch.models import EMA, Network
+from simmatch.models.bn_stats import RankBNStats
 from simmatch.timing import NO_TIMER, PhaseTimer
 
 Batch = dict[str, torch.Tensor]
+Targets = dict[str, torch.Tensor | None]  # per-image target rows of one rank's batch
 
 
 class Method(nn.Module):
@@ -43,38 +45,81 @@ class Method(nn.Module):
         self.teacher = EMA(student, ema_momentum, teacher)
         self.seed = seed
 
+    # Ranks whose images one forward normalises together (the engine sets it): 1, or the ranks of
+    # a BN group that this process runs itself under virtual ranks (train.bn_group_ranks).
+    ranks_per_forward: int = 1
+
     @classmethod
     def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> Method:
         """The method as `cfg` describes it, with a freshly initialised student."""
         raise NotImplementedError
 
-    def training_losses(self, student: nn.Module, labeled: Batch | None, unlabeled: Batch | None,
-                        iteration: int) -> dict[str, torch.Tensor]:
-        """`loss` (differentiable) plus detached scalar diagnostics. `student` may be DDP-wrapped."""
+    def targets(self, labeled: list[Batch | None], unlabeled: list[Batch | None],
+                iteration: int) -> list[Targets]:
+        """The step's no-grad part (teacher, alignment, propagation) for every rank this process
+        runs (one, or its virtual ranks, in rank order): one dict of per-image target rows each.
+
+        Done for all of them before any student forward, because what they share (the
+        shuffle-BN permutation, the global means of distribution alignment, the bank as it was)
+        is a function of all the step's ranks, as on that many GPUs."""
+        return [{} for _ in labeled]
+
+    def student_losses(self, student: nn.Module, labeled: Batch | None, unlabeled: Batch | None,
+                       targets: Targets, iteration: int) -> dict[str, torch.Tensor]:
+        """`loss` (differentiable) plus detached scalar diagnostics of one rank's batch (or of a
+        BN group's ranks merged, see `merge`), given its `targets`. `student` may be DDP-wrapped."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def teacher_forward(self, x: torch.Tensor, iteration: int, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits, embedding) of the teacher for this rank's `x`.
+    def training_losses(self, student: nn.Module, labeled: Batch | None, unlabeled: Batch | None,
+                        iteration: int) -> dict[str, torch.Tensor]:
+        """A single rank's losses: `targets` and `student_losses` of its batch."""
+        found = self.targets([labeled], [unlabeled], iteration)[0]
+        return self.student_losses(student, labeled, unlabeled, found, iteration)
 
-        With an "ema_shuffle_bn" teacher on several ranks the global batch is permuted across
-        ranks first (one permutation per step from (seed, iteration), the same on every rank),
+    @torch.no_grad()
+    def teacher_forward(self, parts: list[torch.Tensor], iteration: int,
+                        **kwargs) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(logits, embedding) of the teacher for each rank's input in `parts` (this process's
+        ranks, in rank order; equal sizes).
+
+        With an "ema_shuffle_bn" teacher and several ranks the global batch is permuted across
+        all ranks first (one permutation per step from (seed, iteration), the same everywhere),
         so no rank's BN normalises its own samples together, and the outputs are sent back to
-        the ranks and rows their inputs came from: MoCo's shuffle-BN, one all_to_all each way.
+        the rows their inputs came from: MoCo's shuffle-BN, one all_to_all each way between
+        processes. Each rank's share of the shuffled batch is forwarded on its own (its BN
+        batch), `ranks_per_forward` ranks at a time.
         """
-        world = dist.world_size()
-        if not self.teacher.shuffle_bn or world == 1:
-            return self.teacher(x, **kwargs)
-        perm = dist.shuffle_permutation(x.shape[0] * world, self.seed, iteration)
-        plan = dist.shuffle_plan(perm, dist.rank(), world, x.device)
-        shuffled = dist.batch_shuffle(x, plan)
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            shuffled = shuffled.contiguous(memory_format=torch.channels_last)  # keep the layout
-        logits, emb = self.teacher(shuffled, **kwargs)
-        c = logits.shape[1]
-        parts = [logits.float()] + ([emb.float()] if emb is not None else [])
-        out = dist.batch_unshuffle(torch.cat(parts, dim=1), plan)  # one exchange for both
-        return out[:, :c], (out[:, c:] if emb is not None else None)
+        n = parts[0].shape[0]
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        processes = dist.world_size()
+        shuffle = self.teacher.shuffle_bn and processes * len(parts) > 1
+        if shuffle:
+            perm = dist.shuffle_permutation(x.shape[0] * processes, self.seed, iteration)
+            plan = dist.shuffle_plan(perm, dist.rank(), processes, x.device) if processes > 1 else None
+            x = dist.batch_shuffle(x, plan) if plan is not None else x[perm.to(x.device)]
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)  # keep the layout
+        chunks = x.split(n * self.ranks_per_forward)
+        stats = RankBNStats(self.teacher.module, len(chunks) if self.teacher.module.training else 1)
+        outs = []
+        for chunk in chunks:
+            outs.append(self.teacher(chunk, **kwargs))
+            stats.after_forward()
+        logits = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
+        emb = None if outs[0][1] is None else torch.cat([o[1] for o in outs]) if len(outs) > 1 else outs[0][1]
+        if shuffle:
+            c = logits.shape[1]
+            joined = torch.cat([logits.float()] + ([emb.float()] if emb is not None else []), dim=1)
+            if plan is not None:
+                joined = dist.batch_unshuffle(joined, plan)  # one exchange for both
+            else:
+                back = torch.empty_like(joined)
+                back[perm.to(x.device)] = joined
+                joined = back
+            logits, emb = joined[:, :c], (joined[:, c:] if emb is not None else None)
+        return [(lg, None if emb is None else e) for lg, e in
+                zip(logits.split(n), emb.split(n) if emb is not None else [None] * len(parts))]
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -85,3 +130,17 @@ class Method(nn.Module):
                 # a train-mode teacher keeps its own BN running statistics (used only when it
                 # is evaluated); averaged over ranks so every rank holds the same teacher
                 dist.average_buffers(self.teacher.module)
+
+
+def merge(parts: list) -> object:
+    """Several ranks' batches (or targets) as one: each tensor concatenated along its rows, lists
+    (the strong views) element by element, None kept. The batch of a forward that normalises a
+    BN group's ranks together; row order does not matter to BN or to the losses' means."""
+    first = parts[0]
+    if len(parts) == 1 or first is None:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, (list, tuple)):
+        return [merge([p[i] for p in parts]) for i in range(len(first))]
+    return {k: merge([p[k] for p in parts]) for k in first}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from simmatch.methods.base import Batch, Method
+from simmatch.methods.base import Batch, Method, Targets
 from simmatch.methods.losses import fp32, hard_cross_entropy, pseudo_label_metrics
 from simmatch.methods.registry import register
 from simmatch.models import Network, network_for
@@ -30,8 +30,9 @@ class FixMatch(Method):
         return cls(network_for(cfg, head=False), derived.ema_momentum, tau=cfg.method.fixmatch_tau,
                    lambda_u=cfg.method.lambda_u, seed=cfg.train.seed)
 
-    def training_losses(self, student, labeled: Batch, unlabeled: Batch | None,
-                        iteration: int) -> dict[str, torch.Tensor]:
+    def student_losses(self, student, labeled: Batch, unlabeled: Batch | None, targets: Targets,
+                       iteration: int) -> dict[str, torch.Tensor]:
+        """Its targets come from the same forward (the student's own weak view): none before."""
         assert unlabeled is not None
         b, bu = labeled["x"].shape[0], unlabeled["weak"].shape[0]
         strong = list(unlabeled["strong"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from simmatch.methods.base import Batch, Method
+from simmatch.methods.base import Batch, Method, Targets
 from simmatch.methods.losses import fp32
 from simmatch.methods.queue import EmbeddingQueue
 from simmatch.methods.registry import register
@@ -37,17 +37,23 @@ class ISD(Method):
         return cls(network_for(cfg, head=True, predictor=True), derived.ema_momentum, m.queue_size,
                    m.isd_t_student, m.isd_t_teacher, teacher=cls.spec.teacher(cfg), seed=cfg.train.seed)
 
-    def training_losses(self, student, labeled: Batch | None, unlabeled: Batch | None,
-                        iteration: int) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def targets(self, labeled: list[Batch | None], unlabeled: list[Batch], iteration: int) -> list[Targets]:
+        with self.timer("teacher_forward"):
+            outs = self.teacher_forward([u["weak"] for u in unlabeled], iteration, predict=False)
+        keys = [k.float() for _, k in outs]
+        self._pending = torch.cat(keys)  # enqueued after the loss, in after_step (all ranks' rows)
+        return [{"k": k} for k in keys]
+
+    def student_losses(self, student, labeled: Batch | None, unlabeled: Batch | None, targets: Targets,
+                       iteration: int) -> dict[str, torch.Tensor]:
         assert unlabeled is not None
-        with torch.no_grad(), self.timer("teacher_forward"):
-            _, k = self.teacher_forward(unlabeled["weak"], iteration, predict=False)
+        k = targets["k"]
         with self.timer("student_forward"):
             logits, q = student(unlabeled["strong"][0])
         with fp32(q.device), self.timer("losses"):
             loss = isd_loss(q, k, self.queue.features, self.t_student, self.t_teacher)
             agree = (q.detach() * k).sum(dim=1).mean()
-        self._pending = k.float().clone()  # enqueued after the loss, in after_step
         # the classifier is not trained here; the zero term keeps DDP's used-parameter set fixed
         return {"loss": loss + 0.0 * logits.sum(), "loss_isd": loss.detach(), "cos_q_k": agree}
 

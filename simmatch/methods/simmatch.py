@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from simmatch.methods.alignment import DistributionAlignment, ReMixMatchAlignment
 from simmatch.methods.bank import LabeledBank
-from simmatch.methods.base import Batch, Method
+from simmatch.methods.base import Batch, Method, Targets, merge
 from simmatch.methods.losses import fp32, pseudo_label_metrics, soft_cross_entropy
 from simmatch.methods.registry import register
 from simmatch.models import Network, network_for
@@ -76,38 +76,44 @@ class SimMatch(Method):
             use_bank=m.use_bank, teacher=cls.spec.teacher(cfg), seed=cfg.train.seed)
 
     @torch.no_grad()
-    def _targets(self, labeled: Batch, unlabeled: Batch, iteration: int):
+    def targets(self, labeled: list[Batch], unlabeled: list[Batch], iteration: int) -> list[Targets]:
         with self.timer("teacher_forward"):
-            logits, emb = self.teacher_forward(torch.cat([labeled["x"], unlabeled["weak"]]), iteration)
+            outs = self.teacher_forward([torch.cat([lab["x"], unl["weak"]])
+                                         for lab, unl in zip(labeled, unlabeled)], iteration)
         with self.timer("targets"):
-            return self._propagate(logits, emb, labeled, iteration)
+            b = labeled[0]["x"].shape[0]
+            lab = merge(labeled)
+            logits_u = torch.cat([lg[b:] for lg, _ in outs])
+            emb = [e for _, e in outs]
+            emb_u = torch.cat([e[b:] for e in emb]) if self.use_bank else None
+            p_hat, q_hat = self._propagate(logits_u, emb_u, lab["y"], iteration)
+            if self.use_bank:  # written in after_step: this step's targets use the bank as it was
+                self._pending = (torch.cat([e[:b] for e in emb]).float(), lab["y"].clone(),
+                                 lab["index"].clone())
+            bu = unlabeled[0]["weak"].shape[0]
+            return [{"p_hat": p, "q_hat": q} for p, q in
+                    zip(p_hat.split(bu), q_hat.split(bu) if q_hat is not None else [None] * len(labeled))]
 
-    def _propagate(self, logits, emb, labeled: Batch, iteration: int):
-        b = labeled["x"].shape[0]
-        p_w = torch.softmax(logits[b:].float(), dim=1)
+    def _propagate(self, logits_u: torch.Tensor, emb_u: torch.Tensor | None, labels: torch.Tensor, iteration: int):
+        """Aligned p_w and, once L_in has started, SimMatch's p_hat and q_hat (all ranks' rows)."""
+        p_w = torch.softmax(logits_u.float(), dim=1)
         if self.da is not None:
-            p_w = self.da(p_w, labeled["y"])
-        propagate = self.use_bank and iteration >= self.propagate_after_iters
-        q_hat = None
-        if propagate:
-            with fp32(p_w.device):
-                q_w = torch.softmax(emb[b:].float() @ self.bank.features.T / self.temperature, dim=1)
-                p_hat, q_hat = pseudo_labels(p_w, q_w, self.bank.labels, self.alpha)
-        else:
-            p_hat = p_w
-        if self.use_bank:  # written in after_step: this step's targets use the bank as it was
-            self._pending = (emb[:b].float().clone(), labeled["y"].clone(), labeled["index"].clone())
-        return p_hat, q_hat
+            p_w = self.da(p_w, labels)
+        if not (self.use_bank and iteration >= self.propagate_after_iters):
+            return p_w, None
+        with fp32(p_w.device):
+            q_w = torch.softmax(emb_u.float() @ self.bank.features.T / self.temperature, dim=1)
+            return pseudo_labels(p_w, q_w, self.bank.labels, self.alpha)
 
-    def training_losses(self, student, labeled: Batch, unlabeled: Batch | None,
-                        iteration: int) -> dict[str, torch.Tensor]:
+    def student_losses(self, student, labeled: Batch, unlabeled: Batch | None, targets: Targets,
+                       iteration: int) -> dict[str, torch.Tensor]:
         assert unlabeled is not None
-        p_hat, q_hat = self._targets(labeled, unlabeled, iteration)
         strong = list(unlabeled["strong"])
         with self.timer("student_forward"):
             logits, emb = student(torch.cat([labeled["x"], *strong]))
         with fp32(logits.device), self.timer("losses"):
-            return self._losses(logits, emb, labeled, unlabeled, p_hat, q_hat, len(strong))
+            return self._losses(logits, emb, labeled, unlabeled, targets["p_hat"], targets["q_hat"],
+                                len(strong))
 
     def _losses(self, logits, emb, labeled: Batch, unlabeled: Batch, p_hat, q_hat,
                 views: int) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from simmatch.methods.base import Batch, Method
+from simmatch.methods.base import Batch, Method, Targets
 from simmatch.methods.registry import register
 from simmatch.models import network_for
 
@@ -16,8 +16,8 @@ class Supervised(Method):
         # the EMA is only evaluated: it averages BN statistics too (EMAN-style, spec.py)
         return cls(network_for(cfg, head=False), derived.ema_momentum, cls.spec.teacher(cfg), cfg.train.seed)
 
-    def training_losses(self, student, labeled: Batch, unlabeled: Batch | None,
-                        iteration: int) -> dict[str, torch.Tensor]:
+    def student_losses(self, student, labeled: Batch, unlabeled: Batch | None, targets: Targets,
+                       iteration: int) -> dict[str, torch.Tensor]:
         logits, _ = student(labeled["x"])
         loss = F.cross_entropy(logits.float(), labeled["y"])
         return {"loss": loss, "loss_x": loss.detach()}
