@@ -76,7 +76,7 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def tiny_config(world: int):
+def tiny_config(world: int, virtual: int = 0):
     from simmatch.config import load_config
 
     n = SPE * world * B * MU  # labeled and unlabeled images: SPE steps per epoch
@@ -84,7 +84,8 @@ def tiny_config(world: int):
         "model.arch=resnet10", "model.small_input=true", f"model.proj_dim={PROJ}",
         f"data.num_classes={CLASSES}", "data.backend=synthetic", f"data.synthetic_size={n}",
         f"data.crop_size={SIZE}", "data.root=/nonexistent", f"train.batch_per_gpu={B}", f"train.mu={MU}",
-        "train.min_bn_images=0", "train.channels_last=false", f"optim.base_batch={world * B}"])
+        "train.min_bn_images=0", "train.channels_last=false", f"optim.base_batch={world * B}",
+        f"train.virtual_world_size={virtual}"])
 
 
 def make_batches(rank: int, world: int, labels: torch.Tensor) -> tuple[list, list]:
@@ -111,22 +112,29 @@ def to_reference(name: str) -> str:
     return name.replace("backbone.fc.", "fc.", 1)
 
 
-def reference_from(method, d, world: int) -> Authors:
-    """The authors' model, initialised by its own code, then set to the project's initial state."""
+def reference_from(initial: dict, d, world: int) -> Authors:
+    """The authors' model, initialised by its own code, then set to the project's initial state
+    (`initial`: its student's state dict, bank features and labels)."""
     torch.manual_seed(1234)
     ref = SimMatch(lambda: Trunk([1, 1, 1, 1], small_input=True), CLASSES, PROJ, d.num_labeled)
     ones = torch.ones(d.num_labeled)
     # the same law: Gaussian directions, one unit vector per slot (their columns, the project's rows)
     torch.testing.assert_close(ref.bank.norm(dim=0), ones)
-    torch.testing.assert_close(method.bank.features.norm(dim=1), ones)
-    ref.main.load_state_dict({to_reference(k): v for k, v in method.student.state_dict().items()})
+    torch.testing.assert_close(initial["bank"].norm(dim=1), ones)
+    ref.main.load_state_dict({to_reference(k): v for k, v in initial["student"].items()})
     ref.init_ema()  # their init: the ema's parameters copied from main
     with torch.no_grad():  # both start from the same state: the project's bank and labels (docstring)
-        ref.bank.copy_(method.bank.features.T)
-        ref.labels.copy_(method.bank.labels)
+        ref.bank.copy_(initial["bank"].T)
+        ref.labels.copy_(initial["labels"])
     steps = loader_len(d.num_unlabeled, world, B * MU)
     assert steps == d.steps_per_epoch == SPE
     return Authors(ref, RECIPE["lr"], steps)
+
+
+def initial_state(method) -> dict:
+    return {"student": {k: v.clone() for k, v in method.student.state_dict().items()},
+            "bank": method.bank.features.clone(),
+            "labels": method.bank.labels.clone()}
 
 
 def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
@@ -152,7 +160,7 @@ def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
     with torch.no_grad():
         method.student.backbone.fc.weight.mul_(FC_SCALE)
         method.teacher.module.load_state_dict(method.student.state_dict())
-    authors = reference_from(method, d, world)
+    authors = reference_from(initial_state(method), d, world)
     ref = authors.module
     ref.lin_from_epoch = 0 if control == "lin_early" else 1
     ref.tt *= 1.0001 if control == "tt" else 1.0
