@@ -66,8 +66,9 @@ REFUSED = [(2, 3), (4, 2)]  # (processes, V): V not a multiple of the processes;
 def _refused(proc, virtual: int, processes: int) -> None:
     assert proc.returncode != 0 and proc.stdout == "", proc.stdout
     err = proc.stderr.strip().splitlines()
-    assert err == [f"error: train.virtual_world_size={virtual} is not a multiple of the {processes} process(es): "
-                   "each process runs the same number of virtual ranks"], proc.stderr
+    why = (f"is fewer than the {processes} processes: each process runs at least one rank" if virtual < processes
+           else f"is not a multiple of the {processes} process(es): each process runs the same number of virtual ranks")
+    assert err == [f"error: train.virtual_world_size={virtual} {why}"], proc.stderr
 
 
 @pytest.mark.parametrize("processes,virtual", REFUSED)

@@ -71,7 +71,10 @@ def run_world_size(cfg: Config, processes: int) -> int:
     v = cfg.train.virtual_world_size
     if v == 0:
         return processes
-    if v < processes or v % processes:
+    if v < processes:
+        raise ConfigError(f"train.virtual_world_size={v} is fewer than the {processes} processes: "
+                          f"each process runs at least one rank")
+    if v % processes:
         raise ConfigError(f"train.virtual_world_size={v} is not a multiple of the {processes} "
                           f"process(es): each process runs the same number of virtual ranks")
     return v
