@@ -298,6 +298,22 @@ def test_authors_gloo_ranks(gloo, tmp_path, world):
         check_shuffle([r["shuffle"] for r in results], 5)
 
 
+@pytest.mark.slow
+def test_authors_two_ranks_against_one_process_with_two_virtual_ranks(gloo, tmp_path):
+    """The authors' step on 2 real ranks against the project's 2 virtual ranks in one process
+    (tests/authors_virtual.py says how): the same quantities and tolerance as above."""
+    from authors_virtual import V, authors_ranks, project_two_virtual_ranks
+
+    record = project_two_virtual_ranks(tmp_path / "run")
+    record_file = tmp_path / "record.pt"
+    torch.save(record, record_file)
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    for result in gloo(authors_ranks, V, ranks, str(record_file)):
+        print(result["worst"])
+        check(result)
+
+
 def test_lr_schedules():
     """Theirs (warm-up per step, then the cosine set at each epoch's first step) against the
     engine's `lr_at` over the 1% recipe on 8 GPUs: equal through the warm-up, no step apart
