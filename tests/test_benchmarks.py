@@ -33,6 +33,31 @@ def test_step_benchmark_tiny_with_comparison():
     assert out["ratio"] == pytest.approx(simmatch["step_ms"] / fixmatch["step_ms"])
 
 
+def test_step_benchmark_tiny_virtual_ranks():
+    out = last_json(run_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
+                             "--batch", "2", "--mu", "2", "--warmup", "1", "--iters", "2",
+                             "--breakdown-iters", "0", "--virtual", "2", "--device", "cpu"))
+    plain, virtual = out["runs"]
+    assert (plain["virtual"], plain["micro_batches"]) == (0, 1)
+    assert (virtual["virtual"], virtual["micro_batches"]) == (2, 2)
+    # one step: 2 ranks of 2 labeled + 4 unlabeled images (a weak and a strong view each)
+    assert (plain["images_per_step"], virtual["images_per_step"]) == (6, 12)
+    for run in out["runs"]:
+        assert run["repeats"] == 1 and run["ms_per_image_all"] == [round(run["ms_per_image"], 3)]
+        assert run["ms_per_image"] == pytest.approx(run["step_ms"] / run["images_per_step"])
+        assert run["img_s"] == pytest.approx(run["micro_batches"] * (2 + 4 * 2) / (run["step_ms"] / 1e3))
+        # each configuration in its own process: its peak is at least what it held before its steps
+        assert run["peak_mem_gib"] >= run["mem_before_steps_gib"] > 0
+        assert run["step_mem_growth_gib"] == pytest.approx(run["peak_mem_gib"] - run["mem_before_steps_gib"])
+        assert run["best_ms_per_image"] <= run["ms_per_image"] and run["cpu_ms_per_image"] > 0
+    assert plain["overhead_pct"] == 0.0
+    assert virtual["overhead_pct"] == pytest.approx(100 * (virtual["ms_per_image"] / plain["ms_per_image"] - 1))
+    assert out["overhead_pct"] == {"2": virtual["overhead_pct"]}
+    assert virtual["overhead_best_pct"] == pytest.approx(
+        100 * (virtual["best_ms_per_image"] / plain["best_ms_per_image"] - 1))
+    assert virtual["peak_mem_over_plain_gib"] == pytest.approx(virtual["peak_mem_gib"] - plain["peak_mem_gib"])
+
+
 def test_targets_and_checkpoint_benchmarks_tiny(tmp_path):
     t = last_json(run_tool("benchmarks/targets.py", "--bu", "8", "--k", "50", "--classes", "5",
                            "--repeats", "2", "--device", "cpu"))
