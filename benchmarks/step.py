@@ -57,12 +57,13 @@ def build(args, method: str, run_dir: Path, device: torch.device, virtual: int =
         f"data.synthetic_size={max(4096, args.batch * args.mu * 4)}", f"data.num_threads={args.threads}",
         f"data.device={'gpu' if device.type == 'cuda' else 'cpu'}", f"data.prefetch={args.prefetch}",
         f"data.hw_decoder_load={args.hw_decoder_load}",
-        f"train.batch_size={args.batch * max(1, virtual)}", f"train.virtual_world_size={virtual}",
-        f"train.mu={args.mu}", f"train.amp={args.amp}",
+        f"train.batch_size={args.batch * max(1, virtual)}", f"train.mu={args.mu}", f"train.amp={args.amp}",
         f"train.channels_last={args.channels_last}", f"train.compile={args.compile}",
         f"optim.impl={args.optim}", "optim.iters=1000000", f"train.run_dir={run_dir}",
         "train.log_every=1000000", "train.ckpt_every=1000000",
     ]
+    if virtual:
+        overrides.append(f"train.virtual_world_size={virtual}")
     if args.data:
         overrides.append(f"data.root={args.data}")
         overrides.append(f"data.labeled_percent={args.labeled_percent}")
