@@ -30,6 +30,7 @@ from test_authors import (
     rel,
     tiny_config,
     to_reference,
+    watch_targets,
 )
 
 V = 2
@@ -37,7 +38,6 @@ V = 2
 
 def project_two_virtual_ranks(run_dir: Path) -> dict:
     """The project's run of 2 ranks in this process, recorded step by step (module docstring)."""
-    import simmatch.methods.simmatch as project_simmatch
     from simmatch.engine.optim import lr_at, set_lr
     from simmatch.engine.trainer import Trainer
 
@@ -51,21 +51,13 @@ def project_two_virtual_ranks(run_dir: Path) -> dict:
     record: dict = {"initial": initial_state(method), "steps": [],
                     "derived": {"num_labeled": d.num_labeled, "num_unlabeled": d.num_unlabeled,
                                 "steps_per_epoch": d.steps_per_epoch}}
-    seen: list[dict] = []
-    hook = method.da.register_forward_hook(lambda _m, _i, out: seen.append({"p_w": out.clone()}))
-    propagate = project_simmatch.pseudo_labels
-
-    def spy(*args, **kwargs):
-        p_hat, q_hat = propagate(*args, **kwargs)
-        seen[-1].update(p_hat=p_hat.clone(), q_hat=q_hat.clone())
-        return p_hat, q_hat
-
+    watching = watch_targets(method)
+    seen = watching.__enter__()
     streams = [(rank.labeled, rank.unlabeled) for rank in trainer.streams.train]
     for r, rank in enumerate(trainer.streams.train):
         labeled, unlabeled = make_batches(r, V, method.bank.labels)
         rank.labeled, rank.unlabeled = iter(labeled), iter(unlabeled)
     student = dict(method.student.named_parameters())
-    project_simmatch.pseudo_labels = spy
     try:
         method.train()
         for _ in range(STEPS):
@@ -83,8 +75,7 @@ def project_two_virtual_ranks(run_dir: Path) -> dict:
                 "bank": method.bank.features.clone(), "labels": method.bank.labels.clone(),
                 "da_queue": method.da.queue.clone(), "da_ptr": int(method.da.ptr)})
     finally:
-        project_simmatch.pseudo_labels = propagate
-        hook.remove()
+        watching.__exit__(None, None, None)
         for rank, (lab, unl) in zip(trainer.streams.train, streams):
             rank.labeled, rank.unlabeled = lab, unl
         trainer.close()

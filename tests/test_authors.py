@@ -54,6 +54,7 @@ Where the project deliberately differs, and how this test handles it:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -131,6 +132,29 @@ def reference_from(initial: dict, d, world: int) -> Authors:
     return Authors(ref, RECIPE["lr"], steps)
 
 
+@contextlib.contextmanager
+def watch_targets(method):
+    """The project's targets of each step, in a list: a forward hook on its DA (p_w) and a spy
+    on `pseudo_labels` (p_hat, q_hat, from epoch 1)."""
+    import simmatch.methods.simmatch as project_simmatch
+
+    seen: list[dict] = []
+    hook = method.da.register_forward_hook(lambda _m, _i, out: seen.append({"p_w": out.clone()}))
+    propagate = project_simmatch.pseudo_labels
+
+    def spy(*args, **kwargs):
+        p_hat, q_hat = propagate(*args, **kwargs)
+        seen[-1].update(p_hat=p_hat.clone(), q_hat=q_hat.clone())
+        return p_hat, q_hat
+
+    project_simmatch.pseudo_labels = spy
+    try:
+        yield seen
+    finally:
+        project_simmatch.pseudo_labels = propagate
+        hook.remove()
+
+
 def initial_state(method) -> dict:
     return {"student": {k: v.clone() for k, v in method.student.state_dict().items()},
             "bank": method.bank.features.clone(),
@@ -139,7 +163,6 @@ def initial_state(method) -> dict:
 
 def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
     """Both sides over STEPS steps on `world` ranks; the worst relative difference per quantity."""
-    import simmatch.methods.simmatch as project_simmatch
     from simmatch import distributed as sdist
     from simmatch.engine.optim import lr_at, set_lr
     from simmatch.engine.trainer import Trainer
@@ -166,15 +189,8 @@ def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
     ref.tt *= 1.0001 if control == "tt" else 1.0
     assert all(torch.equal(p, q) for p, q in zip(method.teacher.module.parameters(), ref.ema.parameters()))
 
-    seen: list[dict] = []  # the project's targets: a forward hook on its DA, a spy on pseudo_labels
-    hook = method.da.register_forward_hook(lambda _m, _i, out: seen.append({"p_w": out.clone()}))
-    propagate = project_simmatch.pseudo_labels
-
-    def spy(*args, **kwargs):
-        p_hat, q_hat = propagate(*args, **kwargs)
-        seen[-1].update(p_hat=p_hat.clone(), q_hat=q_hat.clone())
-        return p_hat, q_hat
-
+    watching = watch_targets(method)
+    seen = watching.__enter__()
     labeled, unlabeled = make_batches(rank, world, method.bank.labels)
     streams = trainer.streams.labeled, trainer.streams.unlabeled
     trainer.streams.labeled, trainer.streams.unlabeled = iter(labeled), iter(unlabeled)
@@ -186,7 +202,6 @@ def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
     def note(key, a, b):
         worst[key] = max(worst.get(key, 0.0), rel(a, b))
 
-    project_simmatch.pseudo_labels = spy
     try:
         method.train()
         for it in range(STEPS):
@@ -235,8 +250,7 @@ def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
             note("da_queue", method.da.queue, ref.DA_queue)
             assert int(method.da.ptr) == int(ref.DA_ptr)
     finally:
-        project_simmatch.pseudo_labels = propagate
-        hook.remove()
+        watching.__exit__(None, None, None)
         trainer.streams.labeled, trainer.streams.unlabeled = streams
         trainer.close()
         torch.set_num_threads(threads)
