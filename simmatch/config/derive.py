@@ -37,6 +37,7 @@ class Scale:
     physical_world_size: int = 0  # processes (GPUs); world_size / micro_batches
     virtual_world_size: int = 0  # train.virtual_world_size (0: off)
     micro_batches: int = 1  # ranks each process runs in turn per optimizer step
+    unlabeled_bank: int = 0  # SimMatchV2's unlabeled bank: method.v2_k x the global unlabeled batch
 
 
 @dataclass
@@ -118,7 +119,8 @@ def scale_at(cfg: Config, world_size: int) -> Scale:
         per_rank = t.batch_size // world_size
     glob = per_rank * world_size
     k = glob / cfg.optim.base_batch if t.scale == "per_gpu" else 1.0
-    rank_images = spec_of(cfg.method.name).bn_batch(per_rank, per_rank * t.mu, cfg.data.num_strong,
+    spec = spec_of(cfg.method.name)
+    rank_images = spec.bn_batch(per_rank, per_rank * t.mu, cfg.data.num_strong,
                                                     cfg.model.teacher)
     group = t.bn_group_ranks
     if group == 0:  # the smallest divisor of the world size whose group reaches the minimum
@@ -143,6 +145,7 @@ def scale_at(cfg: Config, world_size: int) -> Scale:
         log_every=_per_step(t.log_every, k), ckpt_every=_per_step(t.ckpt_every, k),
         eval_every=_per_step(t.eval_every, k) if t.eval_every > 0 else 0,
         physical_world_size=world_size,
+        unlabeled_bank=cfg.method.v2_k * glob * t.mu if spec.unlabeled_bank else 0,
     )
 
 

@@ -120,13 +120,14 @@ class ModelConfig:
     # MoCo, ISD). Only a teacher that makes targets runs this way; FixMatch's and the supervised
     # baseline's EMA is only evaluated and always eman (simmatch/methods/spec.py).
     teacher: Literal["eman", "ema_shuffle_bn"] = "eman"
+    norm_feat: bool = False  # LayerNorm on the pooled trunk feature, before classifier and head (SimMatchV2)
     init_from: str = ""  # run directory or checkpoint whose trunk initialises the student
 
 
 @dataclass
 class MethodConfig:
     # the methods of simmatch/methods/spec.py (a test checks that both list the same names)
-    name: Literal["simmatch", "fixmatch", "supervised", "isd"] = "simmatch"
+    name: Literal["simmatch", "fixmatch", "supervised", "isd", "simmatchv2"] = "simmatch"
     tau: float = num(0.7, UNIT)  # confidence threshold of SimMatch's class pseudo-label
     # FixMatch's threshold (its paper: 0.95 CIFAR/SVHN/STL, 0.7 ImageNet)
     fixmatch_tau: float = num(0.95, UNIT)
@@ -151,6 +152,16 @@ class MethodConfig:
     isd_t_teacher: float = num(0.01, above(0))
     predictor_hidden: int = num(512, COUNT)
     predictor_bn: bool = True
+    # SimMatchV2: the graph over the weak view and its top-n labeled neighbours (propagation
+    # strength alpha), an unlabeled bank of v2_k global unlabeled batches, DA by a running mean
+    # (momentum), and the node-node / edge-edge / node-edge loss weights; tau is its threshold
+    v2_topn: int = num(128, COUNT)
+    v2_alpha: float = num(0.1, Range(0.0, 1.0, hi_open=True))
+    v2_k: int = num(256, COUNT)
+    v2_da_momentum: float = num(0.9, UNIT)
+    lambda_nn: float = num(10.0, NONNEG)
+    lambda_ee: float = num(10.0, NONNEG)
+    lambda_ne: float = num(10.0, NONNEG)
 
 
 @dataclass

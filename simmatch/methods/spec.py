@@ -30,6 +30,7 @@ class MethodSpec:
     # labeled batch b, unlabeled batch bu and strong views s; None: the network does not run
     student_images: tuple[int, int, int] = (1, 0, 0)  # b, bu, s*bu multiples
     teacher_images: tuple[int, int] | None = None  # b, bu multiples (a target-making teacher)
+    unlabeled_bank: bool = False  # a ring of method.v2_k global unlabeled batches (SimMatchV2)
 
     def teacher(self, cfg: Any) -> str:
         """The teacher mode this method trains with under `cfg`."""
@@ -64,6 +65,11 @@ SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("supervised", "simmatch.methods.supervised", needs_labeled=True, needs_unlabeled=False,
                trains_classifier=True, configured_teacher=False, aligns=False, has_bank=False,
                student_images=(1, 0, 0)),
+    # SimMatchV2: student cat(labeled, first strong view), then each further view on its own;
+    # teacher: cat(labeled, weak); its own DA (a running mean) and labeled + unlabeled banks
+    MethodSpec("simmatchv2", "simmatch.methods.simmatchv2", needs_labeled=True, needs_unlabeled=True,
+               trains_classifier=True, configured_teacher=True, aligns=False, has_bank=False,
+               student_images=(1, 1, 0), teacher_images=(1, 1), unlabeled_bank=True),
     # student: the first strong view; teacher: the weak view
     MethodSpec("isd", "simmatch.methods.isd", needs_labeled=False, needs_unlabeled=True,
                trains_classifier=False, configured_teacher=True, aligns=False, has_bank=False,

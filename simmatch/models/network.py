@@ -68,10 +68,12 @@ class Network(nn.Module):
     """
 
     def __init__(self, backbone: torchvision.models.ResNet, proj_dim: int = 128, predictor_hidden: int = 0,
-                 proj_hidden: int = 0, proj_bn: bool = False, predictor_bn: bool = True):
+                 proj_hidden: int = 0, proj_bn: bool = False, predictor_bn: bool = True, norm_feat: bool = False):
         super().__init__()
         self.backbone = backbone
         self.feat_dim = backbone.fc.in_features
+        # SimMatchV2's --norm_feat: the pooled feature layer-normalised before classifier and head
+        self.norm = nn.LayerNorm(self.feat_dim) if norm_feat else None
         self.head = ProjectionHead(self.feat_dim, proj_dim, proj_hidden, proj_bn) if proj_dim > 0 else None
         self.predictor = (Predictor(proj_dim, predictor_hidden, predictor_bn)
                           if predictor_hidden > 0 and proj_dim > 0 else None)
@@ -84,6 +86,8 @@ class Network(nn.Module):
 
     def forward(self, x: torch.Tensor, predict: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         feat = self.features(x)
+        if self.norm is not None:
+            feat = self.norm(feat)
         logits = self.backbone.fc(feat)
         if self.head is None:
             return logits, None
@@ -95,9 +99,9 @@ class Network(nn.Module):
 
 def build_network(arch: str, num_classes: int, small_input: bool = False, proj_dim: int = 128,
                   predictor_hidden: int = 0, proj_hidden: int = 0, proj_bn: bool = False,
-                  predictor_bn: bool = True) -> Network:
+                  predictor_bn: bool = True, norm_feat: bool = False) -> Network:
     return Network(build_backbone(arch, num_classes, small_input), proj_dim, predictor_hidden,
-                   proj_hidden, proj_bn, predictor_bn)
+                   proj_hidden, proj_bn, predictor_bn, norm_feat)
 
 
 def network_for(cfg, head: bool = True, predictor: bool = False) -> Network:
@@ -106,4 +110,4 @@ def network_for(cfg, head: bool = True, predictor: bool = False) -> Network:
     m = cfg.model
     return build_network(m.arch, cfg.data.num_classes, m.small_input, m.proj_dim if head else 0,
                          cfg.method.predictor_hidden if predictor else 0, m.proj_hidden, m.proj_bn,
-                         cfg.method.predictor_bn)
+                         cfg.method.predictor_bn, m.norm_feat)

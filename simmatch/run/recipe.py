@@ -101,6 +101,10 @@ def recipe(cfg: Config, world_size: int) -> dict:
         "num_labeled": sizes.num_labeled, "num_unlabeled": sizes.num_unlabeled,
         "labeled_set": sizes.labeled, "unlabeled_set": sizes.unlabeled,
         "sizes_from": sizes.counted_from,
+        # SimMatchV2: its unlabeled bank (method.v2_k global unlabeled batches) and loss weights
+        "unlabeled_bank": s.unlabeled_bank if spec.unlabeled_bank else None,
+        "loss_weights": ({"nn": cfg.method.lambda_nn, "ee": cfg.method.lambda_ee, "ne": cfg.method.lambda_ne}
+                         if spec.unlabeled_bank else None),
     }
 
 
@@ -182,6 +186,11 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         f"train.partial_batch={r['partial_batch']})",
         f"  total        {length}",
     ]
+    if spec.unlabeled_bank:
+        w = r["loss_weights"]
+        lines.append(f"  banks        labeled {_n(r['num_labeled'])}; unlabeled K = {r['unlabeled_bank']:,} "
+                     f"({m.v2_k} x {r['global_unlabeled']}); graph of the top {m.v2_topn}, alpha {m.v2_alpha:g}; "
+                     f"losses nn / ee / ne x {w['nn']:g} / {w['ee']:g} / {w['ne']:g}")
     if spec.uses_bank(cfg):
         lines.append(f"  L_in         starts at iteration {_n(r['l_in_start_iter'])} "
                      f"(method.propagate_after_epochs={m.propagate_after_epochs})")

@@ -60,6 +60,8 @@ def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:
             "resize": str(val_resize_size(cfg.data)), "crop": str(cfg.data.crop_size),
             "mean": json.dumps(list(cfg.data.mean)), "std": json.dumps(list(cfg.data.std)),
             "which": which, "iteration": str(int(state["iteration"])), "method": cfg.method.name}
+    if cfg.model.norm_feat:  # SimMatchV2's feature LayerNorm, the first layer of fc
+        card["fc"] = "Sequential(LayerNorm(in_features), Linear(in_features, num_classes))"
     if classes:
         card["classes"] = json.dumps(classes)
     return card

@@ -41,8 +41,14 @@ def network_state(state: dict, which: str) -> dict[str, torch.Tensor]:
 
 
 def split_backbone(net_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """torchvision weights and the projection head. A network with the feature LayerNorm
+    (model.norm_feat) exports it as the first layer of `fc`: fc = Sequential(LayerNorm, Linear)."""
     backbone = {k[len("backbone."):]: v for k, v in net_state.items() if k.startswith("backbone.")}
     head = {k[len("head."):]: v for k, v in net_state.items() if k.startswith("head.")}
+    if "norm.weight" in net_state:
+        for part in ("weight", "bias"):
+            backbone[f"fc.0.{part}"] = net_state[f"norm.{part}"]
+            backbone[f"fc.1.{part}"] = backbone.pop(f"fc.{part}")
     return backbone, head
 
 
@@ -54,6 +60,8 @@ def torchvision_model(cfg: Config) -> torchvision.models.ResNet:
         net = getattr(torchvision.models, cfg.model.arch)(weights=None, num_classes=cfg.data.num_classes)
     if cfg.model.small_input:
         small_input_stem(net)
+    if cfg.model.norm_feat:  # loads as: model.fc = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, classes))
+        net.fc = torch.nn.Sequential(torch.nn.LayerNorm(net.fc.in_features), net.fc)
     return net
 
 
