@@ -13,11 +13,15 @@ step, relative (norm of the difference over the norm): the lr, the aligned proba
 graph pseudo-labels, the relations to the unlabeled bank, the losses and the mask, every
 gradient, the student and teacher after the step, both banks, the ring pointer and the DA mean.
 The first step's node-edge term is not finite on both sides (the bank's probabilities start at
-zero) and is dropped by both. One process; shuffle-BN is the identity there (the reference gets
-a random permutation: BN statistics do not depend on the order).
+zero) and is dropped by both. In one process shuffle-BN is the identity (the reference gets a
+random permutation: BN statistics do not depend on the order); on 3 gloo ranks the reference is
+given the project's permutation of the step, each rank its own batches.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from authors_simmatchv2 import RECIPE_1P, Authors, Net, SimMatchV2, Trunk
 
@@ -33,25 +37,27 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def tiny_config():
+def tiny_config(world: int):
     from simmatch.config import load_config
 
-    n = SPE * B * MU
+    n = SPE * B * MU * world
     return load_config(ROOT / "yaml" / "in1k_1pct.yaml", [
         "method.name=simmatchv2", "model.norm_feat=true", "model.arch=resnet10", "model.small_input=true",
         f"model.proj_dim={PROJ}", f"data.num_classes={CLASSES}", "data.backend=synthetic",
         f"data.synthetic_size={n}", f"data.crop_size={SIZE}", "data.root=/nonexistent", "data.num_strong=2",
         f"train.batch_per_gpu={B}", f"train.mu={MU}", "train.min_bn_images=0", "train.channels_last=false",
-        f"optim.base_batch={B}", f"method.v2_topn={TOPN}", f"method.v2_k={K_STEPS}", "optim.epochs=300"])
+        f"optim.base_batch={B * world}", f"method.v2_topn={TOPN}", f"method.v2_k={K_STEPS}", "optim.epochs=300"])
 
 
-def batches(labels: torch.Tensor) -> tuple[list, list]:
+def batches(labels: torch.Tensor, rank: int, world: int) -> tuple[list, list]:
+    """This rank's fixed batches; a step's labeled indices are distinct over the ranks."""
     k = labels.numel()
     labeled, unlabeled = [], []
     for s in range(STEPS):
-        g = torch.Generator().manual_seed(1000 + s)
-        index = torch.randperm(k, generator=g)[:B]
-        u_index = torch.randperm(k, generator=g)[:B * MU]
+        order = torch.Generator().manual_seed(1000 + s)
+        index = torch.randperm(k, generator=order)[rank * B:(rank + 1) * B]
+        u_index = torch.randperm(k, generator=order)[rank * B * MU:(rank + 1) * B * MU]
+        g = torch.Generator().manual_seed(10_000 * s + rank)
         labeled.append({"x": torch.randn(B, 3, SIZE, SIZE, generator=g), "y": labels[index], "index": index})
         unlabeled.append({"weak": torch.randn(B * MU, 3, SIZE, SIZE, generator=g),
                           "strong": [torch.randn(B * MU, 3, SIZE, SIZE, generator=g) for _ in range(2)],
@@ -63,15 +69,19 @@ def to_reference(name: str) -> str:
     return name.replace("backbone.fc.", "fc.", 1)
 
 
-def test_authors_v2_one_process(tmp_path):
+def compare(rank: int, world: int, run_dir: str) -> dict:
+    """Both sides over STEPS steps on `world` ranks: the worst relative difference per quantity."""
+    from simmatch import distributed as sdist
     from simmatch.engine.optim import lr_at, set_lr
     from simmatch.engine.trainer import Trainer
 
-    (tmp_path / "run").mkdir()
-    trainer = Trainer(tiny_config(), tmp_path / "run", torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(tiny_config(world), Path(run_dir), torch.device("cpu"))
     d, method, opt = trainer.derived, trainer.method, trainer.optimizer
     assert d.lr == RECIPE_1P["lr"] and d.ema_momentum == RECIPE_1P["ema_m"] and trainer.dtype is None
-    assert d.unlabeled_bank == K_STEPS * B * MU and method.teacher.shuffle_bn
+    assert d.unlabeled_bank == K_STEPS * B * MU * world and method.teacher.shuffle_bn
     with torch.no_grad():
         method.student.backbone.fc.weight.mul_(FC_SCALE)
         method.teacher.module.load_state_dict(method.student.state_dict())
@@ -95,7 +105,7 @@ def test_authors_v2_one_process(tmp_path):
         return out
 
     method.targets = spy
-    labeled, unlabeled = batches(method.bank.labels)
+    labeled, unlabeled = batches(method.bank.labels, rank, world)
     saved = trainer.streams.labeled, trainer.streams.unlabeled
     trainer.streams.labeled, trainer.streams.unlabeled = iter(labeled), iter(unlabeled)
     student = dict(method.student.named_parameters())
@@ -119,7 +129,10 @@ def test_authors_v2_one_process(tmp_path):
             set_lr(opt, lr)
             ours = trainer.step()
             trainer.iteration += 1
-            perm = torch.randperm(B * (1 + MU), generator=torch.Generator().manual_seed(it))
+            if world > 1:
+                perm = sdist.shuffle_permutation(B * (1 + MU) * world, trainer.cfg.train.seed, it)
+            else:
+                perm = torch.randperm(B * (1 + MU), generator=torch.Generator().manual_seed(it))
             theirs = authors.step(*divmod(it, d.steps_per_epoch), labeled[it], unlabeled[it], perm)
             mine = seen[-1]
             note("lr", lr, theirs["lr"])
@@ -146,12 +159,30 @@ def test_authors_v2_one_process(tmp_path):
         method.targets = make_targets
         trainer.streams.labeled, trainer.streams.unlabeled = saved
         trainer.close()
-    print(worst, masks, dropped)
+        torch.set_num_threads(threads)
+    return {"worst": worst, "masks": masks, "dropped": dropped, "bank": d.unlabeled_bank}
+
+
+def check(result: dict, world: int) -> None:
+    print(result)
+    dropped, masks = result["dropped"], result["masks"]
     assert dropped[0] == (1.0, True) and all(d == (0.0, False) for d in dropped[1:]), dropped
     assert any(0.0 < m < 1.0 for m in masks), masks
-    assert STEPS * B * MU >= 2 * d.unlabeled_bank  # 40 rows into a ring of 16: it wrapped twice
-    bad = {k: v for k, v in worst.items() if not v <= TOL}
+    assert STEPS * B * MU * world >= 2 * result["bank"]  # 5 steps of rows in a 2-step ring: 2 wraps
+    bad = {k: v for k, v in result["worst"].items() if not v <= TOL}
     assert not bad, bad
+
+
+def test_authors_v2_one_process(tmp_path):
+    check(compare(0, 1, str(tmp_path / "run")), 1)
+
+
+@pytest.mark.slow
+def test_authors_v2_three_gloo_ranks_with_shuffle_bn(gloo, tmp_path):
+    """Their shuffle-BN (all-gather, rank 0's permutation) and all-gathered bank writes against the
+    project's all_to_all shuffle and its banks, on 3 real ranks."""
+    for result in gloo(compare, 3, tmp_path, str(tmp_path / "run")):
+        check(result, 3)
 
 
 def test_authors_v2_graph_pseudo_labels_equal_theirs():
