@@ -41,6 +41,8 @@ def _bn_images_by_hand(method: str, b: int, bu: int, strong: int, teacher: str) 
         forwards = [b + strong * bu] + ([b + bu] if teacher == "ema_shuffle_bn" else [])
     elif method == "fixmatch":  # one student forward over labeled, weak and strong; EMA only evaluates
         forwards = [b + bu + strong * bu]
+    elif method == "simmatchv2":  # student: labeled + view 0, then each further view; teacher: labeled + weak
+        forwards = [b + bu] + [bu] * (strong - 1) + ([b + bu] if teacher == "ema_shuffle_bn" else [])
     elif method == "supervised":
         forwards = [b]
     else:  # isd: student on the first strong view, teacher on the weak view
@@ -48,7 +50,7 @@ def _bn_images_by_hand(method: str, b: int, bu: int, strong: int, teacher: str) 
     return min(forwards)
 
 
-@pytest.mark.parametrize("method", ["simmatch", "fixmatch", "supervised", "isd"])
+@pytest.mark.parametrize("method", ["simmatch", "fixmatch", "supervised", "isd", "simmatchv2"])
 @pytest.mark.parametrize("teacher", ["eman", "ema_shuffle_bn"])
 @pytest.mark.parametrize("strong", [1, 3])
 def test_bn_batch_of_each_method(method, teacher, strong):

@@ -31,6 +31,7 @@ class MethodSpec:
     student_images: tuple[int, int, int] = (1, 0, 0)  # b, bu, s*bu multiples
     teacher_images: tuple[int, int] | None = None  # b, bu multiples (a target-making teacher)
     unlabeled_bank: bool = False  # a ring of method.v2_k global unlabeled batches (SimMatchV2)
+    views_apart: bool = False  # strong views after the first forwarded on their own (bu images each)
 
     def teacher(self, cfg: Any) -> str:
         """The teacher mode this method trains with under `cfg`."""
@@ -47,7 +48,7 @@ class MethodSpec:
         student's forward, and a train-mode (shuffle-BN) teacher's; an eval-mode teacher (eman)
         uses its running statistics and does not count."""
         lab, unl, views = self.student_images
-        sizes = [lab * b + unl * bu + views * strong * bu]
+        sizes = [lab * b + unl * bu + views * strong * bu] + ([bu] if self.views_apart and strong > 1 else [])
         if self.teacher_images is not None and self.configured_teacher and teacher == SHUFFLE_BN:
             sizes.append(self.teacher_images[0] * b + self.teacher_images[1] * bu)
         return min(sizes)
@@ -69,7 +70,7 @@ SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     # teacher: cat(labeled, weak); its own DA (a running mean) and labeled + unlabeled banks
     MethodSpec("simmatchv2", "simmatch.methods.simmatchv2", needs_labeled=True, needs_unlabeled=True,
                trains_classifier=True, configured_teacher=True, aligns=False, has_bank=False,
-               student_images=(1, 1, 0), teacher_images=(1, 1), unlabeled_bank=True),
+               student_images=(1, 1, 0), teacher_images=(1, 1), unlabeled_bank=True, views_apart=True),
     # student: the first strong view; teacher: the weak view
     MethodSpec("isd", "simmatch.methods.isd", needs_labeled=False, needs_unlabeled=True,
                trains_classifier=False, configured_teacher=True, aligns=False, has_bank=False,
