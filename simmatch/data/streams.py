@@ -1,4 +1,4 @@
-"""`build_streams`: the labeled, unlabeled and validation streams of one rank, any backend."""
+"""`build_streams`: the training streams of each rank a process runs and its validation passes, any backend."""
 from __future__ import annotations
 
 import hashlib
