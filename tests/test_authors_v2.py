@@ -199,3 +199,30 @@ def test_authors_v2_graph_pseudo_labels_equal_theirs():
     ours = graph_pseudo_labels(z, p, bank, labels, CLASSES, 8, 0.1, 0.1)
     theirs = graph_pseudo_label(z, p, bank, torch.nn.functional.one_hot(labels, CLASSES).float(), 8, 0.1, 0.1)
     assert rel(ours, theirs) < 1e-6 and torch.allclose(ours.sum(dim=1), torch.ones(6))
+
+
+def test_authors_v2_unlabeled_bank_at_another_size_keeps_its_newest_entries():
+    """K follows the global batch: a ring saved at K = 12 (after 5 writes of 4, wrapped) loaded
+    at K = 8 keeps its 8 newest rows oldest first, and at K = 20 all 12 with zero rows after;
+    the next write goes after the newest (checked against the rows written, by hand)."""
+    from simmatch.methods.simmatchv2 import UnlabeledBank
+
+    old = UnlabeledBank(12, 3, 2)
+    written = []
+    for s in range(5):
+        feats, probs = torch.full((4, 3), float(s + 1)), torch.full((4, 2), float(s + 1) / 10)
+        feats[:, 0] = torch.arange(4) + 10 * s
+        written.append(feats)
+        old.update(feats, probs)
+    rows = torch.cat(written)  # 20 rows in order; the ring holds the last 12
+    assert int(old.ptr) == 20 % 12 and int(old.count) == 12
+    for size, kept in ((8, 8), (20, 12)):
+        new = UnlabeledBank(size, 3, 2)
+        new.load_state_dict(old.state_dict())
+        torch.testing.assert_close(new.features[:kept], rows[-kept:], rtol=0, atol=0)
+        assert torch.equal(new.features[kept:], torch.zeros(size - kept, 3))
+        assert (int(new.ptr), int(new.count)) == (kept % size, kept)
+        nxt = torch.full((4, 3), -1.0)
+        new.update(nxt, torch.zeros(4, 2))
+        index = [(kept + i) % size for i in range(4)]
+        assert torch.equal(new.features[index], nxt)
