@@ -4,8 +4,9 @@ Source: github mingkai-zheng/SimMatchV2, read at commit f0e054c030ded22877f38362
 (every code file is unchanged since the first commit 6cd361302fe3adb084c86c26e9005553109d3a48;
 later commits touch README.md only). What each piece here transcribes:
 
-- `Trunk`: backbone/resnet.py `ResNet` (torchvision's layers and init, no `fc`, forward to the
-  flattened pool, `out_channels`); `small_input` swaps in the 3x3 stride-1 stem tiny images need.
+- `Trunk` (and the distributed helpers): tests/authors_simmatch.py's, because SimMatchV2's
+  backbone/resnet.py `ResNet` is SimMatch's (torchvision's layers and init, no `fc`, forward to
+  the flattened pool, `out_channels`).
 - `Net`: models/simmatchv2.py `ResNet` (l. 8-32): pooled feature -> LayerNorm(c) if --norm_feat
   (l. 21-24) -> `fc` Linear(c, classes) and `head` Linear(c, c) - ReLU - Linear(c, dim), the
   embedding L2-normalised; c = 2048 for their ResNet-50, dim = 128 (the constructor default).
@@ -61,7 +62,7 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
+from authors_simmatch import concat_all_gather, rank, world  # the same helpers as SimMatch's transcription
 
 # script/train.sh and main.py's argparse defaults (batch_size per GPU, mu, threshold, ema_m, wd, momentum)
 RECIPE_1P = {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "epochs": 300, "warmup_epoch": 5,
@@ -70,23 +71,6 @@ RECIPE_1P = {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True
              "da_m": 0.9, "lambda_nn": 10.0, "lambda_ee": 10.0, "lambda_ne": 10.0, "fp16": True, "dim": 128}
 RECIPE_10P = {**RECIPE_1P, "lambda_ee": 5.0, "lambda_ne": 5.0}
 FILL = 1e9  # the diagonal's penalty in the graph (l. 210)
-
-
-def world() -> int:
-    return tdist.get_world_size() if tdist.is_initialized() else 1
-
-
-def rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else 0
-
-
-@torch.no_grad()
-def concat_all_gather(t: torch.Tensor) -> torch.Tensor:
-    if world() == 1:
-        return t
-    out = [torch.ones_like(t) for _ in range(world())]
-    tdist.all_gather(out, t.contiguous())
-    return torch.cat(out, dim=0)
 
 
 def bank_size(k: int, batch_size: int, mu: int, world_size: int) -> int:
@@ -104,23 +88,6 @@ def ema_momentum(ema_m: float, curr_step: int, total_step: int) -> float:
     if ema_m > 0.996:
         return ema_m
     return 1 - (1 - ema_m) * (math.cos(math.pi * curr_step / float(total_step)) + 1) / 2
-
-
-class Trunk(nn.Module):
-    def __init__(self, layers: list[int], small_input: bool = True):
-        super().__init__()
-        tv = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, layers)
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) if small_input else tv.conv1
-        self.bn1, self.relu = tv.bn1, tv.relu
-        self.maxpool = nn.Identity() if small_input else tv.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
-        self.avgpool = tv.avgpool
-        self.out_channels = 512
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
 
 
 class Net(nn.Module):

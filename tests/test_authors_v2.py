@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from authors_simmatchv2 import RECIPE_1P, Authors, Net, SimMatchV2, Trunk
+from authors_simmatch import Trunk
+from authors_simmatchv2 import RECIPE_1P, Authors, Net, SimMatchV2
 
 from conftest import ROOT
 
@@ -87,7 +88,7 @@ def compare(rank: int, world: int, run_dir: str) -> dict:
         method.teacher.module.load_state_dict(method.student.state_dict())
     hp = {**RECIPE_1P, "dim": PROJ, "topn": TOPN, "fp16": False}
     torch.manual_seed(0)
-    ref = SimMatchV2(lambda: Trunk([1, 1, 1, 1]), CLASSES, method.bank.labels, d.unlabeled_bank, hp)
+    ref = SimMatchV2(lambda: Trunk([1, 1, 1, 1], small_input=True), CLASSES, method.bank.labels, d.unlabeled_bank, hp)
     assert isinstance(ref.main, Net)
     ref.main.load_state_dict({to_reference(k): v for k, v in method.student.state_dict().items()})
     ref.ema.load_state_dict(ref.main.state_dict())
