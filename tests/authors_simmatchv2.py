@@ -62,7 +62,14 @@ import torch
 import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
-from authors_simmatch import concat_all_gather, rank, world  # the same helpers as SimMatch's transcription
+from authors_simmatch import (  # the same helpers, network and lr schedule as SimMatch's code
+    ResNet,
+    adjust_learning_rate,
+    concat_all_gather,
+    rank,
+    warmup_learning_rate,
+    world,
+)
 
 # script/train.sh and main.py's argparse defaults (batch_size per GPU, mu, threshold, ema_m, wd, momentum)
 RECIPE_1P = {"lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "epochs": 300, "warmup_epoch": 5,
@@ -90,15 +97,13 @@ def ema_momentum(ema_m: float, curr_step: int, total_step: int) -> float:
     return 1 - (1 - ema_m) * (math.cos(math.pi * curr_step / float(total_step)) + 1) / 2
 
 
-class Net(nn.Module):
+class Net(ResNet):
+    """models/simmatchv2.py `ResNet`: SimMatch's (fc and head side by side on the pooled feature),
+    the feature first layer-normalised with --norm_feat."""
+
     def __init__(self, make_trunk, num_classes: int, dim: int, norm_feat: bool):
-        super().__init__()
-        self.backbone = make_trunk()
-        assert not hasattr(self.backbone, "fc")
-        c = self.backbone.out_channels
-        self.fc = nn.Linear(c, num_classes)
-        self.head = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim))
-        self.norm = nn.LayerNorm(c) if norm_feat else nn.Identity()
+        super().__init__(make_trunk, num_classes, dim)
+        self.norm = nn.LayerNorm(self.fc.in_features) if norm_feat else nn.Identity()
 
     def forward(self, x):
         h = self.norm(self.backbone(x))
@@ -239,19 +244,8 @@ class SimMatchV2(nn.Module):
                 pseudo_label.detach().repeat([views, 1]))
 
 
-# --------------------------------------------------------------------------- main.py and utils
-
-def warmup_learning_rate(optimizer, curr_step: int, warmup_step: int, lr: float) -> None:
-    scalar = min(1.0, max(0.0, float(curr_step) / float(max(1, warmup_step))))
-    for group in optimizer.param_groups:
-        group["lr"] = lr * scalar
-
-
-def adjust_learning_rate(optimizer, epoch: int, lr: float, warmup_epoch: int, epochs: int) -> None:
-    progress = float(epoch - warmup_epoch) / float(epochs - warmup_epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
+# --------------------------------------------------------------------------- main.py
+# (utils/lr_schedule.py is SimMatch's: warmup_learning_rate, adjust_learning_rate from there)
 
 class Authors:
     """main.py: the model in DDP (default arguments), SGD over model.parameters() (every parameter
