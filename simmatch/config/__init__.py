@@ -1,6 +1,15 @@
 """Typed run configuration: the schema (every default and valid range), loading YAML files and
 dotted overrides into it, and the values derived from it at a world size. No torch here."""
-from simmatch.config.derive import Derived, Scale, derive, derive_scale, run_world_size, scale_at, steps_per_epoch
+from simmatch.config.derive import (
+    Derived,
+    Scale,
+    derive,
+    derive_at,
+    derive_scale,
+    run_world_size,
+    scale_at,
+    steps_per_epoch,
+)
 from simmatch.config.loading import (
                                      apply_overrides,
                                      choices,
@@ -23,6 +32,6 @@ from simmatch.config.schema import (
 )
 
 __all__ = ["RANGES", "Config", "DataConfig", "Derived", "MethodConfig", "ModelConfig", "OptimConfig",
-           "Range", "Scale", "TrainConfig", "apply_overrides", "choices", "derive", "derive_scale",
+           "Range", "Scale", "TrainConfig", "apply_overrides", "choices", "derive", "derive_at", "derive_scale",
            "from_dict", "load_config", "parse_override", "run_world_size", "scale_at", "steps_per_epoch",
            "to_dict", "validate", "with_defaults"]

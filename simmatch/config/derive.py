@@ -152,7 +152,17 @@ def scale_at(cfg: Config, world_size: int) -> Scale:
 def derive(cfg: Config, world_size: int, num_labeled: int, num_unlabeled: int) -> Derived:
     """Compute everything that depends on the config together with the run's environment
     (`world_size`: processes; see `derive_scale`)."""
-    s = derive_scale(cfg, world_size)
+    return _with_steps(cfg, derive_scale(cfg, world_size), num_labeled, num_unlabeled)
+
+
+def derive_at(cfg: Config, ranks: int, num_labeled: int, num_unlabeled: int) -> Derived:
+    """`derive` for a run of `ranks` ranks however many processes computed them (`scale_at`):
+    what a checkpoint's run was, for an elastic resume."""
+    return _with_steps(cfg, scale_at(cfg, ranks), num_labeled, num_unlabeled)
+
+
+def _with_steps(cfg: Config, s: Scale, num_labeled: int, num_unlabeled: int) -> Derived:
+    """The scale `s` with the step counts of the data."""
     uses_unlabeled = spec_of(cfg.method.name).needs_unlabeled
     denom = s.global_unlabeled if uses_unlabeled else s.global_batch
     pool = num_unlabeled if uses_unlabeled else num_labeled

@@ -8,13 +8,12 @@ which holds the attributes used here.
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from simmatch import distributed as dist
 from simmatch.checkpoint import store
 from simmatch.checkpoint.elastic import rescale_iteration
-from simmatch.config import derive, to_dict
+from simmatch.config import derive_at, to_dict
 from simmatch.data.sharding import derive_seed
 from simmatch.engine import rng
 from simmatch.errors import CheckpointError
@@ -88,9 +87,7 @@ class TrainerState:
             if old_processes != self.processes:
                 self.world_history.append(self._world_entry(iteration))
         else:  # ranks read in lockstep: any rank's position says what the epoch has consumed
-            old = derive(dataclasses.replace(self.cfg, train=dataclasses.replace(
-                self.cfg.train, virtual_world_size=0)), old_world, self.derived.num_labeled,
-                self.derived.num_unlabeled)
+            old = derive_at(self.cfg, old_world, self.derived.num_labeled, self.derived.num_unlabeled)
             old_batch = int(state.get("global_batch") or old.global_batch)
             self.iteration = rescale_iteration(iteration, old_batch, self.derived.global_batch)
             if iteration >= old.total_iters:  # finished where it was trained: finished here too

@@ -24,6 +24,7 @@ from simmatch.errors import UserError
 from simmatch.run.change import judge
 from simmatch.run.lock import holder
 from simmatch.run.rundir import RunDir
+from simmatch.run.world_sizes import processes_text, ranks_text
 
 TRAIN_SAMPLE = 500  # training images decoded (the val set and the labeled list are decoded whole)
 
@@ -108,14 +109,6 @@ def _run_dir(rd: RunDir) -> str:
     return f"{rd} {state}, writable, not in use"
 
 
-def _ranks(n: int) -> str:
-    return f"{n} rank{'' if n == 1 else 's'}"
-
-
-def _processes(n: int) -> str:
-    return f"{n} process{'' if n == 1 else 'es'}"
-
-
 def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change: bool,
             counts: tuple[int, int] | None = None) -> str:
     """The run's saved config accepts this one, and its newest checkpoint can go on with
@@ -137,8 +130,7 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
     path, state = found
     ranks, iteration = state.get("world_size"), state.get("iteration")
     procs = state.get("processes") if isinstance(state.get("processes"), int) else ranks
-    on = f" on {_processes(procs)}" if procs != ranks else ""
-    head = f"resumes from {path.name} (iteration {iteration}, written by {_ranks(ranks)}{on})"
+    head = f"resumes from {path.name} (iteration {iteration}, written by {ranks_text(ranks, procs)})"
     if world_size is None or not ranks or iteration is None:
         return head
     new_ranks = run_world_size(cfg, world_size)
@@ -146,7 +138,7 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
         return head + ": same world size, exact resume"
     if ranks == new_ranks:
         each = (f"{new_ranks // world_size} virtual ranks each" if new_ranks != world_size else "one rank each")
-        return (f"{head}: the same {ranks}-rank run continued on {_processes(world_size)} ({each}): the same "
+        return (f"{head}: the same {ranks}-rank run continued on {processes_text(world_size)} ({each}): the same "
                 f"data positions, batches and recipe, not re-scaled; equal up to float summation order")
     line = f"{head}: {describe_elastic(cfg, ranks, world_size, int(iteration), counts)}"
     if not cfg.train.virtual_world_size and ranks % world_size == 0:

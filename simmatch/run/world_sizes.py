@@ -76,18 +76,22 @@ def spans_from_history(history: list[dict]) -> list[Span]:
             for h in history if isinstance(h, dict) and isinstance(h.get("world_size"), int)]
 
 
-def _ranks(n: int, processes: int | None = None) -> str:
+def processes_text(n: int) -> str:
+    return f"{n} process{'' if n == 1 else 'es'}"
+
+
+def ranks_text(n: int, processes: int | None = None) -> str:
     """'8 ranks', or '8 ranks on 4 processes' when processes computed several ranks each."""
     text = f"{n} rank{'' if n == 1 else 's'}"
     if processes and processes != n:
-        text += f" on {processes} process{'' if processes == 1 else 'es'}"
+        text += f" on {processes_text(processes)}"
     return text
 
 
 def describe(spans: list[Span]) -> str:
     """'2 ranks (iterations 0-40), 8 ranks on 4 processes (from iteration 80)'."""
-    return ", ".join(f"{_ranks(s.world_size, s.processes)} (iterations {s.start}-{s.end})" if s.end is not None
-                     else f"{_ranks(s.world_size, s.processes)} (from iteration {s.start})" for s in spans)
+    return ", ".join(f"{ranks_text(s.world_size, s.processes)} (iterations {s.start}-{s.end})" if s.end is not None
+                     else f"{ranks_text(s.world_size, s.processes)} (from iteration {s.start})" for s in spans)
 
 
 def _submitted_ranks(event: dict, processes: int) -> int:
@@ -122,11 +126,11 @@ def world_sizes_line(run_dir: Path, newest_checkpoint: Path | None = None,
             if spans:
                 return f"world sizes: {describe(spans)} (checkpoint {newest_checkpoint.name})"
             if isinstance(state.get("world_size"), int):
-                ranks = _ranks(state["world_size"], _int(state.get("processes"), None))
+                ranks = ranks_text(state["world_size"], _int(state.get("processes"), None))
                 return f"world sizes: {ranks} (wrote {newest_checkpoint.name})"
     for e in reversed(submitted or []):
         if e.get("event") == "submitted" and isinstance(e.get("nodes"), int):
             n = e["nodes"] * int(e.get("tasks_per_node") or 1)
-            return f"world sizes: {_ranks(_submitted_ranks(e, n), n)} (as last submitted: {e['nodes']} " \
+            return f"world sizes: {ranks_text(_submitted_ranks(e, n), n)} (as last submitted: {e['nodes']} " \
                    f"node(s) x {e.get('tasks_per_node') or 1} task(s))"
     return "world sizes: unknown (nothing trained or submitted yet)"
