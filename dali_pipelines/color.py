@@ -106,6 +106,12 @@ def grayscale(images):
     return fn.cat(grey, grey, grey, axis=2)
 
 
+def solarize(images, threshold: float = 128.0):
+    """PIL's ImageOps.solarize: every level at or above `threshold` inverted (255 - x), exactly."""
+    x = fn.cast(images, dtype=types.FLOAT)
+    return to_uint8(x + (x >= threshold) * (255.0 - 2.0 * x))
+
+
 ADJUST: tuple[Callable, ...] = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 

@@ -66,10 +66,11 @@ def normalize(images, cfg: Any, layout: str, mirror=None, crop: tuple[int, int] 
     return fn.crop_mirror_normalize(images, **kwargs)
 
 
-def random_crop(images, cfg: Any):
-    """RandomResizedCrop(crop_size, scale [min_scale, max_scale], ratio 3/4..4/3)."""
-    return fn.random_resized_crop(images, size=(cfg.crop_size, cfg.crop_size),
-                                  random_area=(cfg.min_scale, cfg.max_scale),
+def random_crop(images, cfg: Any, size: int | None = None, scale: tuple[float, float] | None = None):
+    """RandomResizedCrop(size, scale, ratio 3/4..4/3); by default crop_size, [min_scale, max_scale]."""
+    size = size or cfg.crop_size
+    return fn.random_resized_crop(images, size=(size, size),
+                                  random_area=scale or (cfg.min_scale, cfg.max_scale),
                                   random_aspect_ratio=ASPECT, num_attempts=10)
 
 

@@ -1,4 +1,5 @@
-"""Unlabeled stream: one decode, a weak view and `num_strong` strong views per image."""
+"""Unlabeled stream: one decode, a weak view and `num_strong` strong views (multi-crop: of
+several sizes) per image."""
 from __future__ import annotations
 
 from typing import Any
@@ -20,19 +21,21 @@ def _uniform(low: float, high: float):
 
 def simclr_strong(images, cfg: Any):
     """torchvision's RandomApply(ColorJitter, p=jitter_prob), RandomGrayscale(p=gray_prob),
-    then Gaussian blur (p=blur_prob), as the torch backend does.
+    Gaussian blur (p=blur_prob), then solarize (p=solarize_prob), as the torch backend does.
 
     The jitter draws its four factors and one of the 24 op orders per image (color.py, within
     2/255 of torchvision per op). Per-sample conditionals skip the work for samples that draw
-    no jitter, grayscale or blur (the pipeline is defined with enable_conditionals=True).
+    no jitter, grayscale, blur or solarize (the pipeline is defined with enable_conditionals=True).
     """
     if _coin(cfg.jitter_prob):
-        images, _ = color.color_jitter(images, cfg.jitter, cfg.jitter, cfg.jitter, cfg.hue)
+        images, _ = color.color_jitter(images, cfg.jitter, cfg.jitter, cfg.saturation, cfg.hue)
     if _coin(cfg.gray_prob):
         images = color.grayscale(images)
     if _coin(cfg.blur_prob):
         images = fn.gaussian_blur(
             images, sigma=_uniform(cfg.blur_sigma_min, cfg.blur_sigma_max))
+    if cfg.solarize_prob > 0 and _coin(cfg.solarize_prob):
+        images = color.solarize(images)
     return images
 
 
@@ -46,14 +49,15 @@ def randaugment_strong(images, cfg: Any):
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def unlabeled_pipeline(cfg: Any, file_root: str, files: list[str], indices: list[int],
                        device: str = "cpu", layout: str = "CHW"):
-    """Outputs (weak, strong_1..strong_k, index); every view has its own crop and flip."""
+    """Outputs (weak, strong_1..strong_k, index); every view has its own crop and flip, strong
+    view i of cfg.strong_crops()[i]'s size and scale range (multi-crop)."""
     jpegs, index = read_files(file_root, files, indices)
     images = fn.decoders.image(jpegs, **decoder_args(cfg, device))
     outputs = [normalize(random_crop(images, cfg), cfg, layout,
                          mirror=fn.random.coin_flip(probability=0.5))]
     strong = randaugment_strong if cfg.strong == "randaugment" else simclr_strong
-    for _ in range(cfg.num_strong):
-        view = strong(random_crop(images, cfg), cfg)
+    for size, low, high in cfg.strong_crops():
+        view = strong(random_crop(images, cfg, size, (low, high)), cfg)
         outputs.append(normalize(view, cfg, layout, mirror=fn.random.coin_flip(probability=0.5)))
     if device == "gpu":
         index = index.gpu()

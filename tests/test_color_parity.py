@@ -206,17 +206,33 @@ def view_stats(views: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_strong_view_distribution_matches_torch_backend(photos, device):
-    """400 strong views (colour part: jitter p 0.8, grayscale p 0.2, blur p 0.5) per photo
-    from DALI and from the torch backend's transforms: per-channel mean, spread of the mean
-    over views and mean std agree within 0.02 (their sampling errors at 400 views are 3-4
-    times smaller), and both have grey views in the share gray_prob."""
+def test_solarize_matches_torchvision_exactly(photos, device):
+    """PIL's / torchvision's solarize (threshold 128): every level, every photo, no difference."""
+    ramp = np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (4, 1, 3))
+    for img in [ramp, *photos]:
+        (out,), = run_dali(color.solarize, [img], device)[0]
+        ref = F.solarize(torch.from_numpy(img.copy()).permute(2, 0, 1), 128).permute(1, 2, 0).numpy()
+        assert np.array_equal(out, ref)
+
+
+# the default strong view, and SimMatchV2's multi-crop colour (saturation 0.2, solarize: at p
+# 0.5 here rather than its 0.1, so that a wrong solarize would move the statistics)
+MULTICROP_COLOUR = ["data.saturation=0.2", "data.solarize_prob=0.5"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("overrides", [[], MULTICROP_COLOUR], ids=["default", "multicrop"])
+def test_strong_view_distribution_matches_torch_backend(photos, device, overrides):
+    """400 strong views (colour part: jitter p 0.8, grayscale p 0.2, blur p 0.5, solarize)
+    per photo from DALI and from the torch backend's transforms: per-channel mean, spread of
+    the mean over views and mean std agree within 0.02 (their sampling errors at 400 views are
+    3-4 times smaller), and both have grey views in the share gray_prob."""
     from PIL import Image
 
     from simmatch.config import load_config
     from simmatch.data.torch_backend import simclr_colour_ops
 
-    cfg = load_config(None, []).data
+    cfg = load_config(None, overrides).data
     torch_ops = simclr_colour_ops(cfg)
     torch.manual_seed(0)
     for p in photos:

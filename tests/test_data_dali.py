@@ -185,7 +185,7 @@ def test_missing_root_is_a_data_error(tmp_path):
         build_streams(data_cfg(tmp_path / "absent"), 0, 1, CPU)
 
 
-@pytest.mark.parametrize("name", ["labeled", "unlabeled", "val"])
+@pytest.mark.parametrize("name", ["labeled", "unlabeled", "unlabeled_multicrop", "val"])
 def test_gpu_graphs_define_without_cuda(name):
     """The GPU variants (mixed decode, GPU ops) are only built on a GPU; their graphs must at
     least define and serialize here, which checks operator placement and arguments."""
@@ -196,8 +196,13 @@ def test_gpu_graphs_define_without_cuda(name):
 
     definition, extra = {"labeled": (labeled_pipeline, {"indices": [0]}),
                          "unlabeled": (unlabeled_pipeline, {"indices": [0]}),
+                         "unlabeled_multicrop": (unlabeled_pipeline, {"indices": [0]}),
                          "val": (val_pipeline, {"labels": [0], "resize_shorter": 37})}[name]
+    cfg = DataConfig(crop_size=32, num_strong=2)
+    if name == "unlabeled_multicrop":  # views of two sizes, with solarize
+        cfg = DataConfig(crop_size=32, num_strong=2, strong_sizes=[32, 16], strong_min_scales=[0.14, 0.05],
+                         strong_max_scales=[1.0, 0.429], saturation=0.2, solarize_prob=0.1)
     pipe = definition(batch_size=2, num_threads=1, device_id=None, seed=1,
-                      cfg=DataConfig(crop_size=32, num_strong=2), file_root="/nonexistent",
+                      cfg=cfg, file_root="/nonexistent",
                       files=["a.jpg"], device="gpu", layout="HWC", **extra)
     assert len(pipe.serialize()) > 1000

@@ -187,10 +187,34 @@ def validate(cfg: Config) -> None:
     if cfg.data.blur_sigma_min > cfg.data.blur_sigma_max:
         raise ConfigError(f"data.blur_sigma_min={cfg.data.blur_sigma_min} is above "
                           f"data.blur_sigma_max={cfg.data.blur_sigma_max}")
+    _validate_multicrop(cfg)
     for key in ("data.mean", "data.std"):
         value = getattr(cfg.data, key.split(".")[1])
         if len(value) != 3:
             raise ConfigError(f"{key}={value} must have 3 values (R, G, B)")
+
+
+def _validate_multicrop(cfg: Config) -> None:
+    """One size and one scale range per strong view; other sizes only where views go apart."""
+    d = cfg.data
+    lists = {"data.strong_sizes": d.strong_sizes, "data.strong_min_scales": d.strong_min_scales,
+             "data.strong_max_scales": d.strong_max_scales}
+    if not any(lists.values()):
+        return
+    for key, value in lists.items():
+        if len(value) != d.num_strong:
+            raise ConfigError(f"{key} has {len(value)} entries, data.num_strong={d.num_strong}: "
+                              f"give one per strong view (or set data.num_strong={len(value)})")
+    for i, (lo, hi) in enumerate(zip(d.strong_min_scales, d.strong_max_scales)):
+        if lo > hi:
+            raise ConfigError(f"data.strong_min_scales[{i}]={lo} is above data.strong_max_scales[{i}]={hi}")
+    if d.strong == "randaugment":
+        raise ConfigError("data.strong_sizes (multi-crop) is for data.strong=simclr views; "
+                          "data.strong=randaugment crops every view at data.crop_size")
+    if any(size != d.crop_size for size in d.strong_sizes) and not spec_of(cfg.method.name).views_apart:
+        raise ConfigError(f"data.strong_sizes={d.strong_sizes}: strong views of other sizes than "
+                          f"data.crop_size={d.crop_size} need a method that forwards them apart "
+                          f"(simmatchv2); {cfg.method.name} forwards its strong views in one batch")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -82,16 +82,24 @@ class DataConfig:
     min_scale: float = num(0.2, Range(0.0, 1.0, lo_open=True))
     max_scale: float = num(1.0, Range(0.0, 1.0, lo_open=True))
     strong: Literal["simclr", "randaugment"] = "simclr"
-    jitter: float = num(0.4, NONNEG)  # brightness, contrast, saturation strength
+    jitter: float = num(0.4, NONNEG)  # brightness and contrast strength of the strong views' ColorJitter
+    saturation: float = num(0.4, NONNEG)  # its saturation strength (SimMatchV2's multi-crop: 0.2)
     hue: float = num(0.1, Range(0.0, 0.5))
     jitter_prob: float = num(0.8, UNIT)
     gray_prob: float = num(0.2, UNIT)
     blur_prob: float = num(0.5, UNIT)
     blur_sigma_min: float = num(0.1, above(0))
     blur_sigma_max: float = num(2.0, above(0))
+    solarize_prob: float = num(0.0, UNIT)  # PIL's solarize (threshold 128) last, with this probability
     randaug_n: int = num(2, NONNEG)
     randaug_m: int = num(10, Range(0, 30))
-    num_strong: int = num(1, COUNT)  # strong views per unlabeled image (augmentation anchoring)
+    num_strong: int = num(1, COUNT)  # strong views per unlabeled image (augmentation anchoring, multi-crop)
+    # Multi-crop (SimMatchV2's --multicrop): strong view i is a crop of strong_sizes[i] px with
+    # RandomResizedCrop scale [strong_min_scales[i], strong_max_scales[i]]; one entry per view
+    # (num_strong of them). Empty: every strong view is crop_size px, scale [min_scale, max_scale].
+    strong_sizes: list[int] = num(None, COUNT, list)
+    strong_min_scales: list[float] = num(None, Range(0.0, 1.0, lo_open=True), list)
+    strong_max_scales: list[float] = num(None, Range(0.0, 1.0, lo_open=True), list)
     num_threads: int = num(4, NONNEG)  # 0: torch DataLoader without worker processes; DALI needs 1+
     prefetch: int = num(2, COUNT)
     hw_decoder_load: float = num(0.65, UNIT)
@@ -105,6 +113,12 @@ class DataConfig:
     synthetic_size: int = num(1024, COUNT)  # images per split for the synthetic backend
     val_batch: int = num(0, NONNEG)  # per-rank validation batch; 0: the per-rank unlabeled batch (B * mu)
     check_images: bool = True  # decode every val and labeled image before the first step
+
+    def strong_crops(self) -> list[tuple[int, float, float]]:
+        """(size, min scale, max scale) of each strong view, in view order."""
+        if not self.strong_sizes:
+            return [(self.crop_size, self.min_scale, self.max_scale)] * self.num_strong
+        return list(zip(self.strong_sizes, self.strong_min_scales, self.strong_max_scales))
 
 
 @dataclass
@@ -154,7 +168,8 @@ class MethodConfig:
     predictor_bn: bool = True
     # SimMatchV2: the graph over the weak view and its top-n labeled neighbours (propagation
     # strength alpha), an unlabeled bank of v2_k global unlabeled batches, DA by a running mean
-    # (momentum), and the node-node / edge-edge / node-edge loss weights; tau is its threshold
+    # (momentum per step of the reference batch: ** the step scale under train.scale=per_gpu, as
+    # model.ema_momentum), and the node-node / edge-edge / node-edge loss weights; tau is its threshold
     v2_topn: int = num(128, COUNT)
     v2_alpha: float = num(0.1, Range(0.0, 1.0, hi_open=True))
     v2_k: int = num(256, COUNT)

@@ -28,10 +28,12 @@ class SyntheticTrainStream(TrainStream):
     def __init__(self, kind: str, data_cfg: Any, plan: ShardPlan, label_table: torch.Tensor,
                  device: torch.device, channels_last: bool) -> None:
         super().__init__(kind, plan)
-        views = 1 if kind == "labeled" else 1 + data_cfg.num_strong
-        self._views = [_images(plan.batch_size, data_cfg.crop_size,
+        sizes = [data_cfg.crop_size]  # weak (or labeled) view, then each strong view's size
+        if kind != "labeled":
+            sizes += [size for size, _, _ in data_cfg.strong_crops()]
+        self._views = [_images(plan.batch_size, size,
                                derive_seed(plan.seed, plan.tag, plan.rank, v), device, channels_last)
-                       for v in range(views)]
+                       for v, size in enumerate(sizes)]
         self._labels = label_table.to(device)
         self._device = device
         self._epoch, self._batch = 0, 0

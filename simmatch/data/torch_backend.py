@@ -35,12 +35,12 @@ def _finish(cfg: Any) -> list:
             v2.Normalize(mean=cfg.mean, std=cfg.std)]
 
 
-def _crop_flip(cfg: Any) -> list:
+def _crop_flip(cfg: Any, size: int | None = None, scale: tuple[float, float] | None = None) -> list:
+    """RandomResizedCrop (by default crop_size, [min_scale, max_scale]) and a horizontal flip."""
     v2 = _v2()
-    return [v2.RandomResizedCrop(cfg.crop_size, scale=(cfg.min_scale, cfg.max_scale),
+    return [v2.RandomResizedCrop(size or cfg.crop_size, scale=scale or (cfg.min_scale, cfg.max_scale),
                                  antialias=True),
             v2.RandomHorizontalFlip()]
-
 
 
 def ignore_time_limit_signal(_worker_id: int) -> None:
@@ -77,25 +77,30 @@ def weak_transform(cfg: Any):
     return v2.Compose([v2.ToImage()] + _crop_flip(cfg) + _finish(cfg)[1:])
 
 
-def strong_transform(cfg: Any):
-    """SimCLR-style (jitter p, grayscale p, blur p) on PIL images, whose colour ops are several
-    times faster than the tensor ones; or RandAugment(n, m) on the tensor; after crop + flip."""
+def strong_transform(cfg: Any, size: int | None = None, scale: tuple[float, float] | None = None):
+    """SimCLR-style (jitter p, grayscale p, blur p, solarize p) on PIL images, whose colour ops
+    are several times faster than the tensor ones; or RandAugment(n, m) on the tensor; after
+    crop (of `size` px and `scale`, multi-crop) + flip."""
     v2 = _v2()
     if cfg.strong == "randaugment":
         return v2.Compose([v2.ToImage()] + _crop_flip(cfg)
                           + [v2.RandAugment(num_ops=cfg.randaug_n, magnitude=cfg.randaug_m)]
                           + _finish(cfg)[1:])
-    return v2.Compose(_crop_flip(cfg) + simclr_colour_ops(cfg) + _finish(cfg))
+    return v2.Compose(_crop_flip(cfg, size, scale) + simclr_colour_ops(cfg) + _finish(cfg))
 
 
 def simclr_colour_ops(cfg: Any) -> list:
     """ColorJitter (factors and a random op order per image) with p jitter_prob, grayscale
-    with p gray_prob, blur with p blur_prob: the distribution dali_pipelines/color.py matches."""
+    with p gray_prob, blur with p blur_prob, solarize (PIL's, threshold 128) with p
+    solarize_prob: the distribution dali_pipelines/color.py matches."""
     v2 = _v2()
-    return [v2.RandomApply([v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter, cfg.hue)],
-                           p=cfg.jitter_prob),
-            v2.RandomGrayscale(p=cfg.gray_prob),
-            RandomPILBlur(cfg.blur_prob, cfg.blur_sigma_min, cfg.blur_sigma_max)]
+    ops = [v2.RandomApply([v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.saturation, cfg.hue)],
+                          p=cfg.jitter_prob),
+           v2.RandomGrayscale(p=cfg.gray_prob),
+           RandomPILBlur(cfg.blur_prob, cfg.blur_sigma_min, cfg.blur_sigma_max)]
+    if cfg.solarize_prob > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=cfg.solarize_prob))
+    return ops
 
 
 def val_transform(cfg: Any):
@@ -173,7 +178,8 @@ class TorchTrainStream(TrainStream):
         super().__init__(kind, plan)
         transforms = [weak_transform(data_cfg)]
         if kind != "labeled":
-            transforms += [strong_transform(data_cfg) for _ in range(data_cfg.num_strong)]
+            transforms += [strong_transform(data_cfg, size, (low, high))
+                           for size, low, high in data_cfg.strong_crops()]
         self._sampler = _EpochSampler(plan)
         workers = max(0, data_cfg.num_threads)
         self._loader = DataLoader(
