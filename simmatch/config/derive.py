@@ -38,6 +38,7 @@ class Scale:
     virtual_world_size: int = 0  # train.virtual_world_size (0: off)
     micro_batches: int = 1  # ranks each process runs in turn per optimizer step
     unlabeled_bank: int = 0  # SimMatchV2's unlabeled bank: method.v2_k x the global unlabeled batch
+    da_momentum: float = 0.0  # SimMatchV2's DA running mean: method.v2_da_momentum ** step_scale
 
 
 @dataclass
@@ -146,6 +147,7 @@ def scale_at(cfg: Config, world_size: int) -> Scale:
         eval_every=_per_step(t.eval_every, k) if t.eval_every > 0 else 0,
         physical_world_size=world_size,
         unlabeled_bank=cfg.method.v2_k * glob * t.mu if spec.unlabeled_bank else 0,
+        da_momentum=cfg.method.v2_da_momentum ** k if spec.unlabeled_bank else 0.0,
     )
 
 

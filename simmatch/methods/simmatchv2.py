@@ -122,7 +122,7 @@ class SimMatchV2(Method):
         m = cfg.method
         return cls(network_for(cfg), derived.ema_momentum, bank_labels, cfg.data.num_classes,
                    derived.unlabeled_bank, tau=m.tau, temperature=m.temperature, alpha=m.v2_alpha,
-                   topn=m.v2_topn, da_momentum=m.v2_da_momentum, lambda_nn=m.lambda_nn,
+                   topn=m.v2_topn, da_momentum=derived.da_momentum, lambda_nn=m.lambda_nn,
                    lambda_ee=m.lambda_ee, lambda_ne=m.lambda_ne, teacher=cls.spec.teacher(cfg),
                    seed=cfg.train.seed)
 

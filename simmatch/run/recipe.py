@@ -105,6 +105,9 @@ def recipe(cfg: Config, world_size: int) -> dict:
         "unlabeled_bank": s.unlabeled_bank if spec.unlabeled_bank else None,
         "loss_weights": ({"nn": cfg.method.lambda_nn, "ee": cfg.method.lambda_ee, "ne": cfg.method.lambda_ne}
                          if spec.unlabeled_bank else None),
+        "da_momentum": s.da_momentum if spec.unlabeled_bank else None,
+        # the strong views of each unlabeled image: [size px, min scale, max scale] each
+        "strong_views": [list(view) for view in cfg.data.strong_crops()] if spec.needs_unlabeled else None,
     }
 
 
@@ -186,6 +189,10 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         f"train.partial_batch={r['partial_batch']})",
         f"  total        {length}",
     ]
+    if cfg.data.strong_sizes and spec.needs_unlabeled:
+        lines.append(f"  multi-crop   {len(r['strong_views'])} strong views of "
+                     + " / ".join(str(size) for size, _, _ in r["strong_views"]) + " px, scales "
+                     + " / ".join(f"{lo:g}-{hi:g}" for _, lo, hi in r["strong_views"]))
     if spec.unlabeled_bank:
         w = r["loss_weights"]
         lines.append(f"  banks        labeled {_n(r['num_labeled'])}; unlabeled K = {r['unlabeled_bank']:,} "
@@ -199,6 +206,9 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
                      f"target, sharpening T={m.remixmatch_t:g}")
     elif r["da_len"] is not None:
         lines.append(f"  DA queue     {r['da_len']} batch means")
+    if r["da_momentum"] is not None:
+        lines.append(f"  DA           running mean of the batch mean, momentum {r['da_momentum']:.6g}"
+                     + (f" ({m.v2_da_momentum:g} ** {k:g})" if k != 1.0 else ""))
     lines += [
         f"  intervals    log every {r['log_every']}, checkpoint every {r['ckpt_every']} iterations, "
         + (f"eval every {r['eval_every']}" if r["eval_every"] else "eval at the end"),
