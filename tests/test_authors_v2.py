@@ -2,8 +2,8 @@
 
 The reference is tests/authors_simmatchv2.py (an independent transcription of github
 mingkai-zheng/SimMatchV2 at f0e054c: its own network, banks, DA, graph, losses and SGD). The
-project side is `Trainer` built from yaml/in1k_1pct.yaml with method.name=simmatchv2 made tiny
-(resnet10 at 16 px, synthetic backend, 2 strong views, top-8 neighbours, an unlabeled bank of
+project side is `Trainer` built from yaml/in1k_1pct_v2.yaml made tiny
+(resnet10 at 16 px, synthetic backend, multi-crop strong views of 16 and 12 px, top-8 neighbours, an unlabeled bank of
 v2_k = 2 global batches so that the ring wraps twice in 5 steps), stepped as `Trainer.fit` does
 with its streams replaced by fixed batches that the reference reads too. Both start from the
 project's initial state (the reference copies its student, labeled and unlabeled banks); before
@@ -29,6 +29,7 @@ from authors_simmatchv2 import RECIPE_1P, Authors, Net, SimMatchV2
 from conftest import ROOT
 
 CLASSES, B, MU, SIZE, PROJ, TOPN, K_STEPS, STEPS, SPE = 10, 4, 2, 16, 16, 8, 2, 5, 3
+STRONG = (SIZE, 12)  # multi-crop: the first strong view at the crop size, the second smaller
 FC_SCALE = 10.0  # a confident classifier: the 0.7 threshold passes some samples and not others
 TOL = 1e-5
 
@@ -42,10 +43,12 @@ def tiny_config(world: int):
     from simmatch.config import load_config
 
     n = SPE * B * MU * world
-    return load_config(ROOT / "yaml" / "in1k_1pct.yaml", [
+    return load_config(ROOT / "yaml" / "in1k_1pct_v2.yaml", [
         "method.name=simmatchv2", "model.norm_feat=true", "model.arch=resnet10", "model.small_input=true",
         f"model.proj_dim={PROJ}", f"data.num_classes={CLASSES}", "data.backend=synthetic",
         f"data.synthetic_size={n}", f"data.crop_size={SIZE}", "data.root=/nonexistent", "data.num_strong=2",
+        f"data.strong_sizes=[{STRONG[0]},{STRONG[1]}]", "data.strong_min_scales=[0.14,0.05]",
+        "data.strong_max_scales=[1.0,0.429]",
         f"train.batch_per_gpu={B}", f"train.mu={MU}", "train.min_bn_images=0", "train.channels_last=false",
         f"optim.base_batch={B * world}", f"method.v2_topn={TOPN}", f"method.v2_k={K_STEPS}", "optim.epochs=300"])
 
@@ -61,7 +64,7 @@ def batches(labels: torch.Tensor, rank: int, world: int) -> tuple[list, list]:
         g = torch.Generator().manual_seed(10_000 * s + rank)
         labeled.append({"x": torch.randn(B, 3, SIZE, SIZE, generator=g), "y": labels[index], "index": index})
         unlabeled.append({"weak": torch.randn(B * MU, 3, SIZE, SIZE, generator=g),
-                          "strong": [torch.randn(B * MU, 3, SIZE, SIZE, generator=g) for _ in range(2)],
+                          "strong": [torch.randn(B * MU, 3, n, n, generator=g) for n in STRONG],
                           "y": labels[u_index], "index": u_index})
     return labeled, unlabeled
 

@@ -1,35 +1,67 @@
-"""SimMatchV2 resumed from a checkpoint written mid-run ends bit-identical to the uninterrupted
-run: its labeled and unlabeled banks, ring pointer, DA mean, teacher and momenta are all in the
-checkpoint. The tiny run and the resume helpers of tests/test_virtual.py, with SimMatchV2's keys
-(8 steps, a checkpoint every 3, an unlabeled ring of 2 global batches that wraps 4 times)."""
+"""SimMatchV2 stopped mid-run and resumed ends bit-identical to the uninterrupted run: its labeled
+and unlabeled banks, ring pointer, DA mean, teacher and momenta are all in the checkpoint.
+
+Two ways in: a checkpoint written mid-run (the tiny in-process run of tests/test_virtual.py, an
+unlabeled ring of 2 global batches that wraps 4 times in 8 steps), and `tools/train.py --cfg
+yaml/digits_v2.yaml` (multi-crop, the authors' shuffle-BN teacher) stopped by SIGTERM after a
+checkpoint and started again, in one process and on 3 gloo ranks."""
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from test_virtual import SPE, B, _resume_copy, final, run, step_losses
 
+from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides, wait_for_checkpoint
+
 V2 = ["method.name=simmatchv2", "model.norm_feat=true", "method.v2_topn=8", "method.v2_k=2"]
 
 
-def check_resume(tmp_path, processes: int) -> None:
-    extra = [*V2, f"optim.base_batch={B * processes}"]  # steps of this global batch: 8 of them
-    whole, _ = run(tmp_path, "whole", processes, extra, 0)
+def test_simmatchv2_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path):
+    extra = [*V2, f"optim.base_batch={B}"]  # steps of this global batch: 8 of them
+    whole, _ = run(tmp_path, "whole", 1, extra, 0)
     resumed = _resume_copy(whole, tmp_path / "resumed", SPE)
-    run(tmp_path, "resumed", processes, extra, 0)
+    run(tmp_path, "resumed", 1, extra, 0)
     a, b = final(resumed), final(whole)
     assert any(k.startswith("unlabeled.") for k in b["method"]) and a["method_name"] == "simmatchv2"
-    different = [k for k in b["method"] if not torch.equal(a["method"][k], b["method"][k])]
-    assert not different, different[:5]
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert_same_weights(a, b)
     assert [r["loss"] for r in step_losses(resumed)] == [r["loss"] for r in step_losses(whole)]
     assert int(b["method"]["unlabeled.count"]) == b["method"]["unlabeled.features"].shape[0]  # filled
 
 
-def test_simmatchv2_resume_is_bit_identical_in_one_process(tmp_path):
-    check_resume(tmp_path, 1)
+def digits_v2(root, run_dir, processes: int) -> list[str]:
+    """6 steps of 3 x (8 labeled + 16 unlabeled in 5 crops), a checkpoint every step, a ring of 2
+    global batches (it wraps twice), the authors' teacher."""
+    extra = {"optim.iters": 6, "train.ckpt_every": 1, "train.batch_size": 8 * processes,
+             "optim.base_batch": 8 * processes, "method.v2_k": 2, "method.v2_topn": 8,
+             "model.teacher": "ema_shuffle_bn"}
+    return ["tools/train.py", "--cfg", "yaml/digits_v2.yaml", "--nproc", str(processes),
+            *tiny_overrides(root, run_dir, **extra)]
 
 
 @pytest.mark.slow
-def test_simmatchv2_resume_is_bit_identical_on_three_ranks(tmp_path):
-    check_resume(tmp_path, 3)
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("processes", [1, 3])
+def test_simmatchv2_sigterm_then_resume_is_bit_identical(digits_root, tmp_path, processes):
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    ref = run_tool(*digits_v2(digits_root, ref_dir, processes), timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    args = digits_v2(digits_root, run_dir, processes)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_checkpoint(run_dir, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = final_state(run_dir)["iteration"]
+    assert stopped < 6, "the signal came too late to test a resume"
+    res = run_tool(*args, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
+    a, b = final_state(run_dir), final_state(ref_dir)
+    assert_same_weights(a, b)
+    assert int(b["method"]["unlabeled.count"]) == b["method"]["unlabeled.features"].shape[0] == 2 * 16 * processes
+    assert not torch.equal(b["method"]["unlabeled.probs"], torch.zeros_like(b["method"]["unlabeled.probs"]))
