@@ -165,7 +165,7 @@ class TrainJob:
         self._iteration, self._signum = result.iteration, result.signum
         if not in_submitit:
             return result
-        if result.status == "finished":
+        if result.status in ("finished", "already_finished"):  # a finished run ends the job: no requeue
             if rank == 0:
                 submissions.append_event(self.run_dir, submissions.FINISHED, job_id=job_env.job_id,
                                          iteration=result.iteration)

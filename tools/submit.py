@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from simmatch.config import derive_scale, load_config, parse_override  # noqa: E402
 from simmatch.errors import cli_errors  # noqa: E402
+from simmatch.run.preflight import FINISHED  # noqa: E402
 from simmatch.run.recipe import recipe_lines  # noqa: E402
 from simmatch.run.rundir import RunDir  # noqa: E402
 from slurm import submissions  # noqa: E402
@@ -125,6 +126,9 @@ def _preflight(args: argparse.Namespace, job: TrainJob, spec: JobSpec) -> None:
            *job.train_overrides()]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     print(proc.stdout, end="", flush=True)
+    if proc.returncode == 0 and FINISHED in proc.stdout:
+        raise LaunchError(f"{job.run_dir}: {FINISHED}, nothing submitted (to train longer, raise optim.epochs "
+                          f"or optim.iters with --allow-config-change)")
     if proc.returncode != 0:
         detail = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith(("FAIL", "error"))]
         raise LaunchError(f"pre-flight check failed, nothing submitted: {(detail or ['see above'])[0]}")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simmatch.checks import FAIL, PASS, Check
-from simmatch.config import Config, derive_scale, run_world_size, to_dict
+from simmatch.config import Config, derive_at, derive_scale, run_world_size, to_dict
 from simmatch.errors import UserError
 from simmatch.run.change import judge
 from simmatch.run.lock import holder
@@ -27,6 +27,7 @@ from simmatch.run.rundir import RunDir
 from simmatch.run.world_sizes import processes_text, ranks_text
 
 TRAIN_SAMPLE = 500  # training images decoded (the val set and the labeled list are decoded whole)
+FINISHED = "the run is finished"  # the resume check's words for a run with nothing left to train
 
 
 def check_line(check: Check) -> str:
@@ -131,6 +132,10 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
     ranks, iteration = state.get("world_size"), state.get("iteration")
     procs = state.get("processes") if isinstance(state.get("processes"), int) else ranks
     head = f"resumes from {path.name} (iteration {iteration}, written by {ranks_text(ranks, procs)})"
+    if ranks and iteration is not None and (cfg.optim.iters > 0 or counts is not None):
+        total = derive_at(cfg, int(ranks), *(counts or (1, 1))).total_iters  # the run's length as trained
+        if int(iteration) >= total:
+            return f"{path.name}: {FINISHED} (iteration {iteration} of {total}); a job would only report its result"
     if world_size is None or not ranks or iteration is None:
         return head
     new_ranks = run_world_size(cfg, world_size)
