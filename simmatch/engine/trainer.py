@@ -21,7 +21,7 @@ from simmatch.checkpoint import store
 from simmatch.checkpoint.atomic import atomic_write_text
 from simmatch.checkpoint.elastic import describe
 from simmatch.checkpoint.saver import CheckpointSaver
-from simmatch.config import Config, Derived, derive
+from simmatch.config import Config, Derived, derive, to_dict
 from simmatch.distributed import average_buffers
 from simmatch.engine import rng
 from simmatch.engine.evaluate import evaluate
@@ -44,6 +44,7 @@ from simmatch.methods import build_method
 from simmatch.methods.base import merge
 from simmatch.models.bn_stats import RankBNStats
 from simmatch.models.group_bn import convert_group_bn
+from simmatch.run.change import judge_checkpoint
 from simmatch.run.jsonl import read_records
 from simmatch.run.rundir import SPLIT_NAMES, RunDir
 
@@ -171,6 +172,7 @@ class Trainer(TrainerState):
         if found is None:
             return False
         path, state = found
+        judge_checkpoint(state.get("config"), to_dict(self.cfg), str(path))
         self.load_state_dict(state, path)
         old_it, old_world = self.resumed_from
         if old_world != self.world:

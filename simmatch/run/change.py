@@ -67,3 +67,19 @@ def judge(saved: dict, new: dict, run_dir: str, allow_change: bool) -> list[str]
             f"{run_dir} holds a run with another schedule: {_show(schedule, saved, new)}; pass "
             f"{ALLOW_FLAG} to continue it with the new length, or use a new train.run_dir")
     return diffs
+
+
+def judge_checkpoint(embedded: dict | None, new: dict, path: str) -> None:
+    """Raise ConfigError when the checkpoint at `path` was written by a run that trained
+    differently from `new` (the run directory's config): a checkpoint copied in from another run
+    would otherwise be resumed silently. Observation keys and the schedule length may differ (a
+    run continued with --allow-config-change keeps its older checkpoints)."""
+    if not embedded:
+        return  # written before checkpoints carried their config
+    from simmatch.config import with_defaults
+
+    training = [k for k in differences(with_defaults(embedded), new) if k not in NEUTRAL and k not in SCHEDULE]
+    if training:
+        raise ConfigError(
+            f"{path} was written by another run: {_show(training, with_defaults(embedded), new)} differ from "
+            f"this run's config; move it out of the run directory (or resume the run it belongs to)")

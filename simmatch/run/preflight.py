@@ -21,7 +21,7 @@ from pathlib import Path
 from simmatch.checks import FAIL, PASS, Check
 from simmatch.config import Config, derive_at, derive_scale, run_world_size, to_dict
 from simmatch.errors import UserError
-from simmatch.run.change import judge
+from simmatch.run.change import judge, judge_checkpoint
 from simmatch.run.lock import holder
 from simmatch.run.rundir import RunDir
 from simmatch.run.world_sizes import processes_text, ranks_text
@@ -129,6 +129,7 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
     if found is None:
         return "no loadable checkpoint: the run starts afresh"
     path, state = found
+    judge_checkpoint(state.get("config"), to_dict(cfg), str(path))
     ranks, iteration = state.get("world_size"), state.get("iteration")
     procs = state.get("processes") if isinstance(state.get("processes"), int) else ranks
     head = f"resumes from {path.name} (iteration {iteration}, written by {ranks_text(ranks, procs)})"
