@@ -9,6 +9,7 @@ import time
 import torch
 
 from simmatch import distributed as dist
+from simmatch.checkpoint import store
 from simmatch.checkpoint.atomic import remove_leftovers
 from simmatch.config import Config, load_config, to_dict
 from simmatch.engine.metrics import format_eta
@@ -57,9 +58,12 @@ def prepare_run_dir(cfg: Config, allow_config_change: bool = False) -> RunDir:
     is saved by `save_run_config`, once the run is set up.
     """
     run_dir = run_dir_of(cfg)
-    old = run_dir.saved_config()
-    if old is not None and run_dir.has_checkpoints():
-        judge(old, to_dict(cfg), str(run_dir), allow_config_change)  # every rank: a refusal stops all
+    if run_dir.has_checkpoints():
+        old, source = store.run_config(run_dir.root)  # config.yaml, or the newest checkpoint's own
+        if old is not None:
+            judge(old, to_dict(cfg), str(run_dir), allow_config_change)  # every rank: a refusal stops all
+            if source != str(run_dir.config) and dist.is_main():
+                print(f"note: judged against {source}", file=sys.stderr, flush=True)
     if dist.is_main():
         run_dir.ensure_writable()
     dist.barrier()
@@ -78,7 +82,12 @@ def save_run_config(cfg: Config, run_dir: RunDir) -> None:
         return
     saved = run_dir.config
     resuming = run_dir.has_checkpoints()
-    old = run_dir.saved_config()
+    try:
+        old = run_dir.saved_config()
+    except UserError:
+        if resuming:
+            raise
+        old = None  # a damaged config.yaml of a run that never saved a checkpoint: replaced
     changed = differences(old, to_dict(cfg)) if old is not None else []
     if old is None or changed:
         run_dir.save_config(cfg)

@@ -32,3 +32,40 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(trained_run, digits_
     assert _files(run_dir) == before
     check = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--check", *overrides)
     assert check.returncode == 1 and "was written by another run" in check.stdout
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"optim: [lr: 0.1\n", "is not valid YAML"),
+    (b"- optim\n- train\n", "is a YAML list, not a mapping"),
+    (bytes(range(256)), "is not a text file"),
+    (b"", "is empty"),
+])
+def test_a_damaged_config_yaml_is_one_line_naming_it(trained_run, digits_root, content, says):
+    """Not YAML, a list or binary used to be tracebacks; empty was compared with the defaults."""
+    run_dir = trained_run("run")
+    (run_dir / "config.yaml").write_bytes(content)
+    before = _files(run_dir)
+    overrides = tiny_overrides(digits_root, run_dir)
+    for args in ([], ["--check"]):
+        res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *args, *overrides)
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        out = res.stdout if args else res.stderr.strip().splitlines()[-1]
+        assert f"{run_dir / 'config.yaml'} (the run's saved config) {says}" in out, (res.stdout, res.stderr)
+    assert _files(run_dir) == before and (run_dir / "config.yaml").read_bytes() == content
+
+
+def test_without_config_yaml_the_newest_checkpoints_config_is_the_judge(trained_run, digits_root):
+    """A deleted config.yaml used to let a resume with other values through silently."""
+    run_dir = trained_run("run")
+    (run_dir / "config.yaml").unlink()
+    other_lr = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
+                         *tiny_overrides(digits_root, run_dir, **{"optim.lr": 0.2}))
+    assert other_lr.returncode != 0 and "optim.lr (0.05 -> 0.2)" in other_lr.stderr.strip().splitlines()[-1]
+    longer = tiny_overrides(digits_root, run_dir, **{"optim.iters": 10})
+    refused = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *longer)
+    assert refused.returncode != 0 and "--allow-config-change" in refused.stderr.strip().splitlines()[-1]
+    assert not (run_dir / "config.yaml").exists()
+    same = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *tiny_overrides(digits_root, run_dir))
+    assert same.returncode == 0, same.stderr
+    assert "judged against the config inside" in same.stderr and "already finished" in same.stdout
+    assert (run_dir / "config.yaml").is_file()  # written again

@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _resume_source(run_dir: Path) -> tuple[str, list[str]]:
     """Config file and overrides of the run in `run_dir`: its saved config, else its submission."""
-    saved = RunDir(run_dir).config
-    if saved.is_file():
-        return str(saved), []
+    rd = RunDir(run_dir)
+    if rd.saved_config() is not None:  # checked: a damaged config.yaml is one line naming it
+        return str(rd.config), []
     for e in reversed(submissions.read_events(run_dir)):
         if e["event"] == submissions.SUBMITTED:
             return e.get("cfg"), list(e.get("overrides") or [])

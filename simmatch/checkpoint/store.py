@@ -196,6 +196,22 @@ def find_checkpoint(source: str | Path, which: str = "last", required: bool = Tr
     return file, read_checkpoint(file)
 
 
+def run_config(run_dir: str | Path) -> tuple[dict | None, str]:
+    """The config a run directory was trained with and where it was read: config.yaml (checked:
+    read_run_config), or, when that file is missing, the config embedded in its newest usable
+    checkpoint; (None, "") for a directory with neither."""
+    from simmatch.config import with_defaults
+
+    rd = RunDir(run_dir)
+    saved = rd.saved_config()
+    if saved is not None:
+        return saved, str(rd.config)
+    found = find_checkpoint(rd.root, required=False) if rd.has_checkpoints() else None
+    if found is None or not found[1].get("config"):
+        return None, ""
+    return with_defaults(found[1]["config"]), f"the config inside {found[0]} ({rd.config} is missing)"
+
+
 def best_record(ckpt_dir: str | Path) -> dict | None:
     """What `best.pt` holds: {metric, value, iteration}, or None before the first evaluation."""
     path = Path(ckpt_dir) / BEST_RECORD

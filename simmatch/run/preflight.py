@@ -120,9 +120,9 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
     the new size must exist) and described in one line.
 
     `counts` (labeled, unlabeled images) lets the line give the run's length in new steps."""
-    from simmatch.checkpoint.store import find_checkpoint  # reading a checkpoint needs torch
+    from simmatch.checkpoint.store import find_checkpoint, run_config  # reading a checkpoint needs torch
 
-    old = rd.saved_config()
+    old, _ = run_config(rd.root)  # config.yaml, or the newest checkpoint's own when it is missing
     if old is not None:
         judge(old, to_dict(cfg), str(rd), allow_config_change)
     found = find_checkpoint(rd.root, required=False)

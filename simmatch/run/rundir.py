@@ -135,13 +135,12 @@ class RunDir:
 
     def saved_config(self) -> dict | None:
         """config.yaml as a dict, with keys added to the project since it was written set to their
-        defaults (so it compares key by key with a config of today); None without one."""
-        if not self.config.is_file():
+        defaults (so it compares key by key with a config of today); None without one. A file that
+        is not a YAML mapping (damaged, emptied, binary) is a ConfigError naming it: it is never
+        mistaken for the defaults."""
+        if not self.config.exists():
             return None
-        import yaml
-        from simmatch.config import with_defaults
-
-        return with_defaults(yaml.safe_load(self.config.read_text()) or {})
+        return read_run_config(self.config)
 
     def save_config(self, cfg) -> None:
         """Write the fully resolved config (atomically) so that the run can be reproduced."""
@@ -153,6 +152,30 @@ class RunDir:
 
     def ensure_writable(self, create: bool = True) -> Path:
         return ensure_writable_dir(self.root, create=create)
+
+
+def read_run_config(path: Path) -> dict:
+    """A run's saved config file as a dict with today's defaults added; one ConfigError line naming
+    the file when it cannot be (unreadable, not text, not YAML, empty, not a mapping)."""
+    import yaml
+    from simmatch.config import with_defaults
+    from simmatch.errors import ConfigError
+
+    what = f"{path} (the run's saved config)"
+    try:
+        text = path.read_bytes().decode("utf-8")
+        data = yaml.safe_load(text)
+    except OSError as exc:
+        raise ConfigError(f"{what} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} is not a text file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        raise ConfigError(f"{what} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} is a YAML {type(data).__name__}, not a mapping of config sections")
+    return with_defaults(data)
 
 
 def _existing_ancestor(path: Path) -> Path:
