@@ -199,3 +199,37 @@ def test_one_writer_per_run_dir_and_a_dead_holder_is_detected(tmp_path):
     again = RunLock(tmp_path).acquire(wait_s=0.2)
     assert again.previous is None  # released cleanly
     again.release()
+
+
+KILLED_REWRITE = """
+import os, signal, sys, torch
+from simmatch.checkpoint import store
+path, window = sys.argv[1], sys.argv[2]
+store.save_checkpoint({"format": 2, "v": torch.tensor([1.0])}, path)
+real, calls = store.atomic_write_text, []
+def write_then_maybe_die(p, text):
+    calls.append(p)
+    if window == "after_rename" and len(calls) == 2:  # the new file is in place, its lone digest not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(p, text)
+    if window == "before_rename":  # both digests written, the old file still under the name
+        os.kill(os.getpid(), signal.SIGKILL)
+store.atomic_write_text = write_then_maybe_die
+store.save_checkpoint({"format": 2, "v": torch.tensor([2.0])}, path)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window, survivor", [("before_rename", 1.0), ("after_rename", 2.0)])
+def test_a_rewrite_of_best_killed_between_digest_and_file_leaves_a_whole_pair(tmp_path, window, survivor):
+    """best.pt is rewritten in place: SIGKILL between its digest and its rename used to leave the
+    intact old best.pt reading as damaged; either file under the name now matches its sidecar."""
+    path = tmp_path / "best.pt"
+    proc = subprocess.run([sys.executable, "-c", KILLED_REWRITE, str(path), window], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(store.recorded_digests(path)) == 2  # killed inside the window
+    assert float(store.read_checkpoint(path)["v"]) == survivor
+    store.save_checkpoint({"format": 2, "v": torch.tensor([3.0])}, path)  # the next rewrite tidies up
+    assert len(store.recorded_digests(path)) == 1 and float(store.read_checkpoint(path)["v"]) == 3.0
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "best.pt.sha256"], cwd=tmp_path).returncode == 0

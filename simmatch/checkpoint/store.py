@@ -3,10 +3,12 @@
 A checkpoint is written to a temporary file in the same directory (checkpoint/atomic.py) while
 its SHA-256 is computed from the bytes written; after the file is fsynced, the digest goes to a
 sidecar `ckpt_N.pt.sha256` (itself written atomically, `sha256sum -c` reads it), and only then
-is the temporary file renamed over `ckpt_N.pt`. So every `ckpt_N.pt` this code has produced has
-a digest of its exact bytes next to it, and no torn write, kill or crash can leave a pair that
-matches by accident: whatever changes the file afterwards (bit rot, a partial copy, a stray
-write) makes it fail the check, and readers treat it as broken. Loading uses
+is the temporary file renamed over `ckpt_N.pt`. A name that is rewritten (`best.pt`) keeps the
+old file's digest listed in its sidecar until the new file is in place, then the new one
+alone. So every `ckpt_N.pt` this code has produced has a digest of its exact bytes next to it,
+and no torn write, kill or crash can leave a pair that fails or matches by accident: whatever
+changes the file afterwards (bit rot, a partial copy, a stray write) makes it fail the check,
+and readers treat it as broken. Loading uses
 torch.load(weights_only=True): no arbitrary objects are ever unpickled.
 
 Two ways to read: `read_checkpoint(file)` (one file, an error naming it when it is broken) and
@@ -71,8 +73,12 @@ def save_checkpoint(state: dict, path: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     free_before = free_bytes(path.parent)
 
+    previous = recorded_digests(path) if path.exists() else []
+
     def digest(sha: str) -> None:
-        atomic_write_text(digest_path(path), f"{sha}  {path.name}\n")
+        # Rewriting a name (best.pt): until the rename the old file is still there, so its digest
+        # stays listed beside the new one; a kill in between leaves a pair that still matches.
+        atomic_write_text(digest_path(path), "".join(f"{d}  {path.name}\n" for d in [sha, *previous[:1]]))
 
     def disk_full(exc: BaseException) -> BaseException | None:
         if isinstance(exc, Exception) and is_disk_full(exc, path.parent):
@@ -80,7 +86,21 @@ def save_checkpoint(state: dict, path: str | Path) -> str:
                                  f"{path.parent} had {_mb(free_before or 0)} free; the previous checkpoint is kept")
         return None
 
-    return write_atomic(path, lambda f: torch.save(state, f), before_rename=digest, on_failure=disk_full)
+    sha = write_atomic(path, lambda f: torch.save(state, f), before_rename=digest, on_failure=disk_full)
+    if previous:
+        atomic_write_text(digest_path(path), f"{sha}  {path.name}\n")  # the new file's digest alone
+    return sha
+
+
+def recorded_digests(path: Path) -> list[str]:
+    """The SHA-256 digests the sidecar of `path` lists (one; two while `path` is being rewritten);
+    [] without a readable sidecar."""
+    try:
+        lines = digest_path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    found = [ln.split()[0] for ln in lines if ln.split()]
+    return [d for d in found if re.fullmatch(r"[0-9a-f]{64}", d)]
 
 
 def verify(path: str | Path) -> bool:
@@ -89,14 +109,15 @@ def verify(path: str | Path) -> bool:
     path = Path(path).resolve()  # last.pt is a symlink: the digest sits beside its target
     side = digest_path(path)
     try:
-        recorded = side.read_text().split()
+        lines = [ln.split() for ln in side.read_text().splitlines() if ln.strip()]
     except FileNotFoundError:
         return False
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read its digest {side.name}: {exc}") from None
-    if not recorded or not re.fullmatch(r"[0-9a-f]{64}", recorded[0]):
+    recorded = [ln[0] for ln in lines]
+    if not recorded or len(recorded) > 2 or not all(re.fullmatch(r"[0-9a-f]{64}", d) for d in recorded):
         raise CheckpointError(f"checkpoint {path} is damaged: its digest file {side.name} is malformed")
-    if file_sha256(path) != recorded[0]:
+    if file_sha256(path) not in recorded:  # two digests: a rewrite was interrupted, either file is whole
         raise CheckpointError(f"checkpoint {path} is damaged: its SHA-256 does not match {side.name}")
     return True
 
