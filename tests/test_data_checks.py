@@ -51,3 +51,30 @@ def test_corrupt_val_and_labeled_images_stop_the_run_before_training(digits_root
     assert_one_line_error(res, "2 val or labeled images cannot be decoded", str(val_bad), str(lab_bad))
     assert "it 1/" not in res.stdout  # stopped before the first step
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("name, why, shown", [
+    (b"caf\xe9.jpg", "its name is not UTF-8", "caf\\xe9.jpg"),
+    (b"two\nlines.jpg", "its name holds a line break", "two\\nlines.jpg"),
+])
+def test_names_no_split_list_can_hold_are_refused_in_one_line(corrupt_root, tmp_path, capsys, name, why, shown):
+    """A non-UTF-8 name used to crash every start (UnicodeEncodeError writing the split) and a
+    name with a newline trained but could never resume; check_data passed both."""
+    import os
+
+    root = tmp_path / "data"
+    shutil.copytree(corrupt_root, root)
+    (root / "train" / "1" / "bad.jpg").unlink()
+    good = (root / "train" / "0" / sorted(os.listdir(root / "train" / "0"))[0]).read_bytes()
+    with open(os.path.join(os.fsencode(root / "train" / "1"), name), "wb") as f:
+        f.write(good)
+    assert check_data.main([str(root), "--quiet"]) == 1
+    assert f"{root / 'train' / '1'}/{shown}: {why}" in capsys.readouterr().out
+    overrides = tiny_overrides(root, tmp_path / "run", **{"data.num_classes": 2, "data.labeled_per_class": 2})
+    for args in ([], ["--check"]):
+        res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *args, *overrides)
+        if args:
+            assert res.returncode == 1 and f"train/1/{shown}: {why}" in res.stdout, res.stdout
+        else:
+            assert_one_line_error(res, f"{root / 'train' / '1'}/{shown}: {why}", "rename it")
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "splits").exists()

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simmatch.data.images import image_problem
-from simmatch.data.splits import is_image_name
+from simmatch.data.splits import is_image_name, name_problem, shown_name
 from simmatch.errors import DataError
 
 
@@ -46,10 +46,13 @@ def check_tree(root: str | Path, workers: int = 2) -> CheckReport:
             report.ignored = sorted(filenames)
             continue
         if not filenames and not dirnames:
-            report.problems.append((rel_dir, "empty folder"))
+            report.problems.append((shown_name(rel_dir), "empty folder"))
         for name in sorted(filenames):
             rel = f"{rel_dir}/{name}"
-            if is_image_name(name):
+            why = name_problem(rel)
+            if why is not None:  # training would refuse it: no split list can hold it
+                report.problems.append((shown_name(rel), why))
+            elif is_image_name(name):
                 images.append(rel)
                 report.counts[rel_dir] = report.counts.get(rel_dir, 0) + 1
             else:
