@@ -78,3 +78,24 @@ def test_names_no_split_list_can_hold_are_refused_in_one_line(corrupt_root, tmp_
         else:
             assert_one_line_error(res, f"{root / 'train' / '1'}/{shown}: {why}", "rename it")
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "splits").exists()
+
+
+def test_running_out_of_file_descriptors_is_named_as_such(corrupt_root):
+    """With `ulimit -n` too low every open fails: that used to read as "N images cannot be decoded"."""
+    import os
+    import resource
+
+    from simmatch.data.checks import find_undecodable
+    from simmatch.errors import DataError
+
+    files = sorted((corrupt_root / "train" / "0").iterdir())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest_free = os.open(os.devnull, os.O_RDONLY)  # a new file gets the lowest free number
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no number left below the limit
+    try:
+        with pytest.raises(DataError, match=r"too many open files: the file-descriptor limit \(ulimit -n \d+\)"):
+            find_undecodable(files, threads=4)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert find_undecodable(files, threads=4) == []

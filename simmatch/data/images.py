@@ -1,11 +1,23 @@
 """Is this file a decodable image? One check shared by check_data and the error mapping."""
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+
+from simmatch.errors import DataError
+
+
+def open_file_limit() -> str:
+    """This process's soft limit on open files, as `ulimit -n` prints it."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 
 
 def image_problem(path: str | Path, fast: bool = False) -> str | None:
-    """None if `path` fully decodes as an image, else a short reason (never raises).
+    """None if `path` fully decodes as an image, else a short reason; a DataError only when the
+    process has run out of file descriptors (no image is to blame then).
 
     `fast`: JPEGs are decoded at 1/8 scale (libjpeg's DCT scaling): every byte of the
     entropy-coded data is still read, so truncated and corrupt files are still caught, at a
@@ -21,6 +33,12 @@ def image_problem(path: str | Path, fast: bool = False) -> str | None:
                 return "empty image"
     except FileNotFoundError:
         return "file not found"
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the image: this process may open no more files
+            raise DataError(f"cannot open {path}: too many open files: the file-descriptor limit (ulimit -n "
+                            f"{open_file_limit()}) is too low for the decoding threads; raise it "
+                            f"(ulimit -n 4096) or lower data.num_threads") from None
+        return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
     except Exception as exc:  # PIL raises many types for bad data
         return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
     return None
