@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import functools
+import io
+import os
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 
 class UserError(Exception):
@@ -26,15 +28,59 @@ class CheckpointError(UserError):
 F = TypeVar("F", bound=Callable[..., int | None])
 
 
+class ClosedPipeSafe:
+    """stdout that goes on silently once its reader has gone (`tools/submit.py ... | head -1`): the
+    tool finishes its work (a submission included) instead of dying of BrokenPipeError."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        """From now on write nowhere; the descriptor too, so the exit's final flush is quiet."""
+        self.reader_gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def cli_errors(main: F) -> F:
-    """Turn a UserError escaping a command-line entry point into `error: ...` and exit 2."""
+    """Turn a UserError escaping a command-line entry point into `error: ...` and exit 2; a
+    reader of stdout that goes away (a closed pipe) is not an error."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        previous = sys.stdout
+        if not isinstance(previous, ClosedPipeSafe):
+            sys.stdout = ClosedPipeSafe(previous)
         try:
             return main(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
+        finally:
+            sys.stdout.flush()
+            sys.stdout = previous
 
     return wrapper  # type: ignore[return-value]

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import call_tool, tiny_overrides
+from conftest import ROOT, call_tool, tiny_overrides
 
 pytestmark = pytest.mark.slow  # finished tiny runs (trained_run)
 
@@ -69,3 +69,25 @@ def test_without_config_yaml_the_newest_checkpoints_config_is_the_judge(trained_
     assert same.returncode == 0, same.stderr
     assert "judged against the config inside" in same.stderr and "already finished" in same.stdout
     assert (run_dir / "config.yaml").is_file()  # written again
+
+
+def test_eval_takes_overrides_before_and_after_its_options(trained_run, digits_root):
+    """`tools/eval.py RUN data.root=DIR --which teacher` used to be refused; train.py accepts it."""
+    run_dir = trained_run("run")
+    res = call_tool("tools/eval.py", str(run_dir), f"data.root={digits_root}", "--which", "teacher")
+    assert res.returncode == 0, res.stderr
+    assert "teacher" in res.stdout and "student" not in res.stdout
+
+
+def test_plot_skips_lines_that_are_not_metrics_and_writes_into_the_run(trained_run):
+    """Garbage lines in metrics.jsonl used to stop plot with ValueError; its default output was the
+    current folder, and bookkeeping fields (steps, partial) got panels of their own."""
+    run_dir = trained_run("run")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('garbage\n{"kind": "train", "iteration": "abc", "loss": 1}\n'
+                '{"kind": "train", "iteration": 3, "loss": "x"}\n[1, 2]\n')
+    res = call_tool("tools/plot.py", str(run_dir))  # run from the repository root
+    assert res.returncode == 0, res.stderr
+    assert (run_dir / "curves.png").stat().st_size > 0 and not (ROOT / "curves.png").exists()
+    panels = [ln.split(":")[0].strip() for ln in res.stdout.splitlines()[1:]]
+    assert "loss" in panels and "lr" in panels and not {"steps", "partial"} & set(panels)

@@ -33,7 +33,7 @@ def main() -> int:
                     help="in a run directory: the newest checkpoint (last) or checkpoints/best.pt (best)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=DIR")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # options before or after the overrides
     from simmatch.engine.offline import evaluate_checkpoint
 
     which = ("student", "teacher") if args.which == "both" else (args.which,)

@@ -3,7 +3,7 @@
 the training diagnostics (mask rate, pseudo-label accuracy ...) and every evaluation metric
 over iterations.
 
-`python tools/plot.py RUN_DIR [RUN_DIR ...] --out curves.png`
+`python tools/plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]` (default: RUN_DIR/curves.png)
 Runs of different methods log different keys: each metric gets one panel, shared by every
 run that has it, so that runs sit side by side in comparable panels (a run without that
 metric is named in the panel as absent). The panels drawn are listed on stdout.
@@ -24,7 +24,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from simmatch.engine.metrics import read_metrics, trained_history  # noqa: E402
 from simmatch.errors import UserError, cli_errors  # noqa: E402
 
-NOT_PLOTTED = {"kind", "iteration", "logged_iteration", "time", "img_s", "world_size"}
+# bookkeeping, not curves: record kind, axes, times, throughput, world size, log-window step counts
+NOT_PLOTTED = {"kind", "iteration", "logged_iteration", "time", "img_s", "world_size", "steps", "partial"}
+
+
+def numeric(df):
+    """`df` with every plotted column as numbers: a value that is not one (a hand-edited or
+    damaged line) becomes NaN and is left out of its panel instead of stopping the plot."""
+    import pandas as pd
+
+    df = df.copy()
+    for column in df.columns:
+        if column not in ("kind", "time"):
+            df[column] = pd.to_numeric(df[column], errors="coerce")
+    return df[df["iteration"].notna()] if "iteration" in df.columns else df
 
 
 def panel_keys(frames: dict) -> list[tuple[str, str]]:
@@ -51,7 +64,7 @@ def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], 
 
     frames, rescaled = {}, []
     for r in runs:
-        frames[str(r)], changed = trained_history(read_metrics(r))
+        frames[str(r)], changed = trained_history(numeric(read_metrics(r)))
         if changed:
             rescaled.append(str(r))
     panels = panel_keys(frames)
@@ -91,8 +104,9 @@ def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--out", default="curves.png")
+    ap.add_argument("--out", default=None, help="PNG to write (default: curves.png in the first run directory)")
     args = ap.parse_args()
+    args.out = args.out or str(args.runs[0] / "curves.png")
     drawn, rescaled = main_plot(args.runs, args.out)
     print(f"wrote {args.out}: {len(drawn)} panels")
     for title, names in drawn:
