@@ -183,6 +183,10 @@ def validate(cfg: Config) -> None:
                           f"valid range {COUNT} (0, no worker processes, is for data.backend=torch)")
     if cfg.train.scale == "per_gpu" and cfg.train.batch_per_gpu <= 0:
         raise ConfigError("train.scale=per_gpu needs train.batch_per_gpu > 0")
+    if 0 < cfg.data.val_resize < cfg.data.crop_size:
+        raise ConfigError(f"data.val_resize={cfg.data.val_resize} is below data.crop_size={cfg.data.crop_size}: "
+                          f"the validation images are resized so that the shorter side is val_resize pixels, "
+                          f"then centre-cropped to crop_size (0: crop_size x 256 / 224)")
     if cfg.data.min_scale > cfg.data.max_scale:
         raise ConfigError(f"data.min_scale={cfg.data.min_scale} is above "
                           f"data.max_scale={cfg.data.max_scale}")

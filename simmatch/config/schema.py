@@ -78,7 +78,9 @@ class DataConfig:
     backend: Literal["dali", "torch", "synthetic"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = "auto"
     crop_size: int = num(224, COUNT)
-    val_resize: int = num(256, COUNT)  # shorter side before the center crop
+    # shorter side in pixels before the centre crop of crop_size (not below it); 0: crop_size x 256 / 224
+    # (ImageNet's 256 / 224, 37 at a 32 px crop)
+    val_resize: int = num(0, NONNEG)
     min_scale: float = num(0.2, Range(0.0, 1.0, lo_open=True))
     max_scale: float = num(1.0, Range(0.0, 1.0, lo_open=True))
     strong: Literal["simclr", "randaugment"] = "simclr"
@@ -113,6 +115,10 @@ class DataConfig:
     synthetic_size: int = num(1024, COUNT)  # images per split for the synthetic backend
     val_batch: int = num(0, NONNEG)  # per-rank validation batch; 0: the per-rank unlabeled batch (B * mu)
     check_images: bool = True  # decode every val and labeled image before the first step
+
+    def val_resize_px(self) -> int:
+        """The validation resize in pixels: val_resize, or crop_size x 256 / 224 when it is 0."""
+        return self.val_resize or int(round(self.crop_size * 256 / 224))
 
     def strong_crops(self) -> list[tuple[int, float, float]]:
         """(size, min scale, max scale) of each strong view, in view order."""

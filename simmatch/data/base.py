@@ -28,9 +28,8 @@ def pack_batch(kind: str, views: list[torch.Tensor], index: torch.Tensor,
 
 
 def val_resize_size(data_cfg: Any) -> int:
-    """Shorter side before the center crop: `val_resize` is meant for a 224 crop and scales
-    with crop_size (256 at 224, 37 at 32), never below the crop."""
-    return max(data_cfg.crop_size, int(round(data_cfg.val_resize * data_cfg.crop_size / 224.0)))
+    """Shorter side in pixels before the centre crop (data.val_resize; see DataConfig.val_resize_px)."""
+    return data_cfg.val_resize_px()
 
 
 def as_nchw(x: torch.Tensor, channels_last: bool) -> torch.Tensor:

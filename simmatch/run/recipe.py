@@ -106,6 +106,7 @@ def recipe(cfg: Config, world_size: int) -> dict:
         "loss_weights": ({"nn": cfg.method.lambda_nn, "ee": cfg.method.lambda_ee, "ne": cfg.method.lambda_ne}
                          if spec.unlabeled_bank else None),
         "da_momentum": s.da_momentum if spec.unlabeled_bank else None,
+        "crop_size": cfg.data.crop_size, "val_resize": cfg.data.val_resize_px(),  # pixels
         # the strong views of each unlabeled image: [size px, min scale, max scale] each
         "strong_views": [list(view) for view in cfg.data.strong_crops()] if spec.needs_unlabeled else None,
     }
@@ -189,6 +190,8 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         f"train.partial_batch={r['partial_batch']})",
         f"  total        {length}",
     ]
+    lines.append(f"  images       crops of {r['crop_size']} px; validation: shorter side resized to "
+                 f"{r['val_resize']} px, centre crop {r['crop_size']} px")
     if cfg.data.strong_sizes and spec.needs_unlabeled:
         lines.append(f"  multi-crop   {len(r['strong_views'])} strong views of "
                      + " / ".join(str(size) for size, _, _ in r["strong_views"]) + " px, scales "
