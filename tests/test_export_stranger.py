@@ -56,11 +56,25 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
     assert int(card["num_classes"]) == 10 and json.loads(card["classes"]) == classes
     assert (int(card["resize"]), int(card["crop"])) == (16, 16) and int(card["iteration"]) == best_it
     assert json.loads(card["mean"]) == [0.485, 0.456, 0.406] and json.loads(card["std"]) == [0.229, 0.224, 0.225]
+    # resnet10 has no torchvision constructor: the card names none and gives the lines that build it
+    assert "constructor" not in card and "ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)" in card["build"]
+    built: dict = {}
+    exec(card["build"], built)  # noqa: S102 - the card's own lines, as a lab-mate would run them
+    built["model"].load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
     # the README's lines (resnet10 = BasicBlock x [1,1,1,1]; the small-input stem as the card says)
     model = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=10)
     model.conv1, model.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
     model.load_state_dict(load_file(str(out.with_suffix(".safetensors"))))
     model.eval()
+    built["model"].eval()
+    probe = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(built["model"](probe), model(probe))
+    # both files with the umask's mode (safetensors used to write 0600 beside a 0644 .pth)
+    modes = {p.suffix: p.stat().st_mode & 0o777 for p in (out, out.with_suffix(".safetensors"))}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes == {".pth": 0o666 & ~umask, ".safetensors": 0o666 & ~umask}, modes
 
     # ONNX of the same checkpoint: onnxruntime against the torchvision model, another batch size
     onnx_out = tmp_path / "export" / "resnet.onnx"

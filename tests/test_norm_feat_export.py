@@ -31,3 +31,25 @@ def test_norm_feat_network_exports_into_torchvision_with_layernorm_fc():
         torch.testing.assert_close(plain.eval()(x), net(x)[0], rtol=0, atol=1e-5)
         plain.fc = plain.fc[1]  # without the LayerNorm the logits are others: it is really exported
         assert not torch.allclose(plain(x), net(x)[0], atol=1e-3)
+
+
+
+def test_model_card_build_lines_rebuild_the_norm_feat_network():
+    """The card's `build` (torch and torchvision only) for a torchvision arch with the small stem and
+    the LayerNorm: its model takes the exported weights strictly and gives the training logits."""
+    from simmatch.config import load_config
+    from simmatch.models import network_for
+    from simmatch.weights.export import build_lines
+    from simmatch.weights.networks import split_backbone
+
+    cfg = load_config(ROOT / "yaml" / "digits_v2.yaml", ["model.arch=resnet18"])
+    net = network_for(cfg).eval()
+    backbone, _ = split_backbone(net.state_dict())
+    lines = build_lines(cfg)
+    assert "torchvision.models.resnet18(num_classes=10)" in lines and "nn.LayerNorm" in lines
+    built: dict = {}
+    exec(lines, built)  # noqa: S102 - the card's lines, as a user would run them
+    built["model"].load_state_dict(backbone, strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(built["model"].eval()(x), net(x)[0])

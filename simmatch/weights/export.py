@@ -8,6 +8,7 @@ training model's (onnxruntime's within a tolerance); only then are the files ren
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -62,9 +63,31 @@ def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:
             "which": which, "iteration": str(int(state["iteration"])), "method": cfg.method.name}
     if cfg.model.norm_feat:  # SimMatchV2's feature LayerNorm, the first layer of fc
         card["fc"] = "Sequential(LayerNorm(in_features), Linear(in_features, num_classes))"
+    if cfg.model.arch != "resnet10":  # a torchvision constructor exists only for torchvision's own
+        card["constructor"] = f"torchvision.models.{cfg.model.arch}"
+    card["build"] = build_lines(cfg)
     if classes:
         card["classes"] = json.dumps(classes)
     return card
+
+
+def build_lines(cfg: Config) -> str:
+    """Python that builds the exported architecture as `model` with torch and torchvision only
+    (then `model.load_state_dict(torch.load(FILE.pth))`): the model card's `build`."""
+    n = cfg.data.num_classes
+    if cfg.model.arch == "resnet10":  # one BasicBlock per stage: no torchvision constructor
+        lines = ["from torchvision.models.resnet import ResNet, BasicBlock",
+                 f"model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes={n})"]
+    else:
+        lines = ["import torchvision", f"model = torchvision.models.{cfg.model.arch}(num_classes={n})"]
+    if cfg.model.small_input or cfg.model.norm_feat:
+        lines.insert(0, "import torch.nn as nn")
+    if cfg.model.small_input:
+        lines += ["model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)",
+                  "model.maxpool = nn.Identity()"]
+    if cfg.model.norm_feat:
+        lines.append("model.fc = nn.Sequential(nn.LayerNorm(model.fc.in_features), model.fc)")
+    return "\n".join(lines)
 
 
 def export(path: str | Path, which: str, out: str | Path, head_out: str | Path | None = None,
@@ -93,6 +116,7 @@ def export(path: str | Path, which: str, out: str | Path, head_out: str | Path |
     def write(tmps: list[Path]) -> None:
         torch.save(contiguous, tmps[0])
         save_file(contiguous, str(tmps[1]), metadata=card)
+        os.chmod(tmps[1], os.stat(tmps[0]).st_mode & 0o777)  # safetensors writes 0600: the .pth's mode (umask)
         if len(tmps) > 2:
             torch.save({k: v.contiguous() for k, v in head.items()}, tmps[2])
 
