@@ -27,8 +27,18 @@ def assert_one_line_error(res, *needles: str) -> None:
 def test_unknown_key(digits_root, tmp_path):
     res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *tiny_overrides(digits_root, tmp_path / "r"),
                    "train.batchsize=4")
-    assert_one_line_error(res, "train.batchsize")
+    assert_one_line_error(res, "train.batchsize", "(did you mean 'train.batch_size'?)")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("key, hint", [("optim.lrr", "optim.lr"), ("optm.lr", "optim"), ("optim.zzzz", None)])
+def test_unknown_key_suggests_the_nearest(key, hint):
+    from simmatch.config import load_config
+    from simmatch.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}=0.1"])
+    assert str(err.value).endswith(f"(did you mean '{hint}'?)" if hint else f"'{key}'")
 
 
 def test_missing_config_file(tmp_path):

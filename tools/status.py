@@ -108,7 +108,13 @@ def _metrics(run_dir: Path, n: int) -> str:
     df = pd.DataFrame(records)
     out = []
     for kind, part in df.groupby("kind", sort=False) if "kind" in df else [("", df)]:
-        part = part.dropna(axis=1, how="all").tail(n)
+        part = part.dropna(axis=1, how="all").tail(n).copy()
+        if "time" in part:  # unix seconds -> the local date and time
+            seconds = pd.to_numeric(part["time"], errors="coerce")
+            part["time"] = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t == t else "" for t in seconds]
+        for column in ("iteration", "steps", "world_size"):  # counts: integers, not 25.0
+            if column in part:
+                part[column] = pd.to_numeric(part[column], errors="coerce").astype("Int64")
         out.append(f"  {kind}:\n" + "\n".join("    " + ln for ln in part.to_string(index=False).splitlines()))
     return "\n".join(out)
 

@@ -7,6 +7,7 @@ keys. No torch here.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -69,7 +70,9 @@ def _merge(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
     for key, value in updates.items():
         full = prefix + str(key)
         if key not in names:
-            raise ConfigError(f"{source}: unknown config key '{full}'")
+            near = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ConfigError(f"{source}: unknown config key '{full}'{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value, source, full + ".")
