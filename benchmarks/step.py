@@ -6,6 +6,8 @@ Examples
   python benchmarks/step.py --arch resnet50 --batch 8 --mu 5 --backend synthetic           # one GPU
   python benchmarks/step.py --arch resnet50 --batch 8 --mu 5 --backend dali --data DIR
   python benchmarks/step.py --arch resnet18 --crop 32 --batch 8 --mu 5 --virtual 2 4 --repeat 3
+  python benchmarks/step.py --arch resnet18 --crop 32 --batch 8 --mu 5 --method simmatchv2 --multicrop \
+      --compare simmatch
 
 Throughput is timed without any per-step host sync; the breakdown is a second pass with a
 device sync around each phase. The last line is one JSON object.
@@ -43,9 +45,23 @@ PHASES = ["data", "teacher_forward", "targets", "student_forward", "losses", "ba
 
 
 # "nobank": SimMatch without its labeled bank (method.use_bank=false), the yardstick for what
-# the bank costs; "fixmatch" is Sohn et al.'s FixMatch (one student forward, no teacher).
+# the bank costs; "fixmatch" is Sohn et al.'s FixMatch (one student forward, no teacher);
+# "simmatchv2" is SimMatchV2 with the LayerNorm and its unlabeled bank of v2_k (256) global
+# unlabeled batches (with --multicrop: the authors' five strong crops, scaled to --crop).
 METHODS = {"simmatch": [], "nobank": ["method.name=simmatch", "method.use_bank=false"],
-           "fixmatch": ["method.name=fixmatch"], "supervised": ["method.name=supervised"]}
+           "fixmatch": ["method.name=fixmatch"], "supervised": ["method.name=supervised"],
+           "simmatchv2": ["method.name=simmatchv2", "model.norm_feat=true"]}
+# SimMatchV2's --multicrop at 224 px: (size, min scale, max scale) of each strong view
+MULTICROP = ((224, 0.14, 1.0), (192, 0.117, 0.86), (160, 0.095, 0.715), (120, 0.073, 0.571), (96, 0.05, 0.429))
+
+
+def multicrop_overrides(crop: int) -> list[str]:
+    """The authors' five strong views with their sizes scaled from 224 px to `crop`."""
+    sizes = [max(1, round(size * crop / 224)) for size, _, _ in MULTICROP]
+    return [f"data.num_strong={len(MULTICROP)}", f"data.strong_sizes={sizes}",
+            f"data.strong_min_scales={[lo for _, lo, _ in MULTICROP]}",
+            f"data.strong_max_scales={[hi for _, _, hi in MULTICROP]}", "data.saturation=0.2",
+            "data.solarize_prob=0.1"]
 
 
 def build(args, method: str, run_dir: Path, device: torch.device, virtual: int = 0) -> Trainer:
@@ -62,6 +78,10 @@ def build(args, method: str, run_dir: Path, device: torch.device, virtual: int =
         f"optim.impl={args.optim}", "optim.iters=1000000", f"train.run_dir={run_dir}",
         "train.log_every=1000000", "train.ckpt_every=1000000",
     ]
+    if method == "simmatchv2" and args.multicrop:
+        overrides += multicrop_overrides(args.crop)
+    else:
+        overrides.append(f"data.num_strong={args.num_strong}")
     if virtual:
         overrides.append(f"train.virtual_world_size={virtual}")
     if args.data:
@@ -123,7 +143,7 @@ def measure(args, method: str, device: torch.device, virtual: int = 0, iters: in
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    views = 1 + args.num_strong
+    views = 1 + (len(MULTICROP) if method == "simmatchv2" and args.multicrop else args.num_strong)
     unl = args.batch * args.mu
     images = n * (args.batch + unl)  # images drawn per optimizer step (an unlabeled one counts once)
     return {"method": method, "virtual": virtual, "micro_batches": n, "step_ms": 1e3 * step_s,
@@ -184,7 +204,7 @@ def compare_virtual(args) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="simmatch", choices=list(METHODS))
-    ap.add_argument("--compare", default=None, choices=["nobank", "fixmatch", "supervised"],
+    ap.add_argument("--compare", default=None, choices=["simmatch", "nobank", "fixmatch", "supervised"],
                     help="also run this method and report the step-time ratio")
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--crop", type=int, default=224)
@@ -192,6 +212,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="labeled images per step (one process)")
     ap.add_argument("--mu", type=int, default=5)
     ap.add_argument("--num-strong", type=int, default=1)
+    ap.add_argument("--multicrop", action="store_true",
+                    help="--method simmatchv2 with the authors' five strong crops (sizes scaled to --crop)")
     ap.add_argument("--backend", default="synthetic", choices=["synthetic", "dali", "torch"])
     ap.add_argument("--data", default="", help="ImageNet-style tree for the dali/torch backends")
     ap.add_argument("--labeled-percent", type=float, default=10.0)
@@ -258,7 +280,7 @@ def main() -> None:
     result = {"benchmark": "step", "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
               "arch": args.arch, "crop": args.crop, "batch": args.batch, "mu": args.mu,
               "backend": args.backend, "amp": args.amp, "channels_last": args.channels_last,
-              "compile": args.compile, "threads": torch.get_num_threads(), "runs": runs}
+              "compile": args.compile, "threads": torch.get_num_threads(), "multicrop": args.multicrop, "runs": runs}
     if args.virtual:
         result["repeat"] = args.repeat
         result["overhead_pct"] = {str(r["micro_batches"]): r["overhead_pct"] for r in runs if r["virtual"]}

@@ -3,7 +3,7 @@ and unlabeled banks, ring pointer, DA mean, teacher and momenta are all in the c
 
 Two ways in: a checkpoint written mid-run (the tiny in-process run of tests/test_virtual.py, an
 unlabeled ring of 2 global batches that wraps 4 times in 8 steps), and `tools/train.py --cfg
-yaml/digits_v2.yaml` (multi-crop, the authors' shuffle-BN teacher) stopped by SIGTERM after a
+yaml/digits_v2.yaml` with multi-crop and the authors' shuffle-BN teacher stopped by SIGTERM after a
 checkpoint and started again, in one process and on 3 gloo ranks."""
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from test_virtual import SPE, B, _resume_copy, final, run, step_losses
 from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides, wait_for_checkpoint
 
 V2 = ["method.name=simmatchv2", "model.norm_feat=true", "method.v2_topn=8", "method.v2_k=2"]
+MULTICROP = {"data.num_strong": 3, "data.strong_sizes": "[16,12,8]", "data.strong_min_scales": "[0.14,0.095,0.05]",
+             "data.strong_max_scales": "[1.0,0.715,0.429]", "data.saturation": 0.2, "data.solarize_prob": 0.1}
 
 
 def test_simmatchv2_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path):
@@ -33,11 +35,11 @@ def test_simmatchv2_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path):
 
 
 def digits_v2(root, run_dir, processes: int) -> list[str]:
-    """6 steps of 3 x (8 labeled + 16 unlabeled in 5 crops), a checkpoint every step, a ring of 2
-    global batches (it wraps twice), the authors' teacher."""
+    """6 steps of (8 labeled + 16 unlabeled in 3 crops of 16 / 12 / 8 px) per rank, a checkpoint
+    every step, a ring of 2 global batches (it wraps twice), the authors' teacher."""
     extra = {"optim.iters": 6, "train.ckpt_every": 1, "train.batch_size": 8 * processes,
              "optim.base_batch": 8 * processes, "method.v2_k": 2, "method.v2_topn": 8,
-             "model.teacher": "ema_shuffle_bn"}
+             "model.teacher": "ema_shuffle_bn", **MULTICROP}
     return ["tools/train.py", "--cfg", "yaml/digits_v2.yaml", "--nproc", str(processes),
             *tiny_overrides(root, run_dir, **extra)]
 
