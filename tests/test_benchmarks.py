@@ -76,3 +76,24 @@ def test_loader_benchmark_tiny(digits_root):
     speed = {r["backend"]: r["images_per_s"] for r in out["rows"]}
     assert set(speed) == {"dali", "torch"} and min(speed.values()) > 0
     assert out["dali_over_torch"] == pytest.approx(speed["dali"] / speed["torch"], abs=0.01)
+
+
+def test_bank_memory_benchmark_reads_the_banks_it_builds():
+    out = last_json(run_tool("benchmarks/bank_memory.py", "--cfg", "yaml/in1k_1pct_v2.yaml", "--world-size", "1", "2"))
+    for row, gpus in zip(out["rows"], (1, 2)):
+        assert row["K"] == 256 * 40 * gpus and row["global_unlabeled"] == 40 * gpus
+        # two fp32 tables, plus the ring's pointer and fill count (int64 each)
+        assert row["unlabeled_bank_bytes"] == row["formula_bytes"] + 16 == row["K"] * (128 + 1000) * 4 + 16
+        assert row["per_step_transient_bytes"] == (3 * 5 + 1) * 40 * row["K"] * 4
+
+
+def test_step_benchmark_simmatchv2_with_multicrop_against_simmatch():
+    out = last_json(run_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
+                             "--batch", "2", "--mu", "2", "--warmup", "1", "--iters", "2", "--method", "simmatchv2",
+                             "--multicrop", "--compare", "simmatch", "--device", "cpu"))
+    v2, simmatch = out["runs"]
+    assert (v2["method"], simmatch["method"], out["multicrop"]) == ("simmatchv2", "simmatch", True)
+    # 2 labeled + 4 unlabeled images: V2 sees each unlabeled one as a weak view and 5 crops
+    assert v2["img_s"] == pytest.approx((2 + 4 * 6) / (v2["step_ms"] / 1e3))
+    assert simmatch["img_s"] == pytest.approx((2 + 4 * 2) / (simmatch["step_ms"] / 1e3))
+    assert out["ratio"] == pytest.approx(v2["step_ms"] / simmatch["step_ms"])
