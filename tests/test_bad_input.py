@@ -3,11 +3,13 @@
 The tools run in this process (conftest.call_tool): the refusals come before any training (the
 command lines themselves are run by the slow tests of tests/test_train.py and others)."""
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import call_tool, tiny_overrides
+from conftest import ROOT, call_tool, tiny_overrides
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
@@ -144,3 +146,14 @@ def test_failed_run_leaves_no_config(digits_root, tmp_path):
                    *tiny_overrides(digits_root, run_dir, **{"data.num_classes": 7}), )
     assert_one_line_error(res, "data.num_classes=7")
     assert not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.slow  # a fresh interpreter, to see what it imported
+def test_a_missing_data_tree_is_named_before_torch_is_imported(tmp_path):
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['tools/train.py', '--cfg', 'yaml/digits.yaml', 'data.root={tmp_path / 'absent'}']\n"
+            "try:\n    runpy.run_path('tools/train.py', run_name='__main__')\n"
+            "except SystemExit as exc:\n    print('exit', exc.code, 'torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "exit 2 False", (res.stdout, res.stderr)
+    assert res.stderr.strip() == f"error: data directory not found: {tmp_path / 'absent'}"

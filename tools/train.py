@@ -53,6 +53,9 @@ def main() -> int:
     from simmatch.config import derive_scale, load_config
 
     cfg = load_config(args.cfg, args.overrides)  # a bad key or value fails here, before torch is imported
+    from simmatch.data.splits import require_data_dirs
+
+    require_data_dirs(cfg.data)  # so does a missing data tree (seconds sooner, and no process started)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
         from simmatch.train import main as train_main
 

@@ -242,6 +242,21 @@ def _resolve_frozen(tree: ImageTree, path: Path, name: str,
     return files, labels
 
 
+def require_data_dirs(data_cfg) -> None:
+    """The data tree's train and val folders exist (a cheap check, before anything heavy is
+    imported or started); the synthetic backend reads none."""
+    if data_cfg.backend == "synthetic":
+        return
+    if not data_cfg.root:
+        raise ConfigError("data.root is empty: set it to the data set directory")
+    root = Path(data_cfg.root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    for sub in (data_cfg.train_dir, data_cfg.val_dir):
+        if not (root / sub).is_dir():
+            raise DataError(f"data directory not found: {root / sub}")
+
+
 def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = None) -> Splits:
     """Scan the train (and val) trees and resolve the labeled and unlabeled lists of `data_cfg`.
 

@@ -47,6 +47,7 @@ from simmatch.models.group_bn import convert_group_bn
 from simmatch.run.change import judge_checkpoint
 from simmatch.run.jsonl import read_records
 from simmatch.run.rundir import SPLIT_NAMES, RunDir
+from simmatch.run.world_sizes import ranks_text
 
 
 @dataclass
@@ -289,10 +290,10 @@ class Trainer(TrainerState):
     def fit(self) -> TrainResult:
         d, t = self.derived, self.cfg.train
         if self.rank == 0:
-            self.log.info("run %s: %d ranks%s, %d labeled / %d unlabeled images, %d iterations "
-                          "(%d per epoch), lr %.4g", self.run_dir, self.world,
-                          f" on {self.processes} process(es), {len(self.ranks)} virtual rank(s) each"
-                          if self.processes != self.world else "", d.num_labeled,
+            self.log.info("run %s: %s%s, %d labeled / %d unlabeled images, %d iterations "
+                          "(%d per epoch), lr %.4g", self.run_dir, ranks_text(self.world, self.processes),
+                          f", {len(self.ranks)} virtual ranks each" if self.processes != self.world else "",
+                          d.num_labeled,
                           d.num_unlabeled, d.total_iters, d.steps_per_epoch, d.lr)
         if not self.resume() and self.cfg.model.init_from:
             self._init_from(self.cfg.model.init_from)

@@ -138,13 +138,16 @@ def _rank_images(r: dict) -> str:
     return f"{r['labeled_per_gpu']} + {r['unlabeled_per_gpu']}"
 
 
-def _batch_text(r: dict) -> str:
-    """Per-rank and global batches of the streams the method trains on: per GPU without virtual
-    ranks; with them per rank, since a process then runs several ranks."""
+def _batch_text(r: dict, gpus: bool = True) -> str:
+    """Per-rank and global batches of the streams the method trains on: per GPU (per process for a
+    CPU config, `gpus` False) without virtual ranks; with them per rank, since a process then runs
+    several ranks."""
     if r["virtual_world_size"]:
         unit, over = "rank", f"per step over {r['world_size']} ranks on {_processes(r)} process(es)"
-    else:
+    elif gpus:
         unit, over = "GPU", f"per step over {r['world_size']} GPU(s)"
+    else:
+        unit, over = "process", f"per step over {r['world_size']} process{'' if r['world_size'] == 1 else 'es'}"
     spec = spec_of(r["method"])
     if not spec.needs_labeled:
         return (f"{r['unlabeled_per_gpu']} unlabeled per {unit}; {r['global_unlabeled']} {over} "
@@ -179,7 +182,7 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         f"recipe of {r['config'] or 'run'} ({r['method']}) at world size {r['world_size']}, "
         f"train.scale={r['scale']}",
         f"  ranks        {_ranks_text(r)}",
-        f"  batch        {_batch_text(r)}",
+        f"  batch        {_batch_text(r, gpus=cfg.data.device != 'cpu')}",
         f"  BN groups    {r['bn_group_ranks']} rank(s) = {r['bn_group_images']} images per BN batch"
         f" (train.min_bn_images={r['min_bn_images']})",
         f"  teacher      {r['teacher']}, EMA momentum {r['ema_momentum']:.6g}"
