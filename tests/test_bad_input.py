@@ -82,7 +82,7 @@ def test_checkpoint_of_another_architecture(trained_run, digits_root):
     before = {k: v for k, v in snapshot(run_dir).items() if k != "config.yaml"}
     res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
                     *tiny_overrides(digits_root, run_dir, **{"optim.iters": 2, "model.arch": "resnet18"}))
-    assert_one_line_error(res, "ckpt_000000002.pt", "arch='resnet10'", "'resnet18'")
+    assert_one_line_error(res, "ckpt_000000002.pt", "model.arch ('resnet10' -> 'resnet18')")
     assert_unchanged(before, snapshot(run_dir))
 
 

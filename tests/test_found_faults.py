@@ -27,11 +27,12 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(trained_run, digits_
     res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *overrides)
     assert res.returncode != 0
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: ") and "ckpt_000000008.pt was written by another run" in line, res.stderr
+    assert line.startswith("error: ") and "ckpt_000000008.pt was written by another run or with another config" \
+        in line, res.stderr
     assert "optim.lr (0.1 -> 0.05)" in line
     assert _files(run_dir) == before
     check = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--check", *overrides)
-    assert check.returncode == 1 and "was written by another run" in check.stdout
+    assert check.returncode == 1 and "was written by another run or with another config" in check.stdout
 
 
 @pytest.mark.parametrize("content, says", [

@@ -81,5 +81,6 @@ def judge_checkpoint(embedded: dict | None, new: dict, path: str) -> None:
     training = [k for k in differences(with_defaults(embedded), new) if k not in NEUTRAL and k not in SCHEDULE]
     if training:
         raise ConfigError(
-            f"{path} was written by another run: {_show(training, with_defaults(embedded), new)} differ from "
-            f"this run's config; move it out of the run directory (or resume the run it belongs to)")
+            f"{path} was written by another run or with another config: "
+            f"{_show(training, with_defaults(embedded), new)} differ from this run's config; resume with the "
+            f"config it was written with, or move it out of the run directory")
