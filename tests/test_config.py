@@ -90,3 +90,21 @@ def test_ranges(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.max_scale=0.5", override])
     load_config(None, ["optim.lr=0.000001", "optim.momentum=0", "method.alpha=1", "train.max_nonfinite_steps=0"])
+
+
+def test_num_classes_is_counted_from_the_tree_when_not_given(digits_root, tmp_path):
+    """data.num_classes 0 (the default): the class folders of data.root/train_dir; given, it wins
+    (and the data scan refuses a tree that disagrees); no tree to count: ImageNet's 1000."""
+    import shutil
+
+    from simmatch.config import load_config
+
+    assert load_config(None, [f"data.root={digits_root}"]).data.num_classes == 10
+    three = tmp_path / "three"
+    for cls in ("cat", "dog", "owl"):
+        shutil.copytree(digits_root / "train" / "0", three / "train" / cls)
+    (three / "train" / ".hidden").mkdir()
+    assert load_config(None, [f"data.root={three}"]).data.num_classes == 3
+    assert load_config(None, [f"data.root={three}", "data.num_classes=5"]).data.num_classes == 5
+    assert load_config(None, [f"data.root={tmp_path / 'absent'}"]).data.num_classes == 1000
+    assert load_config(None, ["data.backend=synthetic"]).data.num_classes == 1000

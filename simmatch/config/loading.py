@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -142,8 +143,21 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     for text in overrides:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value), "command line")
+    if cfg.data.num_classes == 0:
+        cfg.data.num_classes = count_classes(cfg.data) or 1000
     validate(cfg)
     return cfg
+
+
+def count_classes(data: Any) -> int:
+    """The class folders of the training tree (as the data scan lists them), 0 without one."""
+    if data.backend == "synthetic" or not data.root:
+        return 0
+    try:
+        with os.scandir(Path(data.root) / data.train_dir) as entries:
+            return sum(1 for e in entries if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return 0
 
 
 def choices(obj: Any, prefix: str = "") -> dict[str, tuple]:

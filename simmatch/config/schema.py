@@ -74,7 +74,9 @@ class DataConfig:
     # to show the recipe where the data tree is absent (ImageNet-1k: 1,281,167). 0: unknown.
     num_train_images: int = num(0, NONNEG)
     split_seed: int = num(0, NONNEG)
-    num_classes: int = num(1000, COUNT)
+    # 0: the class folders of root/train_dir, counted when the config is loaded (1000, ImageNet's,
+    # where there is no tree to count: the synthetic backend, a recipe printed without the data)
+    num_classes: int = num(0, NONNEG)
     backend: Literal["dali", "torch", "synthetic"] = "dali"
     device: Literal["auto", "gpu", "cpu"] = "auto"
     crop_size: int = num(224, COUNT)
