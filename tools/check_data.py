@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Check a data set tree: decode every image, list bad files and per-class counts.
+"""Check a data set tree: decode every image (one thread per core, a progress line on stderr),
+name every bad file, per-class counts, and a summary line with the time it took.
 
 Exit status 0 when every file is a readable image, 1 when problems were found, 2 on usage
 errors (missing directory).
@@ -20,10 +21,11 @@ from simmatch.errors import cli_errors  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dir", help="data set root (train/<class>/..., val/<class>/...) or a split")
-    parser.add_argument("--workers", type=int, default=2, help="decoding threads")
-    parser.add_argument("--quiet", action="store_true", help="no per-class table")
+    parser.add_argument("--workers", type=int, default=0, help="decoding threads (default: one per core)")
+    parser.add_argument("--quiet", action="store_true", help="no per-class table and no progress line")
     args = parser.parse_args(argv)
-    report = check_tree(args.dir, workers=args.workers)
+    workers = args.workers or os.cpu_count() or 1
+    report = check_tree(args.dir, workers=workers, show_progress=not args.quiet)
     for parent, classes in report.groups().items():
         counts = list(classes.values())
         print(f"{report.root / parent if parent else report.root}: {len(classes)} classes, "
@@ -34,12 +36,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {cls:<{width}}  {n}")
     if report.ignored:
         print(f"ignored {len(report.ignored)} files directly under {report.root}")
+    rate = report.decoded / report.seconds if report.seconds > 0 else 0.0
+    summary = (f"decoded {report.decoded:,} images in {report.seconds:.1f} s ({rate:,.0f} images/s, "
+               f"{workers} threads)")
     if report.problems:
         print(f"{len(report.problems)} problems:")
         for rel, reason in report.problems:
             print(f"  {report.root / rel}: {reason}")
+        print(f"{summary}: {len(report.problems)} problems")
         return 1
-    print("no problems")
+    print(f"{summary}: no problems")
     return 0
 
 

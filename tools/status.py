@@ -120,14 +120,19 @@ def _metrics(run_dir: Path, n: int) -> str:
 
 
 def report(run_dir: Path, lines: int) -> str:
+    from simmatch.run.dropped import read_dropped
     from simmatch.run.world_sizes import world_sizes_line
 
     state, detail = run_state(run_dir)
     events = submissions.read_events(run_dir)
     newest = RunDir(run_dir).newest_checkpoint()
     sizes = world_sizes_line(run_dir, newest[1] if newest else None, events)
+    dropped = read_dropped(RunDir(run_dir).splits)
     text = [f"run:        {run_dir}", f"state:      {state} ({detail})", writer_line(run_dir),
-            *checkpoint_lines(run_dir), sizes, "submissions:", *(_history(events) or ["  (none)"]),
+            *checkpoint_lines(run_dir), sizes,
+            *([f"dropped:    {len(dropped)} unlabeled image(s), {', '.join(dropped[:3])}"
+               f"{' ...' if len(dropped) > 3 else ''} ({RunDir(run_dir).split('dropped')})"] if dropped else []),
+            "submissions:", *(_history(events) or ["  (none)"]),
             f"metrics (last {lines}):",
             _metrics(run_dir, lines)]
     return "\n".join(text)

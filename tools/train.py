@@ -37,10 +37,18 @@ def main() -> int:
     parser.add_argument("--check", action="store_true",
                         help="check config, data, images and run directory without training; "
                              "one line per check, exit 0 only when all pass")
+    parser.add_argument("--drop-images", metavar="FILE",
+                        help="go on without the unlabeled images listed in FILE (one path per line, as "
+                             "RUN_DIR/splits/*.txt write them): each one's place is taken by the next image "
+                             "of the list; recorded in RUN_DIR/splits/dropped.txt and metrics.jsonl")
+    parser.add_argument("--full", action="store_true",
+                        help="with --check: decode every training image (all cores), not a sample of 500")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=32")
     args = parser.parse_intermixed_args()  # options before or after the overrides
     if args.print_config:
         return print_config(args)
+    if args.drop_images:
+        drop(args)
     if args.check:
         from simmatch.config import load_config
         from simmatch.run.preflight import check_main
@@ -48,7 +56,7 @@ def main() -> int:
 
         cfg = load_config(args.cfg, args.overrides)
         return check_main(cfg, run_dir_of(cfg), args.world_size or args.nproc or None,
-                          args.allow_config_change)
+                          args.allow_config_change, full=args.full)
     flags = ["--allow-config-change"] if args.allow_config_change else []
     from simmatch.config import derive_scale, load_config
 
@@ -73,6 +81,23 @@ def main() -> int:
     from simmatch.launch.local import launch
 
     return launch(args.cfg, args.overrides, nproc, flags)
+
+
+def drop(args: argparse.Namespace) -> None:
+    """--drop-images: recorded once, by this command, before any process starts."""
+    from simmatch.config import load_config
+    from simmatch.errors import UserError
+    from simmatch.run.dropped import drop_images
+    from simmatch.run.rundir import run_dir_of
+
+    if "RANK" in os.environ:
+        raise UserError("--drop-images is recorded by one process: run it once without torchrun or srun "
+                        "(python tools/train.py --cfg ... --drop-images FILE --check), then start the run")
+    cfg = load_config(args.cfg, args.overrides)
+    run_dir = run_dir_of(cfg)
+    new = drop_images(run_dir.root, args.drop_images)
+    print(f"dropped {len(new)} unlabeled image(s) from {run_dir} (listed in {run_dir.split('dropped')})"
+          if new else f"every image of {args.drop_images} was already dropped from {run_dir}", flush=True)
 
 
 def print_config(args: argparse.Namespace) -> int:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ class CheckReport:
     counts: dict[str, int] = field(default_factory=dict)  # class folder (relative) -> images
     problems: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     ignored: list[str] = field(default_factory=list)  # files directly under the root
+    decoded: int = 0  # images decoded
+    seconds: float = 0.0  # decoding time (wall clock)
 
     def groups(self) -> dict[str, dict[str, int]]:
         """Class counts grouped by the folder holding the class folders ("" for the root)."""
@@ -28,12 +32,13 @@ class CheckReport:
         return dict(out)
 
 
-def check_tree(root: str | Path, workers: int = 2) -> CheckReport:
+def check_tree(root: str | Path, workers: int = 0, show_progress: bool = False) -> CheckReport:
     """Fully decode every image under `root`; flag corrupt, non-image files and empty folders.
 
     Files directly in `root` (README, label CSVs) are ignored; every other file belongs to
-    the class folder that holds it.
+    the class folder that holds it. `workers` decoding threads (0: one per core).
     """
+    workers = workers or os.cpu_count() or 1
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
@@ -57,14 +62,57 @@ def check_tree(root: str | Path, workers: int = 2) -> CheckReport:
                 report.counts[rel_dir] = report.counts.get(rel_dir, 0) + 1
             else:
                 report.problems.append((rel, "not an image file"))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for rel, reason in zip(images, pool.map(lambda r: image_problem(root / r), images,
-                                                chunksize=64)):
-            if reason is not None:
-                report.problems.append((rel, f"cannot decode: {reason}"))
+    started = time.perf_counter()
+    progress = Progress(len(images)) if show_progress else None
+    for rel, reason in decode_all(root, images, workers, progress=progress):
+        report.problems.append((rel, f"cannot decode: {reason}"))
+    report.decoded, report.seconds = len(images), time.perf_counter() - started
     report.problems += class_mismatch(report)
     report.problems.sort()
     return report
+
+
+class Progress:
+    """A progress line on stderr while images are decoded: rewritten in place on a terminal, a
+    line per tenth otherwise (logs of batch jobs stay short)."""
+
+    def __init__(self, total: int, what: str = "decoded", stream=None) -> None:
+        self.total, self.what, self.done = total, what, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = self.shown_at = time.perf_counter()
+        self.next_tenth = 1
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.tty and (now - self.shown_at >= 0.5 or self.done == self.total):
+            self.stream.write(f"\r{self.line()}" + ("\n" if self.done == self.total else ""))
+            self.stream.flush()
+            self.shown_at = now
+        elif not self.tty and self.total and self.done * 10 >= self.next_tenth * self.total:
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+            self.next_tenth = self.done * 10 // self.total + 1
+
+    def line(self) -> str:
+        elapsed = max(1e-9, time.perf_counter() - self.started)
+        pct = 100 * self.done // max(1, self.total)
+        return f"{self.what} {self.done:,}/{self.total:,} images ({pct}%), {self.done / elapsed:,.0f} images/s"
+
+
+def decode_all(root: Path, files: list[str], workers: int, fast: bool = False,
+               progress: Progress | None = None) -> list[tuple[str, str]]:
+    """(file, reason) of every file of `files` (relative to `root`) that does not decode, decoded
+    in `workers` threads (decoding releases the GIL), in the order of `files`."""
+    problems = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for rel, reason in zip(files, pool.map(lambda r: image_problem(root / r, fast=fast), files, chunksize=64)):
+            if reason is not None:
+                problems.append((rel, reason))
+            if progress is not None:
+                progress.step()
+    return problems
 
 
 def find_undecodable(paths: list[Path], threads: int = 4) -> list[tuple[str, str]]:
@@ -75,13 +123,15 @@ def find_undecodable(paths: list[Path], threads: int = 4) -> list[tuple[str, str
     return [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
 
 
-def raise_if_undecodable(problems: list[tuple[str, str]], what: str) -> None:
-    """One line naming the first bad files, their count and the tool that lists them all."""
+def raise_if_undecodable(problems: list[tuple[str, str]], what: str, show: int = 3) -> None:
+    """One line naming the first `show` bad files (0: every one), their count and the tool that
+    lists them all."""
     if not problems:
         return
     problems = sorted(problems)
-    shown = "; ".join(f"{p} ({r})" for p, r in problems[:3])
-    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    show = show or len(problems)
+    shown = "; ".join(f"{p} ({r})" for p, r in problems[:show])
+    more = f" and {len(problems) - show} more" if len(problems) > show else ""
     raise DataError(f"{len(problems)} {what} cannot be decoded: {shown}{more} "
                     f"(tools/check_data.py DATA_ROOT lists every bad file)")
 

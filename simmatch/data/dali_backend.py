@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from simmatch.data.base import LABELED_KIND, TrainStream, as_nchw, pack_batch, val_resize_size
+from simmatch.data.base import (
+    LABELED_KIND,
+    TrainStream,
+    as_nchw,
+    pack_batch,
+    val_resize_size,
+    with_drop_hint,
+)
 from simmatch.data.images import image_problem
 from simmatch.data.sharding import ShardPlan, derive_seed, val_slice
 from simmatch.errors import ConfigError, DataError
@@ -137,7 +144,8 @@ class DaliTrainStream(TrainStream):
             b = self.plan.batch_size
             window = self._segment_files[k * b:(k + self._cfg.prefetch + 2) * b]
             self.close()
-            raise decode_error(exc, self._root, window, f"DALI {self.kind} pipeline") from None
+            raise with_drop_hint(decode_error(exc, self._root, window, f"DALI {self.kind} pipeline"),
+                                 self.kind, self._root) from None
 
     def __next__(self) -> dict[str, Any]:
         if self._pipe is None:

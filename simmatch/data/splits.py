@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from simmatch.errors import ConfigError, DataError
+from simmatch.run.dropped import read_dropped
 from simmatch.run.rundir import split_list
 
 # `shipped:<name>` in data.labeled_list / data.unlabeled_list names a list in this folder.
@@ -219,16 +220,17 @@ class Splits:
     labeled_source: str  # the list file used, or a description of the generated split
 
 
-def _resolve_frozen(tree: ImageTree, path: Path, name: str,
-                    allow_outside: bool) -> tuple[list[str], list[int]]:
-    """Files and labels of a run's own split list; every file must still exist."""
+def _resolve_frozen(tree: ImageTree, path: Path, name: str, allow_outside: bool,
+                    dropped: frozenset[str] = frozenset()) -> tuple[list[str], list[int]]:
+    """Files and labels of a run's own split list; every file must still exist, but those the run
+    dropped (--drop-images: their places are taken by others, `substitute_dropped`)."""
     label_of = dict(zip(tree.files, tree.labels))
     files, labels, missing = [], [], []
     for rel in read_list(path):
         if rel in label_of:
             files.append(rel)
             labels.append(label_of[rel])
-        elif allow_outside and (tree.root / rel).is_file():
+        elif rel in dropped or allow_outside and (tree.root / rel).is_file():
             files.append(rel)
             labels.append(-1)
         else:
@@ -238,8 +240,25 @@ def _resolve_frozen(tree: ImageTree, path: Path, name: str,
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise DataError(f"{len(missing)} {name} files of this run's split ({path}) are missing: "
                         f"{shown}{more}; a resumed run keeps the split it started with, so "
-                        f"restore them or start a new run directory")
+                        f"restore them, or go on without them: list them in a file and start again "
+                        f"with --drop-images FILE (unlabeled images only)")
     return files, labels
+
+
+def substitute_dropped(files: list[str], labels: list[int], dropped: frozenset[str]) -> tuple[list[str], list[int]]:
+    """The unlabeled list with each dropped image's place taken by the next image of the list
+    that is not dropped (cyclically): the same length, so the run's data positions stay valid."""
+    n = len(files)
+    if not any(f not in dropped for f in files):
+        raise DataError("every unlabeled image of this run is dropped (splits/dropped.txt)")
+    out_files, out_labels = list(files), list(labels)
+    for i, rel in enumerate(files):
+        if rel in dropped:
+            j = (i + 1) % n
+            while files[j] in dropped:
+                j = (j + 1) % n
+            out_files[i], out_labels[i] = files[j], labels[j]
+    return out_files, out_labels
 
 
 def require_data_dirs(data_cfg) -> None:
@@ -274,6 +293,7 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
     frozen = Path(frozen) if frozen is not None else None
     frozen_lab = split_list(frozen, "labeled") if frozen is not None else None
     frozen_unl = split_list(frozen, "unlabeled") if frozen is not None else None
+    dropped = frozenset(read_dropped(frozen)) if frozen is not None else frozenset()
     if frozen_lab is not None and frozen_lab.is_file():
         lab_files, lab_labels = _resolve_frozen(train, frozen_lab, "labeled", allow_outside=False)
         source = str(frozen_lab)
@@ -290,7 +310,7 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
                else f"{data_cfg.labeled_per_class} per class")
         source = f"generated: {how}, split_seed={data_cfg.split_seed}"
     if frozen_unl is not None and frozen_unl.is_file():
-        unl_files, unl_labels = _resolve_frozen(train, frozen_unl, "unlabeled", allow_outside=True)
+        unl_files, unl_labels = _resolve_frozen(train, frozen_unl, "unlabeled", allow_outside=True, dropped=dropped)
         if not data_cfg.unlabeled_list:  # the unlabeled set was every training image
             new = len(set(train.files) - set(unl_files) - set(lab_files))
             if new:
@@ -304,6 +324,8 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
         unl_files, unl_labels = list(train.files), list(train.labels)
     if data_cfg.unlabeled == "complement":
         unl_files, unl_labels = complement(unl_files, unl_labels, lab_files)
+    if dropped:
+        unl_files, unl_labels = substitute_dropped(unl_files, unl_labels, dropped)
     val_files: list[str] = []
     val_labels: list[int] = []
     val_root = root / data_cfg.val_dir

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simmatch.data.base import TrainStream, pack_batch, val_resize_size
+from simmatch.data.base import TrainStream, pack_batch, val_resize_size, with_drop_hint
 from simmatch.data.sharding import ShardPlan, val_slice
 from simmatch.errors import DataError
 
@@ -189,6 +189,7 @@ class TorchTrainStream(TrainStream):
             prefetch_factor=max(1, data_cfg.prefetch) if workers else None)
         self._labels = label_table.to(device)
         self._device = device
+        self._root = Path(file_root)
         self._channels_last = channels_last
         self._epoch, self._batch = 0, 0
         self._it: Iterator | None = None
@@ -201,7 +202,10 @@ class TorchTrainStream(TrainStream):
             *views, index = next(self._it)
         except Exception as exc:
             self.close()
-            reraise_worker_error(exc)
+            try:
+                reraise_worker_error(exc)
+            except DataError as error:
+                raise with_drop_hint(error, self.kind, self._root) from None
         self._batch += 1
         if self._batch == self.plan.batches_in(self._epoch):
             self._epoch, self._batch, self._it = self._epoch + 1, 0, None

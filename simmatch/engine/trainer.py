@@ -45,6 +45,7 @@ from simmatch.methods.base import merge
 from simmatch.models.bn_stats import RankBNStats
 from simmatch.models.group_bn import convert_group_bn
 from simmatch.run.change import judge_checkpoint
+from simmatch.run.dropped import read_dropped
 from simmatch.run.jsonl import read_records
 from simmatch.run.rundir import SPLIT_NAMES, RunDir
 from simmatch.run.world_sizes import ranks_text
@@ -104,6 +105,10 @@ class Trainer(TrainerState):
             self._check_images()
         if self.rank == 0:
             write_splits(self.streams.split_lists, run_dir, overwrite=not resuming)
+            dropped = read_dropped(self.run_dir.splits) if resuming else []
+            if dropped:
+                self.log.info("%d unlabeled image(s) dropped (%s): each one's place in the list is taken by "
+                              "the next image of the list", len(dropped), self.run_dir.split("dropped"))
 
         rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
         self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())

@@ -51,9 +51,10 @@ def lock_holder(run_dir: Path | RunDir) -> str | None:
 
 
 def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = None,
-               allow_config_change: bool = False) -> list[Check]:
-    """Every check, in order; a failed one does not stop the others (all are reported)."""
-    from simmatch.data.checks import find_undecodable, raise_if_undecodable
+               allow_config_change: bool = False, full: bool = False) -> list[Check]:
+    """Every check, in order; a failed one does not stop the others (all are reported). `full`:
+    every training image is decoded (one thread per core, a progress line), not a sample."""
+    from simmatch.data.checks import Progress, decode_all, find_undecodable, raise_if_undecodable
     from simmatch.data.splits import load_splits
 
     rd = RunDir(run_dir)
@@ -73,7 +74,22 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
                     f"labeled ({splits.labeled_source}), {len(splits.unlabeled_files)} unlabeled, "
                     f"{len(splits.val_files)} val images")
         checks.append(_run("data tree and split lists", tree))
-    if splits is not None:
+    if splits is not None and full:
+        def decode_every() -> str:
+            started = time.perf_counter()
+            root, val_root = splits.train_root, splits.val_root
+            train = list(dict.fromkeys(splits.labeled_files + splits.unlabeled_files))
+            workers = os.cpu_count() or 1
+            progress = Progress(len(train) + len(splits.val_files))
+            bad = [(root / f, r) for f, r in decode_all(root, train, workers, progress=progress)]
+            bad += [(val_root / f, r) for f, r in decode_all(val_root, splits.val_files, workers, progress=progress)]
+            seconds = time.perf_counter() - started
+            raise_if_undecodable([(str(path), reason) for path, reason in bad], "images", show=0)  # each named
+            total = len(train) + len(splits.val_files)
+            return (f"{total:,} images decode (every training and val image, {workers} threads) in "
+                    f"{seconds:.1f} s, {total / max(seconds, 1e-9):,.0f} images/s")
+        checks.append(_run("images decode (--full)", decode_every))
+    elif splits is not None:
         def decode() -> str:
             started = time.perf_counter()
             sample = random.Random(0).sample(splits.unlabeled_files,
@@ -181,9 +197,10 @@ def describe_elastic(cfg: Config, old_world: int, processes: int, iteration: int
     return describe(cfg, old_world, new.world_size, iteration, total)
 
 
-def check_main(cfg: Config, run_dir: Path | RunDir, world_size: int | None, allow_config_change: bool) -> int:
+def check_main(cfg: Config, run_dir: Path | RunDir, world_size: int | None, allow_config_change: bool,
+               full: bool = False) -> int:
     """Print one line per check; 0 when all pass, 1 otherwise."""
-    checks = run_checks(cfg, run_dir, world_size, allow_config_change)
+    checks = run_checks(cfg, run_dir, world_size, allow_config_change, full)
     for c in checks:
         print(check_line(c), flush=True)
     failed = [c for c in checks if not c.ok]

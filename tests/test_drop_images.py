@@ -1,0 +1,82 @@
+"""A corrupt unlabeled image met mid-run stops the run naming it and the command that goes on
+without it; `--drop-images FILE` continues the run, deterministically (two continuations agree
+bit for bit), and the event is in metrics.jsonl and tools/status.py."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import assert_same_weights, call_tool, final_state, tiny_overrides
+from simmatch.data.sharding import UNLABELED, ShardPlan
+
+
+def _train(root, run_dir, *extra: str):
+    overrides = tiny_overrides(root, run_dir, **{"train.ckpt_every": 1, "data.val_batch": 512})
+    return call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *overrides, *extra)
+
+
+@pytest.mark.slow  # tiny trainings
+def test_a_corrupt_unlabeled_image_mid_run_is_dropped_and_the_run_goes_on(digits_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(digits_root, root)
+    clean = tmp_path / "clean"
+    assert _train(root, clean).returncode == 0
+    unlabeled = (clean / "splits" / "unlabeled.txt").read_text().split()
+    # the image the 6th step of epoch 0 reads (tiny runs: 8 + 16 images per step, one rank)
+    plan = ShardPlan(len(unlabeled), 16, 0, 1, 0, UNLABELED, True)
+    victim = unlabeled[int(plan.rank_order(0)[5 * 16 + 3])]
+    data = (root / "train" / victim).read_bytes()
+    (root / "train" / victim).write_bytes(data[: len(data) // 3])
+
+    run_dir = tmp_path / "run"
+    stopped = _train(root, run_dir)
+    assert stopped.returncode != 0
+    line = stopped.stderr.strip().splitlines()[-1]
+    assert f"cannot decode image {root / 'train' / victim}" in line and f"write {victim} " in line, line
+    assert "--drop-images FILE" in line
+    reached = final_state(run_dir)["iteration"]
+    assert 0 < reached < 8, reached  # stopped mid-run, after checkpoints
+
+    listing = tmp_path / "bad.txt"
+    listing.write_text(f"{victim}\n")
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin, symlinks=True)
+    for rd in (run_dir, twin):
+        config = rd / "config.yaml"
+        config.write_text(config.read_text().replace(f"run_dir: {run_dir}\n", f"run_dir: {rd}\n"))
+        res = _train(root, rd, "--drop-images", str(listing))
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"dropped 1 unlabeled image(s) from {rd}" in res.stdout
+        assert (rd / "splits" / "dropped.txt").read_text() == f"{victim}\n"
+        assert final_state(rd)["iteration"] == 8
+    assert_same_weights(final_state(run_dir), final_state(twin))
+    # nothing of the run's split is rewritten: the dropped image stays listed where it was
+    assert (run_dir / "splits" / "unlabeled.txt").read_text().split() == unlabeled
+    events = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["kind"] == "dropped"][0]["files"] == [victim]
+    assert "1 unlabeled image(s) dropped" in (run_dir / "log_rank0.txt").read_text()
+    status = call_tool("tools/status.py", str(run_dir))
+    assert f"dropped:    1 unlabeled image(s), {victim}" in status.stdout
+
+
+@pytest.mark.slow  # a finished tiny run
+def test_drop_images_refuses_labeled_and_unknown_paths_in_one_line(trained_run, digits_root, tmp_path):
+    run_dir = trained_run("run")
+    labeled = (run_dir / "splits" / "labeled.txt").read_text().split()[0]
+    for entry, says in ((labeled, "is a labeled image of this run"), ("9/nope.jpg", "is not in this run's unlabeled")):
+        listing = tmp_path / "list.txt"
+        listing.write_text(entry + "\n")
+        res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *tiny_overrides(digits_root, run_dir),
+                        "--drop-images", str(listing), "--check")
+        assert res.returncode == 2 and says in res.stderr.strip().splitlines()[-1], res.stderr
+        assert not (run_dir / "splits" / "dropped.txt").exists()
+
+
+def test_next_kept_image_takes_each_dropped_place():
+    from simmatch.data.splits import substitute_dropped
+
+    files, labels = ["a", "b", "c", "d", "e"], [0, 1, 2, 3, 4]
+    assert substitute_dropped(files, labels, frozenset({"b", "c", "e"})) == (
+        ["a", "d", "d", "d", "a"], [0, 3, 3, 3, 0])
