@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -15,7 +16,7 @@ from simmatch.config import Config, load_config, to_dict
 from simmatch.engine.metrics import format_eta
 from simmatch.engine.tracking import check_available as check_trackers
 from simmatch.engine.trainer import Trainer, TrainResult
-from simmatch.errors import UserError
+from simmatch.errors import DataError, UserError
 from simmatch.run.change import ALLOW_FLAG, differences, judge
 from simmatch.run.lock import RunLock, RunLocked
 from simmatch.run.rundir import RunDir, run_dir_of
@@ -155,6 +156,26 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
         dist.shutdown()
 
 
+def _drop_within_budget(exc: DataError, cfg_path: str, overrides: list[str]) -> bool:
+    """data.max_bad_images: an unlabeled image that stopped a one-process run is dropped (as by
+    --drop-images) while the run's dropped images stay within the budget; the run is then
+    started again from its last checkpoint. False: the error stands."""
+    from simmatch.run.dropped import drop, read_dropped
+
+    rel = getattr(exc, "droppable", None)
+    cfg = load_config(cfg_path, list(overrides))
+    if rel is None or cfg.data.max_bad_images <= 0 or dist.world_size() > 1 or "WORLD_SIZE" in os.environ \
+            and int(os.environ["WORLD_SIZE"]) > 1:
+        return False
+    run_dir = run_dir_of(cfg)
+    if len(read_dropped(run_dir.splits)) >= cfg.data.max_bad_images or not run_dir.has_checkpoints():
+        return False
+    drop(run_dir.root, [rel], reason=f"data.max_bad_images={cfg.data.max_bad_images}: {exc}")
+    print(f"note: {rel} does not decode; dropped ({len(read_dropped(run_dir.splits))} of data.max_bad_images="
+          f"{cfg.data.max_bad_images}), going on from the last checkpoint", file=sys.stderr, flush=True)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train one process of a (possibly distributed) run.")
     parser.add_argument("--cfg", required=True, help="YAML config file")
@@ -163,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     try:
-        result = run(args.cfg, args.overrides, args.allow_config_change)
+        while True:
+            try:
+                result = run(args.cfg, args.overrides, args.allow_config_change)
+                break
+            except DataError as exc:
+                if not _drop_within_budget(exc, args.cfg, args.overrides):
+                    raise
     except UserError as exc:
         if dist.rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -80,3 +80,32 @@ def test_next_kept_image_takes_each_dropped_place():
     files, labels = ["a", "b", "c", "d", "e"], [0, 1, 2, 3, 4]
     assert substitute_dropped(files, labels, frozenset({"b", "c", "e"})) == (
         ["a", "d", "d", "d", "a"], [0, 3, 3, 3, 0])
+
+
+@pytest.mark.slow  # tiny trainings
+def test_within_max_bad_images_the_run_drops_the_image_and_goes_on(digits_root, tmp_path):
+    """data.max_bad_images=1: the run meets the corrupt image, drops it, goes on from its last
+    checkpoint and ends where `--drop-images` ends; the event is in metrics.jsonl."""
+    root = tmp_path / "data"
+    shutil.copytree(digits_root, root)
+    clean = tmp_path / "clean"
+    assert _train(root, clean).returncode == 0
+    unlabeled = (clean / "splits" / "unlabeled.txt").read_text().split()
+    victim = unlabeled[int(ShardPlan(len(unlabeled), 16, 0, 1, 0, UNLABELED, True).rank_order(0)[5 * 16 + 3])]
+    data = (root / "train" / victim).read_bytes()
+    (root / "train" / victim).write_bytes(data[: len(data) // 3])
+
+    budget = tmp_path / "budget"
+    res = _train(root, budget, "data.max_bad_images=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"note: {victim} does not decode; dropped (1 of data.max_bad_images=1)" in res.stderr
+    events = [json.loads(ln) for ln in (budget / "metrics.jsonl").read_text().splitlines()]
+    dropped = [e for e in events if e["kind"] == "dropped"]
+    assert len(dropped) == 1 and dropped[0]["files"] == [victim] and "max_bad_images" in dropped[0]["reason"]
+
+    manual = tmp_path / "manual"  # the same run stopped by the image, then continued by hand
+    assert _train(root, manual).returncode != 0
+    listing = tmp_path / "bad.txt"
+    listing.write_text(f"{victim}\n")
+    assert _train(root, manual, "--drop-images", str(listing)).returncode == 0
+    assert_same_weights(final_state(budget), final_state(manual))

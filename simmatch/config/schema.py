@@ -117,6 +117,10 @@ class DataConfig:
     synthetic_size: int = num(1024, COUNT)  # images per split for the synthetic backend
     val_batch: int = num(0, NONNEG)  # per-rank validation batch; 0: the per-rank unlabeled batch (B * mu)
     check_images: bool = True  # decode every val and labeled image before the first step
+    # Unlabeled images that may fail to decode in training before the run stops: each is dropped
+    # (tools/train.py --drop-images), the run goes on from its last checkpoint, the event logged.
+    # One process only (several ranks stop with the drop command); labeled and val images always stop.
+    max_bad_images: int = num(0, NONNEG)
 
     def val_resize_px(self) -> int:
         """The validation resize in pixels: val_resize, or crop_size x 256 / 224 when it is 0."""

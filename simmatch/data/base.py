@@ -39,8 +39,10 @@ def with_drop_hint(error: DataError, kind: str, root: Path) -> DataError:
         rel = Path(found.group(1)).relative_to(root).as_posix()
     except ValueError:
         return error
-    return DataError(f"{error}; to go on without it, write {rel} (as RUN_DIR/splits/unlabeled.txt names it) "
-                     f"into a file and start the run again with --drop-images FILE")
+    hinted = DataError(f"{error}; to go on without it, write {rel} (as RUN_DIR/splits/unlabeled.txt names it) "
+                       f"into a file and start the run again with --drop-images FILE")
+    hinted.droppable = rel  # type: ignore[attr-defined]  # data.max_bad_images drops it by itself
+    return hinted
 
 
 def val_resize_size(data_cfg: Any) -> int:

@@ -23,6 +23,7 @@ NEUTRAL = frozenset({
     "train.wandb_project", "train.knn_k", "train.knn_temperature", "train.compile",
     "data.root", "data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.val_batch",
     "data.num_train_images",  # only the printed recipe uses it
+    "data.max_bad_images",  # what is dropped is recorded in splits/dropped.txt, which the resume reads
     "model.init_from",  # a resumed run takes its weights from its own checkpoint
 })
 SCHEDULE = frozenset({"optim.epochs", "optim.iters"})

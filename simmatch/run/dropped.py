@@ -47,15 +47,19 @@ def drop_images(run_dir: str | Path, file: str | Path) -> list[str]:
     """Record the images listed in `file` (one path per line, as RUN_DIR/splits/*.txt write them)
     as dropped from the run in `run_dir`; returns those newly dropped. One DataError line for a
     run that has no frozen split yet, a labeled image, or a path the run does not train on."""
+    return drop(run_dir, _entries(Path(file)))
+
+
+def drop(run_dir: str | Path, wanted: list[str], reason: str = "--drop-images") -> list[str]:
+    """`drop_images` for the paths `wanted`; `reason` goes into the metrics record."""
     rd = RunDir(run_dir)
     who = holder(rd.root)
     if who is not None:
         raise DataError(f"--drop-images: {rd} is in use by a training ({who}); stop it first")
     unlabeled_list, labeled_list = rd.split("unlabeled"), rd.split("labeled")
-    if not unlabeled_list.is_file():
-        raise DataError(f"--drop-images: {rd} has no split lists yet ({unlabeled_list}): a run that has not "
-                        f"started has nothing to drop; leave the image out of the data instead")
-    wanted = _entries(Path(file))
+    if not unlabeled_list.is_file() or not rd.has_checkpoints():
+        raise DataError(f"--drop-images: {rd} has no checkpoint yet, so the run starts afresh from the data "
+                        f"tree: move the image out of the tree instead")
     unlabeled = set(ln.strip() for ln in unlabeled_list.read_text().splitlines())
     labeled = set(ln.strip() for ln in labeled_list.read_text().splitlines()) if labeled_list.is_file() else set()
     for rel in wanted:
@@ -69,7 +73,8 @@ def drop_images(run_dir: str | Path, file: str | Path) -> list[str]:
     new = [rel for rel in dict.fromkeys(wanted) if rel not in already]
     if new:
         atomic_write_text(split_list(rd.splits, DROPPED), "".join(f"{rel}\n" for rel in already + new))
-        record = {"kind": DROPPED, "files": new, "dropped": len(already) + len(new), "time": time.time()}
+        record = {"kind": DROPPED, "files": new, "dropped": len(already) + len(new), "reason": reason,
+                  "time": time.time()}
         with open(rd.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
