@@ -48,11 +48,13 @@ def test_elastic_preflight_describes_a_new_world_size(per_gpu_run):
     assert rc == 0, lines
     # 1 -> 2 ranks at 4 per rank: global batch 4 -> 8, lr 0.05 x 4/4 -> 0.05 x 8/4, the 4 steps of 4
     # images are 2 steps of 8, and optim.iters=4 at k=1 is 2 steps at k=2
+    # (the run is finished: the line says so too, and tools/submit.py would submit nothing)
+    finished = "; the run is finished (iteration 4 of 4): a job would only report its result"
     assert lines["resume"] == (
         "ok    resume: resumes from ckpt_000000004.pt (iteration 4, written by 1 rank): elastic resume "
-        "1 -> 2 ranks: 4 -> 8 labeled images per step, lr 0.05 -> 0.1, iteration 4 -> 2 of 2")
+        "1 -> 2 ranks: 4 -> 8 labeled images per step, lr 0.05 -> 0.1, iteration 4 -> 2 of 2" + finished)
     rc, lines = _check(per_gpu_run, 1)
-    assert rc == 0 and lines["resume"].endswith("written by 1 rank): same world size, exact resume"), lines
+    assert rc == 0 and lines["resume"].endswith("written by 1 rank): same world size, exact resume" + finished)
 
 
 @pytest.mark.slow
@@ -71,7 +73,8 @@ def test_elastic_preflight_refuses_a_world_size_the_recipe_cannot_take(digits_ro
     rc, lines = _check(run_dir, 2)
     assert rc == 0, lines
     assert lines["resume"].endswith("elastic resume 1 -> 2 ranks: 4 -> 4 labeled images per step, "
-                                     "lr 0.0125 -> 0.0125, iteration 4 -> 4 of 4"), lines
+                                     "lr 0.0125 -> 0.0125, iteration 4 -> 4 of 4; the run is finished "
+                                     "(iteration 4 of 4): a job would only report its result"), lines
 
     # a longer schedule: refused without the flag; with it the job itself accepts it and trains on
     no_flag = call_tool("tools/submit.py", "--resume", str(run_dir), "--local", "--gpus-per-node", "0", "optim.iters=6")

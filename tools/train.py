@@ -63,14 +63,15 @@ def main() -> int:
     cfg = load_config(args.cfg, args.overrides)  # a bad key or value fails here, before torch is imported
     from simmatch.data.splits import require_data_dirs
 
-    require_data_dirs(cfg.data)  # so does a missing data tree (seconds sooner, and no process started)
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
         from simmatch.train import main as train_main
 
         derive_scale(cfg, int(os.environ["WORLD_SIZE"]))  # e.g. virtual ranks the processes do not divide
+        require_data_dirs(cfg.data)
         return train_main(["--cfg", args.cfg, *flags, *args.overrides])
     if args.nproc:
         derive_scale(cfg, args.nproc)  # refused in one line before torch is imported or a process starts
+    require_data_dirs(cfg.data)  # so is a missing data tree (seconds sooner, and no process started)
     import torch
 
     nproc = args.nproc or max(1, torch.cuda.device_count())

@@ -25,6 +25,7 @@ NEUTRAL = frozenset({
     "data.num_train_images",  # only the printed recipe uses it
     "data.max_bad_images",  # what is dropped is recorded in splits/dropped.txt, which the resume reads
     "model.init_from",  # a resumed run takes its weights from its own checkpoint
+    "train.virtual_world_size",  # how many processes compute the ranks: another value is an elastic resume
 })
 SCHEDULE = frozenset({"optim.epochs", "optim.iters"})
 

@@ -149,10 +149,17 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
     ranks, iteration = state.get("world_size"), state.get("iteration")
     procs = state.get("processes") if isinstance(state.get("processes"), int) else ranks
     head = f"resumes from {path.name} (iteration {iteration}, written by {ranks_text(ranks, procs)})"
+    line = _continuation(cfg, head, ranks, procs, iteration, world_size, counts)
     if ranks and iteration is not None and (cfg.optim.iters > 0 or counts is not None):
         total = derive_at(cfg, int(ranks), *(counts or (1, 1))).total_iters  # the run's length as trained
         if int(iteration) >= total:
-            return f"{path.name}: {FINISHED} (iteration {iteration} of {total}); a job would only report its result"
+            line += f"; {FINISHED} (iteration {iteration} of {total}): a job would only report its result"
+    return line
+
+
+def _continuation(cfg: Config, head: str, ranks: int | None, procs: int | None, iteration: int | None,
+                  world_size: int | None, counts: tuple[int, int] | None) -> str:
+    """How the checkpoint's run goes on with `world_size` processes (see `_resume`)."""
     if world_size is None or not ranks or iteration is None:
         return head
     new_ranks = run_world_size(cfg, world_size)
