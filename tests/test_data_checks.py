@@ -1,5 +1,6 @@
 """Data checks that run before any training: class folders of val against train, and a decode
 of every val and labeled image before the first step (not at the final evaluation)."""
+import re
 import shutil
 
 import pytest
@@ -99,3 +100,16 @@ def test_running_out_of_file_descriptors_is_named_as_such(corrupt_root):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert find_undecodable(files, threads=4) == []
+
+
+def test_full_check_decodes_every_image_and_check_data_says_how_fast(corrupt_root, tmp_path, capsys):
+    """`--check --full` names every bad training image (not a sample); check_data ends with a
+    summary line: how many images, how long, images/s, threads."""
+    overrides = tiny_overrides(corrupt_root, tmp_path / "run", **{"data.num_classes": 2, "data.labeled_per_class": 2})
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--check", "--full", *overrides)
+    assert res.returncode == 1
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("FAIL  images decode (--full)"))
+    assert f"1 images cannot be decoded: {corrupt_root / 'train' / '1' / 'bad.jpg'}" in line
+    assert check_data.main([str(corrupt_root), "--quiet", "--workers", "2"]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"decoded 25 images in [0-9.]+ s \([0-9,]+ images/s, 2 threads\): 1 problems", last), last
