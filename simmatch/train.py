@@ -164,8 +164,8 @@ def _drop_within_budget(exc: DataError, cfg_path: str, overrides: list[str]) -> 
 
     rel = getattr(exc, "droppable", None)
     cfg = load_config(cfg_path, list(overrides))
-    if rel is None or cfg.data.max_bad_images <= 0 or dist.world_size() > 1 or "WORLD_SIZE" in os.environ \
-            and int(os.environ["WORLD_SIZE"]) > 1:
+    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1  # several ranks cannot restart in step
+    if rel is None or cfg.data.max_bad_images <= 0 or not one_process:
         return False
     run_dir = run_dir_of(cfg)
     if len(read_dropped(run_dir.splits)) >= cfg.data.max_bad_images or not run_dir.has_checkpoints():
