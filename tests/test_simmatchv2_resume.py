@@ -15,11 +15,11 @@ import pytest
 import torch
 from test_virtual import SPE, B, _resume_copy, final, run, step_losses
 
-from conftest import ROOT, assert_same_weights, final_state, run_tool, tiny_overrides, wait_for_checkpoint
+from conftest import ROOT, assert_same_weights, call_tool, final_state, run_tool, tiny_overrides, wait_for_checkpoint
 
 V2 = ["method.name=simmatchv2", "model.norm_feat=true", "method.v2_topn=8", "method.v2_k=2"]
-MULTICROP = {"data.num_strong": 3, "data.strong_sizes": "[16,12,8]", "data.strong_min_scales": "[0.14,0.095,0.05]",
-             "data.strong_max_scales": "[1.0,0.715,0.429]", "data.saturation": 0.2, "data.solarize_prob": 0.1}
+MULTICROP = {"data.num_strong": 2, "data.strong_sizes": "[16,8]", "data.strong_min_scales": "[0.14,0.05]",
+             "data.strong_max_scales": "[1.0,0.429]", "data.saturation": 0.2, "data.solarize_prob": 0.1}
 
 
 def test_simmatchv2_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path):
@@ -35,11 +35,11 @@ def test_simmatchv2_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path):
 
 
 def digits_v2(root, run_dir, processes: int) -> list[str]:
-    """6 steps of (8 labeled + 16 unlabeled in 3 crops of 16 / 12 / 8 px) per rank, a checkpoint
-    every step, a ring of 2 global batches (it wraps twice), the authors' teacher."""
-    extra = {"optim.iters": 6, "train.ckpt_every": 1, "train.batch_size": 8 * processes,
+    """4 steps of (8 labeled + 16 unlabeled in 2 crops of 16 / 8 px) per rank, a checkpoint every
+    step, a ring of 2 global batches (it wraps once), the authors' teacher."""
+    extra = {"optim.iters": 4, "train.ckpt_every": 1, "train.batch_size": 8 * processes,
              "optim.base_batch": 8 * processes, "method.v2_k": 2, "method.v2_topn": 8,
-             "model.teacher": "ema_shuffle_bn", **MULTICROP}
+             "model.teacher": "ema_shuffle_bn", "data.check_images": False, "data.val_batch": 512, **MULTICROP}
     return ["tools/train.py", "--cfg", "yaml/digits_v2.yaml", "--nproc", str(processes),
             *tiny_overrides(root, run_dir, **extra)]
 
@@ -49,18 +49,19 @@ def digits_v2(root, run_dir, processes: int) -> list[str]:
 @pytest.mark.parametrize("processes", [1, 3])
 def test_simmatchv2_sigterm_then_resume_is_bit_identical(digits_root, tmp_path, processes):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref = run_tool(*digits_v2(digits_root, ref_dir, processes), timeout=600)
+    tool = call_tool if processes == 1 else run_tool  # the reference in this process where it can
+    ref = tool(*digits_v2(digits_root, ref_dir, processes), timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     args = digits_v2(digits_root, run_dir, processes)
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    wait_for_checkpoint(run_dir, 2, proc)
+    wait_for_checkpoint(run_dir, 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     stopped = final_state(run_dir)["iteration"]
-    assert stopped < 6, "the signal came too late to test a resume"
-    res = run_tool(*args, timeout=600)
+    assert stopped < 4, "the signal came too late to test a resume"
+    res = tool(*args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
     a, b = final_state(run_dir), final_state(ref_dir)
