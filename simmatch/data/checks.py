@@ -102,12 +102,13 @@ class Progress:
 
 
 def decode_all(root: Path, files: list[str], workers: int, fast: bool = False,
-               progress: Progress | None = None) -> list[tuple[str, str]]:
+               progress: Progress | None = None, chunksize: int = 64) -> list[tuple[str, str]]:
     """(file, reason) of every file of `files` (relative to `root`) that does not decode, decoded
     in `workers` threads (decoding releases the GIL), in the order of `files`."""
     problems = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for rel, reason in zip(files, pool.map(lambda r: image_problem(root / r, fast=fast), files, chunksize=64)):
+        reasons = pool.map(lambda r: image_problem(root / r, fast=fast), files, chunksize=chunksize)
+        for rel, reason in zip(files, reasons):
             if reason is not None:
                 problems.append((rel, reason))
             if progress is not None:
@@ -118,9 +119,7 @@ def decode_all(root: Path, files: list[str], workers: int, fast: bool = False,
 def find_undecodable(paths: list[Path], threads: int = 4) -> list[tuple[str, str]]:
     """(path, reason) of every file in `paths` that does not decode (JPEGs at 1/8 scale, in
     `threads` threads: decoding releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        reasons = list(pool.map(lambda p: image_problem(p, fast=True), paths, chunksize=16))
-    return [(str(p), r) for p, r in zip(paths, reasons) if r is not None]
+    return decode_all(Path(), [str(p) for p in paths], threads, fast=True, chunksize=16)
 
 
 def raise_if_undecodable(problems: list[tuple[str, str]], what: str, show: int = 3) -> None:

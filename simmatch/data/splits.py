@@ -261,16 +261,22 @@ def substitute_dropped(files: list[str], labels: list[int], dropped: frozenset[s
     return out_files, out_labels
 
 
-def require_data_dirs(data_cfg) -> None:
-    """The data tree's train and val folders exist (a cheap check, before anything heavy is
-    imported or started); the synthetic backend reads none."""
-    if data_cfg.backend == "synthetic":
-        return
+def data_root(data_cfg) -> Path:
+    """data.root, which must be set and be a directory."""
     if not data_cfg.root:
         raise ConfigError("data.root is empty: set it to the data set directory")
     root = Path(data_cfg.root)
     if not root.is_dir():
         raise DataError(f"data directory not found: {root}")
+    return root
+
+
+def require_data_dirs(data_cfg) -> None:
+    """The data tree's train and val folders exist (a cheap check, before anything heavy is
+    imported or started); the synthetic backend reads none."""
+    if data_cfg.backend == "synthetic":
+        return
+    root = data_root(data_cfg)
     for sub in (data_cfg.train_dir, data_cfg.val_dir):
         if not (root / sub).is_dir():
             raise DataError(f"data directory not found: {root / sub}")
@@ -284,11 +290,7 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
     exactly the files it started with: a missing one is an error, a new one is ignored with
     a warning.
     """
-    if not data_cfg.root:
-        raise ConfigError("data.root is empty: set it to the data set directory")
-    root = Path(data_cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data directory not found: {root}")
+    root = data_root(data_cfg)
     train = scan_tree(root / data_cfg.train_dir, data_cfg.num_classes)
     frozen = Path(frozen) if frozen is not None else None
     frozen_lab = split_list(frozen, "labeled") if frozen is not None else None
