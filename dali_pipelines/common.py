@@ -49,10 +49,23 @@ def dali_pinned_estimate(cfg: Any, decoders: int) -> int:
 
 
 def read_files(file_root: str, files: list[str], labels: list[int], name: str = "reader",
-               pad_last_batch: bool = False):
-    """Read `files` in the given order (the order is ours: no reader shuffling or sharding)."""
-    return fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
-                           pad_last_batch=pad_last_batch, name=name)
+               pad_last_batch: bool = False, source: Callable | None = None):
+    """(encoded images, label) of `files` in the given order (the order is ours: no reader
+    shuffling or sharding), read by DALI's file reader; or, with `source`, the batches a
+    callable of BatchInfo returns (the bytes of a shard set, in the same order).
+
+    The two graphs must give the same augmentations: DALI hands its random seeds to the operators
+    that draw one in graph order, and the file reader draws one (unused, it does not shuffle)
+    where an external source draws none. An empty random tensor joined to the bytes takes that
+    seed, so every later operator gets the seed it gets with the file reader.
+    """
+    if source is None:
+        return fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
+                               pad_last_batch=pad_last_batch, name=name)
+    jpegs, label = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                      dtype=[types.UINT8, types.INT32])
+    seed_taker = fn.random.coin_flip(probability=0.0, shape=(0,), dtype=types.UINT8)
+    return fn.cat(seed_taker, jpegs, axis=0), label
 
 
 def normalize(images, cfg: Any, layout: str, mirror=None, crop: tuple[int, int] | None = None):

@@ -2,6 +2,7 @@
 several sizes) per image."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from nvidia.dali import fn, pipeline_def, types
@@ -48,10 +49,10 @@ def randaugment_strong(images, cfg: Any):
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def unlabeled_pipeline(cfg: Any, file_root: str, files: list[str], indices: list[int],
-                       device: str = "cpu", layout: str = "CHW"):
+                       device: str = "cpu", layout: str = "CHW", source: Callable | None = None):
     """Outputs (weak, strong_1..strong_k, index); every view has its own crop and flip, strong
     view i of cfg.strong_crops()[i]'s size and scale range (multi-crop)."""
-    jpegs, index = read_files(file_root, files, indices)
+    jpegs, index = read_files(file_root, files, indices, source=source)
     images = fn.decoders.image(jpegs, **decoder_args(cfg, device))
     outputs = [normalize(random_crop(images, cfg), cfg, layout,
                          mirror=fn.random.coin_flip(probability=0.5))]

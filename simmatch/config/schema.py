@@ -59,6 +59,11 @@ class DataConfig:
     """Where the images are and how each stream decodes and augments them."""
 
     root: str = ""  # ImageNet-style tree: root/train/<class>/*, root/val/<class>/*
+    # `folder`: the tree under root; `shards`: the tar shards and indexes tools/make_shards.py
+    # packed from it into `shards` (same images, order and seeds: the same run, bit for bit)
+    format: Literal["folder", "shards"] = "folder"
+    shards: str = ""
+    max_open_shards: int = num(256, COUNT)  # shard files each process keeps open (least recently used closed)
     train_dir: str = "train"
     val_dir: str = "val"
     # file of labeled image paths (relative to train_dir, or bare file names), one per line;

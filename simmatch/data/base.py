@@ -4,12 +4,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from simmatch.data.sharding import ShardPlan
+from simmatch.data.sources import ImageSource
 from simmatch.errors import CheckpointError, DataError
 
 LABELED_KIND, UNLABELED_KIND = "labeled", "unlabeled"
@@ -29,15 +29,14 @@ def pack_batch(kind: str, views: list[torch.Tensor], index: torch.Tensor,
     return {"weak": views[0], "strong": list(views[1:]), "y": y, "index": index}
 
 
-def with_drop_hint(error: DataError, kind: str, root: Path) -> DataError:
+def with_drop_hint(error: DataError, kind: str, source: ImageSource) -> DataError:
     """The error of an unlabeled image that stops the run, saying how to go on without it
     (simmatch/run/dropped.py); others as they are (labeled and val images must be restored)."""
     found = re.match(r"cannot decode image (.+?): ", str(error))
     if kind != UNLABELED_KIND or found is None:
         return error
-    try:
-        rel = Path(found.group(1)).relative_to(root).as_posix()
-    except ValueError:
+    rel = source.rel_of(found.group(1))
+    if rel is None:
         return error
     hinted = DataError(f"{error}; to go on without it, write {rel} (as RUN_DIR/splits/unlabeled.txt names it) "
                        f"into a file and start the run again with --drop-images FILE")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simmatch.data.images import image_problem
+from simmatch.data.sources import FolderSource, ImageSource
 from simmatch.data.splits import is_image_name, name_problem, shown_name
 from simmatch.errors import DataError
 
@@ -101,13 +102,25 @@ class Progress:
         return f"{self.what} {self.done:,}/{self.total:,} images ({pct}%), {self.done / elapsed:,.0f} images/s"
 
 
-def decode_all(root: Path, files: list[str], workers: int, fast: bool = False,
+def source_problem(source: ImageSource, rel: str, fast: bool = False) -> str | None:
+    """image_problem of an image of `source`; bytes that cannot be read from a shard (damaged,
+    truncated, missing: a DataError naming the shard) are this image's problem too."""
+    try:
+        encoded = source.open(rel)
+    except DataError as exc:
+        return str(exc)
+    return image_problem(encoded, fast=fast)
+
+
+def decode_all(source: ImageSource | Path, files: list[str], workers: int, fast: bool = False,
                progress: Progress | None = None, chunksize: int = 64) -> list[tuple[str, str]]:
-    """(file, reason) of every file of `files` (relative to `root`) that does not decode, decoded
-    in `workers` threads (decoding releases the GIL), in the order of `files`."""
+    """(file, reason) of every file of `files` (relative to `source`, a folder or a shard set's split)
+    that does not decode, decoded in `workers` threads (decoding releases the GIL), in order."""
+    if isinstance(source, Path):
+        source = FolderSource(source)
     problems = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = pool.map(lambda r: image_problem(root / r, fast=fast), files, chunksize=chunksize)
+        reasons = pool.map(lambda r: source_problem(source, r, fast), files, chunksize=chunksize)
         for rel, reason in zip(files, reasons):
             if reason is not None:
                 problems.append((rel, reason))
@@ -116,10 +129,18 @@ def decode_all(root: Path, files: list[str], workers: int, fast: bool = False,
     return problems
 
 
-def find_undecodable(paths: list[Path], threads: int = 4) -> list[tuple[str, str]]:
-    """(path, reason) of every file in `paths` that does not decode (JPEGs at 1/8 scale, in
-    `threads` threads: decoding releases the GIL)."""
-    return decode_all(Path(), [str(p) for p in paths], threads, fast=True, chunksize=16)
+def find_undecodable(images: list[Path] | list[tuple[ImageSource, str]], threads: int = 4) -> list[tuple[str, str]]:
+    """(where, reason) of every image that does not decode: files, or (source, relative path)
+    pairs (Streams.check_files). JPEGs at 1/8 scale, in `threads` threads (decoding releases the GIL)."""
+    pairs = [item if isinstance(item, tuple) else (FolderSource(Path()), str(item)) for item in images]
+
+    def problem(pair: tuple[ImageSource, str]) -> tuple[str, str | None]:
+        source, rel = pair
+        return source.where(rel), source_problem(source, rel, fast=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        found = list(pool.map(problem, pairs, chunksize=16))
+    return [(where, reason) for where, reason in found if reason is not None]
 
 
 def raise_if_undecodable(problems: list[tuple[str, str]], what: str, show: int = 3) -> None:

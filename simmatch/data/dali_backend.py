@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ from simmatch.data.base import (
 )
 from simmatch.data.images import image_problem
 from simmatch.data.sharding import ShardPlan, derive_seed, val_slice
+from simmatch.data.sources import ImageSource
 from simmatch.errors import ConfigError, DataError
 
 MIN_SEGMENT_BATCHES = 64
@@ -60,13 +61,56 @@ def to_torch(output: Any, device: torch.device) -> torch.Tensor:
     return out.to(device)
 
 
-def decode_error(exc: Exception, file_root: Path, candidates: list[str], what: str) -> DataError:
+def decode_error(exc: Exception, source: ImageSource, candidates: list[str], what: str) -> DataError:
     """Name the unreadable file among `candidates` (DALI's message does not name it)."""
     for rel in dict.fromkeys(candidates):
-        reason = image_problem(file_root / rel)
+        reason = image_problem(source.open(rel))
         if reason is not None:
-            return DataError(f"cannot decode image {file_root / rel}: {reason}")
+            return DataError(f"cannot decode image {source.where(rel)}: {reason}")
     return DataError(f"{what} failed (every image of the batch decodes): {dali_reason(exc)}")
+
+
+class EncodedBatches:
+    """The external source of a shard set's pipelines: batch k (DALI's BatchInfo.iteration) is the
+    bytes of files[k*b:(k+1)*b] and their labels, read in `threads` threads (positional reads
+    release the GIL); past the end it starts again, as the file reader does, and a short last
+    batch is padded with its last image (the file reader's pad_last_batch). A read error is kept
+    to be raised as it is (DALI's wrapping would hide the image it names)."""
+
+    def __init__(self, source: ImageSource, files: list[str], labels: list[int], batch: int,
+                 threads: int) -> None:
+        self.source, self.files, self.labels, self.batch = source, files, labels, batch
+        self.batches = max(1, math.ceil(len(files) / batch))
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        self.error: DataError | None = None
+
+    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        start = (info.iteration % self.batches) * self.batch
+        rels = self.files[start:start + self.batch]
+        labels = self.labels[start:start + self.batch]
+        rels += rels[-1:] * (self.batch - len(rels))
+        labels += labels[-1:] * (self.batch - len(labels))
+        try:
+            data = list(self.pool.map(self.source.read, rels))
+        except DataError as exc:
+            self.error = exc
+            raise
+        return ([np.frombuffer(d, dtype=np.uint8) for d in data],
+                [np.array([label], dtype=np.int32) for label in labels])
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def reader_of(source: ImageSource) -> str:
+    """The DALI reader of a source: its file reader for a folder, an external source otherwise;
+    a DALI checkpoint holds that reader's state, so it restores only into the same kind."""
+    return "file" if source.kind == "folder" else "external"
+
+
+def feeder(source: ImageSource, files: list[str], labels: list[int], batch: int,
+           threads: int) -> EncodedBatches | None:
+    return None if source.kind == "folder" else EncodedBatches(source, files, labels, batch, threads)
 
 
 def dali_reason(exc: Exception) -> str:
@@ -82,12 +126,13 @@ class DaliTrainStream(TrainStream):
     """Endless labeled or unlabeled stream over a DALI pipeline definition."""
 
     def __init__(self, kind: str, definition: Callable, data_cfg: Any, plan: ShardPlan,
-                 file_root: Path, files: list[str], label_table: torch.Tensor,
+                 source: ImageSource, files: list[str], label_table: torch.Tensor,
                  device: torch.device, dali_device: str, channels_last: bool) -> None:
         super().__init__(kind, plan)
         self._definition = definition
         self._cfg = data_cfg
-        self._root = Path(file_root)
+        self._source = source
+        self._feeder: EncodedBatches | None = None
         self._files = files
         self._labels = label_table.to(device)
         self._device = device
@@ -128,14 +173,21 @@ class DaliTrainStream(TrainStream):
         checkpoint = self._pending
         if checkpoint is None and self._batch > 0:
             skip = self._batch  # no checkpoint saved: replay the segment up to the position
+        self._feeder = feeder(self._source, self._segment_files, order, self.plan.batch_size,
+                              self._cfg.num_threads)
         self._pipe = build(self._definition, device=self._dali_device, device_id=device_id,
                            batch_size=self.plan.batch_size, num_threads=self._cfg.num_threads,
                            seed=seed, prefetch=self._cfg.prefetch, checkpoint=checkpoint,
-                           cfg=self._cfg, file_root=str(self._root), files=self._segment_files,
-                           indices=order, layout=layout_of(self._channels_last))
+                           cfg=self._cfg, file_root=str(self._source.root), files=self._segment_files,
+                           indices=order, layout=layout_of(self._channels_last), source=self._feeder)
         self._pending = None
         for k in range(skip):
             self._run(k)
+
+    def _close_feeder(self) -> None:
+        if self._feeder is not None:
+            self._feeder.close()
+            self._feeder = None
 
     def _run(self, k: int):
         try:
@@ -143,9 +195,12 @@ class DaliTrainStream(TrainStream):
         except RuntimeError as exc:
             b = self.plan.batch_size
             window = self._segment_files[k * b:(k + self._cfg.prefetch + 2) * b]
+            known = self._feeder.error if self._feeder is not None else None
             self.close()
-            raise with_drop_hint(decode_error(exc, self._root, window, f"DALI {self.kind} pipeline"),
-                                 self.kind, self._root) from None
+            if known is not None:
+                raise known from None
+            raise with_drop_hint(decode_error(exc, self._source, window, f"DALI {self.kind} pipeline"),
+                                 self.kind, self._source) from None
 
     def __next__(self) -> dict[str, Any]:
         if self._pipe is None:
@@ -168,17 +223,23 @@ class DaliTrainStream(TrainStream):
         checkpoint = None
         if self._batch > 0:
             checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._pending
-        return epoch, batch, {"dali": checkpoint}
+        return epoch, batch, {"dali": checkpoint, "reader": reader_of(self._source)}
 
     def _seek(self, epoch: int, batch: int, extra: dict) -> None:
+        """Go to (epoch, batch); the saved DALI checkpoint restores the pipeline there, unless it was
+        written by another reader (the run moved between a folder and shards: data.format), when
+        the segment's first batches are run again instead (the same images and seeds)."""
         self.close()
         self._segment_epoch = self._segment_start(epoch)
         self._batch = sum(self.plan.batches_in(e) for e in range(self._segment_epoch, epoch)) + batch
         checkpoint = extra.get("dali")
+        if extra.get("reader", "file") != reader_of(self._source):
+            checkpoint = None
         self._pending = bytes(checkpoint) if checkpoint is not None and self._batch > 0 else None
 
     def close(self) -> None:
         self._pipe = None
+        self._close_feeder()
 
 
 def dali_device_id(device: torch.device, dali_device: str) -> int | None:
@@ -203,12 +264,13 @@ class DaliValPasses:
     ones. A pass left unfinished leaves the reader mid-list: the next pass rebuilds.
     """
 
-    def __init__(self, data_cfg: Any, file_root: Path, files: list[str], labels: list[int],
+    def __init__(self, data_cfg: Any, source: ImageSource, files: list[str], labels: list[int],
                  batch_size: int, rank: int, world_size: int, device: torch.device,
                  dali_device: str, channels_last: bool) -> None:
         start, stop = val_slice(len(files), rank, world_size)
         self._files, self._labels = files[start:stop], labels[start:stop]
-        self._cfg, self._root, self._batch = data_cfg, Path(file_root), batch_size
+        self._cfg, self._source, self._batch = data_cfg, source, batch_size
+        self._feeder: EncodedBatches | None = None
         self._rank, self._device, self._dali_device = rank, device, dali_device
         self._channels_last = channels_last
         self._pipe = None
@@ -219,14 +281,15 @@ class DaliValPasses:
         from dali_pipelines.common import build, layout_of
         from dali_pipelines.val import val_pipeline
 
-        self._pipe = None  # release the old pipeline's buffers before allocating new ones
+        self.close()  # release the old pipeline's buffers before allocating new ones
+        self._feeder = feeder(self._source, self._files, self._labels, self._batch, self._cfg.num_threads)
         self._pipe = build(val_pipeline, device=self._dali_device,
                            device_id=dali_device_id(self._device, self._dali_device),
                            batch_size=self._batch, num_threads=self._cfg.num_threads,
                            seed=derive_seed(self._rank, 3), prefetch=self._cfg.prefetch,
-                           cfg=self._cfg, file_root=str(self._root), files=self._files,
+                           cfg=self._cfg, file_root=str(self._source.root), files=self._files,
                            labels=self._labels, resize_shorter=val_resize_size(self._cfg),
-                           layout=layout_of(self._channels_last))
+                           layout=layout_of(self._channels_last), source=self._feeder)
         self.builds += 1
         self._at_start = True
 
@@ -244,9 +307,12 @@ class DaliValPasses:
             try:
                 x, y = self._pipe.run()
             except RuntimeError as exc:
+                known = self._feeder.error if self._feeder is not None else None
                 self.close()
+                if known is not None:
+                    raise known from None
                 window = mine[k * b:(k + self._cfg.prefetch + 2) * b]
-                raise decode_error(exc, self._root, window, "DALI val pipeline") from None
+                raise decode_error(exc, self._source, window, "DALI val pipeline") from None
             n = min(b, len(mine) - k * b)
             x = as_nchw(to_torch(x, self._device), self._channels_last)[:n]
             yield {"x": x, "y": to_torch(y, self._device).reshape(-1).long()[:n]}
@@ -254,6 +320,9 @@ class DaliValPasses:
 
     def close(self) -> None:
         self._pipe = None
+        if self._feeder is not None:
+            self._feeder.close()
+            self._feeder = None
 
 
 def dali_definitions() -> dict[str, Callable]:

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from simmatch.data.sources import FolderSource, ImageSource, ShardSource
 from simmatch.errors import ConfigError, DataError
 from simmatch.run.dropped import read_dropped
 from simmatch.run.rundir import split_list
+from simmatch.shards.index import SPLITS, index_path, read_index
 
 # `shipped:<name>` in data.labeled_list / data.unlabeled_list names a list in this folder.
 SHIPPED_PREFIX = "shipped:"
@@ -218,6 +220,12 @@ class Splits:
     val_files: list[str]
     val_labels: list[int]
     labeled_source: str  # the list file used, or a description of the generated split
+    train_source: ImageSource | None = None  # where the bytes are read (data.format); a folder by default
+    val_source: ImageSource | None = None
+
+    def __post_init__(self) -> None:
+        self.train_source = self.train_source or FolderSource(self.train_root)
+        self.val_source = self.val_source or FolderSource(self.val_root)
 
 
 def _resolve_frozen(tree: ImageTree, path: Path, name: str, allow_outside: bool,
@@ -262,7 +270,13 @@ def substitute_dropped(files: list[str], labels: list[int], dropped: frozenset[s
 
 
 def data_root(data_cfg) -> Path:
-    """data.root, which must be set and be a directory."""
+    """data.root (data.shards for data.format=shards), which must be set and be a directory."""
+    if data_cfg.format == "shards":
+        if not data_cfg.shards:
+            raise ConfigError("data.format=shards needs data.shards: the folder tools/make_shards.py wrote")
+        if not Path(data_cfg.shards).is_dir():
+            raise DataError(f"shard folder not found: {data_cfg.shards}")
+        return Path(data_cfg.shards)
     if not data_cfg.root:
         raise ConfigError("data.root is empty: set it to the data set directory")
     root = Path(data_cfg.root)
@@ -277,9 +291,32 @@ def require_data_dirs(data_cfg) -> None:
     if data_cfg.backend == "synthetic":
         return
     root = data_root(data_cfg)
+    if data_cfg.format == "shards":
+        for split in SPLITS:
+            if not index_path(root, split).is_file():
+                raise DataError(f"shard index not found: {index_path(root, split)} (tools/make_shards.py writes it)")
+        return
     for sub in (data_cfg.train_dir, data_cfg.val_dir):
         if not (root / sub).is_dir():
             raise DataError(f"data directory not found: {root / sub}")
+
+
+def split_tree(data_cfg, split: str) -> tuple[ImageTree, ImageSource]:
+    """The images of `split` ("train" or "val") and where their bytes are: data.root's
+    train_dir / val_dir folder, or data.shards' index (checked against its shards first)."""
+    root = data_root(data_cfg)
+    if data_cfg.format == "shards":
+        from simmatch.shards.verify import check_layout
+
+        index = read_index(root, split)
+        if data_cfg.num_classes and len(index.classes) != data_cfg.num_classes:
+            raise DataError(f"{index.path} has {len(index.classes)} classes but "
+                            f"data.num_classes={data_cfg.num_classes}")
+        check_layout(index)
+        source = ShardSource(index, data_cfg.max_open_shards)
+        return ImageTree(source.root, list(index.classes), index.paths, index.label.tolist()), source
+    tree = scan_tree(root / (data_cfg.train_dir if split == "train" else data_cfg.val_dir), data_cfg.num_classes)
+    return tree, FolderSource(tree.root)
 
 
 def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = None) -> Splits:
@@ -290,8 +327,7 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
     exactly the files it started with: a missing one is an error, a new one is ignored with
     a warning.
     """
-    root = data_root(data_cfg)
-    train = scan_tree(root / data_cfg.train_dir, data_cfg.num_classes)
+    train, train_source = split_tree(data_cfg, "train")
     frozen = Path(frozen) if frozen is not None else None
     frozen_lab = split_list(frozen, "labeled") if frozen is not None else None
     frozen_unl = split_list(frozen, "unlabeled") if frozen is not None else None
@@ -330,14 +366,15 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
         unl_files, unl_labels = substitute_dropped(unl_files, unl_labels, dropped)
     val_files: list[str] = []
     val_labels: list[int] = []
-    val_root = root / data_cfg.val_dir
+    val_root = data_root(data_cfg) / ("val" if data_cfg.format == "shards" else data_cfg.val_dir)
+    val_source = None
     if need_val:
-        val = scan_tree(val_root, data_cfg.num_classes)
+        val, val_source = split_tree(data_cfg, "val")
         if val.classes != train.classes:
-            raise DataError(f"class folders of {val_root} differ from those of {train.root}")
-        val_files, val_labels = val.files, val.labels
+            raise DataError(f"class folders of {val.root} differ from those of {train.root}")
+        val_files, val_labels, val_root = val.files, val.labels, val.root
     return Splits(train.classes, train.root, val_root, lab_files, lab_labels, unl_files,
-                  unl_labels, val_files, val_labels, source)
+                  unl_labels, val_files, val_labels, source, train_source, val_source)
 
 
 def complement(files: list[str], labels: list[int], labeled: list[str]) -> tuple[list[str], list[int]]:

@@ -13,6 +13,7 @@ import torch
 from simmatch.config import Config, derive_scale, run_world_size
 from simmatch.data.base import LABELED_KIND, UNLABELED_KIND, TrainStream
 from simmatch.data.sharding import LABELED, UNLABELED, ShardPlan
+from simmatch.data.sources import ImageSource
 from simmatch.data.splits import Splits, list_path, load_splits, write_list
 from simmatch.errors import ConfigError
 
@@ -55,8 +56,8 @@ class Streams:
     classes: list[str] = field(default_factory=list)
     # name -> files of the labeled (bank order) and unlabeled lists: RUN_DIR/splits/<name>.txt
     split_lists: dict[str, list[str]] = field(default_factory=dict)
-    # the files decoded before the first step (data.check_images): every val and labeled image
-    check_files: list[Path] = field(default_factory=list)
+    # the images decoded before the first step (data.check_images): every val and labeled image
+    check_files: list[tuple[ImageSource, str]] = field(default_factory=list)
     _val: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
     _labeled_eval: Callable[[], Iterator[dict[str, torch.Tensor]]] | None = None
 
@@ -178,13 +179,13 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
         def rank_streams(r: int) -> RankStreams:
             plan_l, plan_u = plans(r)
             return RankStreams(
-                r, DaliTrainStream(LABELED_KIND, defs[LABELED_KIND], data, plan_l, splits.train_root,
+                r, DaliTrainStream(LABELED_KIND, defs[LABELED_KIND], data, plan_l, splits.train_source,
                                    splits.labeled_files, bank_labels, device, where, channels_last),
-                DaliTrainStream(UNLABELED_KIND, defs[UNLABELED_KIND], data, plan_u, splits.train_root,
+                DaliTrainStream(UNLABELED_KIND, defs[UNLABELED_KIND], data, plan_u, splits.train_source,
                                 splits.unlabeled_files, unl_labels, device, where, channels_last))
 
-        def passes(root: Path, files: list[str], labels: list[int]):
-            return DaliValPasses(data, root, files, labels, bv, rank, world_size, device, where,
+        def passes(source: ImageSource, files: list[str], labels: list[int]):
+            return DaliValPasses(data, source, files, labels, bv, rank, world_size, device, where,
                                  channels_last)  # one pipeline per list for the whole run
     elif data.backend == "torch":
         from simmatch.data.torch_backend import TorchTrainStream, torch_val_batches
@@ -192,13 +193,13 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
         def rank_streams(r: int) -> RankStreams:
             plan_l, plan_u = plans(r)
             return RankStreams(
-                r, TorchTrainStream(LABELED_KIND, data, plan_l, splits.train_root,
+                r, TorchTrainStream(LABELED_KIND, data, plan_l, splits.train_source,
                                     splits.labeled_files, bank_labels, device, channels_last),
-                TorchTrainStream(UNLABELED_KIND, data, plan_u, splits.train_root,
+                TorchTrainStream(UNLABELED_KIND, data, plan_u, splits.train_source,
                                  splits.unlabeled_files, unl_labels, device, channels_last))
 
-        def passes(root: Path, files: list[str], labels: list[int]):
-            return lambda: torch_val_batches(data, root, files, labels, bv, rank, world_size,
+        def passes(source: ImageSource, files: list[str], labels: list[int]):
+            return lambda: torch_val_batches(data, source, files, labels, bv, rank, world_size,
                                              device, channels_last)
     else:
         raise ConfigError(f"data.backend={data.backend!r} is not one of dali, torch, synthetic")
@@ -207,10 +208,10 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
                    len(splits.val_files), data.num_classes, bank_labels, files, texts,
                    data.backend, where, list(splits.classes),
                    {"labeled": splits.labeled_files, "unlabeled": splits.unlabeled_files},
-                   [splits.val_root / f for f in splits.val_files]
-                   + [splits.train_root / f for f in splits.labeled_files],
-                   passes(splits.val_root, splits.val_files, splits.val_labels),
-                   passes(splits.train_root, splits.labeled_files, splits.labeled_labels))
+                   [(splits.val_source, f) for f in splits.val_files]
+                   + [(splits.train_source, f) for f in splits.labeled_files],
+                   passes(splits.val_source, splits.val_files, splits.val_labels),
+                   passes(splits.train_source, splits.labeled_files, splits.labeled_labels))
 
 
 def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b: int, bu: int,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simmatch.data.base import TrainStream, pack_batch, val_resize_size, with_drop_hint
 from simmatch.data.sharding import ShardPlan, val_slice
+from simmatch.data.sources import ImageSource
 from simmatch.errors import DataError
 
 _ERROR_PREFIX = "simmatch.errors.DataError: "
@@ -109,30 +109,32 @@ def val_transform(cfg: Any):
                        v2.CenterCrop(cfg.crop_size)] + _finish(cfg)[1:])
 
 
-def load_image(path: Path):
-    """RGB PIL image, fully decoded; a file that does not decode is a DataError naming it."""
+def load_image(source: ImageSource, rel: str):
+    """RGB PIL image, fully decoded; an image that does not decode is a DataError naming it (a
+    damaged shard is one already, naming the shard)."""
     from PIL import Image
 
+    encoded = source.open(rel)
     try:
-        with Image.open(path) as img:
+        with Image.open(encoded) as img:
             return img.convert("RGB")
     except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"cannot decode image {path}: {reason}") from None
+        raise DataError(f"cannot decode image {source.where(rel)}: {reason}") from None
 
 
 class _Views(Dataset):
     """Item (file index, sample seed) -> (views..., index); one decode, views seeded by the sample."""
 
-    def __init__(self, root: Path, files: list[str], transforms: list) -> None:
-        self.root, self.files, self.transforms = root, files, transforms
+    def __init__(self, source: ImageSource, files: list[str], transforms: list) -> None:
+        self.source, self.files, self.transforms = source, files, transforms
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        image = load_image(self.root / self.files[index])
+        image = load_image(self.source, self.files[index])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             views = [t(image) for t in self.transforms]
@@ -172,7 +174,7 @@ def reraise_worker_error(exc: Exception) -> None:
 
 
 class TorchTrainStream(TrainStream):
-    def __init__(self, kind: str, data_cfg: Any, plan: ShardPlan, file_root: Path,
+    def __init__(self, kind: str, data_cfg: Any, plan: ShardPlan, source: ImageSource,
                  files: list[str], label_table: torch.Tensor, device: torch.device,
                  channels_last: bool) -> None:
         super().__init__(kind, plan)
@@ -183,13 +185,13 @@ class TorchTrainStream(TrainStream):
         self._sampler = _EpochSampler(plan)
         workers = max(0, data_cfg.num_threads)
         self._loader = DataLoader(
-            _Views(Path(file_root), files, transforms), batch_size=plan.batch_size,
+            _Views(source, files, transforms), batch_size=plan.batch_size,
             sampler=self._sampler, num_workers=workers, pin_memory=device.type == "cuda",
             persistent_workers=workers > 0, worker_init_fn=ignore_time_limit_signal,
             prefetch_factor=max(1, data_cfg.prefetch) if workers else None)
         self._labels = label_table.to(device)
         self._device = device
-        self._root = Path(file_root)
+        self._source = source
         self._channels_last = channels_last
         self._epoch, self._batch = 0, 0
         self._it: Iterator | None = None
@@ -205,7 +207,7 @@ class TorchTrainStream(TrainStream):
             try:
                 reraise_worker_error(exc)
             except DataError as error:
-                raise with_drop_hint(error, self.kind, self._root) from None
+                raise with_drop_hint(error, self.kind, self._source) from None
         self._batch += 1
         if self._batch == self.plan.batches_in(self._epoch):
             self._epoch, self._batch, self._it = self._epoch + 1, 0, None
@@ -227,24 +229,24 @@ class TorchTrainStream(TrainStream):
 
 
 class _ValSet(Dataset):
-    def __init__(self, root: Path, files: list[str], labels: list[int], transform) -> None:
-        self.root, self.files, self.labels, self.transform = root, files, labels, transform
+    def __init__(self, source: ImageSource, files: list[str], labels: list[int], transform) -> None:
+        self.source, self.files, self.labels, self.transform = source, files, labels, transform
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return self.transform(load_image(self.root / self.files[i])), self.labels[i]
+        return self.transform(load_image(self.source, self.files[i])), self.labels[i]
 
 
-def torch_val_batches(data_cfg: Any, file_root: Path, files: list[str], labels: list[int],
+def torch_val_batches(data_cfg: Any, source: ImageSource, files: list[str], labels: list[int],
                       batch_size: int, rank: int, world_size: int, device: torch.device,
                       channels_last: bool) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's contiguous slice of the validation set, each image once; last batch partial."""
     start, stop = val_slice(len(files), rank, world_size)
     if start == stop:
         return
-    dataset = _ValSet(Path(file_root), files[start:stop], labels[start:stop], val_transform(data_cfg))
+    dataset = _ValSet(source, files[start:stop], labels[start:stop], val_transform(data_cfg))
     workers = max(0, data_cfg.num_threads)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_time_limit_signal)

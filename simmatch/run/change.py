@@ -21,7 +21,8 @@ NEUTRAL = frozenset({
     "name", "train.run_dir", "train.output_root", "train.log_every", "train.eval_every",
     "train.ckpt_every", "train.keep_ckpts", "train.async_ckpt", "train.tensorboard", "train.wandb",
     "train.wandb_project", "train.knn_k", "train.knn_temperature", "train.compile",
-    "data.root", "data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.val_batch",
+    "data.root", "data.format", "data.shards", "data.max_open_shards",  # where the images are read
+    "data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.val_batch",
     "data.num_train_images",  # only the printed recipe uses it
     "data.max_bad_images",  # what is dropped is recorded in splits/dropped.txt, which the resume reads
     "model.init_from",  # a resumed run takes its weights from its own checkpoint

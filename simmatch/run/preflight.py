@@ -70,21 +70,23 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
         def tree() -> str:
             nonlocal splits
             splits = load_splits(cfg.data, frozen=rd.splits if resuming else None)
-            return (f"{cfg.data.root}: {len(splits.classes)} classes, {len(splits.labeled_files)} "
+            where = cfg.data.shards if cfg.data.format == "shards" else cfg.data.root
+            return (f"{where}: {len(splits.classes)} classes, {len(splits.labeled_files)} "
                     f"labeled ({splits.labeled_source}), {len(splits.unlabeled_files)} unlabeled, "
                     f"{len(splits.val_files)} val images")
         checks.append(_run("data tree and split lists", tree))
     if splits is not None and full:
         def decode_every() -> str:
             started = time.perf_counter()
-            root, val_root = splits.train_root, splits.val_root
+            train_src, val_src = splits.train_source, splits.val_source
             train = list(dict.fromkeys(splits.labeled_files + splits.unlabeled_files))
             workers = os.cpu_count() or 1
             progress = Progress(len(train) + len(splits.val_files))
-            bad = [(root / f, r) for f, r in decode_all(root, train, workers, progress=progress)]
-            bad += [(val_root / f, r) for f, r in decode_all(val_root, splits.val_files, workers, progress=progress)]
+            bad = [(train_src.where(f), r) for f, r in decode_all(train_src, train, workers, progress=progress)]
+            bad += [(val_src.where(f), r)
+                    for f, r in decode_all(val_src, splits.val_files, workers, progress=progress)]
             seconds = time.perf_counter() - started
-            raise_if_undecodable([(str(path), reason) for path, reason in bad], "images", show=0)  # each named
+            raise_if_undecodable(bad, "images", show=0)  # each named
             total = len(train) + len(splits.val_files)
             return (f"{total:,} images decode (every training and val image, {workers} threads) in "
                     f"{seconds:.1f} s, {total / max(seconds, 1e-9):,.0f} images/s")
@@ -94,8 +96,8 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
             started = time.perf_counter()
             sample = random.Random(0).sample(splits.unlabeled_files,
                                              min(TRAIN_SAMPLE, len(splits.unlabeled_files)))
-            files = ([splits.val_root / f for f in splits.val_files]
-                     + [splits.train_root / f for f in splits.labeled_files + sample])
+            files = ([(splits.val_source, f) for f in splits.val_files]
+                     + [(splits.train_source, f) for f in splits.labeled_files + sample])
             raise_if_undecodable(find_undecodable(files, max(4, os.cpu_count() or 1)), "images")
             return (f"{len(files)} images decode (every val and labeled image, {len(sample)} "
                     f"sampled training images) in {time.perf_counter() - started:.1f} s")

@@ -41,12 +41,13 @@ def class_names(state: dict, cfg: Config) -> list[str]:
     """Class names (wnids) in index order: saved in the checkpoint, else read from the data tree."""
     if state.get("classes"):
         return [str(c) for c in state["classes"]]
-    train = Path(cfg.data.root) / cfg.data.train_dir
-    if cfg.data.root and train.is_dir():
-        from simmatch.data.splits import scan_tree
+    from simmatch.data.splits import split_tree
+    from simmatch.errors import UserError
 
-        return scan_tree(train).classes
-    return []
+    try:
+        return split_tree(cfg.data, "train")[0].classes
+    except UserError:  # no data here
+        return []
 
 
 def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:

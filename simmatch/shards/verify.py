@@ -1,0 +1,92 @@
+"""Does a shard set match its index? A quick check for every start, a full one for check_data.
+
+`check_layout` (every start, before the first step): each shard exists and has the size the
+index records, and the tar headers before its first and last image describe them: a missing
+or truncated shard, or an index of another packing, is one line naming the shard. It costs a
+stat and two 512-byte reads per shard. `check_digests` (tools/check_data.py, --check) reads
+every byte: the sha256 of each shard against the index, which also catches altered bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from simmatch.errors import DataError
+from simmatch.shards.index import ShardIndex
+from simmatch.shards.reader import OpenShards, member_header_problem
+
+READ_CHUNK = 8 << 20
+
+
+def check_layout(index: ShardIndex) -> None:
+    files = OpenShards(1)
+    try:
+        for k, info in enumerate(index.shards):
+            path = index.shard_path(k)
+            try:
+                found = os.stat(path).st_size
+            except FileNotFoundError:
+                raise DataError(f"shard missing: {path} (listed in {index.path}); restore it, or pack the "
+                                f"data set again with tools/make_shards.py") from None
+            if found != info.bytes:
+                what = "truncated" if found < info.bytes else "longer than its index says"
+                raise DataError(f"shard {path} is {what}: {found:,} bytes, {index.path} records "
+                                f"{info.bytes:,}; restore it or pack the data set again")
+            rows = np.flatnonzero(index.shard == k)
+            if len(rows) != info.images:
+                raise DataError(f"{index.path} lists {len(rows)} images in {path}, its header {info.images}")
+            for row in {int(rows[0]), int(rows[-1])} if len(rows) else ():
+                problem = member_header_problem(index, row, files)
+                if problem is not None:
+                    raise DataError(f"shard {path} does not match its index {index.path}: {problem}; "
+                                    f"use the index packed with these shards")
+    finally:
+        files.close()
+
+
+def file_sha256(path: os.PathLike, step: Callable[[int], None] | None = None) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            sha.update(chunk)
+            if step is not None:
+                step(len(chunk))
+    return sha.hexdigest()
+
+
+def check_digests(index: ShardIndex, step: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+    """(shard, reason) for every shard whose bytes are not those packed: missing, another size
+    or another sha256; `step(n)` after every n bytes read."""
+    problems = []
+    for k, info in enumerate(index.shards):
+        path = index.shard_path(k)
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            problems.append((str(path), "missing"))
+            continue
+        if size != info.bytes:
+            problems.append((str(path), f"{size:,} bytes, the index records {info.bytes:,}"))
+            continue
+        if file_sha256(path, step) != info.sha256:
+            problems.append((str(path), "its sha256 differs from the index's: the shard was altered"))
+    return problems
+
+
+def damaged_images(index: ShardIndex, shard: int) -> list[str]:
+    """The images of an altered shard whose bytes no longer match their CRC-32 (to name them)."""
+    from simmatch.shards.reader import read_row
+
+    files, bad = OpenShards(1), []
+    try:
+        for row in np.flatnonzero(index.shard == shard):
+            try:
+                read_row(index, int(row), files)
+            except DataError:
+                bad.append(index.paths[int(row)])
+    finally:
+        files.close()
+    return bad
