@@ -75,6 +75,8 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
                     f"labeled ({splits.labeled_source}), {len(splits.unlabeled_files)} unlabeled, "
                     f"{len(splits.val_files)} val images")
         checks.append(_run("data tree and split lists", tree))
+    if splits is not None and cfg.data.format == "shards":
+        checks.append(_run("shards against their indexes (sha256)", lambda: _shard_digests(splits)))
     if splits is not None and full:
         def decode_every() -> str:
             started = time.perf_counter()
@@ -107,6 +109,23 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
         counts = (len(splits.labeled_files), len(splits.unlabeled_files)) if splits is not None else None
         checks.append(_run("resume", lambda: _resume(cfg, rd, world_size, allow_config_change, counts)))
     return checks
+
+
+def _shard_digests(splits) -> str:
+    """Every byte of every shard of the run against its index's sha256 (altered images named)."""
+    from simmatch.shards.verify import check_digests, damaged_images
+
+    started, total, shards = time.perf_counter(), 0, 0
+    for source in (splits.train_source, splits.val_source):
+        index = source.index
+        for k, reason in check_digests(index):
+            named = damaged_images(index, k) if "altered" in reason else []
+            raise UserError(f"{index.shard_path(k)}: {reason}" + (f" (images: {', '.join(named[:3])})" if named else "")
+                            + "; restore it or pack the data set again (tools/make_shards.py)")
+        total += sum(s.bytes for s in index.shards)
+        shards += len(index.shards)
+    return (f"{shards} shards, {total / 1e9:,.2f} GB: every sha256 matches its index "
+            f"({time.perf_counter() - started:.1f} s)")
 
 
 def _scale(cfg: Config, world_size: int) -> str:

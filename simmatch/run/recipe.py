@@ -47,11 +47,11 @@ def split_sizes(cfg: Config) -> SplitSizes:
     if d.backend == "synthetic":
         n = d.synthetic_size
         return SplitSizes(n, n, "synthetic", "synthetic", f"data.synthetic_size={n}")
-    tree = Path(d.root) / d.train_dir
-    if d.root and tree.is_dir():
+    tree = Path(d.shards) / "train.index" if d.format == "shards" else Path(d.root) / d.train_dir
+    if (d.shards if d.format == "shards" else d.root) and tree.exists():
         s = load_splits(d, need_val=False)
         return SplitSizes(len(s.labeled_files), len(s.unlabeled_files), labeled, unlabeled,
-                          f"data tree {tree}")
+                          f"shard index {tree}" if d.format == "shards" else f"data tree {tree}")
     total = d.num_train_images or None
     where = (f"data.num_train_images={total} (data tree {tree} absent)" if total else
              f"unknown: data tree {tree} absent and data.num_train_images not set")

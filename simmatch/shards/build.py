@@ -45,8 +45,8 @@ def parse_size(text: str) -> int:
     if not found or found.group(2).lower() not in UNITS:
         raise UserError(f"--shard-size {text!r}: expected a size such as 1GB, 512MiB or 64KB")
     value = int(float(found.group(1)) * UNITS[found.group(2).lower()])
-    if value < 4096:
-        raise UserError(f"--shard-size {text!r}: at least 4KB")
+    if value < 1000:
+        raise UserError(f"--shard-size {text!r}: at least 1KB")
     return value
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from simmatch.errors import DataError
 from simmatch.shards.index import ShardIndex
-from simmatch.shards.reader import OpenShards, member_header_problem
+from simmatch.shards.reader import OpenShards, member_header_problem, pread_exact
 
 READ_CHUNK = 8 << 20
 
@@ -32,8 +32,10 @@ def check_layout(index: ShardIndex) -> None:
                 raise DataError(f"shard missing: {path} (listed in {index.path}); restore it, or pack the "
                                 f"data set again with tools/make_shards.py") from None
             if found != info.bytes:
-                what = "truncated" if found < info.bytes else "longer than its index says"
-                raise DataError(f"shard {path} is {what}: {found:,} bytes, {index.path} records "
+                if ends_whole(path, files):  # a whole tar of another size: the index is another packing's
+                    raise DataError(f"shard {path} does not match its index {index.path}: {found:,} bytes, the "
+                                    f"index records {info.bytes:,}; use the index packed with these shards")
+                raise DataError(f"shard {path} is truncated: {found:,} bytes, {index.path} records "
                                 f"{info.bytes:,}; restore it or pack the data set again")
             rows = np.flatnonzero(index.shard == k)
             if len(rows) != info.images:
@@ -47,6 +49,12 @@ def check_layout(index: ShardIndex) -> None:
         files.close()
 
 
+def ends_whole(path: os.PathLike, files: OpenShards) -> bool:
+    """Does the file end with a tar's end-of-archive (1024 zero bytes)? A cut-off shard does not."""
+    size = os.stat(path).st_size
+    return size >= 1024 and pread_exact(files.fd(path), 1024, size - 1024) == bytes(1024)
+
+
 def file_sha256(path: os.PathLike, step: Callable[[int], None] | None = None) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
@@ -57,22 +65,22 @@ def file_sha256(path: os.PathLike, step: Callable[[int], None] | None = None) ->
     return sha.hexdigest()
 
 
-def check_digests(index: ShardIndex, step: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
-    """(shard, reason) for every shard whose bytes are not those packed: missing, another size
-    or another sha256; `step(n)` after every n bytes read."""
+def check_digests(index: ShardIndex, step: Callable[[int], None] | None = None) -> list[tuple[int, str]]:
+    """(shard number, reason) for every shard whose bytes are not those packed: missing, another
+    size or another sha256 ("altered"); `step(n)` after every n bytes read."""
     problems = []
     for k, info in enumerate(index.shards):
         path = index.shard_path(k)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            problems.append((str(path), "missing"))
+            problems.append((k, "missing"))
             continue
         if size != info.bytes:
-            problems.append((str(path), f"{size:,} bytes, the index records {info.bytes:,}"))
+            problems.append((k, f"{size:,} bytes, the index records {info.bytes:,}"))
             continue
         if file_sha256(path, step) != info.sha256:
-            problems.append((str(path), "its sha256 differs from the index's: the shard was altered"))
+            problems.append((k, "its sha256 differs from the index's: the shard was altered"))
     return problems
 
 

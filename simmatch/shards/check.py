@@ -1,0 +1,83 @@
+"""Check a shard set the way tools/check_data.py checks a tree: every shard against its index.
+
+Per split: the index is read, each shard's size and tar headers checked against it, every
+shard's sha256 computed (all bytes read: altered ones are caught and their images named by
+their CRC-32), then images decoded: a seeded sample of `per_class` per class, or all of them.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simmatch.data.checks import Progress, decode_all
+from simmatch.data.sources import ShardSource
+from simmatch.errors import DataError
+from simmatch.shards.index import SPLITS, index_path, read_index
+from simmatch.shards.verify import check_digests, check_layout, damaged_images
+
+
+@dataclass
+class ShardReport:
+    root: Path
+    splits: dict[str, dict] = field(default_factory=dict)  # split -> classes, images, shards, bytes
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (shard or image, reason)
+    decoded: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+def is_shard_set(path: str | Path) -> bool:
+    return index_path(path, "train").is_file()
+
+
+class _Bytes(Progress):
+    def line(self) -> str:
+        pct = 100 * self.done // max(1, self.total)
+        return f"sha256 {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB ({pct}%)"
+
+
+def check_shard_set(root: str | Path, workers: int, per_class: int = 1, full: bool = False,
+                    show_progress: bool = False) -> ShardReport:
+    root = Path(root)
+    report = ShardReport(root)
+    started = time.perf_counter()
+    for split in SPLITS:
+        if not index_path(root, split).is_file():
+            if split == "train":
+                raise DataError(f"shard index not found: {index_path(root, split)}")
+            continue
+        index = read_index(root, split)
+        report.splits[split] = {"classes": len(index.classes), "images": len(index),
+                                "shards": len(index.shards), "bytes": sum(s.bytes for s in index.shards)}
+        try:
+            check_layout(index)
+        except DataError as exc:
+            report.problems.append((str(index.path), str(exc)))
+        total = report.splits[split]["bytes"]
+        progress = _Bytes(total, "sha256") if show_progress else None
+        for k, reason in check_digests(index, progress.step if progress else None):
+            if "altered" in reason:
+                named = damaged_images(index, k)
+                more = " ..." if len(named) > 5 else ""
+                reason += (f" (images whose bytes changed: {', '.join(named[:5])}{more})" if named
+                           else " (in a tar header or padding: no image's bytes changed)")
+            report.problems.append((str(index.shard_path(k)), reason))
+        report.bytes_read += total
+        source = ShardSource(index, 64)
+        if full:
+            chosen = list(index.paths)
+        else:
+            rng = random.Random(0)
+            by_class: dict[int, list[str]] = {}
+            for rel, label in zip(index.paths, index.label.tolist()):
+                by_class.setdefault(label, []).append(rel)
+            chosen = [rel for c in sorted(by_class)
+                      for rel in rng.sample(by_class[c], min(per_class, len(by_class[c])))]
+        decoding = Progress(len(chosen)) if show_progress else None
+        for rel, reason in decode_all(source, chosen, workers, progress=decoding):
+            report.problems.append((source.where(rel), f"cannot decode: {reason}"))
+        report.decoded += len(chosen)
+    report.seconds = time.perf_counter() - started
+    return report
