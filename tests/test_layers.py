@@ -24,7 +24,7 @@ from conftest import ROOT
 PROJECT = ("simmatch", "slurm", "dali_pipelines")
 CODE_DIRS = ("simmatch", "slurm", "dali_pipelines", "tools", "benchmarks")
 TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/methods/spec.py", "simmatch/checkpoint/atomic.py",
-              "simmatch/checkpoint/elastic.py", "simmatch/checks.py")
+              "simmatch/checkpoint/elastic.py", "simmatch/checks.py", "simmatch/shards")
 HEAVY = ("torch", "torchvision", "nvidia")
 MAX_LINES = 450
 MAX_TOP_MODULES = 6

@@ -230,3 +230,32 @@ def test_shards_make_shards_refuses_another_tree_in_an_unfinished_folder(digits_
     res = call_tool("tools/make_shards.py", str(digits_root), str(out), "--quiet")
     assert res.returncode != 0 and "unfinished packing of another tree" in res.stderr
     assert tool.parse_size("1GB") == 10**9 and tool.parse_size("2MiB") == 2 << 20
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_shards_elastic_and_virtual_ranks_read_what_the_folder_reads(digits_root, digits_shards, backend):
+    """Positions saved by 2 ranks resumed on 3 (an elastic resume), and 3 virtual ranks in one process:
+    every rank's next batches from the shards equal the folder's."""
+    cpu = torch.device("cpu")
+    got = {}
+    for fmt, cfg in zip(("folder", "shards"), _cfgs(digits_root, digits_shards, backend, "train.batch_size=12")):
+        old = [build_streams(cfg, r, 2, cpu) for r in range(2)]
+        for s in old:
+            take(s.unlabeled, 3)
+        saved = old[0].unlabeled.state_dict()
+        new = [build_streams(cfg, r, 3, cpu) for r in range(3)]
+        for s in new:
+            s.unlabeled.load_state_dict(saved)
+        got[fmt] = [take(s.unlabeled, 2) for s in new]
+        virtual = build_streams(_virtual(cfg), 0, 1, cpu)
+        got[fmt] += [take(r.labeled, 2) + take(r.unlabeled, 2) for r in virtual.train]
+        for s in old + new + [virtual]:
+            s.close()
+    assert len(got["shards"]) == 6
+    assert all(same_batches(a, b) for a, b in zip(got["folder"], got["shards"], strict=True))
+
+
+def _virtual(cfg):
+    from simmatch.config import apply_overrides
+
+    return apply_overrides(cfg, ["train.virtual_world_size=3"])
