@@ -142,7 +142,7 @@ def test_shards_bad_shard_stops_the_run_in_one_line_and_loses_nothing(digits_roo
     import torch
 
     from simmatch.config import load_config
-    from simmatch.data import build_streams
+    from simmatch.data import build_streams, load_splits
 
     out = tmp_path / "shards"
     shutil.copytree(shards_for_training, out)
@@ -176,7 +176,7 @@ def test_shards_bad_shard_stops_the_run_in_one_line_and_loses_nothing(digits_roo
     streams = build_streams(cfg, 0, 1, torch.device("cpu"), frozen_splits=run_dir / "splits")
     first = streams.unlabeled.plan.rank_order(0)[20 * 16]  # the first unlabeled image after step 20
     rel = streams.split_lists["unlabeled"][first]
-    src = streams.train[0].unlabeled._source  # noqa: SLF001 - where the test alters it
+    src = load_splits(cfg.data).train_source
     row = src.index.row(rel)
     target = src.index.shard_path(int(src.index.shard[row]))
     with open(target, "r+b") as f:
