@@ -190,3 +190,18 @@ def kept(run_dir: Path) -> dict[str, str]:
     """sha256 of what a failed start must leave as it was: the checkpoints and split lists (config.yaml
     takes the accepted longer schedule)."""
     return {k: v for k, v in _tree_digest(run_dir).items() if k.startswith(("checkpoints/", "splits/"))}
+
+
+@pytest.mark.timeout(900)
+def test_shards_a_folder_run_continues_on_its_shards(digits_root, shards_for_training, finished, tmp_path):
+    """The folder run's checkpoint of step 10, resumed with data.format=shards (its DALI position was
+    saved by the file reader: the shard stream reaches it by running the segment's first batches
+    again), ends bit-identical to the uninterrupted folder run."""
+    from test_virtual import _resume_copy
+
+    whole = finished("folder", "dali")
+    run_dir = _resume_copy(whole, tmp_path / "run", 10)
+    res = call_tool("tools/train.py", *overrides(digits_root, shards_for_training, run_dir, "shards", "dali"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
+    assert_same_weights(final_state(run_dir), final_state(whole))
