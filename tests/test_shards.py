@@ -197,6 +197,12 @@ def test_shards_altered_image_is_named_with_its_shard(digits_root, digits_shards
     res = call_tool("tools/check_data.py", str(out), "--quiet")
     assert res.returncode == 1 and f"{shard}: its sha256 differs" in res.stdout and rel in res.stdout
     assert call_tool("tools/check_data.py", str(digits_shards), "--quiet").returncode == 0
+    check = ["tools/train.py", "--cfg", "yaml/digits.yaml", "data.format=shards", f"data.shards={out}",
+             f"train.run_dir={tmp_path / 'run'}", "--check", "--full"]
+    res = call_tool(*check)
+    failed = [ln for ln in res.stdout.splitlines() if ln.startswith("FAIL")]
+    assert res.returncode != 0 and len(failed) == 2, res.stdout  # the sha256 and the decode of every image
+    assert f"{shard}: its sha256 differs" in failed[0] and rel in failed[0] and rel in failed[1]
 
 
 def test_shards_config_names_what_is_missing(digits_root, tmp_path):

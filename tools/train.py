@@ -42,7 +42,8 @@ def main() -> int:
                              "RUN_DIR/splits/*.txt write them): each one's place is taken by the next image "
                              "of the list; recorded in RUN_DIR/splits/dropped.txt and metrics.jsonl")
     parser.add_argument("--full", action="store_true",
-                        help="with --check: decode every training image (all cores), not a sample of 500")
+                        help="with --check: decode every training image (all cores), not a sample of 500; "
+                             "on shards also every shard's sha256")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.batch_size=32")
     args = parser.parse_intermixed_args()  # options before or after the overrides
     if args.print_config:
