@@ -265,3 +265,19 @@ def _virtual(cfg):
     from simmatch.config import apply_overrides
 
     return apply_overrides(cfg, ["train.virtual_world_size=3"])
+
+
+def test_shards_a_second_make_shards_on_the_same_folder_is_refused(digits_root, tmp_path):
+    """While one build holds OUT/.build/lock (an flock, as a running make_shards.py does), another is
+    refused in one line and writes nothing; once the lock is free the build runs."""
+    import fcntl
+
+    out = tmp_path / "out"
+    (out / ".build").mkdir(parents=True)
+    with open(out / ".build" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        res = call_tool("tools/make_shards.py", str(digits_root), str(out), "--quiet")
+        assert res.returncode == 2 and "being packed by another make_shards.py" in res.stderr
+        assert sorted(p.name for p in out.rglob("*")) == [".build", "lock"]
+    assert call_tool("tools/make_shards.py", str(digits_root), str(out), "--quiet").returncode == 0
+    assert (out / "train.index").is_file() and not (out / ".build").exists()
