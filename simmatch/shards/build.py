@@ -158,28 +158,26 @@ def _fingerprint(shard_size: int, plans: dict[str, list[ShardPlan]], trees: dict
     return sha.hexdigest()
 
 
-class _Job:
-    """The work of one worker process (fork): the trees and sizes arrive with the fork."""
+_WORK: dict = {}  # what the forked workers read (the trees and sizes are not pickled for every shard)
 
-    def __init__(self, out: Path, trees: dict[str, ImageTree], sizes: dict[str, list[int]]) -> None:
-        self.out, self.trees, self.sizes = out, trees, sizes
 
-    def __call__(self, plan: ShardPlan) -> dict:
-        return write_shard(self.out, plan, self.trees[plan.split], self.sizes[plan.split])
+def _write_planned(plan: ShardPlan) -> dict:
+    return write_shard(_WORK["out"], plan, _WORK["trees"][plan.split], _WORK["sizes"][plan.split])
 
 
 def make_shards(src: str | Path, out: str | Path, shard_size: int, jobs: int = 1,
                 show_progress: bool = True, log=print) -> dict:
     """Pack SRC/train and SRC/val into OUT; returns a summary (images, shards, bytes per split)."""
     src, out = Path(src), Path(out)
-    trees = {s: scan_tree(src / s) for s in SPLITS if (src / s).is_dir()}
-    if "train" not in trees:
+    if not (src / "train").is_dir():
         raise DataError(f"data directory not found: {src / 'train'}")
-    if "val" in trees and trees["val"].classes != trees["train"].classes:
-        raise DataError(f"class folders of {src / 'val'} differ from those of {src / 'train'}")
-    if all(index_path(out, s).is_file() for s in trees) and not (out / BUILD_DIR).exists():
+    present = [s for s in SPLITS if (src / s).is_dir()]
+    if all(index_path(out, s).is_file() for s in present) and not (out / BUILD_DIR).exists():
         log(f"{out}: already packed (its indexes are there); tools/check_data.py {out} verifies it")
         return {"complete": True}
+    trees = {s: scan_tree(src / s) for s in present}
+    if "val" in trees and trees["val"].classes != trees["train"].classes:
+        raise DataError(f"class folders of {src / 'val'} differ from those of {src / 'train'}")
     out.mkdir(parents=True, exist_ok=True)
     (out / BUILD_DIR).mkdir(exist_ok=True)
     lock = open(out / BUILD_DIR / "lock", "w")
@@ -221,18 +219,21 @@ def _build(src: Path, out: Path, trees: dict[str, ImageTree], shard_size: int, j
     progress = Progress(total, "packed") if show_progress else None
     if progress is not None:
         progress.step(sum(len(p.rows) for p in every if records[p.name] is not None))
-    job = _Job(out, trees, sizes)
-    if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
-            for plan, record in zip(todo, pool.map(job, todo)):
-                records[plan.name] = record
+    _WORK.update(out=out, trees=trees, sizes=sizes)
+    try:
+        if jobs > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("fork")) as pool:
+                for plan, record in zip(todo, pool.map(_write_planned, todo)):
+                    records[plan.name] = record
+                    if progress is not None:
+                        progress.step(len(plan.rows))
+        else:
+            for plan in todo:
+                records[plan.name] = _write_planned(plan)
                 if progress is not None:
                     progress.step(len(plan.rows))
-    else:
-        for plan in todo:
-            records[plan.name] = job(plan)
-            if progress is not None:
-                progress.step(len(plan.rows))
+    finally:
+        _WORK.clear()
     _verify(out, every, records, show_progress)
     summary = {}
     for split, tree in trees.items():
