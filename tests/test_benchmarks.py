@@ -78,6 +78,39 @@ def test_loader_benchmark_tiny(digits_root):
     assert out["dali_over_torch"] == pytest.approx(speed["dali"] / speed["torch"], abs=0.01)
 
 
+def test_loader_benchmark_shards_opens_and_open_delay(digits_root, tmp_path):
+    """--format both with an injected open delay: the folder opens every image it reads, the
+    shard set only its shard (once per process, before the timed batches here)."""
+    import shutil
+
+    pytest.importorskip("nvidia.dali")
+    for tool in ("strace", "gcc"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found: the benchmark counts opens with strace and compiles its "
+                        f"open-delay shim with gcc")
+    from simmatch.shards.build import make_shards
+
+    make_shards(digits_root, tmp_path / "shards", 64 * 10**6, show_progress=False, log=lambda *a: None)
+    out = last_json(run_tool("benchmarks/loader.py", "--data", str(digits_root), "--shards", str(tmp_path / "shards"),
+                             "--format", "both", "--backend", "dali", "--batch", "4", "--iters", "2",
+                             "--warmup", "1", "--crop", "16", "--threads", "1", "--open-delay-ms", "1"))
+    if out["opens_counted_by"] is None:  # strace is there but cannot trace (ptrace not permitted)
+        pytest.skip(out["opens_note"])
+    rows = {r["format"]: r for r in out["rows"]}
+    assert set(rows) == {"folder", "shards"} and out["open_delay_ms"] == [1.0]
+    assert "not a real network mount" in out["open_delay"] and out["opens_counted_by"] == "strace"
+    folder, shards = rows["folder"], rows["shards"]
+    assert folder["open_delay_ms"] == shards["open_delay_ms"] == 1.0
+    # every image read (warm-up and timed batches) is a file of its own; the scan opens the class folders too
+    assert folder["opens"] > 0 and folder["opens_whole_run"] >= 4 * 3
+    assert shards["opens"] <= out["shard_opens_bound"] == out["shards"] * 1
+    for r in (folder, shards):
+        assert r["opens_per_1k_images"] == pytest.approx(1000 * r["opens"] / 8, abs=0.01)
+        assert r["opens_per_epoch"] == pytest.approx(r["opens"] * r["epoch_images"] / 8, abs=0.1)
+    assert out["shards_over_folder"]["dali"]["1"] == pytest.approx(
+        shards["images_per_s"] / folder["images_per_s"], abs=0.01)
+
+
 def test_bank_memory_benchmark_reads_the_banks_it_builds():
     out = last_json(run_tool("benchmarks/bank_memory.py", "--cfg", "yaml/in1k_1pct_v2.yaml", "--world-size", "1", "2"))
     for row, gpus in zip(out["rows"], (1, 2)):
