@@ -1,5 +1,5 @@
-"""Shared fixtures of the data tests: a tree with a corrupt image, and config helpers (the digits
-tree, 16 px, is tests/conftest.py's `digits_root`)."""
+"""Shared fixtures of the data tests: a tree with a corrupt image, a tree of real photographs, and
+config helpers (the digits tree, 16 px, is tests/conftest.py's `digits_root`)."""
 from __future__ import annotations
 
 import importlib.util
@@ -64,3 +64,32 @@ def same_batches(a: list[dict], b: list[dict]) -> bool:
             if not all(torch.equal(p, q) for p, q in zip(xs, ys, strict=True)):
                 return False
     return True
+
+
+@pytest.fixture(scope="session")
+def photo_root(tmp_path_factory) -> Path:
+    """Real photographs (scikit-learn's china.jpg and flower.jpg): 3 classes of seeded 120 x 90 crops
+    as JPEGs of several qualities, one PNG, and names that test the packing: a dotted stem, a
+    non-ASCII name and one long enough (> 100 bytes) to need a PAX header."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("photos")
+    odd = ["a.b.c", "été", "x" * 110]
+    for split, count in (("train", 8), ("val", 3)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                photo = photos[(c + i) % 2]
+                x, y = int(rng.integers(0, photo.width - 120)), int(rng.integers(0, photo.height - 90))
+                crop = photo.crop((x, y, x + 120, y + 90))
+                stem = odd[c] if i == 0 and split == "train" else f"img{i:02d}"
+                if i == 1:
+                    crop.save(folder / f"{stem}.png")
+                else:
+                    crop.save(folder / f"{stem}.jpg", quality=int(rng.integers(60, 95)))
+    return root

@@ -32,31 +32,43 @@ def shards_for_training(digits_root, tmp_path_factory) -> Path:
     return pack(digits_root, tmp_path_factory.mktemp("train_shards") / "out")
 
 
-def overrides(root: Path, shards: Path, run_dir: Path, fmt: str, backend: str, processes: int = 1) -> list[str]:
+def overrides(root: Path, shards: Path, run_dir: Path, fmt: str, backend: str, processes: int = 1,
+              **more) -> list[str]:
     """20 steps (8 with 3 ranks), a checkpoint every 5; the shard runs get no data.root at all, so
-    nothing can come from the folder."""
+    nothing can come from the folder. The torch backend reads in the training process (its
+    worker processes read shards in tests/test_shards.py)."""
     extra = {"data.backend": backend, "optim.iters": 20 if processes == 1 else 8, "train.ckpt_every": 5,
-             "train.batch_size": 8 * processes, "optim.base_batch": 8 * processes}
+             "train.batch_size": 8 * processes, "optim.base_batch": 8 * processes,
+             "data.num_threads": 0 if backend == "torch" else 1, **more}
     if fmt == "shards":
         extra.update({"data.format": "shards", "data.shards": str(shards), "data.root": ""})
     return ["--cfg", "yaml/digits.yaml", "--nproc", str(processes), *tiny_overrides(root, run_dir, **extra)]
 
 
 @pytest.fixture(scope="session")
-def finished(digits_root, shards_for_training, tmp_path_factory):
-    """finished(fmt, backend, processes): the run directory of that run, trained once per session
-    (in this process where it can be, counting the shard files it opened)."""
+def photo_shards_for_training(photo_root, tmp_path_factory) -> Path:
+    return pack(photo_root, tmp_path_factory.mktemp("train_photo_shards") / "out", size="64KB")
+
+
+@pytest.fixture(scope="session")
+def finished(digits_root, shards_for_training, photo_root, photo_shards_for_training, tmp_path_factory):
+    """finished(fmt, backend, processes, tree): the run directory of that run on the digits (or the
+    photos of tests/test_shards.py), trained once per session (in this process where it can be,
+    counting the shard files it opened)."""
     from simmatch.data.sources import shard_opens
 
     runs: dict[tuple, Path] = {}
 
-    def get(fmt: str, backend: str, processes: int = 1) -> Path:
-        key = (fmt, backend, processes)
+    def get(fmt: str, backend: str, processes: int = 1, tree: str = "digits") -> Path:
+        key = (fmt, backend, processes, tree)
         if key not in runs:
-            run_dir = tmp_path_factory.mktemp(f"{fmt}_{backend}_{processes}") / "run"
-            args = overrides(digits_root, shards_for_training, run_dir, fmt, backend, processes)
+            run_dir = tmp_path_factory.mktemp(f"{fmt}_{backend}_{processes}_{tree}") / "run"
+            root, shards = ((digits_root, shards_for_training) if tree == "digits"
+                            else (photo_root, photo_shards_for_training))
+            photos = {} if tree == "digits" else {"data.num_classes": 3, "data.crop_size": 32, "data.val_resize": 36}
+            args = overrides(root, shards, run_dir, fmt, backend, processes, **photos)
             opened = shard_opens()
-            if processes == 1 and backend == "dali":
+            if processes == 1:
                 res = call_tool("tools/train.py", *args)
                 assert (shard_opens() > opened) == (fmt == "shards")  # the shard runs read the shards
             else:
@@ -70,8 +82,9 @@ def finished(digits_root, shards_for_training, tmp_path_factory):
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_shards_training_equals_the_folder(finished, backend):
-    a, b = final_state(finished("folder", backend)), final_state(finished("shards", backend))
+@pytest.mark.parametrize("tree", ["digits", "photos"])
+def test_shards_training_equals_the_folder(finished, backend, tree):
+    a, b = final_state(finished("folder", backend, tree=tree)), final_state(finished("shards", backend, tree=tree))
     assert a["iteration"] == 20
     assert_same_weights(a, b)
     assert b["config"]["data"]["format"] == "shards"

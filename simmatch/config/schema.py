@@ -63,7 +63,7 @@ class DataConfig:
     # packed from it into `shards` (same images, order and seeds: the same run, bit for bit)
     format: Literal["folder", "shards"] = "folder"
     shards: str = ""
-    max_open_shards: int = num(256, COUNT)  # shard files each process keeps open (least recently used closed)
+    max_open_shards: int = num(256, COUNT)  # shard files of each split a process keeps open (LRU closed)
     train_dir: str = "train"
     val_dir: str = "val"
     # file of labeled image paths (relative to train_dir, or bare file names), one per line;

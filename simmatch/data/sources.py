@@ -13,8 +13,6 @@ from typing import Protocol
 from simmatch.shards.index import ShardIndex
 from simmatch.shards.reader import OpenShards, read_row
 
-_OPEN: dict[int, OpenShards] = {}  # one descriptor cache per process and data.max_open_shards
-
 
 class ImageSource(Protocol):
     kind: str
@@ -61,14 +59,7 @@ class ShardSource:
     def __init__(self, index: ShardIndex, max_open: int) -> None:
         self.index = index
         self.root = index.root / index.split
-        self.max_open = max_open
-
-    @property
-    def files(self) -> OpenShards:
-        cache = _OPEN.get(self.max_open)
-        if cache is None:
-            cache = _OPEN[self.max_open] = OpenShards(self.max_open)
-        return cache
+        self.files = OpenShards(max_open)  # its shards' descriptors, closed with the source
 
     def read(self, rel: str) -> bytes:
         return read_row(self.index, self.index.row(rel), self.files)
@@ -87,4 +78,4 @@ class ShardSource:
 
 def shard_opens() -> int:
     """Shard files this process has opened so far (benchmarks/loader.py counts them)."""
-    return sum(c.opens for c in _OPEN.values())
+    return OpenShards.opened

@@ -72,6 +72,7 @@ def dali_decode(root: Path, files: list[str], device: str, cfg: Any, device_id: 
 
     from dali_pipelines.common import build, decoder_args
     from simmatch.data.dali_backend import decode_error
+    from simmatch.data.sources import FolderSource
 
     @pipeline_def
     def decode(file_root: str, names: list[str], device: str = "cpu"):
@@ -84,7 +85,7 @@ def dali_decode(root: Path, files: list[str], device: str, cfg: Any, device_id: 
     try:
         (out,) = pipe.run()
     except RuntimeError as exc:
-        raise decode_error(exc, root, files, f"DALI {device} decoding") from None
+        raise decode_error(exc, FolderSource(root), files, f"DALI {device} decoding") from None
     if device == "gpu":
         out = out.as_cpu()
     return [np.array(out[i]) for i in range(len(files))]

@@ -22,7 +22,10 @@ TAR_BLOCK = 512
 
 
 class OpenShards:
-    """A bounded, thread-safe cache of read-only shard descriptors; `opens` counts open() calls."""
+    """A bounded, thread-safe cache of read-only shard descriptors; `opens` counts its open() calls,
+    `OpenShards.opened` those of every cache of this process."""
+
+    opened = 0
 
     def __init__(self, max_open: int) -> None:
         self.max_open = max(1, max_open)
@@ -52,6 +55,7 @@ class OpenShards:
                                     f"({self.max_open}) or raise the limit (ulimit -n)") from None
                 raise DataError(f"cannot open shard {key}: {exc.strerror}") from None
             self.opens += 1
+            OpenShards.opened += 1
             self._fds[key] = fd
             while len(self._fds) > self.max_open:
                 _, old = self._fds.popitem(last=False)
@@ -64,6 +68,12 @@ class OpenShards:
                 for fd in self._fds.values():
                     os.close(fd)
             self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def __getstate__(self) -> dict:  # sent to a spawned worker: no descriptors travel
         return {"max_open": self.max_open}
