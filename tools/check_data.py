@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     rate = report.decoded / report.seconds if report.seconds > 0 else 0.0
     summary = (f"decoded {report.decoded:,} images in {report.seconds:.1f} s ({rate:,.0f} images/s, "
                f"{workers} threads)")
-    if report.problems:
-        print(f"{len(report.problems)} problems:")
-        for rel, reason in report.problems:
-            print(f"  {report.root / rel}: {reason}")
-        print(f"{summary}: {len(report.problems)} problems")
+    return conclude(summary, [(report.root / rel, reason) for rel, reason in report.problems])
+
+
+def conclude(summary: str, problems: list) -> int:
+    """Every problem on its own line, then the summary line with their count; exit status 1 if any."""
+    if problems:
+        print(f"{len(problems)} problems:")
+        for where, reason in problems:
+            print(f"  {where}: {reason}")
+        print(f"{summary}: {len(problems)} problems")
         return 1
     print(f"{summary}: no problems")
     return 0
@@ -67,14 +72,7 @@ def check_shards(args: argparse.Namespace, workers: int) -> int:
     what = "every image" if args.full else f"{args.per_class} per class"
     summary = (f"checked {report.bytes_read / 1e6:,.1f} MB of shards (sha256) and decoded {report.decoded:,} images "
                f"({what}) in {report.seconds:.1f} s")
-    if report.problems:
-        print(f"{len(report.problems)} problems:")
-        for where, reason in report.problems:
-            print(f"  {where}: {reason}")
-        print(f"{summary}: {len(report.problems)} problems")
-        return 1
-    print(f"{summary}: no problems")
-    return 0
+    return conclude(summary, report.problems)
 
 
 if __name__ == "__main__":
