@@ -252,3 +252,27 @@ def test_shards_a_second_make_shards_on_the_same_folder_is_refused(digits_root, 
         assert sorted(p.name for p in out.rglob("*")) == [".build", "lock"]
     assert call_tool("tools/make_shards.py", str(digits_root), str(out), "--quiet").returncode == 0
     assert (out / "train.index").is_file() and not (out / ".build").exists()
+
+
+def test_shards_reads_from_many_threads_through_one_open_shard_stay_exact(digits_root, digits_shards):
+    """data.max_open_shards=1 and 8 threads reading every image in a shuffled order: shards are
+    evicted while other threads read through them, and every read still returns the image's own
+    bytes; no descriptor is left open once the cache is closed."""
+    import os
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from simmatch.data.sources import ShardSource
+    from simmatch.shards.index import read_index
+
+    index = read_index(digits_shards, "train")
+    source = ShardSource(index, 1)
+    paths = list(index.paths) * 2
+    random.Random(0).shuffle(paths)
+    before = len(os.listdir("/proc/self/fd"))
+    with ThreadPoolExecutor(8) as pool:
+        data = list(pool.map(source.read, paths))
+    assert all(d == (digits_root / "train" / p).read_bytes() for d, p in zip(data, paths))
+    assert source.files.opens > len(index.shards)  # shards were evicted and opened again
+    source.files.close()
+    assert len(os.listdir("/proc/self/fd")) <= before

@@ -16,7 +16,7 @@ import numpy as np
 
 from simmatch.errors import DataError
 from simmatch.shards.index import ShardIndex
-from simmatch.shards.reader import OpenShards, member_header_problem, pread_exact
+from simmatch.shards.reader import OpenShards, member_header_problem
 
 READ_CHUNK = 8 << 20
 
@@ -52,7 +52,7 @@ def check_layout(index: ShardIndex) -> None:
 def ends_whole(path: os.PathLike, files: OpenShards) -> bool:
     """Does the file end with a tar's end-of-archive (1024 zero bytes)? A cut-off shard does not."""
     size = os.stat(path).st_size
-    return size >= 1024 and pread_exact(files.fd(path), 1024, size - 1024) == bytes(1024)
+    return size >= 1024 and files.pread(path, 1024, size - 1024) == bytes(1024)
 
 
 def file_sha256(path: os.PathLike, step: Callable[[int], None] | None = None) -> str:
