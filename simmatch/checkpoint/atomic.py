@@ -133,11 +133,14 @@ def replace_together(paths: list[Path], write: Callable[[list[Path]], None],
             unlink_quiet(tmp)
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, step: Callable[[int], None] | None = None) -> str:
+    """The SHA-256 of a file's bytes; `step(n)` after every n bytes read (a progress line)."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             sha.update(chunk)
+            if step is not None:
+                step(len(chunk))
     return sha.hexdigest()
 
 

@@ -113,15 +113,13 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
 
 def _shard_digests(splits) -> str:
     """Every byte of every shard of the run against its index's sha256 (altered images named)."""
-    from simmatch.shards.verify import check_digests, damaged_images
+    from simmatch.shards.verify import digest_problems
 
     started, total, shards = time.perf_counter(), 0, 0
     for source in (splits.train_source, splits.val_source):
         index = source.index
-        for k, reason in check_digests(index):
-            named = damaged_images(index, k) if "altered" in reason else []
-            raise UserError(f"{index.shard_path(k)}: {reason}" + (f" (images: {', '.join(named[:3])})" if named else "")
-                            + "; restore it or pack the data set again (tools/make_shards.py)")
+        for shard, reason in digest_problems(index)[:1]:
+            raise UserError(f"{shard}: {reason}; restore it or pack the data set again (tools/make_shards.py)")
         total += sum(s.bytes for s in index.shards)
         shards += len(index.shards)
     return (f"{shards} shards, {total / 1e9:,.2f} GB: every sha256 matches its index "

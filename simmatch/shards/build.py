@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from simmatch.checkpoint.atomic import atomic_write_text, fsync_dir
+from simmatch.checkpoint.atomic import atomic_write_text, file_sha256, fsync_dir
 from simmatch.data.checks import Progress
 from simmatch.data.splits import ImageTree, scan_tree
 from simmatch.errors import DataError, UserError
 from simmatch.shards.index import SPLITS, ShardInfo, header_of, index_path, index_text, member_ext, member_key
-from simmatch.shards.verify import file_sha256
+from simmatch.shards.verify import ByteProgress
 
 BUILD_DIR = ".build"
 END_OF_ARCHIVE = b"\0" * 1024
@@ -252,7 +252,7 @@ def _build(src: Path, out: Path, trees: dict[str, ImageTree], shard_size: int, j
 def _verify(out: Path, plans: list[ShardPlan], records: dict[str, dict], show_progress: bool) -> None:
     """Read every shard back: its size and sha256 must be those computed while writing it."""
     total = sum(p.bytes for p in plans)
-    progress = _ByteProgress(total) if show_progress else None
+    progress = ByteProgress(total, "verified") if show_progress else None
     for p in plans:
         path = out / p.name
         if os.stat(path).st_size != records[p.name]["bytes"]:
@@ -261,12 +261,3 @@ def _verify(out: Path, plans: list[ShardPlan], records: dict[str, dict], show_pr
             record_path(out, p).unlink()
             raise DataError(f"{path}: the bytes read back differ from those written (a failing disk or a "
                             f"second writer?); run make_shards.py again to rewrite it")
-
-
-class _ByteProgress(Progress):
-    def __init__(self, total: int) -> None:
-        super().__init__(total, "verified")
-
-    def line(self) -> str:
-        pct = 100 * self.done // max(1, self.total)
-        return f"verified {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB ({pct}%)"

@@ -15,7 +15,7 @@ from simmatch.data.checks import Progress, decode_all
 from simmatch.data.sources import ShardSource
 from simmatch.errors import DataError
 from simmatch.shards.index import SPLITS, index_path, read_index
-from simmatch.shards.verify import check_digests, check_layout, damaged_images
+from simmatch.shards.verify import ByteProgress, check_layout, digest_problems
 
 
 @dataclass
@@ -30,12 +30,6 @@ class ShardReport:
 
 def is_shard_set(path: str | Path) -> bool:
     return index_path(path, "train").is_file()
-
-
-class _Bytes(Progress):
-    def line(self) -> str:
-        pct = 100 * self.done // max(1, self.total)
-        return f"sha256 {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB ({pct}%)"
 
 
 def check_shard_set(root: str | Path, workers: int, per_class: int = 1, full: bool = False,
@@ -56,14 +50,8 @@ def check_shard_set(root: str | Path, workers: int, per_class: int = 1, full: bo
         except DataError as exc:
             report.problems.append((str(index.path), str(exc)))
         total = report.splits[split]["bytes"]
-        progress = _Bytes(total, "sha256") if show_progress else None
-        for k, reason in check_digests(index, progress.step if progress else None):
-            if "altered" in reason:
-                named = damaged_images(index, k)
-                more = " ..." if len(named) > 5 else ""
-                reason += (f" (images whose bytes changed: {', '.join(named[:5])}{more})" if named
-                           else " (in a tar header or padding: no image's bytes changed)")
-            report.problems.append((str(index.shard_path(k)), reason))
+        progress = ByteProgress(total, "sha256") if show_progress else None
+        report.problems += digest_problems(index, progress.step if progress else None)
         report.bytes_read += total
         source = ShardSource(index, 64)
         if full:
