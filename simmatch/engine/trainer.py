@@ -357,6 +357,9 @@ class Trainer(TrainerState):
                 if not self.run_dir.has_checkpoints():
                     self.save()
                 last.update(self.evaluate())
+                # the run's end, for tools/status.py: "finished (iteration N of N, top-1 ...)"
+                self.metrics_file.write({"kind": "finished", "iteration": self.iteration,
+                                         "total_iters": d.total_iters})
         finally:
             stop.close()
             stop.restore()
