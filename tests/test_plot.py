@@ -3,9 +3,16 @@ different methods (different metric keys) share comparable panels. The tool runs
 (conftest.call_tool) but for one test of its command line."""
 import json
 
+import matplotlib
 import pytest
 
-from conftest import call_tool, run_tool
+matplotlib.use("Agg")
+# Building matplotlib's font cache runs `fc-list` (a process) the first time on a machine: here, at
+# collection, not inside a fast-tier test, where starting a process fails the test.
+import matplotlib.font_manager  # noqa: E402,F401
+import matplotlib.pyplot as plt  # noqa: E402
+
+from conftest import call_tool, run_tool  # noqa: E402
 
 
 def write_metrics(run_dir, train_keys, eval_keys, iters=(10, 20, 30)):
@@ -19,8 +26,6 @@ def write_metrics(run_dir, train_keys, eval_keys, iters=(10, 20, 30)):
 
 
 def test_panels_for_runs_of_different_methods(tmp_path):
-    import matplotlib.image
-
     write_metrics(tmp_path / "simmatch", ["loss", "loss_x", "loss_u", "loss_in", "mask", "pl_acc"],
                   ["student_top1", "teacher_top1"])
     write_metrics(tmp_path / "supervised", ["loss", "loss_x"], ["student_top1", "teacher_top1"])
@@ -37,7 +42,7 @@ def test_panels_for_runs_of_different_methods(tmp_path):
     assert panels["loss_x"] == f"{runs['simmatch']}, {runs['supervised']}"
     assert panels["mask"] == runs["simmatch"] and panels["val teacher_knn_top1"] == runs["isd"]
     assert panels["val teacher_top1"] == f"{runs['simmatch']}, {runs['supervised']}"
-    image = matplotlib.image.imread(out)
+    image = plt.imread(out)
     assert image.shape[:2] == (3 * 340, 4 * 450)  # 10 panels: 3 rows of 4 at 100 dpi
     assert image[..., :3].std() > 0.05  # something is drawn
 
