@@ -1,6 +1,8 @@
 """tools/plot.py: lr, loss components, training diagnostics and evaluation curves; runs of
-different methods (different metric keys) share comparable panels. The tool runs in this process
-(conftest.call_tool) but for one test of its command line."""
+different methods (different metric keys) share comparable panels, each run in one colour; a metric
+of one value is drawn as that value. The tool runs in this process (conftest.call_tool) but for one
+test of its command line."""
+import importlib.util
 import json
 
 import matplotlib
@@ -12,7 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.font_manager  # noqa: E402,F401
 import matplotlib.pyplot as plt  # noqa: E402
 
-from conftest import call_tool, run_tool  # noqa: E402
+from conftest import ROOT, call_tool, run_tool  # noqa: E402
+
+
+def plot_tool():
+    """tools/plot.py as a module, for its draw() (the figure, before it is saved)."""
+    spec = importlib.util.spec_from_file_location("tool_plot", ROOT / "tools" / "plot.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_metrics(run_dir, train_keys, eval_keys, iters=(10, 20, 30)):
@@ -45,6 +55,63 @@ def test_panels_for_runs_of_different_methods(tmp_path):
     image = plt.imread(out)
     assert image.shape[:2] == (3 * 340, 4 * 450)  # 10 panels: 3 rows of 4 at 100 dpi
     assert image[..., :3].std() > 0.05  # something is drawn
+
+
+def _lines_by_run(fig) -> dict[str, dict[str, str]]:
+    """{panel title: {run: colour}} of the lines drawn in each visible panel."""
+    from matplotlib.colors import to_hex
+
+    return {ax.get_title().splitlines()[0]: {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines()}
+            for ax in fig.axes if ax.get_visible()}
+
+
+def test_each_run_keeps_one_colour_in_every_panel(tmp_path):
+    """Three runs of different methods: the knn panel holds only the third run and loss_x only
+    the first two, yet every run is drawn in its own one colour everywhere."""
+    write_metrics(tmp_path / "simmatch", ["loss", "loss_x", "mask"], ["teacher_top1"])
+    write_metrics(tmp_path / "supervised", ["loss", "loss_x"], ["teacher_top1"])
+    write_metrics(tmp_path / "isd", ["loss"], ["teacher_knn_top1"])
+    runs = [tmp_path / n for n in ("simmatch", "supervised", "isd")]
+    fig, drawn, _ = plot_tool().draw(runs)
+    try:
+        panels = _lines_by_run(fig)
+    finally:
+        plt.close(fig)
+    assert panels["val teacher_knn_top1"].keys() == {str(runs[2])}  # the panel that shifted colours
+    assert panels["loss_x"].keys() == {str(runs[0]), str(runs[1])}
+    colours = {}
+    for panel in panels.values():
+        for run, colour in panel.items():
+            colours.setdefault(run, set()).add(colour)
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({c.pop() for c in colours.values()}) == 3  # and three runs, three colours
+
+
+def test_a_metric_of_one_value_is_drawn_as_that_value(tmp_path):
+    """A demo run evaluates once: each val panel is its one value, a marker with the number beside
+    it, on an axis whose only tick is that value and whose limits stay near it (not a top-5 of 100
+    on an axis running to 104); the losses, with three points, stay curves."""
+    run = tmp_path / "demo"
+    write_metrics(run, ["loss"], [], iters=(10, 20, 30))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "eval", "iteration": 30, "teacher_top1": 85.06, "teacher_top5": 100.0}) + "\n")
+    fig, drawn, _ = plot_tool().draw([run])
+    try:
+        axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+        assert list(axes) == ["lr", "loss", "val teacher_top1", "val teacher_top5"]
+        for title, value, text in (("val teacher_top1", 85.06, "85.06"), ("val teacher_top5", 100.0, "100")):
+            ax = axes[title]
+            (line,) = ax.get_lines()
+            assert list(line.get_xdata()) == [30] and list(line.get_ydata()) == [value]
+            assert line.get_marker() == "o" and line.get_linestyle() == "None"
+            assert [t.get_text() for t in ax.texts] == [text]
+            assert list(ax.get_yticks()) == [value] and list(ax.get_xticks()) == [30]
+            low, high = ax.get_ylim()
+            assert value - 3 < low < value < high < value + 3, (title, low, high)
+        (loss,) = axes["loss"].get_lines()
+        assert loss.get_linestyle() == "-" and not axes["loss"].texts and len(axes["loss"].get_yticks()) > 2
+    finally:
+        plt.close(fig)
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ over iterations.
 `python tools/plot.py RUN_DIR [RUN_DIR ...] [--out curves.png]` (default: RUN_DIR/curves.png)
 Runs of different methods log different keys: each metric gets one panel, shared by every
 run that has it, so that runs sit side by side in comparable panels (a run without that
-metric is named in the panel as absent). The panels drawn are listed on stdout.
+metric is named in the panel as absent); a run has one colour in every panel. A metric a run
+has one value of (a demo run evaluates once) is drawn as that value: a marker with the number
+beside it, on an axis ticked at that value only. The panels drawn are listed on stdout.
 Each run is drawn as the history that led to its newest weights: records of work lost to a
 crash are left out, and after an elastic resume (another world size) the iterations before it
 are re-expressed in steps of the last global batch, so that the curves stay continuous.
@@ -54,9 +56,30 @@ def panel_keys(frames: dict) -> list[tuple[str, str]]:
     return [("train", k) for k in order] + [("eval", k) for k in sorted(evals)]
 
 
-def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
-    """Draw the panels into `out`; returns each panel's title and the runs drawn in it, and the
-    runs whose iterations were re-expressed after an elastic resume."""
+def run_colours(names) -> dict[str, str]:
+    """One colour per run, the same in every panel (matplotlib's default cycle, in argument order)."""
+    import matplotlib.pyplot as plt
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+
+
+def single_value_axes(ax, points: list[tuple[float, float]]) -> None:
+    """A panel where every run has one point (a demo run evaluates once) is no curve: ticks at the
+    values and iterations only, and limits just around them (not matplotlib's +-5 %, which put a
+    top-5 of 100 on an axis running to 104)."""
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    for values, set_lim, set_ticks in ((ys, ax.set_ylim, ax.set_yticks), (xs, ax.set_xlim, ax.set_xticks)):
+        lo, hi = min(values), max(values)
+        pad = max((hi - lo) * 0.5, max(abs(lo), abs(hi)) * 0.02) or 1.0
+        set_lim(lo - pad, hi + pad)
+        set_ticks(sorted(set(values)))
+
+
+def draw(runs: list[Path]):
+    """The figure of the runs' panels: (figure, each panel's title and the runs drawn in it, the runs
+    whose iterations were re-expressed after an elastic resume). A run keeps one colour in every
+    panel; a metric a run has one value of is drawn as that value (a marker and its number)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,24 +93,35 @@ def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], 
     panels = panel_keys(frames)
     if not panels:
         raise UserError(f"nothing to plot: no metrics in {', '.join(frames)}")
+    colours = run_colours(frames)
     cols = min(4, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
     drawn = []
     for ax, (kind, key) in zip(axes.flat, panels):
-        names = []
+        names, singles = [], []
         for name, df in frames.items():
             rows = df[(df["kind"] == kind)] if "kind" in df.columns else df
             rows = rows[rows[key].notna()] if key in rows.columns else rows.iloc[0:0]
+            if len(rows) == 1:
+                x, y = float(rows["iteration"].iloc[0]), float(rows[key].iloc[0])
+                ax.plot([x], [y], marker="o", linestyle="none", color=colours[name], label=name)
+                ax.annotate(f"{y:.4g}", (x, y), xytext=(7, 0), textcoords="offset points", va="center",
+                            fontsize=9, color=colours[name])
+                singles.append((x, y))
+            elif len(rows):
+                ax.plot(rows["iteration"], rows[key], marker="." if len(rows) < 20 else None, color=colours[name],
+                        label=name)
             if len(rows):
-                ax.plot(rows["iteration"], rows[key], marker="." if len(rows) < 20 else None, label=name)
                 names.append(name)
+        if singles and len(singles) == len(names):
+            single_value_axes(ax, singles)
         absent = [n for n in frames if n not in names]
         title = f"{key}" if kind == "train" else f"val {key}"
         ax.set_title(title + (f"\n(absent: {', '.join(Path(n).name for n in absent)})" if absent else ""),
                      fontsize=9)
         ax.set_xlabel("iteration" + (" (steps of the last global batch)" if rescaled else ""))
-        if key == "lr":
+        if key == "lr" and len(singles) < len(names):
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         if len(frames) > 1:
             ax.legend(fontsize=7)
@@ -95,6 +129,15 @@ def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], 
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
+    return fig, drawn, rescaled
+
+
+def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Draw the panels into `out`; returns each panel's title and the runs drawn in it, and the
+    runs whose iterations were re-expressed after an elastic resume."""
+    import matplotlib.pyplot as plt
+
+    fig, drawn, rescaled = draw(runs)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return drawn, rescaled
