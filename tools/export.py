@@ -4,7 +4,10 @@
 `python tools/export.py RUN_DIR|CKPT --which student|teacher --out FILE [--head-out FILE]
  [--which-ckpt last|best] [--format torch|onnx]`
 The result loads into `torchvision.models.resnet50()` with strict=True, fc included; the
-.safetensors (and .onnx) metadata holds the architecture, stem, classes and preprocessing.
+.safetensors (and .onnx) metadata holds the architecture, stem, classes and preprocessing, and
+the exported network's validation result at the checkpoint's iteration from the run's
+metrics.jsonl (val_top1, val_top5 or val_knn_top1, val_iteration; `evaluation` says it in words,
+or that it was not evaluated).
 ONNX: onnxruntime must give the PyTorch logits within 1e-4, or nothing is written.
 A run directory gives its newest checkpoint that passes its integrity check (a damaged newer
 one is named and skipped); a named checkpoint file that fails it is an error. The files are
@@ -42,6 +45,7 @@ def main() -> int:
         print(f"exported {args.which} of {res['checkpoint']} (iteration {res['iteration']}) to {res['written'][0]}")
         print(f"check: onnxruntime logits match PyTorch's (max abs diff {res['max_abs_diff']:.3g} "
               f"<= {res['tolerance']:g})")
+        print(f"model card: evaluation: {res['metadata']['evaluation']}")
         return 0
     res = export(args.source, args.which, args.out, args.head_out, args.which_ckpt)
     ok = res["max_abs_diff"] == 0.0
@@ -51,6 +55,8 @@ def main() -> int:
         print(f"  wrote {p}")
     print(f"check: exported logits {'equal' if ok else 'DIFFER FROM'} the training model's "
           f"(max abs diff {res['max_abs_diff']:.3g})" + ("" if ok else "; nothing written"))
+    if ok:
+        print(f"model card: evaluation: {res['metadata']['evaluation']}")
     return 0 if ok else 1
 
 

@@ -8,6 +8,7 @@ training model's (onnxruntime's within a tolerance); only then are the files ren
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -50,10 +51,53 @@ def class_names(state: dict, cfg: Config) -> list[str]:
         return []
 
 
-def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:
+def evaluation_card(records: list[dict], iteration: int, which: str) -> dict[str, str]:
+    """The validation result of the exported network, for the model card: from the newest `eval`
+    record of metrics.jsonl (`records`) at the checkpoint's iteration, `{which}_top1` and
+    `{which}_top5` (or `{which}_knn_top1`, methods without a classifier) as `val_top1`, `val_top5`
+    (`val_knn_top1`), `val_iteration` and `val_images` where the record counts them; `evaluation`
+    says it in words, or that these weights were not evaluated."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for record in reversed(records):
+        if record.get("kind") != "eval" or not number(record.get("iteration")) or record["iteration"] != iteration:
+            continue
+        found = {f"val_{key}": record[f"{which}_{key}"] for key in ("top1", "top5", "knn_top1")
+                 if number(record.get(f"{which}_{key}"))}
+        if not found:
+            continue
+        card = {key: json.dumps(value) for key, value in found.items()}
+        card["val_iteration"] = str(iteration)
+        named = {"val_top1": "top-1", "val_top5": "top-5", "val_knn_top1": "k-NN top-1"}
+        words = ", ".join(f"{named[key]} {value:.2f}%" for key, value in found.items())
+        images = record.get("val_images")
+        if number(images) and float(images).is_integer():
+            card["val_images"] = str(int(images))
+            words += f" of {int(images)} images"
+        card["evaluation"] = f"{which} on the validation split at iteration {iteration}: {words}"
+        return card
+    return {"evaluation": f"not evaluated: metrics.jsonl has no evaluation of the {which} at iteration {iteration}"}
+
+
+def run_evaluation(checkpoint: Path, iteration: int, which: str) -> dict[str, str]:
+    """evaluation_card from the metrics.jsonl of the run directory holding `checkpoint`
+    (RUN_DIR/checkpoints/FILE); a checkpoint kept elsewhere has no evaluation to read."""
+    from simmatch.run.jsonl import read_records
+    from simmatch.run.rundir import RunDir
+
+    checkpoint = Path(checkpoint)
+    metrics = RunDir(checkpoint.parent.parent).metrics if checkpoint.parent.name == "checkpoints" else None
+    if metrics is None or not metrics.is_file():
+        return {"evaluation": f"unknown: {checkpoint} is not in a run directory with a metrics.jsonl"}
+    return evaluation_card(read_records(metrics), iteration, which)
+
+
+def model_card(cfg: Config, state: dict, which: str, checkpoint: str | Path | None = None) -> dict[str, str]:
     """What a stranger needs to rebuild and feed the model (string values: safetensors and ONNX
-    metadata). Preprocessing: shorter side to `resize`, center crop `crop`, RGB in [0, 1]
-    normalised with `mean` / `std`."""
+    metadata), and, given the `checkpoint` file it came from, how the exported network did on the
+    validation split (run_evaluation). Preprocessing: shorter side to `resize`, center crop `crop`,
+    RGB in [0, 1] normalised with `mean` / `std`."""
     from simmatch.data.base import val_resize_size
 
     classes = class_names(state, cfg)
@@ -69,6 +113,8 @@ def model_card(cfg: Config, state: dict, which: str) -> dict[str, str]:
     card["build"] = build_lines(cfg)
     if classes:
         card["classes"] = json.dumps(classes)
+    if checkpoint is not None:
+        card.update(run_evaluation(checkpoint, int(state["iteration"]), which))
     return card
 
 
@@ -111,7 +157,7 @@ def export(path: str | Path, which: str, out: str | Path, head_out: str | Path |
     if head_out and head:
         targets.append(Path(head_out))
     contiguous = {k: v.contiguous() for k, v in backbone.items()}
-    card = model_card(cfg, state, which)
+    card = model_card(cfg, state, which, file)
     diff = float("nan")
 
     def write(tmps: list[Path]) -> None:
@@ -156,7 +202,7 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
     model.load_state_dict(backbone, strict=True)
     model.eval()
     size = cfg.data.crop_size
-    card = model_card(cfg, state, which)
+    card = model_card(cfg, state, which, file)
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     result: dict = {}
 
