@@ -139,11 +139,16 @@ def test_shards_truncated_missing_or_foreign_is_named_before_anything_runs(digit
     assert f"shard missing: {shard}" in one_line(exc)
     shard.write_bytes(data)
     _load(digits_root, out)  # whole again
-    other = pack(digits_root, tmp_path / "other", size="24KB")  # another packing's index
+    other = pack(digits_root, tmp_path / "other", size="24KB")  # another packing's index, with its digest
     shutil.copy(other / "train.index", out / "train.index")
+    shutil.copy(other / "train.index.sha256", out / "train.index.sha256")
     with pytest.raises(DataError) as exc:
         _load(digits_root, out)
     assert "train/000000.tar" in one_line(exc) and "index" in str(exc.value)
+    shutil.copy(digits_shards / "train.index.sha256", out / "train.index.sha256")  # without it: the digest says
+    with pytest.raises(DataError) as exc:
+        _load(digits_root, out)
+    assert f"{out / 'train.index'} does not match its digest" in one_line(exc)
 
 
 def test_shards_altered_image_is_named_with_its_shard(digits_root, digits_shards, tmp_path):

@@ -1,7 +1,8 @@
 """Training from indexed tar shards is the same run as from the folder: 20 steps give bit-identical
 checkpoints on both backends, on 3 gloo ranks too; a SIGTERM mid-run on shards resumes bit-identically;
-a killed tools/make_shards.py resumes to the same shards; a bad shard stops a run in one line and
-leaves its checkpoints as they were."""
+a killed tools/make_shards.py resumes to the same shards; a bad shard or an edited index stops a run in
+one line and leaves its checkpoints as they were; a set packed with --skip-bad, holding images whose
+paths differ only by the extension, trains."""
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from test_shards import pack
+from test_shards_integrity import small_tree
 
 from conftest import (
     ROOT,
@@ -181,9 +183,18 @@ def test_shards_bad_shard_stops_the_run_in_one_line_and_loses_nothing(digits_roo
     shard.unlink()
     stopped(f"shard missing: {shard}")
     shard.write_bytes(data)
-    index = (out / "train.index").read_bytes()
-    shutil.copy(pack(digits_root, tmp_path / "other", size="24KB") / "train.index", out / "train.index")
+    index, digest = (out / "train.index").read_bytes(), (out / "train.index.sha256").read_bytes()
+    other = pack(digits_root, tmp_path / "other", size="24KB")
+    shutil.copy(other / "train.index", out / "train.index")
+    shutil.copy(other / "train.index.sha256", out / "train.index.sha256")
     stopped("does not match its index")
+    (out / "train.index.sha256").write_bytes(digest)
+    stopped(str(out / "train.index"), "does not match its digest")
+    lines = index.decode().split("\n")  # an image's class edited: what a resume used to accept
+    first = lines[1].split("\t")
+    lines[1] = "\t".join([*first[:3], str((int(first[3]) + 1) % 10), *first[4:]])
+    (out / "train.index").write_text("\n".join(lines))
+    stopped(str(out / "train.index"), "does not match its digest")
     (out / "train.index").write_bytes(index)
     cfg = load_config(ROOT / "yaml/digits.yaml", [a for a in args if "=" in a])
     streams = build_streams(cfg, 0, 1, torch.device("cpu"), frozen_splits=run_dir / "splits")
@@ -218,3 +229,27 @@ def test_shards_a_folder_run_continues_on_its_shards(digits_root, shards_for_tra
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
     assert_same_weights(final_state(run_dir), final_state(whole))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_shards_packed_with_skip_bad_train_with_both_dup_images(digits_root, tmp_path, backend):
+    """tools/make_shards.py on the command line: without --skip-bad exit 2 naming the truncated JPEG;
+    with it the set (dup.jpg and dup.png inside, the bad images left out) trains a tiny run on shards
+    alone, whose unlabeled split holds both dup images and neither bad one."""
+    src = small_tree(digits_root, tmp_path / "src")
+    out = tmp_path / "out"
+    res = run_tool("tools/make_shards.py", str(src), str(out), "--quiet", "--shard-size", "8KB")
+    assert res.returncode == 2 and str(src / "train" / "1" / "bad.jpg") in res.stderr and not out.exists()
+    res = run_tool("tools/make_shards.py", str(src), str(out), "--quiet", "--shard-size", "8KB", "--skip-bad")
+    assert res.returncode == 0, res.stderr
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(src, run_dir, **{"data.format": "shards", "data.shards": str(out), "data.root": "",
+                                          "data.backend": backend, "data.num_threads": 0 if backend == "torch" else 1,
+                                          "data.num_classes": 2, "data.labeled_per_class": 2, "optim.iters": 4})
+    res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert final_state(run_dir)["iteration"] == 4
+    unlabeled = (run_dir / "splits" / "unlabeled.txt").read_text().split()
+    assert {"0/dup.jpg", "0/dup.png"} <= set(unlabeled)
+    assert not {"1/bad.jpg", "0/junk.jpg"} & set(unlabeled) and len(unlabeled) == 18

@@ -2,9 +2,11 @@
 """Check a data set tree: decode every image (one thread per core, a progress line on stderr),
 name every bad file, per-class counts, and a summary line with the time it took.
 
-A shard set (the OUT of tools/make_shards.py) is checked against its indexes instead: every
-shard's size, tar headers and sha256 (an altered shard's changed images are named), then a
-seeded sample of images per class decoded (--per-class N), or every image with --full.
+A shard set (the OUT of tools/make_shards.py) is checked against its indexes instead: each
+index against its digest, every shard's size, tar headers and sha256 (an altered shard's
+changed images are named), every index line against the tar member at its offset (path, size,
+class), then a seeded sample of images per class decoded (--per-class N), or every image with
+--full. An image is named as `PATH (in shard SHARD at offset N)`.
 
 Exit status 0 when every file is a readable image, 1 when problems were found, 2 on usage
 errors (missing directory).
@@ -70,8 +72,8 @@ def check_shards(args: argparse.Namespace, workers: int) -> int:
         print(f"{report.root / split}: {s['classes']} classes, {s['images']:,} images in {s['shards']} shards "
               f"({s['bytes'] / 1e6:,.1f} MB)")
     what = "every image" if args.full else f"{args.per_class} per class"
-    summary = (f"checked {report.bytes_read / 1e6:,.1f} MB of shards (sha256) and decoded {report.decoded:,} images "
-               f"({what}) in {report.seconds:.1f} s")
+    summary = (f"checked {report.bytes_read / 1e6:,.1f} MB of shards (sha256, index lines) and decoded "
+               f"{report.decoded:,} images ({what}) in {report.seconds:.1f} s")
     return conclude(summary, report.problems)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from pathlib import Path
 
 from simmatch.errors import DataError
@@ -13,6 +14,20 @@ def open_file_limit() -> str:
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def problem_text(exc: BaseException) -> str:
+    """A decoder's exception as a short reason: its first line, without the file it was given (the
+    caller names the image; a Python object's repr, `<_io.BytesIO object at 0x7f...>`, names nothing)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot identify image file"
+    text = OBJECT_REPR.sub("", (str(exc).splitlines() or [""])[0]).strip()
+    return text or type(exc).__name__
 
 
 def image_problem(path: str | Path, fast: bool = False) -> str | None:
@@ -38,7 +53,7 @@ def image_problem(path: str | Path, fast: bool = False) -> str | None:
             raise DataError(f"cannot open {path}: too many open files: the file-descriptor limit (ulimit -n "
                             f"{open_file_limit()}) is too low for the decoding threads; raise it "
                             f"(ulimit -n 4096) or lower data.num_threads") from None
-        return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+        return problem_text(exc)
     except Exception as exc:  # PIL raises many types for bad data
-        return (str(exc).splitlines() or [type(exc).__name__])[0] or type(exc).__name__
+        return problem_text(exc)
     return None

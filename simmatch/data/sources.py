@@ -2,7 +2,8 @@
 
 The streams name images by their path relative to the split (`<class>/<file>`) whatever the
 format, so split lists, bank slots, the order and every seed are the same; only `read` differs.
-`where(rel)` is how an error names the image: the file, or the image and the shard holding it.
+`where(rel)` is how an error names the image: the file, or the image, the shard holding it and
+its byte offset there (`cls/x.jpg (in shard /o/train/000003.tar at offset 51712)`).
 """
 from __future__ import annotations
 
@@ -51,6 +52,18 @@ class FolderSource:
             return None
 
 
+class ImageBytes(io.BytesIO):
+    """An image's encoded bytes, shown as its path: PIL's 'cannot identify image file %r' then names
+    the image instead of printing `<_io.BytesIO object at 0x...>`."""
+
+    def __init__(self, data: bytes, rel: str) -> None:
+        super().__init__(data)
+        self.rel = rel
+
+    def __repr__(self) -> str:
+        return repr(self.rel)
+
+
 class ShardSource:
     """Images inside the shards of one split's index, read by offset (simmatch/shards/reader.py)."""
 
@@ -65,11 +78,10 @@ class ShardSource:
         return read_row(self.index, self.index.row(rel), self.files)
 
     def open(self, rel: str) -> io.BytesIO:
-        return io.BytesIO(self.read(rel))
+        return ImageBytes(self.read(rel), rel)
 
     def where(self, rel: str) -> str:
-        k = int(self.index.shard[self.index.row(rel)])
-        return f"{rel} (in shard {self.index.shard_path(k)})"
+        return self.index.where(self.index.row(rel))
 
     def rel_of(self, where: str) -> str | None:
         rel, sep, _ = where.partition(" (in shard ")

@@ -1,8 +1,10 @@
 """Check a shard set the way tools/check_data.py checks a tree: every shard against its index.
 
-Per split: the index is read, each shard's size and tar headers checked against it, every
-shard's sha256 computed (all bytes read: altered ones are caught and their images named by
-their CRC-32), then images decoded: a seeded sample of `per_class` per class, or all of them.
+Per split: the index is read (and checked against its digest), each shard's size and tar
+headers checked against it, every shard's sha256 computed (all bytes read: altered ones are
+caught and their images named by their CRC-32) and every index line compared with the tar
+member at its offset, then images decoded: a seeded sample of `per_class` per class, or all of
+them. Images are named by `ShardSource.where`: path, shard and byte offset.
 """
 from __future__ import annotations
 
