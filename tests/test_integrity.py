@@ -66,7 +66,7 @@ def test_last_and_best_are_checked_too(tmp_path):
         with pytest.raises(CheckpointError, match="is damaged"):
             store.read_checkpoint(tmp_path / name)
     assert store.find_checkpoint(tmp_path, "last")[1]["iteration"] == 10  # falls back past the damaged one
-    with pytest.raises(CheckpointError, match="best.pt is damaged"):
+    with pytest.raises(CheckpointError, match=r"best_000000020\.pt is damaged"):  # best.pt links to it
         store.find_checkpoint(tmp_path, "best")
 
 
@@ -201,35 +201,55 @@ def test_one_writer_per_run_dir_and_a_dead_holder_is_detected(tmp_path):
     again.release()
 
 
-KILLED_REWRITE = """
+KILLED_BEST = """
 import os, signal, sys, torch
-from simmatch.checkpoint import store
-path, window = sys.argv[1], sys.argv[2]
-store.save_checkpoint({"format": 2, "v": torch.tensor([1.0])}, path)
-real, calls = store.atomic_write_text, []
-def write_then_maybe_die(p, text):
-    calls.append(p)
-    if window == "after_rename" and len(calls) == 2:  # the new file is in place, its lone digest not yet
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(p, text)
-    if window == "before_rename":  # both digests written, the old file still under the name
-        os.kill(os.getpid(), signal.SIGKILL)
-store.atomic_write_text = write_then_maybe_die
-store.save_checkpoint({"format": 2, "v": torch.tensor([2.0])}, path)
+from simmatch.checkpoint import saver as module
+folder, value, kill_at = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+calls = []
+def counted(fn):
+    def call(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        calls.append(fn.__name__)
+        if len(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return call
+for name in ("save_checkpoint", "replace_symlink", "atomic_write_text"):
+    setattr(module, name, counted(getattr(module, name)))
+saver = module.CheckpointSaver(folder, background=False)
+saver.save_best({"format": 2, "v": torch.tensor([value])}, {"metric": "m", "value": value, "iteration": int(value)})
 """
+# the steps of a best.pt rewrite: the new file with its digest, the digest link, the file link, best.json
+BEST_STEPS = [1, 2, 3, 4]
+
+
+def _best_after_kill(folder: Path, value: float, kill_at: int) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILLED_BEST, str(folder), str(value), str(kill_at)], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("window, survivor", [("before_rename", 1.0), ("after_rename", 2.0)])
-def test_a_rewrite_of_best_killed_between_digest_and_file_leaves_a_whole_pair(tmp_path, window, survivor):
-    """best.pt is rewritten in place: SIGKILL between its digest and its rename used to leave the
-    intact old best.pt reading as damaged; either file under the name now matches its sidecar."""
-    path = tmp_path / "best.pt"
-    proc = subprocess.run([sys.executable, "-c", KILLED_REWRITE, str(path), window], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert len(store.recorded_digests(path)) == 2  # killed inside the window
-    assert float(store.read_checkpoint(path)["v"]) == survivor
-    store.save_checkpoint({"format": 2, "v": torch.tensor([3.0])}, path)  # the next rewrite tidies up
-    assert len(store.recorded_digests(path)) == 1 and float(store.read_checkpoint(path)["v"]) == 3.0
-    assert subprocess.run(["sha256sum", "-c", "--quiet", "best.pt.sha256"], cwd=tmp_path).returncode == 0
+@pytest.mark.parametrize("kill_at", BEST_STEPS)
+def test_best_killed_at_any_step_twice_in_a_row_stays_a_whole_pair(tmp_path, kill_at):
+    """best.pt used to be rewritten in place, its sidecar listing the old and the new digest during
+    the rewrite: two kills in a row inside that window left an intact best.pt reading as damaged,
+    and during one kill `sha256sum -c best.pt.sha256` failed. Now best.pt and its sidecar are links
+    to a file written once: after a SIGKILL at any step, even twice in a row, best.pt reads as whole
+    (the old or the new one) and sha256sum confirms it."""
+    from simmatch.checkpoint.saver import CheckpointSaver
+
+    saver = CheckpointSaver(tmp_path, background=False)
+    saver.save_best({"format": 2, "v": torch.tensor([1.0])}, {"metric": "m", "value": 1.0, "iteration": 1})
+    for value in (2.0, 3.0):  # two kills in a row at the same step
+        _best_after_kill(tmp_path, value, kill_at)
+        got = float(store.read_checkpoint(tmp_path / "best.pt")["v"])
+        assert got in (1.0, 2.0, value), got
+        check = subprocess.run(["sha256sum", "-c", "--quiet", "best.pt.sha256"], cwd=tmp_path,
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert got == (3.0 if kill_at >= 3 else 1.0)  # best.pt moves to the new file at step 3
+    saver.save_best({"format": 2, "v": torch.tensor([4.0])}, {"metric": "m", "value": 4.0, "iteration": 4})
+    assert float(store.read_checkpoint(tmp_path / "best.pt")["v"]) == 4.0
+    assert [p.name for p in tmp_path.glob("best_*.pt")] == ["best_000000004.pt"]  # older ones removed
+    assert store.best_record(tmp_path)["value"] == 4.0

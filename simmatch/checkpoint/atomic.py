@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from simmatch.run.rundir import CHECKPOINT_GLOB
+from simmatch.run.rundir import BEST_GLOB, CHECKPOINT_GLOB
 
 TMP_GLOB = ".*.tmp"  # every temporary file made by `temporary_path`
 DIGEST_SUFFIX = ".sha256"
@@ -171,7 +171,8 @@ def remove_leftovers(*dirs: str | Path) -> list[tuple[Path, int]]:
     for d in map(Path, dirs):
         if d.is_dir():
             found += list(d.glob(TMP_GLOB))
-            found += [p for p in d.glob(CHECKPOINT_GLOB + DIGEST_SUFFIX) if not p.with_suffix("").exists()]
+            for pattern in (CHECKPOINT_GLOB, BEST_GLOB):
+                found += [p for p in d.glob(pattern + DIGEST_SUFFIX) if not p.with_suffix("").exists()]
     removed = []
     for p in found:
         try:

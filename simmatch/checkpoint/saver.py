@@ -11,7 +11,16 @@ from pathlib import Path
 from simmatch.checkpoint.atomic import atomic_write_text, digest_path, replace_symlink, unlink_quiet
 from simmatch.checkpoint.store import save_checkpoint, to_cpu
 from simmatch.errors import CheckpointError
-from simmatch.run.rundir import BEST, BEST_RECORD, LAST, checkpoint_iteration, checkpoint_name, list_checkpoints
+from simmatch.run.rundir import (
+    BEST,
+    BEST_RECORD,
+    LAST,
+    checkpoint_iteration,
+    checkpoint_name,
+    free_best_name,
+    list_best,
+    list_checkpoints,
+)
 
 
 class CheckpointSaver:
@@ -59,17 +68,29 @@ class CheckpointSaver:
         self.last_write_s = time.perf_counter() - t0
 
     def save_best(self, state: dict, record: dict) -> Path:
-        """Write `best.pt` (the whole training state at the best evaluation, never pruned) and
-        then `best.json` describing it; both atomically, in the writer thread like `save`."""
+        """Write the whole training state at the best evaluation as `best_<iteration>.pt` with its
+        digest (written once, like every checkpoint), then point the links `best.pt.sha256` and
+        `best.pt` at them, write `best.json` describing it and remove the previous best; in the
+        writer thread like `save`. No name is ever rewritten in place, so a kill at any moment
+        leaves `best.pt` a whole file whose digest `sha256sum -c best.pt.sha256` confirms."""
         t0 = time.perf_counter()
         self.wait()
         host_state = to_cpu(state)
         self.last_stall_s = time.perf_counter() - t0
 
         def write() -> None:
-            self._write(host_state, self.dir / BEST)
-            if self._error is None:
+            try:
+                name = free_best_name(self.dir, int(record["iteration"]))
+                save_checkpoint(host_state, self.dir / name)
+                replace_symlink(digest_path(self.dir / BEST), digest_path(Path(name)).name)
+                replace_symlink(self.dir / BEST, name)
                 atomic_write_text(self.dir / BEST_RECORD, json.dumps(record) + "\n")
+                for old in list_best(self.dir):
+                    if old.name != name:
+                        unlink_quiet(old)
+                        unlink_quiet(digest_path(old))
+            except BaseException as exc:  # surfaced by wait()
+                self._error = exc
 
         if self.background:
             self._thread = threading.Thread(target=write, daemon=False)

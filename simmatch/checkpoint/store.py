@@ -3,10 +3,11 @@
 A checkpoint is written to a temporary file in the same directory (checkpoint/atomic.py) while
 its SHA-256 is computed from the bytes written; after the file is fsynced, the digest goes to a
 sidecar `ckpt_N.pt.sha256` (itself written atomically, `sha256sum -c` reads it), and only then
-is the temporary file renamed over `ckpt_N.pt`. A name that is rewritten (`best.pt`) keeps the
-old file's digest listed in its sidecar until the new file is in place, then the new one
-alone. So every `ckpt_N.pt` this code has produced has a digest of its exact bytes next to it,
-and no torn write, kill or crash can leave a pair that fails or matches by accident: whatever
+is the temporary file renamed over `ckpt_N.pt`. No name is rewritten: `best.pt` and its
+`best.pt.sha256` are links to the newest `best_<iteration>.pt` and its digest
+(checkpoint/saver.py); a sidecar that older versions wrote while rewriting best.pt in place may
+still list two digests (either matching file is whole). So every checkpoint this code has
+produced has a digest of its exact bytes next to it, and no torn write, kill or crash can leave a pair that fails or matches by accident: whatever
 changes the file afterwards (bit rot, a partial copy, a stray write) makes it fail the check,
 and readers treat it as broken. Loading uses
 torch.load(weights_only=True): no arbitrary objects are ever unpickled.
@@ -73,12 +74,8 @@ def save_checkpoint(state: dict, path: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     free_before = free_bytes(path.parent)
 
-    previous = recorded_digests(path) if path.exists() else []
-
     def digest(sha: str) -> None:
-        # Rewriting a name (best.pt): until the rename the old file is still there, so its digest
-        # stays listed beside the new one; a kill in between leaves a pair that still matches.
-        atomic_write_text(digest_path(path), "".join(f"{d}  {path.name}\n" for d in [sha, *previous[:1]]))
+        atomic_write_text(digest_path(path), f"{sha}  {path.name}\n")
 
     def disk_full(exc: BaseException) -> BaseException | None:
         if isinstance(exc, Exception) and is_disk_full(exc, path.parent):
@@ -86,21 +83,7 @@ def save_checkpoint(state: dict, path: str | Path) -> str:
                                  f"{path.parent} had {_mb(free_before or 0)} free; the previous checkpoint is kept")
         return None
 
-    sha = write_atomic(path, lambda f: torch.save(state, f), before_rename=digest, on_failure=disk_full)
-    if previous:
-        atomic_write_text(digest_path(path), f"{sha}  {path.name}\n")  # the new file's digest alone
-    return sha
-
-
-def recorded_digests(path: Path) -> list[str]:
-    """The SHA-256 digests the sidecar of `path` lists (one; two while `path` is being rewritten);
-    [] without a readable sidecar."""
-    try:
-        lines = digest_path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    found = [ln.split()[0] for ln in lines if ln.split()]
-    return [d for d in found if re.fullmatch(r"[0-9a-f]{64}", d)]
+    return write_atomic(path, lambda f: torch.save(state, f), before_rename=digest, on_failure=disk_full)
 
 
 def verify(path: str | Path) -> bool:

@@ -5,7 +5,8 @@ RUN_DIR/
   splits/labeled.txt        the label lists it trains on (a resume reads them back)
   splits/unlabeled.txt
   checkpoints/ckpt_<iteration, 9 digits>.pt (+ .sha256)   recovery checkpoints, the newest N
-  checkpoints/last.pt       symlink to the newest; best.pt + best.json: the best evaluation
+  checkpoints/last.pt       symlink to the newest; best.pt (+ .sha256) links to best_<iteration>.pt,
+                            best.json: the best evaluation
   metrics.jsonl             train / eval / resume records
   submissions.jsonl         SLURM submissions, starts, requeues and ends
   log_rank<R>.txt, tensorboard/, wandb/, .lock
@@ -23,12 +24,30 @@ from simmatch.errors import UserError
 CHECKPOINT_GLOB = "ckpt_*.pt"
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 LAST, BEST, BEST_RECORD = "last.pt", "best.pt", "best.json"  # stable names beside the ckpt_*.pt
+BEST_GLOB = "best_*.pt"  # the file best.pt links to: best_<iteration>.pt
 SPLIT_NAMES = ("labeled", "unlabeled")
 
 
 def split_list(folder: str | Path, name: str) -> Path:
     """A run's split list in its splits/ folder: labeled.txt or unlabeled.txt."""
     return Path(folder) / f"{name}.txt"
+
+
+def read_run_list(path: str | Path) -> list[str]:
+    """A run's own list (splits/*.txt), exactly as written: one path per line, split on "\n" only.
+    Every name a tree can hold (spaces at either end, backslashes, form feeds, U+2028) comes back
+    unchanged; only names with a line break or that are not UTF-8 cannot be listed, and those
+    are refused when the tree is scanned."""
+    text = Path(path).read_bytes().decode("utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def run_list_text(paths: list[str]) -> str:
+    """The text of a run's list of `paths` (read back by `read_run_list`)."""
+    return "".join(p + "\n" for p in paths)
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -40,6 +59,20 @@ def checkpoint_iteration(name: str) -> int | None:
     """The iteration of a recovery checkpoint's file name; None for any other name."""
     m = CHECKPOINT_NAME.match(name)
     return int(m.group(1)) if m else None
+
+
+def list_best(ckpt_dir: str | Path) -> list[Path]:
+    """The best_<iteration>.pt files of `ckpt_dir` (best.pt links to the newest one)."""
+    return sorted(Path(ckpt_dir).glob(BEST_GLOB))
+
+
+def free_best_name(ckpt_dir: str | Path, iteration: int) -> str:
+    """A name for the best checkpoint of `iteration` that no file has: best_<iteration>.pt, or with
+    a count after it when that name is taken (a file is never rewritten in place)."""
+    name, n = f"best_{iteration:09d}.pt", 1
+    while (Path(ckpt_dir) / name).exists():
+        name, n = f"best_{iteration:09d}_{n}.pt", n + 1
+    return name
 
 
 def list_checkpoints(ckpt_dir: str | Path) -> list[tuple[int, Path]]:
