@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -39,8 +40,9 @@ def main() -> int:
                              "one line per check, exit 0 only when all pass")
     parser.add_argument("--drop-images", metavar="FILE",
                         help="go on without the unlabeled images listed in FILE (one path per line, as "
-                             "RUN_DIR/splits/*.txt write them): each one's place is taken by the next image "
-                             "of the list; recorded in RUN_DIR/splits/dropped.txt and metrics.jsonl")
+                             "RUN_DIR/splits/*.txt write them or as absolute paths under the training folder; "
+                             "tools/check_data.py --write-bad FILE writes one): each one's place is taken by "
+                             "the next image of the list; recorded in RUN_DIR/splits/dropped.txt and metrics.jsonl")
     parser.add_argument("--full", action="store_true",
                         help="with --check: decode every training image (all cores), not a sample of 500; "
                              "on shards also every shard's sha256")
@@ -97,7 +99,9 @@ def drop(args: argparse.Namespace) -> None:
                         "(python tools/train.py --cfg ... --drop-images FILE --check), then start the run")
     cfg = load_config(args.cfg, args.overrides)
     run_dir = run_dir_of(cfg)
-    new = drop_images(run_dir.root, args.drop_images)
+    data = cfg.data
+    train_root = Path(data.shards) / "train" if data.format == "shards" else Path(data.root) / data.train_dir
+    new = drop_images(run_dir.root, args.drop_images, train_root)
     print(f"dropped {len(new)} unlabeled image(s) from {run_dir} (listed in {run_dir.split('dropped')})"
           if new else f"every image of {args.drop_images} was already dropped from {run_dir}", flush=True)
 

@@ -17,7 +17,7 @@ import numpy as np
 from simmatch.data.sources import FolderSource, ImageSource, ShardSource
 from simmatch.errors import ConfigError, DataError
 from simmatch.run.dropped import read_dropped
-from simmatch.run.rundir import split_list
+from simmatch.run.rundir import read_run_list, split_list
 from simmatch.shards.index import SPLITS, index_path, read_index
 
 # `shipped:<name>` in data.labeled_list / data.unlabeled_list names a list in this folder.
@@ -111,19 +111,30 @@ def list_path(name: str | Path) -> Path:
 
 
 def read_list(path: str | Path) -> list[str]:
-    """Entries of a list file: the first field of every non-empty, non-comment line."""
+    """The entries of a list file given in a config (`data.labeled_list`, `data.unlabeled_list`):
+    every line that is not empty and not a `#` comment, as written (see `entry_forms` for how an
+    entry names a file)."""
     path = list_path(path)
     if not path.is_file():
         raise DataError(f"split file not found: {path}")
-    entries = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            token = line.split()[0].replace("\\", "/")
-            entries.append(token[2:] if token.startswith("./") else token)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"split file {path} is not UTF-8 text") from None
+    entries = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+    entries = [ln for ln in entries if ln.strip() and not ln.lstrip().startswith("#")]
     if not entries:
         raise DataError(f"split file is empty: {path}")
     return entries
+
+
+def entry_forms(entry: str) -> list[str]:
+    """The paths a list entry may mean, most literal first: the line as it is (a name may hold
+    spaces, backslashes or leading blanks), then stripped, then its first field with `\\` as `/`
+    and no leading `./` (lists of the form `path label`, written on Windows)."""
+    token = entry.split()[0].replace("\\", "/") if entry.split() else entry
+    token = token[2:] if token.startswith("./") else token
+    return list(dict.fromkeys([entry, entry.strip(), token]))
 
 
 def write_list(paths: list[str], out: str | Path) -> Path:
@@ -153,15 +164,17 @@ def resolve_list(tree: ImageTree, entries: list[str], source: str,
     seen: set[str] = set()
     missing: list[str] = []
     for entry in entries:
-        rel = entry
-        if rel not in label_of and "/" not in rel and rel in by_name:
-            match = by_name[rel]
-            if match is None:
-                raise DataError(f"{source}: '{rel}' matches several files in {tree.root}")
-            rel = match
-        if rel in label_of:
+        forms = entry_forms(entry)
+        rel = next((f for f in forms if f in label_of), None)
+        for form in forms if rel is None else ():
+            if "/" not in form and form in by_name:  # a bare file name
+                rel = by_name[form]
+                if rel is None:
+                    raise DataError(f"{source}: '{form}' matches several files in {tree.root}")
+                break
+        if rel is not None:
             label = label_of[rel]
-        elif allow_outside and (tree.root / rel).is_file():
+        elif allow_outside and (rel := next((f for f in forms if (tree.root / f).is_file()), None)):
             label = -1
         else:
             missing.append(entry)
@@ -234,7 +247,7 @@ def _resolve_frozen(tree: ImageTree, path: Path, name: str, allow_outside: bool,
     dropped (--drop-images: their places are taken by others, `substitute_dropped`)."""
     label_of = dict(zip(tree.files, tree.labels))
     files, labels, missing = [], [], []
-    for rel in read_list(path):
+    for rel in read_run_list(path):  # exactly as the run wrote it
         if rel in label_of:
             files.append(rel)
             labels.append(label_of[rel])

@@ -8,20 +8,27 @@ position of the checkpoints stays valid: the continuation is deterministic, and 
 it is exact. Labeled images cannot be dropped (the bank's slots follow the labeled list), nor
 validation images. Each drop is an event in metrics.jsonl (`kind: dropped`), which
 tools/status.py shows.
+
+FILE names each image on its own line in any of the forms the tools print: as the run's
+splits/unlabeled.txt names it (relative to the training folder), as an absolute path under the
+training folder (tools/check_data.py's lines, and `--write-bad FILE`), or as an error line names
+an image of a shard set (`<path> (in shard ...)`). Lines starting with `#` are comments.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 from simmatch.checkpoint.atomic import atomic_write_text
 from simmatch.errors import DataError
 from simmatch.run.lock import holder
-from simmatch.run.rundir import RunDir, split_list
+from simmatch.run.rundir import RunDir, read_run_list, run_list_text, split_list
 
 DROPPED = "dropped"  # RUN_DIR/splits/dropped.txt
+IN_SHARD = re.compile(r"^(.*) \(in shard .*\)$")  # how an error line names an image of a shard set
 
 
 def read_dropped(folder: str | Path) -> list[str]:
@@ -29,50 +36,83 @@ def read_dropped(folder: str | Path) -> list[str]:
     path = split_list(folder, DROPPED)
     if not path.is_file():
         return []
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [rel for rel in read_run_list(path) if rel]
 
 
-def _entries(path: Path) -> list[str]:
+def _lines(path: Path) -> list[str]:
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"--drop-images {path}: cannot be read ({exc})") from None
-    entries = [ln.strip().replace("\\", "/") for ln in lines if ln.strip() and not ln.startswith("#")]
-    if not entries:
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+    lines = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    if not lines:
         raise DataError(f"--drop-images {path}: no image path in it")
-    return entries
+    return lines
 
 
-def drop_images(run_dir: str | Path, file: str | Path) -> list[str]:
-    """Record the images listed in `file` (one path per line, as RUN_DIR/splits/*.txt write them)
-    as dropped from the run in `run_dir`; returns those newly dropped. One DataError line for a
-    run that has no frozen split yet, a labeled image, or a path the run does not train on."""
-    return drop(run_dir, _entries(Path(file)))
+def as_listed(line: str, unlabeled: set[str], train_root: Path | None) -> str | None:
+    """The unlabeled list's name for a line of a drop file (see the module docstring), or None."""
+    forms = [line, line.strip()]
+    shard = IN_SHARD.match(line.strip())
+    if shard:
+        forms.append(shard.group(1))
+    if train_root is not None:
+        roots = dict.fromkeys([Path(os.path.abspath(train_root)), Path(train_root).resolve()])
+        for form in [f for f in forms if os.path.isabs(f)]:
+            for root in roots:
+                try:
+                    forms.append(Path(os.path.normpath(form)).relative_to(root).as_posix())
+                except ValueError:
+                    pass
+    forms += [f.replace("\\", "/") for f in forms]
+    return next((f for f in forms if f in unlabeled), None)
 
 
-def drop(run_dir: str | Path, wanted: list[str], reason: str = "--drop-images") -> list[str]:
-    """`drop_images` for the paths `wanted`; `reason` goes into the metrics record."""
+def drop_images(run_dir: str | Path, file: str | Path, train_root: str | Path | None = None) -> list[str]:
+    """Record the images listed in `file` as dropped from the run in `run_dir`; returns those newly
+    dropped. `train_root`: the run's training folder (absolute paths under it are accepted). One
+    DataError line for a run that has no frozen split yet, a labeled image, or a path the run does
+    not train on (naming the forms accepted)."""
     rd = RunDir(run_dir)
-    who = holder(rd.root)
+    unlabeled = set(read_run_list(rd.split("unlabeled"))) if rd.split("unlabeled").is_file() else set()
+    root = Path(train_root) if train_root is not None else None
+    wanted = []
+    for line in _lines(Path(file)):
+        rel = as_listed(line, unlabeled, root)
+        wanted.append(line if rel is None else rel)
+    return drop(run_dir, wanted, train_root=root)
+
+
+def drop(run_dir: str | Path, wanted: list[str], reason: str = "--drop-images", lock_held: bool = False,
+         train_root: Path | None = None) -> list[str]:
+    """`drop_images` for the paths `wanted` (as the run's lists name them); `reason` goes into the
+    metrics record. `lock_held`: the caller is the training that holds the run's lock."""
+    rd = RunDir(run_dir)
+    who = None if lock_held else holder(rd.root)
     if who is not None:
         raise DataError(f"--drop-images: {rd} is in use by a training ({who}); stop it first")
     unlabeled_list, labeled_list = rd.split("unlabeled"), rd.split("labeled")
     if not unlabeled_list.is_file() or not rd.has_checkpoints():
         raise DataError(f"--drop-images: {rd} has no checkpoint yet, so the run starts afresh from the data "
                         f"tree: move the image out of the tree instead")
-    unlabeled = set(ln.strip() for ln in unlabeled_list.read_text().splitlines())
-    labeled = set(ln.strip() for ln in labeled_list.read_text().splitlines()) if labeled_list.is_file() else set()
+    unlabeled = set(read_run_list(unlabeled_list))
+    labeled = set(read_run_list(labeled_list)) if labeled_list.is_file() else set()
     for rel in wanted:
         if rel in labeled:
             raise DataError(f"--drop-images: {rel} is a labeled image of this run ({labeled_list}): the labeled "
                             f"bank's slots follow that list, so it cannot be dropped; restore the file")
         if rel not in unlabeled:
+            forms = f"relative to the training folder as {unlabeled_list} names it (e.g. {min(unlabeled)!r})" \
+                if unlabeled else f"as {unlabeled_list} names it"
+            if train_root is not None:
+                forms += f", or as an absolute path under {train_root}"
             raise DataError(f"--drop-images: {rel} is not in this run's unlabeled list ({unlabeled_list}); "
-                            f"write the paths as that file does")
+                            f"write each image {forms}")
     already = read_dropped(rd.splits)
     new = [rel for rel in dict.fromkeys(wanted) if rel not in already]
     if new:
-        atomic_write_text(split_list(rd.splits, DROPPED), "".join(f"{rel}\n" for rel in already + new))
+        atomic_write_text(split_list(rd.splits, DROPPED), run_list_text(already + new))
         record = {"kind": DROPPED, "files": new, "dropped": len(already) + len(new), "reason": reason,
                   "time": time.time()}
         with open(rd.metrics, "a") as f:
