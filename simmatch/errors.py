@@ -1,6 +1,7 @@
 """User-facing errors: reported as one line and a non-zero exit, never a traceback."""
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
@@ -23,6 +24,34 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt or belongs to another architecture."""
+
+
+class ImageError(DataError):
+    """An image that cannot be read or decoded. `rel` is its path as the split lists name it
+    (relative to the split's folder), kept beside the message so that nothing parses it back
+    out of the text (a name may hold ': ' or anything else)."""
+
+    def __init__(self, message: str, rel: str) -> None:
+        super().__init__(message)
+        self.rel = rel
+
+
+def descriptor_limit(exc: BaseException) -> UserError | None:
+    """The one line for an error caused by this process's open-file limit (EMFILE / ENFILE, or an
+    import that failed on it), else None: too few descriptors must not be blamed on a file or a
+    package."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE) or \
+                isinstance(seen, ImportError) and "too many open files" in str(seen).lower():
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            shown = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+            return UserError(f"too many open files: the file-descriptor limit (ulimit -n {shown}) is too low for "
+                             f"this run; raise it (ulimit -n 4096) or lower data.num_threads")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 F = TypeVar("F", bound=Callable[..., int | None])
@@ -78,6 +107,12 @@ def cli_errors(main: F) -> F:
             return main(*args, **kwargs)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        except (OSError, ImportError) as exc:
+            limit = descriptor_limit(exc)
+            if limit is None:
+                raise
+            print(f"error: {limit}", file=sys.stderr)
             sys.exit(2)
         finally:
             sys.stdout.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -16,7 +17,7 @@ from simmatch.config import Config, load_config, to_dict
 from simmatch.engine.metrics import format_eta
 from simmatch.engine.tracking import check_available as check_trackers
 from simmatch.engine.trainer import Trainer, TrainResult
-from simmatch.errors import DataError, UserError
+from simmatch.errors import DataError, UserError, descriptor_limit
 from simmatch.run.change import ALLOW_FLAG, differences, judge
 from simmatch.run.lock import RunLock, RunLocked
 from simmatch.run.rundir import RunDir, run_dir_of
@@ -121,6 +122,31 @@ def _report(result: TrainResult, run_dir: RunDir) -> None:
         print(f"{scores}  ({run_dir})", flush=True)
 
 
+class FreshRunDir:
+    """What a run directory held before this start, so that a refused start (a failed check
+    before the first step) leaves it as it found it: no .lock, logs, splits/ or config.yaml of
+    a run that never began. A directory that already held a run is never touched."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.held_run = run_dir.holds_run()
+        self.before = set(os.listdir(run_dir.root)) if run_dir.root.is_dir() else None
+
+    def undo(self) -> None:
+        """Remove what this start created (rank 0, after its lock is released)."""
+        if self.held_run or self.run_dir.has_checkpoints() or not self.run_dir.root.is_dir():
+            return
+        if self.before is None:
+            shutil.rmtree(self.run_dir.root, ignore_errors=True)
+            return
+        for name in set(os.listdir(self.run_dir.root)) - self.before:
+            path = self.run_dir.root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
         allow_config_change: bool = False) -> TrainResult:
     """Load the config, join the process group, train (resuming if possible), leave the group."""
@@ -134,46 +160,67 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
 
             check_init_source(cfg)  # before the run directory is created or written
         check_trackers(cfg)  # an uninstalled tracker is refused before the run directory is written
+        fresh = FreshRunDir(run_dir_of(cfg)) if dist.is_main() else None
         lock = lock_run_dir(cfg)  # one writer per run directory, before anything in it is written
+        began, trained = False, 0
         try:
             run_dir = prepare_run_dir(cfg, allow_config_change)
-            trainer = Trainer(cfg, run_dir, device)
-            try:
-                save_run_config(cfg, run_dir)
-                result = trainer.fit()
-            finally:
-                trainer.close()
+            while True:  # again after a data.max_bad_images drop, from the checkpoint the stop saved
+                trainer = Trainer(cfg, run_dir, device)
+                try:
+                    save_run_config(cfg, run_dir)
+                    result = trainer.fit()
+                    break
+                except DataError as exc:
+                    if not drop_and_go_on(exc, cfg, run_dir):
+                        raise
+                    trained += trainer.iteration - trainer.start_iteration
+                finally:
+                    began = began or trainer.began
+                    trainer.close()
+        except UserError:
+            if lock is not None:
+                lock.release()
+                lock = None
+            if fresh is not None and not began:
+                fresh.undo()
+            raise
         finally:
             if lock is not None:
                 lock.release()
         if dist.is_main():
             _report(result, run_dir)
             print(f"total time {format_eta(time.time() - started)} "
-                  f"({result.iteration - result.start_iteration} iterations trained in this process)",
+                  f"({trained + result.iteration - result.start_iteration} iterations trained in this process)",
                   flush=True)
         return result
     finally:
         dist.shutdown()
 
 
-def _drop_within_budget(exc: DataError, cfg_path: str, overrides: list[str]) -> bool:
-    """data.max_bad_images: an unlabeled image that stopped a one-process run is dropped (as by
-    --drop-images) while the run's dropped images stay within the budget; the run is then
-    started again from its last checkpoint. False: the error stands."""
+def drop_and_go_on(exc: DataError, cfg: Config, run_dir: RunDir) -> bool:
+    """data.max_bad_images: an unlabeled image that stopped the run (every rank stopped at the same
+    step and the stop saved it) is dropped, as by --drop-images, while the run's dropped images stay
+    within the budget; True: every rank then goes on from that checkpoint. Rank 0 decides and
+    records it (it holds the run's lock); the others follow its word."""
+    from simmatch.engine.stop import StepDataError
     from simmatch.run.dropped import drop, read_dropped
 
     rel = getattr(exc, "droppable", None)
-    cfg = load_config(cfg_path, list(overrides))
-    one_process = int(os.environ.get("WORLD_SIZE", "1")) == 1  # several ranks cannot restart in step
-    if rel is None or cfg.data.max_bad_images <= 0 or not one_process:
+    agreed = isinstance(exc, StepDataError) or dist.world_size() == 1
+    if rel is None or cfg.data.max_bad_images <= 0 or not agreed:
         return False
-    run_dir = run_dir_of(cfg)
-    if len(read_dropped(run_dir.splits)) >= cfg.data.max_bad_images or not run_dir.has_checkpoints():
-        return False
-    drop(run_dir.root, [rel], reason=f"data.max_bad_images={cfg.data.max_bad_images}: {exc}")
-    print(f"note: {rel} does not decode; dropped ({len(read_dropped(run_dir.splits))} of data.max_bad_images="
-          f"{cfg.data.max_bad_images}), going on from the last checkpoint", file=sys.stderr, flush=True)
-    return True
+    count = None
+    if dist.is_main():
+        dropped = read_dropped(run_dir.splits)
+        if len(dropped) < cfg.data.max_bad_images and run_dir.has_checkpoints():
+            drop(run_dir.root, [rel], reason=f"data.max_bad_images={cfg.data.max_bad_images}: {exc}",
+                 lock_held=True)
+            count = len(dropped) + 1
+            print(f"note: {rel} does not decode; dropped ({count} of data.max_bad_images="
+                  f"{cfg.data.max_bad_images}), going on from the checkpoint the stop saved", file=sys.stderr,
+                  flush=True)
+    return dist.broadcast_object(count) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,23 +231,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     try:
-        while True:
-            try:
-                result = run(args.cfg, args.overrides, args.allow_config_change)
-                break
-            except DataError as exc:
-                if not _drop_within_budget(exc, args.cfg, args.overrides):
-                    raise
+        result = run(args.cfg, args.overrides, args.allow_config_change)
     except UserError as exc:
         if dist.rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except (OSError, ImportError) as exc:
+        limit = descriptor_limit(exc)
+        if limit is None:
+            raise
+        if dist.rank() == 0:
+            print(f"error: {limit}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         if dist.rank() == 0:
             print("interrupted: stopped without saving", file=sys.stderr, flush=True)
         return 130
     return 0 if result.status in ("finished", "interrupted", "already_finished") else 1
-
 
 if __name__ == "__main__":
     from simmatch.launch.local import watch_launcher

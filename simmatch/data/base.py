@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from typing import Any
 
@@ -10,7 +9,7 @@ import torch
 
 from simmatch.data.sharding import ShardPlan
 from simmatch.data.sources import ImageSource
-from simmatch.errors import CheckpointError, DataError
+from simmatch.errors import CheckpointError, DataError, ImageError
 
 LABELED_KIND, UNLABELED_KIND = "labeled", "unlabeled"
 
@@ -29,18 +28,28 @@ def pack_batch(kind: str, views: list[torch.Tensor], index: torch.Tensor,
     return {"weak": views[0], "strong": list(views[1:]), "y": y, "index": index}
 
 
-def with_drop_hint(error: DataError, kind: str, source: ImageSource) -> DataError:
+def decode_error(reason: str, source: ImageSource, candidates: list[str], what: str) -> DataError:
+    """Name the image among `candidates` that does not decode (a pipeline's or a worker's own
+    message does not name it) as an ImageError carrying its path; `reason` is the backend's own
+    explanation, used when every candidate decodes."""
+    from simmatch.data.checks import source_problem
+
+    for rel in dict.fromkeys(candidates):
+        problem = source_problem(source, rel)
+        if problem is not None:
+            return ImageError(f"cannot decode image {source.where(rel)}: {problem}", rel)
+    return DataError(f"{what} failed (every image of the batch decodes): {reason}")
+
+
+def with_drop_hint(error: DataError, kind: str) -> DataError:
     """The error of an unlabeled image that stops the run, saying how to go on without it
-    (simmatch/run/dropped.py); others as they are (labeled and val images must be restored)."""
-    found = re.match(r"cannot decode image (.+?): ", str(error))
-    if kind != UNLABELED_KIND or found is None:
+    (simmatch/run/dropped.py) and marked `droppable` with its path; others as they are (labeled
+    and val images must be restored)."""
+    if kind != UNLABELED_KIND or not isinstance(error, ImageError):
         return error
-    rel = source.rel_of(found.group(1))
-    if rel is None:
-        return error
-    hinted = DataError(f"{error}; to go on without it, write {rel} (as RUN_DIR/splits/unlabeled.txt names it) "
-                       f"into a file and start the run again with --drop-images FILE")
-    hinted.droppable = rel  # type: ignore[attr-defined]  # data.max_bad_images drops it by itself
+    hinted = ImageError(f"{error}; to go on without it, write {error.rel} (as RUN_DIR/splits/unlabeled.txt names "
+                        f"it) into a file and start the run again with --drop-images FILE", error.rel)
+    hinted.droppable = error.rel  # type: ignore[attr-defined]  # data.max_bad_images drops it by itself
     return hinted
 
 
@@ -68,6 +77,7 @@ class TrainStream:
     def __init__(self, kind: str, plan: ShardPlan) -> None:
         self.kind = kind
         self.plan = plan
+        self._marked: tuple[int, int] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -93,6 +103,29 @@ class TrainStream:
 
     def _seek(self, epoch: int, batch: int, extra: dict) -> None:
         raise NotImplementedError
+
+    def _coordinates(self) -> tuple[int, int]:
+        """(epoch, batch) of the next batch, without the costlier extra state."""
+        return self._position()[:2]
+
+    def _replay_extra(self) -> dict:
+        """The extra state of a position reached by drawing again from its segment's start
+        (a pipeline's own state is not known for it)."""
+        return {}
+
+    def mark(self) -> None:
+        """Remember the position before a training step draws (cheap: no pipeline state)."""
+        self._marked = self._coordinates()
+
+    def state_at_mark(self) -> dict[str, Any]:
+        """The state as it was at `mark()`, for a step that stopped before it could finish (an
+        image of another stream failed): this state when nothing was drawn since, else the
+        marked position, which a resumed stream reaches again by replaying its segment."""
+        if self._marked is None or self._coordinates() == self._marked:
+            return self.state_dict()
+        epoch, batch = self._marked
+        return {"kind": self.kind, "plan": self.plan.fingerprint(), "epoch": epoch, "batch": batch,
+                **self._replay_extra()}
 
     def state_dict(self) -> dict[str, Any]:
         epoch, batch, extra = self._position()

@@ -22,14 +22,14 @@ from simmatch.data.base import (
     LABELED_KIND,
     TrainStream,
     as_nchw,
+    decode_error,
     pack_batch,
     val_resize_size,
     with_drop_hint,
 )
-from simmatch.data.images import image_problem
 from simmatch.data.sharding import ShardPlan, derive_seed, val_slice
 from simmatch.data.sources import ImageSource
-from simmatch.errors import ConfigError, DataError
+from simmatch.errors import ConfigError, DataError, ImageError, descriptor_limit
 
 MIN_SEGMENT_BATCHES = 64
 
@@ -38,6 +38,9 @@ def import_dali() -> None:
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as exc:
+        limit = descriptor_limit(exc)  # installed, but its libraries could not be opened
+        if limit is not None:
+            raise limit from None
         raise ConfigError("data.backend=dali needs NVIDIA DALI: pip install '.[dali]' "
                           "(or '.[dali-cuda120]' on CUDA 12 drivers), or set data.backend=torch"
                           ) from exc
@@ -61,15 +64,6 @@ def to_torch(output: Any, device: torch.device) -> torch.Tensor:
     return out.to(device)
 
 
-def decode_error(exc: Exception, source: ImageSource, candidates: list[str], what: str) -> DataError:
-    """Name the unreadable file among `candidates` (DALI's message does not name it)."""
-    for rel in dict.fromkeys(candidates):
-        reason = image_problem(source.open(rel))
-        if reason is not None:
-            return DataError(f"cannot decode image {source.where(rel)}: {reason}")
-    return DataError(f"{what} failed (every image of the batch decodes): {dali_reason(exc)}")
-
-
 class EncodedBatches:
     """The external source of a shard set's pipelines: batch k (DALI's BatchInfo.iteration) is the
     bytes of files[k*b:(k+1)*b] and their labels, read in `threads` threads (positional reads
@@ -91,12 +85,20 @@ class EncodedBatches:
         rels += rels[-1:] * (self.batch - len(rels))
         labels += labels[-1:] * (self.batch - len(labels))
         try:
-            data = list(self.pool.map(self.source.read, rels))
+            data = list(self.pool.map(self._read, rels))
         except DataError as exc:
             self.error = exc
             raise
         return ([np.frombuffer(d, dtype=np.uint8) for d in data],
                 [np.array([label], dtype=np.int32) for label in labels])
+
+    def _read(self, rel: str) -> bytes:
+        try:
+            return self.source.read(rel)
+        except ImageError:
+            raise
+        except DataError as exc:  # a damaged shard: the error names the image; it carries its path too
+            raise ImageError(str(exc), rel) from None
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -197,10 +199,9 @@ class DaliTrainStream(TrainStream):
             window = self._segment_files[k * b:(k + self._cfg.prefetch + 2) * b]
             known = self._feeder.error if self._feeder is not None else None
             self.close()
-            if known is not None:
-                raise known from None
-            raise with_drop_hint(decode_error(exc, self._source, window, f"DALI {self.kind} pipeline"),
-                                 self.kind, self._source) from None
+            error = known if known is not None else \
+                decode_error(dali_reason(exc), self._source, window, f"DALI {self.kind} pipeline")
+            raise with_drop_hint(error, self.kind) from None
 
     def __next__(self) -> dict[str, Any]:
         if self._pipe is None:
@@ -215,11 +216,18 @@ class DaliTrainStream(TrainStream):
             self._batch = 0
         return pack_batch(self.kind, views, index, self._labels)
 
-    def _position(self) -> tuple[int, int, dict]:
+    def _coordinates(self) -> tuple[int, int]:
         epoch, batch = self._segment_epoch, self._batch
         while batch >= self.plan.batches_in(epoch):
             batch -= self.plan.batches_in(epoch)
             epoch += 1
+        return epoch, batch
+
+    def _replay_extra(self) -> dict:
+        return {"dali": None, "reader": reader_of(self._source)}
+
+    def _position(self) -> tuple[int, int, dict]:
+        epoch, batch = self._coordinates()
         checkpoint = None
         if self._batch > 0:
             checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._pending
@@ -312,7 +320,7 @@ class DaliValPasses:
                 if known is not None:
                     raise known from None
                 window = mine[k * b:(k + self._cfg.prefetch + 2) * b]
-                raise decode_error(exc, self._source, window, "DALI val pipeline") from None
+                raise decode_error(dali_reason(exc), self._source, window, "DALI val pipeline") from None
             n = min(b, len(mine) - k * b)
             x = as_nchw(to_torch(x, self._device), self._channels_last)[:n]
             yield {"x": x, "y": to_torch(y, self._device).reshape(-1).long()[:n]}

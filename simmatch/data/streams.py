@@ -33,6 +33,17 @@ class RankStreams:
         self.labeled.load_state_dict(state["labeled"])
         self.unlabeled.load_state_dict(state["unlabeled"])
 
+    def mark(self) -> None:
+        """Before a training step draws (TrainStream.mark); a plain iterator of batches has no
+        position to keep."""
+        for stream in (self.labeled, self.unlabeled):
+            if isinstance(stream, TrainStream):
+                stream.mark()
+
+    def state_at_mark(self) -> dict[str, Any]:
+        """The positions as they were at `mark()` (TrainStream.state_at_mark)."""
+        return {"labeled": self.labeled.state_at_mark(), "unlabeled": self.unlabeled.state_at_mark()}
+
     def close(self) -> None:
         self.labeled.close()
         self.unlabeled.close()

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from simmatch.data.base import TrainStream, pack_batch, val_resize_size, with_drop_hint
+from simmatch.data.base import TrainStream, decode_error, pack_batch, val_resize_size, with_drop_hint
 from simmatch.data.sharding import ShardPlan, val_slice
 from simmatch.data.sources import ImageSource
-from simmatch.errors import DataError
+from simmatch.errors import DataError, ImageError
 
-_ERROR_PREFIX = "simmatch.errors.DataError: "
+_ERROR_PREFIXES = ("simmatch.errors.DataError: ", "simmatch.errors.ImageError: ")
 
 
 def _v2():
@@ -120,7 +120,7 @@ def load_image(source: ImageSource, rel: str):
             return img.convert("RGB")
     except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"cannot decode image {source.where(rel)}: {reason}") from None
+        raise ImageError(f"cannot decode image {source.where(rel)}: {reason}", rel) from None
 
 
 class _Views(Dataset):
@@ -147,6 +147,7 @@ class _EpochSampler(Sampler):
     def __init__(self, plan: ShardPlan) -> None:
         self.plan = plan
         self.keys: list[tuple[int, int]] = []
+        self.start_batch = 0  # the batch of the epoch that keys[0] begins
 
     def set_epoch(self, plan: ShardPlan, epoch: int, start_batch: int) -> None:
         self.plan = plan
@@ -157,6 +158,7 @@ class _EpochSampler(Sampler):
         seeds = np.random.default_rng(key).integers(0, 2**62, size=len(order))
         start = start_batch * plan.batch_size
         self.keys = list(zip(order[start:].tolist(), seeds[start:].tolist()))
+        self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(self.keys)
@@ -167,9 +169,9 @@ class _EpochSampler(Sampler):
 
 def reraise_worker_error(exc: Exception) -> None:
     """A DataError raised in a worker arrives wrapped in a traceback: keep its own line only."""
-    lines = [ln for ln in str(exc).splitlines() if ln.startswith(_ERROR_PREFIX)]
+    lines = [ln.split(": ", 1)[1] for ln in str(exc).splitlines() if ln.startswith(_ERROR_PREFIXES)]
     if lines:
-        raise DataError(lines[-1][len(_ERROR_PREFIX):]) from None
+        raise DataError(lines[-1]) from None
     raise exc
 
 
@@ -192,6 +194,7 @@ class TorchTrainStream(TrainStream):
         self._labels = label_table.to(device)
         self._device = device
         self._source = source
+        self._cfg = data_cfg
         self._channels_last = channels_last
         self._epoch, self._batch = 0, 0
         self._it: Iterator | None = None
@@ -206,8 +209,10 @@ class TorchTrainStream(TrainStream):
             self.close()
             try:
                 reraise_worker_error(exc)
-            except DataError as error:
-                raise with_drop_hint(error, self.kind, self._source) from None
+            except ImageError as error:  # read in this process (no workers): it names its image
+                raise with_drop_hint(error, self.kind) from None
+            except DataError as error:  # a worker's: its text names the image, find which one
+                raise with_drop_hint(self._bad_image(str(error)), self.kind) from None
         self._batch += 1
         if self._batch == self.plan.batches_in(self._epoch):
             self._epoch, self._batch, self._it = self._epoch + 1, 0, None
@@ -216,6 +221,15 @@ class TorchTrainStream(TrainStream):
                  for v in views]
         # pinned by the DataLoader on CUDA: the copy does not make the host wait
         return pack_batch(self.kind, views, index.to(self._device, non_blocking=True), self._labels)
+
+    def _bad_image(self, reason: str) -> DataError:
+        """The image of the batch being drawn (or of those the workers read ahead) that does not
+        decode, named with its path, from a worker's error text."""
+        b = self.plan.batch_size
+        ahead = (max(1, self._cfg.prefetch) * max(1, self._cfg.num_threads) + 1) * b
+        keys = self._sampler.keys[(self._batch - self._sampler.start_batch) * b:][:ahead]
+        files = self._loader.dataset.files
+        return decode_error(reason, self._source, [files[i] for i, _ in keys], f"{self.kind} stream")
 
     def _position(self) -> tuple[int, int, dict]:
         return self._epoch, self._batch, {}

@@ -8,8 +8,8 @@ the device until `log_every`; checkpoints are atomic and hold everything exact r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,40 +24,30 @@ from simmatch.checkpoint.saver import CheckpointSaver
 from simmatch.config import Config, Derived, derive, to_dict
 from simmatch.distributed import average_buffers
 from simmatch.engine import rng
-from simmatch.engine.evaluate import evaluate
-from simmatch.engine.guard import NonFiniteGuard
+from simmatch.engine.guard import DivergedError, NonFiniteGuard
 from simmatch.engine.metrics import (
     MetricsFile,
     MetricWindow,
     Progress,
     close_logging,
-    eval_progress,
     format_eta,
     setup_logging,
 )
 from simmatch.engine.optim import build_optimizer, lr_at, set_lr
-from simmatch.engine.representation import knn_accuracy
-from simmatch.engine.stop import StopRequest
+from simmatch.engine.stop import StepDataError, StopRequest
 from simmatch.engine.tracking import build_trackers
+from simmatch.engine.trainer_eval import TrainerEvaluation, TrainResult
 from simmatch.engine.trainer_state import TrainerState
+from simmatch.errors import CheckpointError, DataError
 from simmatch.methods import build_method
 from simmatch.methods.base import merge
 from simmatch.models.bn_stats import RankBNStats
 from simmatch.models.group_bn import convert_group_bn
 from simmatch.run.change import judge_checkpoint
 from simmatch.run.dropped import read_dropped
-from simmatch.run.jsonl import read_records
+from simmatch.run.recipe import intervals_text
 from simmatch.run.rundir import SPLIT_NAMES, RunDir
-from simmatch.run.world_sizes import ranks_text
-
-
-@dataclass
-class TrainResult:
-    status: str  # "finished" | "interrupted" | "already_finished" (nothing left to train)
-    iteration: int
-    signum: int | None = None
-    metrics: dict = field(default_factory=dict)
-    start_iteration: int = 0
+from simmatch.run.world_sizes import running_text
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -81,7 +71,7 @@ def move_batch(batch: dict | None, device: torch.device, channels_last: bool) ->
     return {k: move(v) for k, v in batch.items()}
 
 
-class Trainer(TrainerState):
+class Trainer(TrainerState, TrainerEvaluation):
     def __init__(self, cfg: Config, run_dir: Path | RunDir, device: torch.device):
         from simmatch.data import build_streams  # the data layer imports DALI: keep it lazy
 
@@ -152,6 +142,10 @@ class Trainer(TrainerState):
         self.resumed_from: tuple[int, int] | None = None  # (iteration, world size) of the checkpoint
         self.resumed_processes = self.processes  # processes that wrote it
         self.best = store.best_record(run_dir.checkpoints)  # what best.pt holds, if any
+        self.stop = StopRequest()  # the per-step agreement on signals and data errors (a collective)
+        self.saved_at: int | None = None  # the iteration of the newest checkpoint this run has
+        self.began = False  # the loop has started: a failure from now on is a stop, not a refusal
+        self.start_iteration = 0  # the iteration this process's loop started at
 
     def _check_images(self) -> None:
         """Decode every val and labeled image before the first step, each rank a share, so that
@@ -200,10 +194,29 @@ class Trainer(TrainerState):
             self.log.info(line)
         self.log.info("student and teacher trunks initialised from %s", source)
 
-    def save(self) -> None:
-        state = self.state_dict()  # every rank takes part; only rank 0 writes
+    def save(self, at_mark: bool = False) -> None:
+        """A checkpoint of the current iteration (a collective; only rank 0 writes); `at_mark`: of
+        the data positions before the step that could not draw its batches (state_dict)."""
+        state = self.state_dict(at_mark)  # every rank takes part; only rank 0 writes
         if self.rank == 0:
             self.saver.save(state, self.iteration)
+        self.saved_at = self.iteration
+
+    def save_at_stop(self, why: str, at_mark: bool = False) -> None:
+        """A stop the run decides on (a data error, divergence) keeps the last completed step: a
+        checkpoint of it unless one exists, atomic and with its digest like every other. A failed
+        write is named and the stop's own error stands."""
+        try:
+            self.saver.wait()
+            if self.saved_at != self.iteration:
+                self.save(at_mark)
+                self.saver.wait()
+                if self.rank == 0:
+                    self.log.info("%s: saved iteration %d (%s)", why, self.iteration,
+                                  self.run_dir.checkpoint(self.iteration).name)
+        except CheckpointError as exc:
+            self.log.warning("%s: the checkpoint of iteration %d could not be written: %s", why,
+                             self.iteration, exc)
 
     # ------------------------------------------------------------------ loop
     def step(self) -> dict[str, torch.Tensor]:
@@ -215,11 +228,21 @@ class Trainer(TrainerState):
         averaged over the processes by DDP in the last backward only, is the mean over all ranks.
         """
         m, cl, timer = self.method, self.cfg.train.channels_last, self.method.timer
+        for r in self.streams.train:
+            r.mark()  # a draw that fails leaves the step not begun: what a stop saves (state_dict)
+        self.rng_at_mark = torch.get_rng_state()  # a draw may take a seed from it (a new DataLoader epoch)
+        error = None
         with timer("data"):
-            labeled = [move_batch(next(r.labeled), self.device, cl) if m.needs_labeled else None
-                       for r in self.streams.train]
-            unlabeled = [move_batch(next(r.unlabeled), self.device, cl) if m.needs_unlabeled else None
-                         for r in self.streams.train]
+            try:
+                labeled = [move_batch(next(r.labeled), self.device, cl) if m.needs_labeled else None
+                           for r in self.streams.train]
+                unlabeled = [move_batch(next(r.unlabeled), self.device, cl) if m.needs_unlabeled else None
+                             for r in self.streams.train]
+            except DataError as exc:
+                error = exc
+        failed = self.stop.agree(error)  # every rank, before the step's first collective
+        if failed is not None:
+            raise failed
         with self.autocast():
             targets = m.targets(labeled, unlabeled, self.iteration)
         k = m.ranks_per_forward
@@ -247,71 +270,31 @@ class Trainer(TrainerState):
             return parts[0]
         return {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}
 
-    def evaluate(self) -> dict[str, float]:
-        """Classifier top-1/top-5, or k-NN top-1 for methods that train no classifier."""
-        t, out = self.cfg.train, {}
-        n_val, n_mem = self._eval_batches()
-        for name, model in (("student", self.method.student), ("teacher", self.method.teacher.module)):
-            val = eval_progress(self.streams.val(), n_val, f"eval {name}", self.rank == 0)
-            if self.method.trains_classifier:
-                res = evaluate(model, val, self.autocast(), t.channels_last)
-                out[f"{name}_top1"], out[f"{name}_top5"] = res["top1"], res["top5"]
-            else:
-                memory = eval_progress(self.streams.labeled_eval(), n_mem, f"eval {name} memory", self.rank == 0)
-                res = knn_accuracy(model, memory, val,
-                                   self.cfg.data.num_classes, t.knn_k, t.knn_temperature,
-                                   self.autocast(), t.channels_last)
-                out[f"{name}_knn_top1"] = res["knn_top1"]
-        self.metrics_file.write({"kind": "eval", "iteration": self.iteration, **out})
-        self.log.info("eval it %d: %s", self.iteration, " ".join(f"{k} {v:.2f}" for k, v in out.items()))
-        self._keep_best(out)
-        return out
-
-    def _eval_batches(self) -> tuple[int, int]:
-        """Validation and labeled-memory batches this rank reads in one pass (contiguous slices)."""
-        from simmatch.data.streams import per_rank_batches
-
-        vb = per_rank_batches(self.cfg, self.processes)[2]
-
-        def batches(n: int) -> int:
-            share = n * (self.rank + 1) // self.processes - n * self.rank // self.processes
-            return -(-share // vb)
-
-        return batches(self.streams.num_val), batches(self.streams.num_labeled)
-
-    def _keep_best(self, scores: dict[str, float]) -> None:
-        """Write checkpoints/best.pt when the teacher's validation top-1 (k-NN top-1 for methods
-        without a classifier) beats every earlier evaluation; a collective like `save`."""
-        metric = "teacher_top1" if "teacher_top1" in scores else "teacher_knn_top1"
-        value = scores.get(metric)
-        if value is None or (self.best and self.best.get("metric") == metric and value <= self.best["value"]):
-            return
-        self.best = {"metric": metric, "value": value, "iteration": self.iteration}
-        state = self.state_dict()
-        if self.rank == 0:
-            self.saver.save_best(state, self.best)
-            self.log.info("best %s %.2f at iteration %d: checkpoints/best.pt", metric, value, self.iteration)
-
     def fit(self) -> TrainResult:
         d, t = self.derived, self.cfg.train
         if self.rank == 0:
-            self.log.info("run %s: %s%s, %d labeled / %d unlabeled images, %d iterations "
-                          "(%d per epoch), lr %.4g", self.run_dir, ranks_text(self.world, self.processes),
-                          f", {len(self.ranks)} virtual ranks each" if self.processes != self.world else "",
-                          d.num_labeled,
-                          d.num_unlabeled, d.total_iters, d.steps_per_epoch, d.lr)
+            listed = self.streams.split_lists.get("unlabeled")
+            used = len(set(listed)) if listed else d.num_unlabeled  # a dropped image's place is another's
+            dropped = f" ({d.num_unlabeled - used:,} dropped)" if used != d.num_unlabeled else ""
+            self.log.info("run %s: %s, %s labeled / %s unlabeled images%s, %s iterations (%s per epoch), lr %.4g",
+                          self.run_dir, running_text(self.world, self.processes), f"{d.num_labeled:,}",
+                          f"{used:,}", dropped, f"{d.total_iters:,}", f"{d.steps_per_epoch:,}", d.lr)
+            self.log.info("intervals: %s", intervals_text(dataclasses.asdict(d)))
+            for note in d.interval_notes:
+                self.log.info("note: %s", note)
         if not self.resume() and self.cfg.model.init_from:
             self._init_from(self.cfg.model.init_from)
         if self.iteration >= d.total_iters:
-            return self._already_finished()
+            return self.already_finished()
         if self.resumed_from is not None:
             self.metrics_file.write({"kind": "resume", "iteration": self.iteration, "world_size": self.world,
                                      "processes": self.processes,
                                      "from_iteration": self.resumed_from[0],
                                      "from_world_size": self.resumed_from[1],
                                      "from_processes": self.resumed_processes})
-        stop = StopRequest()
+        stop = self.stop
         stop.install()
+        self.began = True
         window = MetricWindow()
         guard = NonFiniteGuard(t.max_nonfinite_steps, self.device)
         ckpt_dir = self.run_dir.checkpoints
@@ -320,8 +303,10 @@ class Trainer(TrainerState):
         per_step = d.global_batch * (self.method.needs_labeled + t.mu * self.method.needs_unlabeled)
         t_window, n_window = time.perf_counter(), 0
         t_start, start_it = time.perf_counter(), self.iteration
+        self.start_iteration = start_it
         status, last = "finished", {}
         self.method.train()
+        ended = False  # the loop ended on every rank together (not by an error of this rank alone)
         try:
             while self.iteration < d.total_iters:
                 lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters)
@@ -333,7 +318,7 @@ class Trainer(TrainerState):
                 n_window += 1
                 progress.step()
                 done = self.iteration == d.total_iters
-                interrupted = stop.agreed()
+                interrupted = stop.stopping
                 if self.iteration % d.log_every == 0 or done or interrupted:
                     # A window cut by an interruption (ended by the stop, or begun by a resume
                     # in its middle) is logged as such, with the number of steps it averages.
@@ -360,13 +345,31 @@ class Trainer(TrainerState):
                 # the run's end, for tools/status.py: "finished (iteration N of N, top-1 ...)"
                 self.metrics_file.write({"kind": "finished", "iteration": self.iteration,
                                          "total_iters": d.total_iters})
+            ended = True
+        except StepDataError as exc:  # every rank has it, at the same step
+            progress.close()
+            self.save_at_stop(f"stopped on rank {exc.rank}'s data error" if self.processes > 1 else "stopped",
+                              at_mark=True)
+            ended = True
+            raise
+        except DataError:  # outside a step's draw: agreed only when this process is the whole run
+            if self.processes == 1:
+                progress.close()
+                self.save_at_stop("stopped")
+            raise
+        except DivergedError:  # a verdict of every rank; weights never saved unless finite
+            progress.close()
+            if guard.weights_finite(self.method):
+                self.save_at_stop("stopped: the loss diverged but the weights are still finite")
+            ended = True
+            raise
         finally:
-            stop.close()
             stop.restore()
             progress.close()
             self.metrics_file.close()
             self.saver.wait()
-            dist.barrier()
+            if ended:  # a rank that fails alone must not wait here for peers still in the step
+                dist.barrier()
         return TrainResult(status, self.iteration, stop.signum, last, start_it)
 
     def close(self) -> None:
@@ -374,21 +377,6 @@ class Trainer(TrainerState):
         self.streams.close()
         self.metrics_file.close()
         close_logging(self.log)
-
-    def _already_finished(self) -> TrainResult:
-        """A re-run of a finished run trains nothing and appends nothing: it reports the final
-        evaluation (run only if the previous process stopped between the last save and it)."""
-        last = last_eval(self.run_dir.metrics)
-        # the checkpoint's own iteration: another world size re-expresses it (elastic resume)
-        saved = self.resumed_from[0] if self.resumed_from else self.iteration
-        if last.get("iteration") not in (self.iteration, saved):
-            last = self.evaluate()
-        self.saver.wait()  # a best.pt that evaluation may have started
-        self.metrics_file.close()
-        self.log.info("run %s already finished at iteration %d", self.run_dir, self.iteration)
-        return TrainResult("already_finished", self.iteration, None,
-                           {k: v for k, v in last.items() if k not in ("kind", "iteration", "time")},
-                           self.iteration)
 
     def _log(self, values: dict[str, float], lr: float, img_s: float, s_per_it: float,
              progress: Progress, steps: int, partial: bool) -> dict:
@@ -405,11 +393,6 @@ class Trainer(TrainerState):
         progress.update(self.iteration, values)
         self.log.info(text)  # above the bar on a terminal (tqdm.write), a plain line elsewhere
         return dict(values)
-
-
-def last_eval(path: Path) -> dict:
-    """The last evaluation record of a metrics.jsonl file ({} when there is none)."""
-    return next((r for r in reversed(read_records(path)) if r.get("kind") == "eval"), {})
 
 
 def write_splits(lists: dict[str, list[str]], run_dir: RunDir, overwrite: bool) -> None:

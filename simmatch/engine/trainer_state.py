@@ -26,15 +26,19 @@ class TrainerState:
             entry["processes"] = self.processes
         return entry
 
-    def _rank_states(self) -> list[dict]:
-        """This process's random state and the data position of each rank it runs."""
+    def _rank_states(self, at_mark: bool = False) -> list[dict]:
+        """This process's random state and the data position of each rank it runs; `at_mark`: as
+        they were before the current step drew (a step whose draw failed is saved as not begun)."""
         state = rng.capture()
+        if at_mark:
+            state["torch"] = self.rng_at_mark
+            return [{"rng": state, **r.state_at_mark()} for r in self.streams.train]
         return [{"rng": state, **r.state_dict()} for r in self.streams.train]
 
-    def state_dict(self) -> dict:
+    def state_dict(self, at_mark: bool = False) -> dict:
         """Everything exact resume needs; a collective (every rank's RNG and data position, one
-        entry per rank of the run, virtual ones included)."""
-        ranks = [entry for mine in dist.all_gather_objects(self._rank_states()) for entry in mine]
+        entry per rank of the run, virtual ones included). `at_mark`: see `_rank_states`."""
+        ranks = [entry for mine in dist.all_gather_objects(self._rank_states(at_mark)) for entry in mine]
         return {
             "format": store.FORMAT,
             "iteration": self.iteration,
@@ -84,6 +88,7 @@ class TrainerState:
             # the random state of the process that ran this process's first rank
             rng.restore(state["ranks"][self.ranks[0]]["rng"])
             self.iteration = iteration
+            self.saved_at = iteration  # the checkpoint resumed from is this iteration's
             if old_processes != self.processes:
                 self.world_history.append(self._world_entry(iteration))
         else:  # ranks read in lockstep: any rank's position says what the epoch has consumed

@@ -71,7 +71,8 @@ def dali_decode(root: Path, files: list[str], device: str, cfg: Any, device_id: 
     from nvidia.dali import fn, pipeline_def
 
     from dali_pipelines.common import build, decoder_args
-    from simmatch.data.dali_backend import decode_error
+    from simmatch.data.base import decode_error
+    from simmatch.data.dali_backend import dali_reason
     from simmatch.data.sources import FolderSource
 
     @pipeline_def
@@ -85,7 +86,7 @@ def dali_decode(root: Path, files: list[str], device: str, cfg: Any, device_id: 
     try:
         (out,) = pipe.run()
     except RuntimeError as exc:
-        raise decode_error(exc, FolderSource(root), files, f"DALI {device} decoding") from None
+        raise decode_error(dali_reason(exc), FolderSource(root), files, f"DALI {device} decoding") from None
     if device == "gpu":
         out = out.as_cpu()
     return [np.array(out[i]) for i in range(len(files))]
