@@ -50,11 +50,17 @@ def test_virtual_ranks_recipe_is_the_8_gpu_recipe(processes):
 
 def test_virtual_ranks_lines_name_processes_not_gpus():
     lines, _ = _recipe(1, "train.virtual_world_size=8")
-    assert ("  ranks        8 virtual ranks on 1 process(es): 8 micro-batches of 8 + 40 images per process "
-            "per step (train.virtual_world_size=8)") in lines
-    assert ("  batch        8 labeled + 40 unlabeled per rank; 64 + 320 per step over 8 ranks on "
-            "1 process(es)") in lines
-    assert not any("GPU" in ln for ln in lines), lines
+    # what runs, as it is: one process running the 8 ranks of the 8-GPU recipe, not "world size 8"
+    assert lines[0] == ("recipe of in1k_1pct (simmatch) on 1 process running 8 virtual ranks (the 8-GPU recipe), "
+                        "train.scale=per_gpu")
+    assert ("  ranks        1 process running 8 virtual ranks (the 8-GPU recipe): 8 micro-batches of 8 + 40 "
+            "images per process per step (train.virtual_world_size=8)") in lines
+    assert ("  batch        8 labeled + 40 unlabeled per rank; 64 + 320 per step over 8 virtual ranks on "
+            "1 process") in lines
+    assert not any("GPU" in ln.replace("(the 8-GPU recipe)", "") for ln in lines), lines  # no unit "per GPU"
+    lines, _ = _recipe(2, "train.virtual_world_size=8")
+    assert lines[0].startswith("recipe of in1k_1pct (simmatch) on 2 processes running 8 virtual ranks, 4 each "
+                               "(the 8-GPU recipe)"), lines[0]
     lines, _ = _recipe(8)
     assert "  ranks        8 process(es), one rank each (train.virtual_world_size=0)" in lines
     assert "  batch        8 labeled + 40 unlabeled per GPU; 64 + 320 per step over 8 GPU(s)" in lines

@@ -51,6 +51,7 @@ class Derived(Scale):
     propagate_after_iters: int = 0  # the iteration at which L_in and aggregation start
     num_labeled: int = 0  # K, the bank size
     num_unlabeled: int = 0
+    interval_notes: tuple[str, ...] = ()  # intervals longer than the run, clamped to it (one line each)
 
 
 def _per_step(value: int, step_scale: float) -> int:
@@ -173,8 +174,20 @@ def _with_steps(cfg: Config, s: Scale, num_labeled: int, num_unlabeled: int) -> 
         total = _per_step(cfg.optim.iters, s.step_scale)
     else:
         total = max(1, round(cfg.optim.epochs * steps))
+    s = dataclasses.replace(s)
+    notes = []
+    for key, what in (("log_every", "logged at the end only"), ("ckpt_every", "a checkpoint at the end only"),
+                      ("eval_every", "evaluated at the end only")):
+        value = getattr(s, key)
+        if value > total:
+            given = getattr(cfg.train, key)
+            scaled = f" ({given:,} reference steps)" if value != given else ""
+            notes.append(f"train.{key}={value:,} iterations{scaled} is longer than this run's {total:,}: "
+                         f"clamped to {total:,} ({what})")
+            setattr(s, key, total)
     return Derived(
         **dataclasses.asdict(s),
+        interval_notes=tuple(notes),
         steps_per_epoch=steps,
         total_iters=total,
         warmup_iters=round(cfg.optim.warmup_epochs * steps),

@@ -19,6 +19,7 @@ from pathlib import Path
 from simmatch.config import Config, Derived, derive, derive_scale
 from simmatch.data.splits import list_path, load_splits, read_list
 from simmatch.methods.spec import spec_of
+from simmatch.run.world_sizes import processes_text, running_text
 
 
 @dataclass
@@ -98,6 +99,7 @@ def recipe(cfg: Config, world_size: int) -> dict:
         "warmup_iters": d.warmup_iters if d else None,
         "l_in_start_iter": d.propagate_after_iters if d and spec.uses_bank(cfg) else None,
         "log_every": s.log_every, "ckpt_every": s.ckpt_every, "eval_every": s.eval_every,
+        "intervals_clamped": list(d.interval_notes) if d else [],
         "num_labeled": sizes.num_labeled, "num_unlabeled": sizes.num_unlabeled,
         "labeled_set": sizes.labeled, "unlabeled_set": sizes.unlabeled,
         "sizes_from": sizes.counted_from,
@@ -110,6 +112,15 @@ def recipe(cfg: Config, world_size: int) -> dict:
         # the strong views of each unlabeled image: [size px, min scale, max scale] each
         "strong_views": [list(view) for view in cfg.data.strong_crops()] if spec.needs_unlabeled else None,
     }
+
+
+def intervals_text(r: dict) -> str:
+    """The effective intervals, in iterations of this run (train.*_every count steps of the
+    reference batch optim.base_batch: at another global batch they are re-scaled, then clamped
+    to the run's length)."""
+    return (f"log every {r['log_every']:,}, checkpoint every {r['ckpt_every']:,} iterations, "
+            + (f"eval every {r['eval_every']:,}" if r["eval_every"] else "eval at the end")
+            + (f" (of {r['total_iters']:,})" if r.get("total_iters") else ""))
 
 
 def _alignment_length(cfg: Config, s) -> int | None:
@@ -143,7 +154,7 @@ def _batch_text(r: dict, gpus: bool = True) -> str:
     CPU config, `gpus` False) without virtual ranks; with them per rank, since a process then runs
     several ranks."""
     if r["virtual_world_size"]:
-        unit, over = "rank", f"per step over {r['world_size']} ranks on {_processes(r)} process(es)"
+        unit, over = "rank", f"per step over {r['world_size']} virtual ranks on {processes_text(_processes(r))}"
     elif gpus:
         unit, over = "GPU", f"per step over {r['world_size']} GPU(s)"
     else:
@@ -163,7 +174,7 @@ def _ranks_text(r: dict) -> str:
     procs = _processes(r)
     if not r["virtual_world_size"]:
         return f"{procs} process(es), one rank each (train.virtual_world_size=0)"
-    return (f"{r['world_size']} virtual ranks on {procs} process(es): {r['micro_batches']} micro-batches of "
+    return (f"{running_text(r['world_size'], procs)}: {r['micro_batches']} micro-batches of "
             f"{_rank_images(r)} images per process per step (train.virtual_world_size={r['virtual_world_size']})")
 
 
@@ -179,8 +190,9 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     length = (f"{_n(r['total_iters'])} iterations ({o.epochs:g} epochs)" if o.iters <= 0 else
               f"{_n(r['total_iters'])} iterations (optim.iters={o.iters})")
     lines = [
-        f"recipe of {r['config'] or 'run'} ({r['method']}) at world size {r['world_size']}, "
-        f"train.scale={r['scale']}",
+        f"recipe of {r['config'] or 'run'} ({r['method']}) "
+        + (f"on {running_text(r['world_size'], _processes(r))}" if r["virtual_world_size"]
+           else f"at world size {r['world_size']}") + f", train.scale={r['scale']}",
         f"  ranks        {_ranks_text(r)}",
         f"  batch        {_batch_text(r, gpus=cfg.data.device != 'cpu')}",
         f"  BN groups    {r['bn_group_ranks']} rank(s) = {r['bn_group_images']} images per BN batch"
@@ -215,9 +227,9 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     if r["da_momentum"] is not None:
         lines.append(f"  DA           running mean of the batch mean, momentum {r['da_momentum']:.6g}"
                      + (f" ({m.v2_da_momentum:g} ** {k:g})" if k != 1.0 else ""))
+    lines += [f"  intervals    {intervals_text(r)}"]
+    lines += [f"               {note}" for note in r["intervals_clamped"]]
     lines += [
-        f"  intervals    log every {r['log_every']}, checkpoint every {r['ckpt_every']} iterations, "
-        + (f"eval every {r['eval_every']}" if r["eval_every"] else "eval at the end"),
         f"  labeled      {_n(r['num_labeled'])} images: {r['labeled_set']}",
         f"  unlabeled    {_n(r['num_unlabeled'])} images: {r['unlabeled_set']}",
         f"  sizes from   {r['sizes_from']}",

@@ -80,6 +80,15 @@ def processes_text(n: int) -> str:
     return f"{n} process{'' if n == 1 else 'es'}"
 
 
+def running_text(ranks: int, processes: int) -> str:
+    """What computes a run, as it is: '4 processes', '1 process running 8 virtual ranks (the
+    8-GPU recipe)', '2 processes running 8 virtual ranks, 4 each (the 8-GPU recipe)'."""
+    if ranks == processes:
+        return processes_text(processes)
+    each = "" if processes == 1 else f", {ranks // processes} each"
+    return f"{processes_text(processes)} running {ranks} virtual ranks{each} (the {ranks}-GPU recipe)"
+
+
 def ranks_text(n: int, processes: int | None = None) -> str:
     """'8 ranks', or '8 ranks on 4 processes' when processes computed several ranks each."""
     text = f"{n} rank{'' if n == 1 else 's'}"
