@@ -7,10 +7,10 @@ is the temporary file renamed over `ckpt_N.pt`. No name is rewritten: `best.pt` 
 `best.pt.sha256` are links to the newest `best_<iteration>.pt` and its digest
 (checkpoint/saver.py); a sidecar that older versions wrote while rewriting best.pt in place may
 still list two digests (either matching file is whole). So every checkpoint this code has
-produced has a digest of its exact bytes next to it, and no torn write, kill or crash can leave a pair that fails or matches by accident: whatever
-changes the file afterwards (bit rot, a partial copy, a stray write) makes it fail the check,
-and readers treat it as broken. Loading uses
-torch.load(weights_only=True): no arbitrary objects are ever unpickled.
+produced has a digest of its exact bytes next to it, and no torn write, kill or crash can leave
+a pair that fails or matches by accident: whatever changes the file afterwards (bit rot, a
+partial copy, a stray write) makes it fail the check, and readers treat it as broken. Loading
+uses torch.load(weights_only=True): no arbitrary objects are ever unpickled.
 
 Two ways to read: `read_checkpoint(file)` (one file, an error naming it when it is broken) and
 `find_checkpoint(source, which)` (a run directory's newest usable checkpoint, falling back past

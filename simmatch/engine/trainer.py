@@ -24,6 +24,7 @@ from simmatch.checkpoint.saver import CheckpointSaver
 from simmatch.config import Config, Derived, derive, to_dict
 from simmatch.distributed import average_buffers
 from simmatch.engine import rng
+from simmatch.engine.capacity import refuse_banks_beyond_memory
 from simmatch.engine.guard import DivergedError, NonFiniteGuard
 from simmatch.engine.metrics import (
     MetricsFile,
@@ -100,6 +101,7 @@ class Trainer(TrainerState, TrainerEvaluation):
                 self.log.info("%d unlabeled image(s) dropped (%s): each one's place in the list is taken by "
                               "the next image of the list", len(dropped), self.run_dir.split("dropped"))
 
+        refuse_banks_beyond_memory(cfg, self.derived, device)  # before anything is allocated
         rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
         self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())
         group, mine = self.derived.bn_group_ranks, len(self.ranks)

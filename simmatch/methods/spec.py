@@ -54,6 +54,21 @@ class MethodSpec:
         return min(sizes)
 
 
+def bank_bytes(cfg: Any, spec: MethodSpec, unlabeled_bank: int, num_labeled: int) -> dict[str, int]:
+    """The memory every rank allocates for a method's banks and queues, by name: fp32 rows
+    (model.proj_dim wide; SimMatchV2's unlabeled bank also a probability row of data.num_classes),
+    int64 labels. Each is drawn at random and normalised when it is built, which holds about twice
+    its rows for a moment; counted once here."""
+    dim, out = cfg.model.proj_dim, {}
+    if spec.uses_bank(cfg) or spec.unlabeled_bank:
+        out["labeled bank"] = num_labeled * (dim * 4 + 8)
+    if spec.unlabeled_bank:
+        out["unlabeled bank"] = unlabeled_bank * (dim + cfg.data.num_classes) * 4
+    if spec.name == "isd":
+        out["queue"] = cfg.method.queue_size * dim * 4
+    return out
+
+
 SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     # student: cat(labeled, strong views); teacher: cat(labeled, weak)
     MethodSpec("simmatch", "simmatch.methods.simmatch", needs_labeled=True, needs_unlabeled=True,

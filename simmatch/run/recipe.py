@@ -18,7 +18,7 @@ from pathlib import Path
 
 from simmatch.config import Config, Derived, derive, derive_scale
 from simmatch.data.splits import list_path, load_splits, read_list
-from simmatch.methods.spec import spec_of
+from simmatch.methods.spec import bank_bytes, spec_of
 from simmatch.run.world_sizes import processes_text, running_text
 
 
@@ -109,9 +109,19 @@ def recipe(cfg: Config, world_size: int) -> dict:
                          if spec.unlabeled_bank else None),
         "da_momentum": s.da_momentum if spec.unlabeled_bank else None,
         "crop_size": cfg.data.crop_size, "val_resize": cfg.data.val_resize_px(),  # pixels
+        # the banks and queues every rank allocates, in bytes by name (the labeled bank needs the set's size)
+        "bank_bytes": bank_bytes(cfg, spec, s.unlabeled_bank, sizes.num_labeled or 0),
         # the strong views of each unlabeled image: [size px, min scale, max scale] each
         "strong_views": [list(view) for view in cfg.data.strong_crops()] if spec.needs_unlabeled else None,
     }
+
+
+def size_text(n: float) -> str:
+    """Bytes in decimal units: '614.4 TB', '3.2 GB', '512 B'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def intervals_text(r: dict) -> str:
@@ -227,6 +237,9 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     if r["da_momentum"] is not None:
         lines.append(f"  DA           running mean of the batch mean, momentum {r['da_momentum']:.6g}"
                      + (f" ({m.v2_da_momentum:g} ** {k:g})" if k != 1.0 else ""))
+    if r["bank_bytes"]:
+        lines.append(f"  memory       banks {size_text(sum(r['bank_bytes'].values()))} per rank ("
+                     + ", ".join(f"{name} {size_text(n)}" for name, n in r["bank_bytes"].items()) + ")")
     lines += [f"  intervals    {intervals_text(r)}"]
     lines += [f"               {note}" for note in r["intervals_clamped"]]
     lines += [
