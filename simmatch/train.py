@@ -63,7 +63,8 @@ def prepare_run_dir(cfg: Config, allow_config_change: bool = False) -> RunDir:
     if run_dir.has_checkpoints():
         old, source = store.run_config(run_dir.root)  # config.yaml, or the newest checkpoint's own
         if old is not None:
-            judge(old, to_dict(cfg), str(run_dir), allow_config_change)  # every rank: a refusal stops all
+            judge(old, to_dict(cfg), str(run_dir), allow_config_change,  # every rank: a refusal stops all
+                  "" if source == str(run_dir.config) else source)
             if source != str(run_dir.config) and dist.is_main():
                 print(f"note: judged against {source}", file=sys.stderr, flush=True)
     if dist.is_main():

@@ -61,7 +61,10 @@ def test_without_config_yaml_the_newest_checkpoints_config_is_the_judge(trained_
     (run_dir / "config.yaml").unlink()
     other_lr = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml",
                          *tiny_overrides(digits_root, run_dir, **{"optim.lr": 0.2}))
-    assert other_lr.returncode != 0 and "optim.lr (0.05 -> 0.2)" in other_lr.stderr.strip().splitlines()[-1]
+    line = other_lr.stderr.strip().splitlines()[-1]
+    assert other_lr.returncode != 0 and "optim.lr (0.05 -> 0.2)" in line
+    # the refusal names the config that judged, not the config.yaml that is gone
+    assert "config.yaml)" not in line and f"the config inside {run_dir}/checkpoints/ckpt_000000008.pt" in line, line
     longer = tiny_overrides(digits_root, run_dir, **{"optim.iters": 10})
     refused = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *longer)
     assert refused.returncode != 0 and "--allow-config-change" in refused.stderr.strip().splitlines()[-1]

@@ -54,17 +54,19 @@ def _show(keys: list[str], saved: dict, new: dict, limit: int = 6) -> str:
     return ", ".join(shown) + more
 
 
-def judge(saved: dict, new: dict, run_dir: str, allow_change: bool) -> list[str]:
+def judge(saved: dict, new: dict, run_dir: str, allow_change: bool, source: str = "") -> list[str]:
     """Raise ConfigError when `new` may not resume the run saved with `saved`; otherwise return
-    the differing keys that are accepted (for a note)."""
+    the differing keys that are accepted (for a note). `source`: where `saved` was read (the run's
+    config.yaml by default; the config inside its newest checkpoint when that file is gone)."""
     diffs = differences(saved, new)
     training = [k for k in diffs if k not in NEUTRAL and k not in SCHEDULE]
     schedule = [k for k in diffs if k in SCHEDULE]
     if training:
+        saved_at = source or f"the saved config, {run_dir}/config.yaml"
         raise ConfigError(
             f"{run_dir} holds a run trained with another config: {_show(training, saved, new)} "
-            f"would change what is trained; use a new train.run_dir (or the saved config, "
-            f"{run_dir}/config.yaml) to keep both experiments apart")
+            f"would change what is trained; use a new train.run_dir (or {saved_at}) to keep both "
+            f"experiments apart")
     if schedule and not allow_change:
         raise ConfigError(
             f"{run_dir} holds a run with another schedule: {_show(schedule, saved, new)}; pass "

@@ -104,6 +104,8 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
             return (f"{len(files)} images decode (every val and labeled image, {len(sample)} "
                     f"sampled training images) in {time.perf_counter() - started:.1f} s")
         checks.append(_run("images decode", decode))
+    if splits is not None or cfg.data.backend == "synthetic":
+        checks.append(_run("intervals", lambda: _intervals(cfg, world_size, splits)))
     checks.append(_run("run directory", lambda: _run_dir(rd)))
     if resuming:
         counts = (len(splits.labeled_files), len(splits.unlabeled_files)) if splits is not None else None
@@ -124,6 +126,19 @@ def _shard_digests(splits) -> str:
         shards += len(index.shards)
     return (f"{shards} shards, {total / 1e9:,.2f} GB: every sha256 matches its index "
             f"({time.perf_counter() - started:.1f} s)")
+
+
+def _intervals(cfg: Config, world_size: int | None, splits) -> str:
+    """The log, checkpoint and evaluation intervals in iterations of this run (re-scaled from the
+    reference batch and clamped to the run's length, each clamp said)."""
+    from simmatch.config import derive
+    from simmatch.run.recipe import intervals_text
+
+    counts = ((len(splits.labeled_files), len(splits.unlabeled_files)) if splits is not None
+              else (cfg.data.synthetic_size,) * 2)
+    d = derive(cfg, world_size or 1, *counts)
+    where = f"at {processes_text(world_size)}" if world_size else "at 1 process (--world-size N for another)"
+    return "; ".join([f"{intervals_text(dataclasses.asdict(d))} {where}", *d.interval_notes])
 
 
 def _scale(cfg: Config, world_size: int) -> str:
@@ -157,9 +172,10 @@ def _resume(cfg: Config, rd: RunDir, world_size: int | None, allow_config_change
     `counts` (labeled, unlabeled images) lets the line give the run's length in new steps."""
     from simmatch.checkpoint.store import find_checkpoint, run_config  # reading a checkpoint needs torch
 
-    old, _ = run_config(rd.root)  # config.yaml, or the newest checkpoint's own when it is missing
+    old, source = run_config(rd.root)  # config.yaml, or the newest checkpoint's own when it is missing
     if old is not None:
-        judge(old, to_dict(cfg), str(rd), allow_config_change)
+        judge(old, to_dict(cfg), str(rd), allow_config_change,
+              "" if source == str(rd.config) else source)
     found = find_checkpoint(rd.root, required=False)
     if found is None:
         return "no loadable checkpoint: the run starts afresh"
