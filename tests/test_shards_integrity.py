@@ -260,7 +260,7 @@ def test_an_edited_index_is_refused_at_start_and_named_line_by_line(digits_root,
 
 
 def test_an_index_without_digest_of_an_earlier_format_with_a_path_twice_or_of_the_other_split_is_refused(
-        shards, tmp_path):
+        digits_root, shards, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(shards, out)
     sidecar = out / "train.index.sha256"
@@ -287,6 +287,8 @@ def test_an_index_without_digest_of_an_earlier_format_with_a_path_twice_or_of_th
         read_index(out, "train")
     assert "packed by an earlier tools/make_shards.py (index format 1" in one_line(exc)
     assert "pack the data set again" in str(exc.value)
+    with pytest.raises(DataError, match="holds shards of another index format \\(1; this version writes 2\\)"):
+        pack(digits_root, out)  # not taken for a finished packing of this version
     shutil.copy(out / "val.index", out / "train.index")  # the other split's index, with its digest
     shutil.copy(out / "val.index.sha256", sidecar)
     with pytest.raises(DataError) as exc:

@@ -205,7 +205,7 @@ def make_shards(src: str | Path, out: str | Path, shard_size: int, jobs: int = 1
         raise DataError(f"data directory not found: {src / 'train'}")
     present = [s for s in SPLITS if (src / s).is_dir()]
     if all(index_path(out, s).is_file() for s in present) and not (out / BUILD_DIR).exists():
-        older = {index_version(index_path(out, s)) for s in present} - {VERSION}
+        older = {index_version(index_path(out, s)) for s in present} - {VERSION, None}  # None: check_data says
         if older:
             raise DataError(f"{out} holds shards of another index format ({', '.join(map(str, older))}; this "
                             f"version writes {VERSION}): pack into a new folder, or remove {out} first")
