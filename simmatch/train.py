@@ -14,7 +14,7 @@ from simmatch import distributed as dist
 from simmatch.checkpoint import store
 from simmatch.checkpoint.atomic import remove_leftovers
 from simmatch.config import Config, load_config, to_dict
-from simmatch.engine.metrics import format_eta
+from simmatch.engine.metrics import close_logging, format_eta
 from simmatch.engine.tracking import check_available as check_trackers
 from simmatch.engine.trainer import Trainer, TrainResult
 from simmatch.errors import DataError, UserError, descriptor_limit
@@ -179,11 +179,12 @@ def run(cfg_path: str | None, overrides: list[str] | tuple[str, ...] = (),
                 finally:
                     began = began or trainer.began
                     trainer.close()
-        except UserError:
+        except BaseException:  # a refusal (or any failure) before the first step: leave no trace
             if lock is not None:
                 lock.release()
                 lock = None
             if fresh is not None and not began:
+                close_logging(log)  # a trainer that failed to build keeps its log file open
                 fresh.undo()
             raise
         finally:

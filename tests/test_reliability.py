@@ -187,13 +187,19 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_ranks_die_with_their_launcher(digits_root, tmp_path):
+    """A SIGKILL to the launcher of `--nproc 3` (each rank runs in its own process group, so the kill
+    of the launcher's group does not reach them): no rank outlives it, none keeps the run's lock,
+    they saved first, and the same command resumes."""
+    from simmatch.run.lock import holder
+
     run_dir = tmp_path / "run"
-    args = tiny_overrides(digits_root, run_dir, **{"optim.iters": 400})
-    launcher = _popen([*TRAIN, "--nproc", "2", *args])
+    args = tiny_overrides(digits_root, run_dir, **{"optim.iters": 400, "train.batch_size": 12})
+    launcher = _popen([*TRAIN, "--nproc", "3", *args])
     try:
         _wait_for_iteration(run_dir, 1, launcher)
         ranks = _children(launcher.pid)
-        assert len(ranks) == 2
+        assert len(ranks) == 3
+        assert holder(run_dir) is not None
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         t0 = time.time()
@@ -203,13 +209,14 @@ def test_ranks_die_with_their_launcher(digits_root, tmp_path):
             time.sleep(0.1)
         gone_s = time.time() - t0
         assert not any(_alive(p) for p in ranks), "ranks outlived their launcher"
+        assert holder(run_dir) is None, "a rank's lock outlived the launcher"
     finally:
         for p in _children(launcher.pid) + (ranks if "ranks" in dir() else []):
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
     print(f"ranks gone {gone_s:.1f} s after the launcher's SIGKILL")
     stopped = final_state(run_dir)["iteration"]  # SIGTERM on the parent's death: they saved first
-    rerun = _popen([*TRAIN, "--nproc", "2", *args])  # the directory is free again
+    rerun = _popen([*TRAIN, "--nproc", "3", *args])  # the directory is free again
     try:
         _wait_for_iteration(run_dir, stopped + 1, rerun)
         rerun.send_signal(signal.SIGTERM)

@@ -207,6 +207,10 @@ def test_virtual_ranks_are_the_real_run(real_runs, virtual_runs, variant):
         print(variant, processes, worst)
         assert within(worst), (variant, processes, worst)
         assert set(worst) >= {"losses", "student", "teacher", "bank", "da"}
+        each = "" if processes == 1 else f", {V // processes} each"
+        procs = f"{processes} process{'es' if processes > 1 else ''}"
+        running = f"{procs} running {V} virtual ranks{each} (the {V}-GPU recipe)"
+        assert f"run {got}: {running}, " in (got / "log_rank0.txt").read_text()  # the start-up line, as it is
     losses = step_losses(real)
     assert all(r["loss_in"] == 0.0 for r in losses[:SPE]) and all(r["loss_in"] > 0 for r in losses[SPE:])
     assert any(r["mask"] > 0 for r in losses)  # L_u trains on some images

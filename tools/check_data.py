@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from simmatch.checkpoint.atomic import atomic_write_text  # noqa: E402
 from simmatch.data.checks import check_tree  # noqa: E402
 from simmatch.errors import cli_errors  # noqa: E402
+from simmatch.run.dropped import drop_file_text  # noqa: E402
 from simmatch.shards.check import check_shard_set, is_shard_set  # noqa: E402
 
 
@@ -32,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no per-class table and no progress line")
     parser.add_argument("--per-class", type=int, default=1, help="shard set: images decoded per class")
     parser.add_argument("--full", action="store_true", help="shard set: decode every image")
+    parser.add_argument("--write-bad", metavar="FILE",
+                        help="write the training images that do not decode into FILE, in the form "
+                             "tools/train.py --drop-images FILE takes (other problems as comments)")
     args = parser.parse_args(argv)
     workers = args.workers or os.cpu_count() or 1
     if is_shard_set(args.dir):
@@ -50,7 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     rate = report.decoded / report.seconds if report.seconds > 0 else 0.0
     summary = (f"decoded {report.decoded:,} images in {report.seconds:.1f} s ({rate:,.0f} images/s, "
                f"{workers} threads)")
-    return conclude(summary, [(report.root / rel, reason) for rel, reason in report.problems])
+    problems = [(report.root / rel, reason) for rel, reason in report.problems]
+    if args.write_bad:
+        split_of = "val/" if {"train", "val"} <= set(report.groups()) else None  # a data root, not a split
+        images = [(os.path.abspath(report.root / rel), reason) for rel, reason in report.problems
+                  if reason.startswith("cannot decode") and not (split_of and rel.startswith(split_of))]
+        write_bad(args, images, [(str(w), r) for w, r in problems if (os.path.abspath(w), r) not in images])
+    return conclude(summary, problems)
+
+
+def write_bad(args: argparse.Namespace, images: list[tuple[str, str]], others: list[tuple[str, str]]) -> None:
+    atomic_write_text(Path(args.write_bad), drop_file_text(images, others, args.dir))
+    print(f"wrote {len(images)} bad training image(s) to {args.write_bad} (tools/train.py --drop-images "
+          f"{args.write_bad} goes on without them)")
 
 
 def conclude(summary: str, problems: list) -> int:
@@ -74,6 +92,10 @@ def check_shards(args: argparse.Namespace, workers: int) -> int:
     what = "every image" if args.full else f"{args.per_class} per class"
     summary = (f"checked {report.bytes_read / 1e6:,.1f} MB of shards (sha256, index lines) and decoded "
                f"{report.decoded:,} images ({what}) in {report.seconds:.1f} s")
+    if args.write_bad:
+        train = f"{os.sep}train{os.sep}"
+        images = [(w, r) for w, r in report.problems if " (in shard " in w and train in w.split(" (in shard ")[1]]
+        write_bad(args, images, [p for p in report.problems if p not in images])
     return conclude(summary, report.problems)
 
 

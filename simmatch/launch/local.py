@@ -1,8 +1,9 @@
 """Start N training processes on this machine (one per GPU, or N CPU processes with gloo).
 
 The parent validates the config once, gives each child RANK/WORLD_SIZE/LOCAL_RANK and a
-free MASTER_PORT, forwards SIGTERM/SIGUSR2/SIGINT to them, and stops the others as soon as
-one fails so that no rank waits forever in a collective.
+free MASTER_PORT, forwards SIGTERM/SIGUSR2/SIGINT to them, and stops the others soon after
+one fails (`SIBLING_GRACE_S`: ranks that stop together, as on a data error every rank agreed
+on, end by themselves) so that no rank waits forever in a collective.
 
 The children die with the launcher, as torchrun's do: each asks the kernel for SIGTERM when
 its parent dies (prctl PR_SET_PDEATHSIG, Linux), so a SIGKILLed launcher leaves no orphaned
@@ -34,6 +35,7 @@ def free_port() -> int:
 PR_SET_PDEATHSIG = 1
 LAUNCHER_PID = "SIMMATCH_LAUNCHER_PID"
 ORPHAN_GRACE_S = 60.0
+SIBLING_GRACE_S = 10.0  # after one rank fails, how long the others may take to end by themselves
 
 
 def watch_launcher(grace_s: float = ORPHAN_GRACE_S) -> None:
@@ -120,6 +122,10 @@ def spawn(command: list[str], nproc: int) -> int:
             codes = [c.poll() for c in children]
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
+                # the others may be ending on their own (a stop every rank agreed on): let them
+                deadline = time.time() + SIBLING_GRACE_S
+                while any(c.poll() is None for c in children) and time.time() < deadline:
+                    time.sleep(0.1)
                 for c in children:
                     if c.poll() is None:
                         c.terminate()

@@ -69,6 +69,19 @@ def as_listed(line: str, unlabeled: set[str], train_root: Path | None) -> str | 
     return next((f for f in forms if f in unlabeled), None)
 
 
+def drop_file_text(images: list[tuple[str, str]], others: list[tuple[str, str]], checked: str) -> str:
+    """The text of a --drop-images FILE (tools/check_data.py --write-bad): each of `images` (path,
+    reason) on its own line after its reason as a comment; `others`, problems that are not training
+    images a run can go on without (validation images, shards, folders), as comments only."""
+    lines = [f"# bad images found by tools/check_data.py {checked} ({time.strftime('%Y-%m-%d %H:%M')}):",
+             "# tools/train.py --drop-images THIS_FILE goes on without them (unlabeled training images only;",
+             "# a labeled or validation image must be restored)"]
+    for path, reason in images:
+        lines += [f"# {reason}", path]
+    lines += [f"# not an image a run can drop: {where}: {reason}" for where, reason in others]
+    return "".join(f"{ln}\n" for ln in lines)
+
+
 def drop_images(run_dir: str | Path, file: str | Path, train_root: str | Path | None = None) -> list[str]:
     """Record the images listed in `file` as dropped from the run in `run_dir`; returns those newly
     dropped. `train_root`: the run's training folder (absolute paths under it are accepted). One
