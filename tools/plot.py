@@ -27,7 +27,8 @@ from simmatch.engine.metrics import read_metrics, trained_history  # noqa: E402
 from simmatch.errors import UserError, cli_errors  # noqa: E402
 
 # bookkeeping, not curves: record kind, axes, times, throughput, world size, log-window step counts
-NOT_PLOTTED = {"kind", "iteration", "logged_iteration", "time", "img_s", "world_size", "steps", "partial"}
+NOT_PLOTTED = {"kind", "iteration", "logged_iteration", "time", "img_s", "world_size", "steps", "partial",
+               "val_images", "total_iters"}
 
 
 def numeric(df):

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simmatch.data.base import TrainStream, decode_error, pack_batch, val_resize_size, with_drop_hint
+from simmatch.data.images import problem_text
 from simmatch.data.sharding import ShardPlan, val_slice
 from simmatch.data.sources import ImageSource
 from simmatch.errors import DataError, ImageError
@@ -119,8 +120,7 @@ def load_image(source: ImageSource, rel: str):
         with Image.open(encoded) as img:
             return img.convert("RGB")
     except Exception as exc:
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ImageError(f"cannot decode image {source.where(rel)}: {reason}", rel) from None
+        raise ImageError(f"cannot decode image {source.where(rel)}: {problem_text(exc)}", rel) from None
 
 
 class _Views(Dataset):

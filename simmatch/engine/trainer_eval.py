@@ -24,7 +24,7 @@ class TrainResult:
 class TrainerEvaluation:
     def evaluate(self) -> dict[str, float]:
         """Classifier top-1/top-5, or k-NN top-1 for methods that train no classifier."""
-        t, out = self.cfg.train, {}
+        t, out, images = self.cfg.train, {}, 0
         n_val, n_mem = self._eval_batches()
         for name, model in (("student", self.method.student), ("teacher", self.method.teacher.module)):
             val = eval_progress(self.streams.val(), n_val, f"eval {name}", self.rank == 0)
@@ -37,7 +37,8 @@ class TrainerEvaluation:
                                    self.cfg.data.num_classes, t.knn_k, t.knn_temperature,
                                    self.autocast(), t.channels_last)
                 out[f"{name}_knn_top1"] = res["knn_top1"]
-        self.metrics_file.write({"kind": "eval", "iteration": self.iteration, **out})
+            images = res["count"]  # every validation image once, over all ranks
+        self.metrics_file.write({"kind": "eval", "iteration": self.iteration, **out, "val_images": images})
         self.log.info("eval it %d: %s", self.iteration, " ".join(f"{k} {v:.2f}" for k, v in out.items()))
         self._keep_best(out)
         return out

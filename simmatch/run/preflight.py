@@ -76,7 +76,7 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
                     f"{len(splits.val_files)} val images")
         checks.append(_run("data tree and split lists", tree))
     if splits is not None and cfg.data.format == "shards" and full:  # every byte: not at each submission
-        checks.append(_run("shards against their indexes (sha256)", lambda: _shard_digests(splits)))
+        checks.append(_run("shards against their indexes (sha256, index lines)", lambda: _shard_digests(splits)))
     if splits is not None and full:
         def decode_every() -> str:
             started = time.perf_counter()
@@ -114,7 +114,8 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
 
 
 def _shard_digests(splits) -> str:
-    """Every byte of every shard of the run against its index's sha256 (altered images named)."""
+    """Every byte of every shard of the run against its index's sha256 (altered images named), and
+    every index line against the tar member at its offset (shards/verify.py digest_problems)."""
     from simmatch.shards.verify import digest_problems
 
     started, total, shards = time.perf_counter(), 0, 0
@@ -124,7 +125,7 @@ def _shard_digests(splits) -> str:
             raise UserError(f"{shard}: {reason}; restore it or pack the data set again (tools/make_shards.py)")
         total += sum(s.bytes for s in index.shards)
         shards += len(index.shards)
-    return (f"{shards} shards, {total / 1e9:,.2f} GB: every sha256 matches its index "
+    return (f"{shards} shards, {total / 1e9:,.2f} GB: every sha256 and every index line matches its shard "
             f"({time.perf_counter() - started:.1f} s)")
 
 
@@ -145,9 +146,10 @@ def _scale(cfg: Config, world_size: int) -> str:
     """The processes, the ranks they run and the batch: refused when the virtual ranks do not
     divide over the processes, or the batch or BN groups do not exist at that size."""
     s = derive_scale(cfg, world_size)
+    tasks = f"{world_size} task{'' if world_size == 1 else 's'}"
     if not s.virtual_world_size:
-        return f"{world_size} tasks, one rank each, {s.global_batch} labeled images per step"
-    return (f"{world_size} tasks running {s.world_size} virtual ranks (train.virtual_world_size="
+        return f"{tasks}, one rank each, {s.global_batch} labeled images per step"
+    return (f"{tasks} running {s.world_size} virtual ranks (train.virtual_world_size="
             f"{s.virtual_world_size}, {s.micro_batches} per task), {s.global_batch} labeled images per step")
 
 
