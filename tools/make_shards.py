@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         left_out = f" ({s['skipped']:,} left out: they do not decode)" if s["skipped"] else ""
         print(f"{split}: {s['images']:,} images in {s['shards']} shards, {s['bytes'] / 1e6:,.1f} MB{left_out}")
     print(f"packed {images:,} images into {args.out} in {seconds:.1f} s ({images / max(seconds, 1e-9):,.0f} "
-          f"images/s, {jobs} jobs)")
+          f"images/s, {jobs} job{'' if jobs == 1 else 's'})")
     return 0
 
 
