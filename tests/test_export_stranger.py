@@ -34,10 +34,14 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
     best_it = next(r["iteration"] for r in evals if r["teacher_top1"] == top)  # the first to reach it
     assert json.loads((ckpts / "best.json").read_text()) == {"metric": "teacher_top1", "value": top,
                                                              "iteration": best_it}
-    # keep_ckpts=1 pruned every recovery checkpoint but the newest; best.pt is never pruned
-    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == \
-        ["best.json", "best.pt", "best.pt.sha256", "ckpt_000000004.pt", "ckpt_000000004.pt.sha256", "last.pt"]
+    # keep_ckpts=1 pruned every recovery checkpoint but the newest; the best is never pruned (best.pt and its
+    # digest link to the file of the best iteration; older bests are removed)
+    best_file = f"best_{best_it:09d}.pt"
+    assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == sorted(
+        ["best.json", "best.pt", "best.pt.sha256", best_file, best_file + ".sha256", "ckpt_000000004.pt",
+         "ckpt_000000004.pt.sha256", "last.pt"])
     assert os.readlink(ckpts / "last.pt") == "ckpt_000000004.pt"
+    assert os.readlink(ckpts / "best.pt") == best_file
     assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] == best_it
 
     # eval and the .safetensors export in this process too (their command lines: tests/test_train.py)

@@ -56,7 +56,7 @@ def test_resume_keeps_split(trained_run, digits_root, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout + res.stderr
     assert "1 images under" in out and "ignored" in out
-    assert f"40 labeled / {len(unlabeled)} unlabeled images" in out
+    assert f"40 labeled / {len(unlabeled):,} unlabeled images" in out
     assert "resumed from" in out
     assert (run_dir / "splits" / "labeled.txt").read_text().split() == labeled
     assert (run_dir / "splits" / "unlabeled.txt").read_text().split() == unlabeled

@@ -78,8 +78,11 @@ def test_check_without_training(digits_root, tmp_path):
     lines = ok.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines[:-1]] == [
         "ok    config values", "ok    batch at the world size", "ok    data tree and split lists",
-        "ok    images decode", "ok    run directory"]
-    assert "395 val images" in lines[2] and lines[-1] == "5 of 5 checks passed"
+        "ok    images decode", "ok    intervals", "ok    run directory"]
+    assert "395 val images" in lines[2] and lines[-1] == "6 of 6 checks passed"
+    assert lines[4] == ("ok    intervals: log every 1, checkpoint every 8 iterations, eval at the end (of 8) at 2 "
+                        "processes; train.ckpt_every=1,000 iterations is longer than this run's 8: clamped to 8 (a "
+                        "checkpoint at the end only)")
     assert not run_dir.exists()  # a check writes nothing
     bad = subprocess.run([sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--check", "--world-size",
                           "3", *tiny_overrides(digits_root, run_dir, **{"data.num_classes": 9})],
