@@ -71,25 +71,31 @@ def photo_root(tmp_path_factory) -> Path:
     """Real photographs (scikit-learn's china.jpg and flower.jpg): 3 classes of seeded 120 x 90 crops
     as JPEGs of several qualities, one PNG, and names that test the packing: a dotted stem, a
     non-ASCII name and one long enough (> 100 bytes) to need a PAX header."""
+    root = tmp_path_factory.mktemp("photos")
+    odd = ["a.b.c", "été", "x" * 110]
+    for split, c, i, crop, rng in photo_crops(3, {"train": 8, "val": 3}, seed=0):
+        folder = root / split / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = odd[c] if i == 0 and split == "train" else f"img{i:02d}"
+        if i == 1:
+            crop.save(folder / f"{stem}.png")
+        else:
+            crop.save(folder / f"{stem}.jpg", quality=int(rng.integers(60, 95)))
+    return root
+
+
+def photo_crops(classes: int, counts: dict[str, int], seed: int):
+    """(split, class, i, image, generator) for `counts[split]` images of each class: seeded 120 x 90
+    crops of scikit-learn's two sample photographs (the generator, for whatever else is drawn)."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(a) for a in load_sample_images().images]
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("photos")
-    odd = ["a.b.c", "été", "x" * 110]
-    for split, count in (("train", 8), ("val", 3)):
-        for c in range(3):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for split, count in counts.items():
+        for c in range(classes):
             for i in range(count):
                 photo = photos[(c + i) % 2]
                 x, y = int(rng.integers(0, photo.width - 120)), int(rng.integers(0, photo.height - 90))
-                crop = photo.crop((x, y, x + 120, y + 90))
-                stem = odd[c] if i == 0 and split == "train" else f"img{i:02d}"
-                if i == 1:
-                    crop.save(folder / f"{stem}.png")
-                else:
-                    crop.save(folder / f"{stem}.jpg", quality=int(rng.integers(60, 95)))
-    return root
+                yield split, c, i, photo.crop((x, y, x + 120, y + 90)), rng

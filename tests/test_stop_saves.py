@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_same_weights, call_tool, final_state, run_tool, tiny_overrides
+from conftest_data import photo_crops
 from simmatch.data.sharding import UNLABELED, ShardPlan
 
 B, MU = 8, 1  # one process: 8 labeled + 8 unlabeled images per step
@@ -26,21 +27,10 @@ def photo_tree(tmp_path_factory) -> Path:
     """A small data set of one's own, as docs/DATA.md lays it out: 6 classes of real photographs
     (seeded 120 x 90 crops of scikit-learn's two sample photos), 12 training and 3 validation
     JPEGs each."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    photos = [Image.fromarray(a) for a in load_sample_images().images]
-    rng = np.random.default_rng(1)
     root = tmp_path_factory.mktemp("photos") / "tree"
-    for split, count in (("train", 12), ("val", 3)):
-        for c in range(6):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                photo = photos[(c + i) % 2]
-                x, y = int(rng.integers(0, photo.width - 120)), int(rng.integers(0, photo.height - 90))
-                photo.crop((x, y, x + 120, y + 90)).save(folder / f"img{i:02d}.jpg", quality=90)
+    for split, c, i, crop, _ in photo_crops(6, {"train": 12, "val": 3}, seed=1):
+        (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+        crop.save(root / split / f"class{c}" / f"img{i:02d}.jpg", quality=90)
     return root
 
 
