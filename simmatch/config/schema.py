@@ -123,8 +123,8 @@ class DataConfig:
     val_batch: int = num(0, NONNEG)  # per-rank validation batch; 0: the per-rank unlabeled batch (B * mu)
     check_images: bool = True  # decode every val and labeled image before the first step
     # Unlabeled images that may fail to decode in training before the run stops: each is dropped
-    # (tools/train.py --drop-images), the run goes on from its last checkpoint, the event logged.
-    # One process only (several ranks stop with the drop command); labeled and val images always stop.
+    # (tools/train.py --drop-images), the run goes on from the checkpoint its stop saved, the event
+    # logged; at any number of ranks (every rank stops at the same step); labeled and val images always stop.
     max_bad_images: int = num(0, NONNEG)
 
     def val_resize_px(self) -> int:
