@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from simmatch.config import derive_scale, load_config  # noqa: E402
+from simmatch.launch.recipe import split_sizes  # noqa: E402
 from simmatch.methods.bank import LabeledBank  # noqa: E402
 from simmatch.methods.simmatchv2 import UnlabeledBank  # noqa: E402
-from simmatch.run.recipe import split_sizes  # noqa: E402
 
 GIB = 2**30
 

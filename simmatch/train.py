@@ -12,7 +12,6 @@ import torch
 
 from simmatch import distributed as dist
 from simmatch.checkpoint import store
-from simmatch.checkpoint.atomic import remove_leftovers
 from simmatch.config import Config, load_config, to_dict
 from simmatch.engine.metrics import close_logging, format_eta
 from simmatch.engine.tracking import check_available as check_trackers
@@ -20,7 +19,7 @@ from simmatch.engine.trainer import Trainer, TrainResult
 from simmatch.errors import DataError, UserError, descriptor_limit
 from simmatch.run.change import ALLOW_FLAG, differences, judge
 from simmatch.run.lock import RunLock, RunLocked
-from simmatch.run.rundir import RunDir, run_dir_of
+from simmatch.run.rundir import RunDir, remove_leftovers, run_dir_of
 
 log = logging.getLogger("simmatch")
 

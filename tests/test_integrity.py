@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from conftest import ROOT
-from simmatch.checkpoint import atomic, store
+from simmatch.checkpoint import store
 from simmatch.checkpoint.saver import CheckpointSaver
 from simmatch.errors import CheckpointError
+from simmatch.run import atomic
 from simmatch.run.lock import RunLock, RunLocked, holder
+from simmatch.run.rundir import remove_leftovers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,7 +120,7 @@ def test_leftovers_removed(tmp_path):
     junk = [tmp_path / ".ckpt_000000002.pt.123.abcd1234.tmp", tmp_path / "ckpt_000000002.pt.sha256"]
     for j in junk:
         j.write_bytes(b"x" * 1000)
-    removed = atomic.remove_leftovers(tmp_path)
+    removed = remove_leftovers(tmp_path)
     assert sorted(p for p, _ in removed) == sorted(junk) and all(size == 1000 for _, size in removed)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000000001.pt", "ckpt_000000001.pt.sha256", "last.pt"]
 

@@ -8,7 +8,7 @@ import re
 
 from conftest import ROOT
 from simmatch.config import derive, load_config
-from simmatch.run.recipe import recipe, recipe_lines
+from simmatch.launch.recipe import recipe, recipe_lines
 
 
 def docs_example(tmp_path, *overrides: str):
@@ -44,7 +44,7 @@ def test_intervals_longer_than_the_run_are_clamped_with_a_line_saying_which(tmp_
 
 
 def test_check_shows_the_effective_intervals(tmp_path):
-    from simmatch.run.preflight import run_checks
+    from simmatch.launch.preflight import run_checks
 
     cfg = load_config(ROOT / "yaml" / "digits.yaml", ["data.backend=synthetic", "data.synthetic_size=160",
                                                       "optim.iters=50"])

@@ -3,7 +3,7 @@ violation, so that a rule that could never fire is caught too):
 
 - imports point down the layers: dali_pipelines imports no simmatch; methods and models import
   nothing of the engine; the engine imports no export (simmatch.weights.export);
-- run/ and config/ (and the method facts, checkpoint/atomic.py, checkpoint/elastic.py) import no
+- run/ and config/ (and the method facts, run/atomic.py, checkpoint/elastic.py) import no
   torch at import time, directly or through the modules they import;
 - no private name crosses a module: no `from x import _name`, no `module._name`, and no
   `obj._name` of a private that another file of the project defines;
@@ -23,7 +23,7 @@ from conftest import ROOT
 
 PROJECT = ("simmatch", "slurm", "dali_pipelines")
 CODE_DIRS = ("simmatch", "slurm", "dali_pipelines", "tools", "benchmarks")
-TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/methods/spec.py", "simmatch/checkpoint/atomic.py",
+TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/methods/spec.py", "simmatch/run/atomic.py",
               "simmatch/checkpoint/elastic.py", "simmatch/checks.py", "simmatch/shards")
 HEAVY = ("torch", "torchvision", "nvidia")
 MAX_LINES = 450
@@ -204,7 +204,7 @@ def test_the_house_stays_small():
 @pytest.mark.slow
 def test_light_modules_really_import_no_torch():
     """The same rule, measured: a fresh interpreter that imports them has no torch loaded."""
-    names = ["simmatch.config", "simmatch.run.preflight", "simmatch.run.recipe", "simmatch.run.world_sizes",
+    names = ["simmatch.config", "simmatch.launch.preflight", "simmatch.launch.recipe", "simmatch.run.world_sizes",
              "simmatch.run.lock", "simmatch.run.change", "simmatch.checkpoint.elastic", "simmatch.methods"]
     code = (f"import sys\nfor n in {names!r}: __import__(n)\n"
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")

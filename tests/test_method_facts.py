@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 from simmatch.config import derive_scale, load_config
 from simmatch.errors import ConfigError
-from simmatch.run.recipe import recipe_lines
+from simmatch.launch.recipe import recipe_lines
 
 
 def recipe_of(cfg_name: str, world: int, *overrides: str) -> tuple[list[str], dict]:

@@ -98,8 +98,8 @@ def test_check_sees_a_live_lock_holder(tmp_path):
     import os
     import socket
 
+    from simmatch.launch.preflight import lock_holder
     from simmatch.run.lock import RunLock
-    from simmatch.run.preflight import lock_holder
 
     lock = RunLock(tmp_path).acquire()
     assert f"pid {os.getpid()} on {socket.gethostname()}" in lock_holder(tmp_path)

@@ -14,7 +14,7 @@ from conftest import ROOT, call_tool
 from simmatch.checkpoint.elastic import describe
 from simmatch.checkpoint.store import save_checkpoint
 from simmatch.config import load_config
-from simmatch.run.preflight import check_line, run_checks
+from simmatch.launch.preflight import check_line, run_checks
 from simmatch.run.rundir import RunDir
 from simmatch.run.world_sizes import describe as describe_spans
 from simmatch.run.world_sizes import spans_from_history, spans_from_metrics, world_sizes_line

@@ -25,8 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from simmatch.config import derive_scale, load_config, parse_override  # noqa: E402
 from simmatch.errors import cli_errors  # noqa: E402
-from simmatch.run.preflight import FINISHED  # noqa: E402
-from simmatch.run.recipe import recipe_lines  # noqa: E402
+from simmatch.launch.preflight import FINISHED  # noqa: E402
+from simmatch.launch.recipe import recipe_lines  # noqa: E402
 from simmatch.run.rundir import RunDir  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import is_ended, job_state  # noqa: E402

@@ -54,7 +54,7 @@ def main() -> int:
         drop(args)
     if args.check:
         from simmatch.config import load_config
-        from simmatch.run.preflight import check_main
+        from simmatch.launch.preflight import check_main
         from simmatch.run.rundir import run_dir_of
 
         cfg = load_config(args.cfg, args.overrides)
@@ -108,7 +108,7 @@ def drop(args: argparse.Namespace) -> None:
 
 def print_config(args: argparse.Namespace) -> int:
     from simmatch.config import load_config
-    from simmatch.run.recipe import recipe_lines
+    from simmatch.launch.recipe import recipe_lines
 
     cfg = load_config(args.cfg, args.overrides)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or args.nproc

@@ -8,9 +8,9 @@ import threading
 import time
 from pathlib import Path
 
-from simmatch.checkpoint.atomic import atomic_write_text, digest_path, replace_symlink, unlink_quiet
 from simmatch.checkpoint.store import save_checkpoint, to_cpu
 from simmatch.errors import CheckpointError
+from simmatch.run.atomic import atomic_write_text, digest_path, replace_symlink, unlink_quiet
 from simmatch.run.rundir import (
     BEST,
     BEST_RECORD,

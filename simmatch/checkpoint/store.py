@@ -1,6 +1,6 @@
 """Checkpoints: written atomically with an integrity digest, read back only when they match it.
 
-A checkpoint is written to a temporary file in the same directory (checkpoint/atomic.py) while
+A checkpoint is written to a temporary file in the same directory (run/atomic.py) while
 its SHA-256 is computed from the bytes written; after the file is fsynced, the digest goes to a
 sidecar `ckpt_N.pt.sha256` (itself written atomically, `sha256sum -c` reads it), and only then
 is the temporary file renamed over `ckpt_N.pt`. No name is rewritten: `best.pt` and its
@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from simmatch.checkpoint.atomic import (
+from simmatch.errors import CheckpointError
+from simmatch.run.atomic import (
     atomic_write_text,
     digest_path,
     file_sha256,
@@ -38,7 +39,6 @@ from simmatch.checkpoint.atomic import (
     is_disk_full,
     write_atomic,
 )
-from simmatch.errors import CheckpointError
 from simmatch.run.rundir import BEST, BEST_RECORD, RunDir, checkpoint_iteration, list_checkpoints
 
 log = logging.getLogger(__name__)

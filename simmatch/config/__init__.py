@@ -6,6 +6,7 @@ from simmatch.config.derive import (
     derive,
     derive_at,
     derive_scale,
+    intervals_text,
     run_world_size,
     scale_at,
     steps_per_epoch,
@@ -33,5 +34,5 @@ from simmatch.config.schema import (
 
 __all__ = ["RANGES", "Config", "DataConfig", "Derived", "MethodConfig", "ModelConfig", "OptimConfig",
            "Range", "Scale", "TrainConfig", "apply_overrides", "choices", "derive", "derive_at", "derive_scale",
-           "from_dict", "load_config", "parse_override", "run_world_size", "scale_at", "steps_per_epoch",
-           "to_dict", "validate", "with_defaults"]
+           "intervals_text", "from_dict", "load_config", "parse_override", "run_world_size", "scale_at",
+           "steps_per_epoch", "to_dict", "validate", "with_defaults"]

@@ -195,3 +195,12 @@ def _with_steps(cfg: Config, s: Scale, num_labeled: int, num_unlabeled: int) -> 
         num_labeled=num_labeled,
         num_unlabeled=num_unlabeled,
     )
+
+
+def intervals_text(log_every: int, ckpt_every: int, eval_every: int, total_iters: int | None = None) -> str:
+    """The effective intervals, in iterations of this run (train.*_every count steps of the
+    reference batch optim.base_batch: at another global batch they are re-scaled, then clamped
+    to the run's length)."""
+    return (f"log every {log_every:,}, checkpoint every {ckpt_every:,} iterations, "
+            + (f"eval every {eval_every:,}" if eval_every else "eval at the end")
+            + (f" (of {total_iters:,})" if total_iters else ""))

@@ -13,8 +13,7 @@ import torch
 
 from simmatch.config import Config, Derived
 from simmatch.errors import ConfigError
-from simmatch.methods.spec import bank_bytes, spec_of
-from simmatch.run.recipe import size_text
+from simmatch.methods.spec import bank_bytes, size_text, spec_of
 
 SIZED_BY = {"labeled bank": "the labeled set", "unlabeled bank": "method.v2_k", "queue": "method.queue_size"}
 

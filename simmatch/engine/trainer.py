@@ -8,7 +8,6 @@ the device until `log_every`; checkpoints are atomic and hold everything exact r
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from simmatch import distributed as dist
 from simmatch.checkpoint import store
-from simmatch.checkpoint.atomic import atomic_write_text
 from simmatch.checkpoint.elastic import describe
 from simmatch.checkpoint.saver import CheckpointSaver
-from simmatch.config import Config, Derived, derive, to_dict
+from simmatch.config import Config, Derived, derive, intervals_text, to_dict
 from simmatch.distributed import average_buffers
 from simmatch.engine import rng
 from simmatch.engine.capacity import refuse_banks_beyond_memory
@@ -44,9 +42,9 @@ from simmatch.methods import build_method
 from simmatch.methods.base import merge
 from simmatch.models.bn_stats import RankBNStats
 from simmatch.models.group_bn import convert_group_bn
+from simmatch.run.atomic import atomic_write_text
 from simmatch.run.change import judge_checkpoint
 from simmatch.run.dropped import read_dropped
-from simmatch.run.recipe import intervals_text
 from simmatch.run.rundir import SPLIT_NAMES, RunDir
 from simmatch.run.world_sizes import running_text
 
@@ -281,7 +279,7 @@ class Trainer(TrainerState, TrainerEvaluation):
             self.log.info("run %s: %s, %s labeled / %s unlabeled images%s, %s iterations (%s per epoch), lr %.4g",
                           self.run_dir, running_text(self.world, self.processes), f"{d.num_labeled:,}",
                           f"{used:,}", dropped, f"{d.total_iters:,}", f"{d.steps_per_epoch:,}", d.lr)
-            self.log.info("intervals: %s", intervals_text(dataclasses.asdict(d)))
+            self.log.info("intervals: %s", intervals_text(d.log_every, d.ckpt_every, d.eval_every, d.total_iters))
             for note in d.interval_notes:
                 self.log.info("note: %s", note)
         if not self.resume() and self.cfg.model.init_from:

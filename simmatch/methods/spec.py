@@ -69,6 +69,14 @@ def bank_bytes(cfg: Any, spec: MethodSpec, unlabeled_bank: int, num_labeled: int
     return out
 
 
+def size_text(n: float) -> str:
+    """Bytes in decimal units: '614.4 TB', '3.2 GB', '512 B'."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{int(n)} B"
+
+
 SPECS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     # student: cat(labeled, strong views); teacher: cat(labeled, weak)
     MethodSpec("simmatch", "simmatch.methods.simmatch", needs_labeled=True, needs_unlabeled=True,

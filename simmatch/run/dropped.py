@@ -22,8 +22,8 @@ import re
 import time
 from pathlib import Path
 
-from simmatch.checkpoint.atomic import atomic_write_text
 from simmatch.errors import DataError
+from simmatch.run.atomic import atomic_write_text
 from simmatch.run.lock import holder
 from simmatch.run.rundir import RunDir, read_run_list, run_list_text, split_list
 

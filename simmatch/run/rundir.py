@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 
 from simmatch.errors import UserError
+from simmatch.run.atomic import DIGEST_SUFFIX, TMP_GLOB, atomic_write_text
 
 CHECKPOINT_GLOB = "ckpt_*.pt"
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
@@ -178,7 +179,6 @@ class RunDir:
     def save_config(self, cfg) -> None:
         """Write the fully resolved config (atomically) so that the run can be reproduced."""
         import yaml
-        from simmatch.checkpoint.atomic import atomic_write_text
         from simmatch.config import to_dict
 
         atomic_write_text(self.config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -252,3 +252,24 @@ def ensure_writable_dir(path: str | Path, key: str = "train.run_dir", create: bo
 def run_dir_of(cfg) -> RunDir:
     """train.run_dir, else <train.output_root>/<config name>."""
     return RunDir(cfg.train.run_dir if cfg.train.run_dir else Path(cfg.train.output_root) / (cfg.name or "run"))
+
+
+def remove_leftovers(*dirs: str | Path) -> list[tuple[Path, int]]:
+    """Remove the temporary files of a writer that died mid-write and checkpoint digests without
+    their checkpoint; (path, size) of each. Call only while holding the run directory's lock, so
+    that no live writer's file goes."""
+    found: list[Path] = []
+    for d in map(Path, dirs):
+        if d.is_dir():
+            found += list(d.glob(TMP_GLOB))
+            for pattern in (CHECKPOINT_GLOB, BEST_GLOB):
+                found += [p for p in d.glob(pattern + DIGEST_SUFFIX) if not p.with_suffix("").exists()]
+    removed = []
+    for p in found:
+        try:
+            size = p.lstat().st_size  # a leftover may be a dangling symlink (.last.pt.*.tmp)
+            p.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append((p, size))
+    return removed

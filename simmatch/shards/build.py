@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from simmatch.checkpoint.atomic import atomic_write_text, file_sha256, fsync_dir
 from simmatch.data.checks import Progress, decode_all
 from simmatch.data.splits import ImageTree, scan_tree
 from simmatch.errors import DataError, UserError
+from simmatch.run.atomic import atomic_write_text, file_sha256, fsync_dir
 from simmatch.shards.index import (
     SPLITS,
     VERSION,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from simmatch.checkpoint.atomic import replace_together
 from simmatch.config import Config
 from simmatch.errors import CheckpointError, UserError
+from simmatch.run.atomic import replace_together
 from simmatch.weights.networks import (
     load_run_checkpoint,
     network_state,

@@ -3,7 +3,7 @@
 Every file this project writes into a run directory or an export is made here, through one
 temporary naming (`.NAME.PID.RANDOM.tmp`, created with O_EXCL and mode 0666 so the umask
 applies: a lab shares run directories, and tempfile.mkstemp would force 0600). A kill at any
-moment leaves the previous file whole and, at worst, a temporary file that `remove_leftovers`
+moment leaves the previous file whole and, at worst, a temporary file that `RunDir.remove_leftovers`
 removes under the run directory's lock. The SHA-256 of the bytes is computed while they are
 written, so a digest never needs a second read. No torch here.
 """
@@ -17,8 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from simmatch.run.rundir import BEST_GLOB, CHECKPOINT_GLOB
-
 TMP_GLOB = ".*.tmp"  # every temporary file made by `temporary_path`
 DIGEST_SUFFIX = ".sha256"
 
@@ -29,7 +27,7 @@ def digest_path(path: Path) -> Path:
 
 
 def temporary_path(path: Path) -> Path:
-    """A fresh temporary name in `path`'s directory; `remove_leftovers` recognises it."""
+    """A fresh temporary name in `path`'s directory; `TMP_GLOB` matches it (rundir.RunDir.remove_leftovers)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
@@ -161,24 +159,3 @@ def is_disk_full(exc: BaseException, directory: Path) -> bool:
         seen = seen.__cause__ or seen.__context__
     free = free_bytes(directory)  # torch's writer reports ENOSPC as "unexpected pos"
     return free is not None and free < 2**20
-
-
-def remove_leftovers(*dirs: str | Path) -> list[tuple[Path, int]]:
-    """Remove the temporary files of a writer that died mid-write and checkpoint digests without
-    their checkpoint; (path, size) of each. Call only while holding the run directory's lock, so
-    that no live writer's file goes."""
-    found: list[Path] = []
-    for d in map(Path, dirs):
-        if d.is_dir():
-            found += list(d.glob(TMP_GLOB))
-            for pattern in (CHECKPOINT_GLOB, BEST_GLOB):
-                found += [p for p in d.glob(pattern + DIGEST_SUFFIX) if not p.with_suffix("").exists()]
-    removed = []
-    for p in found:
-        try:
-            size = p.lstat().st_size  # a leftover may be a dangling symlink (.last.pt.*.tmp)
-            p.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append((p, size))
-    return removed

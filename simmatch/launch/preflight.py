@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from simmatch.checks import FAIL, PASS, Check
-from simmatch.config import Config, derive_at, derive_scale, run_world_size, to_dict
+from simmatch.config import Config, derive_at, derive_scale, intervals_text, run_world_size, to_dict
 from simmatch.errors import UserError
 from simmatch.run.change import judge, judge_checkpoint
 from simmatch.run.lock import holder
@@ -133,13 +133,13 @@ def _intervals(cfg: Config, world_size: int | None, splits) -> str:
     """The log, checkpoint and evaluation intervals in iterations of this run (re-scaled from the
     reference batch and clamped to the run's length, each clamp said)."""
     from simmatch.config import derive
-    from simmatch.run.recipe import intervals_text
 
     counts = ((len(splits.labeled_files), len(splits.unlabeled_files)) if splits is not None
               else (cfg.data.synthetic_size,) * 2)
     d = derive(cfg, world_size or 1, *counts)
     where = f"at {processes_text(world_size)}" if world_size else "at 1 process (--world-size N for another)"
-    return "; ".join([f"{intervals_text(dataclasses.asdict(d))} {where}", *d.interval_notes])
+    return "; ".join([f"{intervals_text(d.log_every, d.ckpt_every, d.eval_every, d.total_iters)} {where}",
+                      *d.interval_notes])
 
 
 def _scale(cfg: Config, world_size: int) -> str:

@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from simmatch.config import Config, Derived, derive, derive_scale
+from simmatch.config import Config, Derived, derive, derive_scale, intervals_text
 from simmatch.data.splits import list_path, load_splits, read_list
-from simmatch.methods.spec import bank_bytes, spec_of
+from simmatch.methods.spec import bank_bytes, size_text, spec_of
 from simmatch.run.world_sizes import processes_text, running_text
 
 
@@ -114,23 +114,6 @@ def recipe(cfg: Config, world_size: int) -> dict:
         # the strong views of each unlabeled image: [size px, min scale, max scale] each
         "strong_views": [list(view) for view in cfg.data.strong_crops()] if spec.needs_unlabeled else None,
     }
-
-
-def size_text(n: float) -> str:
-    """Bytes in decimal units: '614.4 TB', '3.2 GB', '512 B'."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:,.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def intervals_text(r: dict) -> str:
-    """The effective intervals, in iterations of this run (train.*_every count steps of the
-    reference batch optim.base_batch: at another global batch they are re-scaled, then clamped
-    to the run's length)."""
-    return (f"log every {r['log_every']:,}, checkpoint every {r['ckpt_every']:,} iterations, "
-            + (f"eval every {r['eval_every']:,}" if r["eval_every"] else "eval at the end")
-            + (f" (of {r['total_iters']:,})" if r.get("total_iters") else ""))
 
 
 def _alignment_length(cfg: Config, s) -> int | None:
@@ -240,7 +223,7 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     if r["bank_bytes"]:
         lines.append(f"  memory       banks {size_text(sum(r['bank_bytes'].values()))} per rank ("
                      + ", ".join(f"{name} {size_text(n)}" for name, n in r["bank_bytes"].items()) + ")")
-    lines += [f"  intervals    {intervals_text(r)}"]
+    lines += [f"  intervals    {intervals_text(r['log_every'], r['ckpt_every'], r['eval_every'], r['total_iters'])}"]
     lines += [f"               {note}" for note in r["intervals_clamped"]]
     lines += [
         f"  labeled      {_n(r['num_labeled'])} images: {r['labeled_set']}",
