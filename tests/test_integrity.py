@@ -14,7 +14,7 @@ from conftest import ROOT
 from simmatch.checkpoint import store
 from simmatch.checkpoint.saver import CheckpointSaver
 from simmatch.errors import CheckpointError
-from simmatch.run import atomic
+from simmatch.files import atomic
 from simmatch.run.lock import RunLock, RunLocked, holder
 from simmatch.run.rundir import remove_leftovers
 

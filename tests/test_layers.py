@@ -3,7 +3,7 @@ violation, so that a rule that could never fire is caught too):
 
 - imports point down the layers: dali_pipelines imports no simmatch; methods and models import
   nothing of the engine; the engine imports no export (simmatch.weights.export);
-- run/ and config/ (and the method facts, run/atomic.py, checkpoint/elastic.py) import no
+- run/ and config/ (and the method facts, files/atomic.py, checkpoint/elastic.py) import no
   torch at import time, directly or through the modules they import;
 - no private name crosses a module: no `from x import _name`, no `module._name`, and no
   `obj._name` of a private that another file of the project defines;
@@ -23,7 +23,7 @@ from conftest import ROOT
 
 PROJECT = ("simmatch", "slurm", "dali_pipelines")
 CODE_DIRS = ("simmatch", "slurm", "dali_pipelines", "tools", "benchmarks")
-TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/methods/spec.py", "simmatch/run/atomic.py",
+TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/methods/spec.py", "simmatch/files/atomic.py",
               "simmatch/checkpoint/elastic.py", "simmatch/checks.py", "simmatch/shards")
 HEAVY = ("torch", "torchvision", "nvidia")
 MAX_LINES = 450

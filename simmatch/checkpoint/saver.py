@@ -10,7 +10,7 @@ from pathlib import Path
 
 from simmatch.checkpoint.store import save_checkpoint, to_cpu
 from simmatch.errors import CheckpointError
-from simmatch.run.atomic import atomic_write_text, digest_path, replace_symlink, unlink_quiet
+from simmatch.files.atomic import atomic_write_text, digest_path, replace_symlink, unlink_quiet
 from simmatch.run.rundir import (
     BEST,
     BEST_RECORD,

@@ -1,6 +1,6 @@
 """Checkpoints: written atomically with an integrity digest, read back only when they match it.
 
-A checkpoint is written to a temporary file in the same directory (run/atomic.py) while
+A checkpoint is written to a temporary file in the same directory (files/atomic.py) while
 its SHA-256 is computed from the bytes written; after the file is fsynced, the digest goes to a
 sidecar `ckpt_N.pt.sha256` (itself written atomically, `sha256sum -c` reads it), and only then
 is the temporary file renamed over `ckpt_N.pt`. No name is rewritten: `best.pt` and its
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from simmatch.errors import CheckpointError
-from simmatch.run.atomic import (
+from simmatch.files.atomic import (
     atomic_write_text,
     digest_path,
     file_sha256,

@@ -139,7 +139,7 @@ def entry_forms(entry: str) -> list[str]:
 
 def write_list(paths: list[str], out: str | Path) -> Path:
     """One relative path per line; written to a temporary name first so readers never see half."""
-    from simmatch.run.atomic import atomic_write_text
+    from simmatch.files.atomic import atomic_write_text
 
     out = Path(out)
     atomic_write_text(out, "".join(p + "\n" for p in paths))

@@ -38,11 +38,11 @@ from simmatch.engine.tracking import build_trackers
 from simmatch.engine.trainer_eval import TrainerEvaluation, TrainResult
 from simmatch.engine.trainer_state import TrainerState
 from simmatch.errors import CheckpointError, DataError
+from simmatch.files.atomic import atomic_write_text
 from simmatch.methods import build_method
 from simmatch.methods.base import merge
 from simmatch.models.bn_stats import RankBNStats
 from simmatch.models.group_bn import convert_group_bn
-from simmatch.run.atomic import atomic_write_text
 from simmatch.run.change import judge_checkpoint
 from simmatch.run.dropped import read_dropped
 from simmatch.run.rundir import SPLIT_NAMES, RunDir

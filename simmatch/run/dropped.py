@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from simmatch.errors import DataError
-from simmatch.run.atomic import atomic_write_text
+from simmatch.files.atomic import atomic_write_text
 from simmatch.run.lock import holder
 from simmatch.run.rundir import RunDir, read_run_list, run_list_text, split_list
 

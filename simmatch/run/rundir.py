@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from simmatch.errors import UserError
-from simmatch.run.atomic import DIGEST_SUFFIX, TMP_GLOB, atomic_write_text
+from simmatch.files.atomic import DIGEST_SUFFIX, TMP_GLOB, atomic_write_text
 
 CHECKPOINT_GLOB = "ckpt_*.pt"
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")

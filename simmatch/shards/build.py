@@ -35,7 +35,7 @@ from pathlib import Path
 from simmatch.data.checks import Progress, decode_all
 from simmatch.data.splits import ImageTree, scan_tree
 from simmatch.errors import DataError, UserError
-from simmatch.run.atomic import atomic_write_text, file_sha256, fsync_dir
+from simmatch.files.atomic import atomic_write_text, file_sha256, fsync_dir
 from simmatch.shards.index import (
     SPLITS,
     VERSION,

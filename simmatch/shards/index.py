@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from simmatch.errors import DataError
-from simmatch.run.atomic import atomic_write_text, digest_path, write_atomic
+from simmatch.files.atomic import atomic_write_text, digest_path, write_atomic
 
 FORMAT = "simmatch-shards"
 VERSION = 2  # 2: a digest sidecar per index, unique member keys, the skipped images in the header

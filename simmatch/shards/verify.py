@@ -18,7 +18,7 @@ import numpy as np
 
 from simmatch.data.checks import Progress
 from simmatch.errors import DataError
-from simmatch.run.atomic import file_sha256
+from simmatch.files.atomic import file_sha256
 from simmatch.shards.index import ShardIndex, member_ext, member_keys
 from simmatch.shards.reader import TAR_BLOCK, OpenShards, member_header_problem
 

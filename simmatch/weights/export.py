@@ -16,7 +16,7 @@ import torch
 
 from simmatch.config import Config
 from simmatch.errors import CheckpointError, UserError
-from simmatch.run.atomic import replace_together
+from simmatch.files.atomic import replace_together
 from simmatch.weights.networks import (
     load_run_checkpoint,
     network_state,
