@@ -20,8 +20,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from simmatch.data.checks import find_undecodable  # noqa: E402
-from simmatch.data.images import image_problem  # noqa: E402
+from simmatch.images.decode import (
+    find_undecodable,  # noqa: E402
+    image_problem,  # noqa: E402
+)
 
 
 def write_images(folder: Path, n: int) -> list[Path]:

@@ -92,7 +92,7 @@ def count_classes(data: str | None, shards: str | None) -> int:
 def measure(data: str | None, fmt: str, shards: str | None, backend: str, device: str, batch: int,
             threads: int, iters: int, warmup: int, crop: int, strong: str) -> dict:
     """One measurement in this process (the parent runs it in a child: --child)."""
-    from simmatch.data.sources import shard_opens
+    from simmatch.shards.source import shard_opens
 
     where = [f"data.root={data}"] if fmt == "folder" else ["data.format=shards", f"data.shards={shards}"]
     cfg = load_config(None, [

@@ -25,8 +25,7 @@ def test_check_data_flags_val_class_missing_from_train(corrupt_root, tmp_path, c
 
 
 def test_fast_decode_check_catches_what_the_full_one_does(corrupt_root, tmp_path):
-    from simmatch.data.checks import find_undecodable
-    from simmatch.data.images import image_problem
+    from simmatch.images.decode import find_undecodable, image_problem
 
     good = sorted((corrupt_root / "train" / "0").iterdir())
     text = tmp_path / "text.jpg"
@@ -86,8 +85,8 @@ def test_running_out_of_file_descriptors_is_named_as_such(corrupt_root):
     import os
     import resource
 
-    from simmatch.data.checks import find_undecodable
     from simmatch.errors import DataError
+    from simmatch.images.decode import find_undecodable
 
     files = sorted((corrupt_root / "train" / "0").iterdir())
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -10,8 +10,9 @@ import pytest
 from conftest_data import data_cfg, load_tool
 from simmatch.data.digits import write_digits
 from simmatch.data.sharding import ShardPlan, val_slice
-from simmatch.data.splits import load_splits, make_labeled_list, read_list, scan_tree
+from simmatch.data.splits import load_splits, make_labeled_list, read_list
 from simmatch.errors import ConfigError, DataError
+from simmatch.images.tree import scan_tree
 
 check_data = load_tool("check_data")
 make_split = load_tool("make_split")

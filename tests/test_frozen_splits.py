@@ -19,8 +19,9 @@ def train(data, run_dir, iters):
 
 def test_resume_keeps_split(trained_run, digits_root, tmp_path):
     from simmatch.config import load_config
-    from simmatch.data.splits import load_splits, sample_split, scan_tree
+    from simmatch.data.splits import load_splits, sample_split
     from simmatch.errors import DataError
+    from simmatch.images.tree import scan_tree
 
     data = tmp_path / "data"
     shutil.copytree(digits_root, data)

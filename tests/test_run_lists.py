@@ -10,7 +10,8 @@ import pytest
 
 from conftest_data import data_cfg
 from simmatch.config import load_config
-from simmatch.data.splits import load_splits, read_list, resolve_list, scan_tree
+from simmatch.data.splits import load_splits, read_list, resolve_list
+from simmatch.images.tree import scan_tree
 from simmatch.run.dropped import as_listed
 from simmatch.run.rundir import read_run_list, run_list_text
 

@@ -13,8 +13,9 @@ import torch
 
 from conftest import call_tool
 from conftest_data import data_cfg, load_tool, same_batches, take
-from simmatch.data import build_streams, load_splits, scan_tree
+from simmatch.data import build_streams, load_splits
 from simmatch.errors import ConfigError, DataError
+from simmatch.images.tree import scan_tree
 from simmatch.shards.build import make_shards, parse_size
 
 
@@ -167,7 +168,7 @@ def test_shards_altered_image_is_named_with_its_shard(digits_root, digits_shards
     with pytest.raises(DataError) as exc:
         splits.train_source.read(rel)
     assert str(shard) in one_line(exc) and rel in str(exc.value) and "damaged" in str(exc.value)
-    from simmatch.data.checks import find_undecodable
+    from simmatch.images.decode import find_undecodable
 
     assert [w for w, _ in find_undecodable([(splits.train_source, rel)])] == [splits.train_source.where(rel)]
     res = call_tool("tools/check_data.py", str(out), "--quiet")
@@ -267,8 +268,8 @@ def test_shards_reads_from_many_threads_through_one_open_shard_stay_exact(digits
     import random
     from concurrent.futures import ThreadPoolExecutor
 
-    from simmatch.data.sources import ShardSource
     from simmatch.shards.index import read_index
+    from simmatch.shards.source import ShardSource
 
     index = read_index(digits_shards, "train")
     source = ShardSource(index, 1)

@@ -57,7 +57,7 @@ def finished(digits_root, shards_for_training, photo_root, photo_shards_for_trai
     """finished(fmt, backend, processes, tree): the run directory of that run on the digits (or the
     photos of tests/test_shards.py), trained once per session (in this process where it can be,
     counting the shard files it opened)."""
-    from simmatch.data.sources import shard_opens
+    from simmatch.shards.source import shard_opens
 
     runs: dict[tuple, Path] = {}
 

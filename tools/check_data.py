@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from simmatch.data.checks import check_tree  # noqa: E402
 from simmatch.errors import cli_errors  # noqa: E402
 from simmatch.files.atomic import atomic_write_text  # noqa: E402
+from simmatch.images.check import check_tree  # noqa: E402
 from simmatch.run.dropped import drop_file_text  # noqa: E402
 from simmatch.shards.check import check_shard_set, is_shard_set  # noqa: E402
 

@@ -4,13 +4,11 @@
 by the functions of `simmatch.data.splits` (also behind tools/make_split.py).
 """
 from simmatch.data.splits import (
-    ImageTree,
     Splits,
     load_splits,
     read_list,
     resolve_list,
     sample_split,
-    scan_tree,
     write_list,
 )
 
@@ -27,5 +25,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'simmatch.data' has no attribute {name!r}")
 
 
-__all__ = ["ImageTree", "Splits", "Streams", "build_streams", "load_splits", "per_rank_batches",
-           "read_list", "resolve_device", "resolve_list", "sample_split", "scan_tree", "write_list"]
+__all__ = ["Splits", "Streams", "build_streams", "load_splits", "per_rank_batches",
+           "read_list", "resolve_device", "resolve_list", "sample_split", "write_list"]

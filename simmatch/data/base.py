@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from simmatch.data.sharding import ShardPlan
-from simmatch.data.sources import ImageSource
 from simmatch.errors import CheckpointError, DataError, ImageError
+from simmatch.images.source import ImageSource
 
 LABELED_KIND, UNLABELED_KIND = "labeled", "unlabeled"
 
@@ -32,7 +32,7 @@ def decode_error(reason: str, source: ImageSource, candidates: list[str], what: 
     """Name the image among `candidates` that does not decode (a pipeline's or a worker's own
     message does not name it) as an ImageError carrying its path; `reason` is the backend's own
     explanation, used when every candidate decodes."""
-    from simmatch.data.checks import source_problem
+    from simmatch.images.decode import source_problem
 
     for rel in dict.fromkeys(candidates):
         problem = source_problem(source, rel)

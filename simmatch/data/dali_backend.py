@@ -28,8 +28,8 @@ from simmatch.data.base import (
     with_drop_hint,
 )
 from simmatch.data.sharding import ShardPlan, derive_seed, val_slice
-from simmatch.data.sources import ImageSource
 from simmatch.errors import ConfigError, DataError, ImageError, descriptor_limit
+from simmatch.images.source import ImageSource
 
 MIN_SEGMENT_BATCHES = 64
 

@@ -13,9 +13,9 @@ import torch
 from simmatch.config import Config, derive_scale, run_world_size
 from simmatch.data.base import LABELED_KIND, UNLABELED_KIND, TrainStream
 from simmatch.data.sharding import LABELED, UNLABELED, ShardPlan
-from simmatch.data.sources import ImageSource
 from simmatch.data.splits import Splits, list_path, load_splits, write_list
 from simmatch.errors import ConfigError
+from simmatch.images.source import ImageSource
 
 
 @dataclass

@@ -15,10 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from simmatch.data.base import TrainStream, decode_error, pack_batch, val_resize_size, with_drop_hint
-from simmatch.data.images import problem_text
 from simmatch.data.sharding import ShardPlan, val_slice
-from simmatch.data.sources import ImageSource
 from simmatch.errors import DataError, ImageError
+from simmatch.images.decode import problem_text
+from simmatch.images.source import ImageSource
 
 _ERROR_PREFIXES = ("simmatch.errors.DataError: ", "simmatch.errors.ImageError: ")
 

@@ -150,7 +150,7 @@ class Trainer(TrainerState, TrainerEvaluation):
     def _check_images(self) -> None:
         """Decode every val and labeled image before the first step, each rank a share, so that
         a corrupt file stops the run now and not at the final evaluation (a collective)."""
-        from simmatch.data.checks import find_undecodable, raise_if_undecodable
+        from simmatch.images.decode import find_undecodable, raise_if_undecodable
 
         files = self.streams.check_files
         started = time.perf_counter()

@@ -54,8 +54,8 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
                allow_config_change: bool = False, full: bool = False) -> list[Check]:
     """Every check, in order; a failed one does not stop the others (all are reported). `full`:
     every training image is decoded (one thread per core, a progress line), not a sample."""
-    from simmatch.data.checks import Progress, decode_all, find_undecodable, raise_if_undecodable
     from simmatch.data.splits import load_splits
+    from simmatch.images.decode import Progress, decode_all, find_undecodable, raise_if_undecodable
 
     rd = RunDir(run_dir)
     checks = [Check("config values", PASS, f"{cfg.name or 'config'}: every key in its range")]

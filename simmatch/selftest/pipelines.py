@@ -73,7 +73,7 @@ def dali_decode(root: Path, files: list[str], device: str, cfg: Any, device_id: 
     from dali_pipelines.common import build, decoder_args
     from simmatch.data.base import decode_error
     from simmatch.data.dali_backend import dali_reason
-    from simmatch.data.sources import FolderSource
+    from simmatch.images.source import FolderSource
 
     @pipeline_def
     def decode(file_root: str, names: list[str], device: str = "cpu"):

@@ -2,5 +2,5 @@
 
 `build` packs a tree (tools/make_shards.py), `index` reads and writes the per-split index,
 `reader` reads images by (shard, offset, size), `verify` checks shards against their index.
-The streams reach them through `simmatch.data.sources.ShardSource`.
+The streams reach them through `simmatch.shards.source.ShardSource`, chosen by data.format in `formats.py`.
 """

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from simmatch.data.checks import Progress, decode_all
-from simmatch.data.splits import ImageTree, scan_tree
 from simmatch.errors import DataError, UserError
 from simmatch.files.atomic import atomic_write_text, file_sha256, fsync_dir
+from simmatch.images.decode import Progress, decode_all
+from simmatch.images.tree import ImageTree, scan_tree
 from simmatch.shards.index import (
     SPLITS,
     VERSION,

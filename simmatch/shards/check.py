@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simmatch.data.checks import Progress, decode_all
-from simmatch.data.sources import ShardSource
 from simmatch.errors import DataError
+from simmatch.images.decode import Progress, decode_all
 from simmatch.shards.index import SPLITS, index_path, read_index
+from simmatch.shards.source import ShardSource
 from simmatch.shards.verify import ByteProgress, check_layout, digest_problems
 
 

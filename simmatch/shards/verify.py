@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from simmatch.data.checks import Progress
 from simmatch.errors import DataError
 from simmatch.files.atomic import file_sha256
+from simmatch.images.decode import Progress
 from simmatch.shards.index import ShardIndex, member_ext, member_keys
 from simmatch.shards.reader import TAR_BLOCK, OpenShards, member_header_problem
 

@@ -1,76 +1,67 @@
-"""Scan a data set tree for files that would break or silently shrink a run."""
+"""Does an image decode? One check for check_data, the start-up check, make_shards and the
+error lines: a file or a source's image, in threads, with a progress line. No torch."""
 from __future__ import annotations
 
-import os
+import errno
+import re
 import sys
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from simmatch.data.images import image_problem
-from simmatch.data.sources import FolderSource, ImageSource
-from simmatch.data.splits import is_image_name, name_problem, shown_name
 from simmatch.errors import DataError
+from simmatch.images.source import FolderSource, ImageSource
 
 
-@dataclass
-class CheckReport:
-    root: Path
-    counts: dict[str, int] = field(default_factory=dict)  # class folder (relative) -> images
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
-    ignored: list[str] = field(default_factory=list)  # files directly under the root
-    decoded: int = 0  # images decoded
-    seconds: float = 0.0  # decoding time (wall clock)
+def open_file_limit() -> str:
+    """This process's soft limit on open files, as `ulimit -n` prints it."""
+    import resource
 
-    def groups(self) -> dict[str, dict[str, int]]:
-        """Class counts grouped by the folder holding the class folders ("" for the root)."""
-        out: dict[str, dict[str, int]] = defaultdict(dict)
-        for folder, n in sorted(self.counts.items()):
-            parent, _, cls = folder.rpartition("/")
-            out[parent][cls] = n
-        return dict(out)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
 
 
-def check_tree(root: str | Path, workers: int = 0, show_progress: bool = False) -> CheckReport:
-    """Fully decode every image under `root`; flag corrupt, non-image files and empty folders.
+OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
-    Files directly in `root` (README, label CSVs) are ignored; every other file belongs to
-    the class folder that holds it. `workers` decoding threads (0: one per core).
-    """
-    workers = workers or os.cpu_count() or 1
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data directory not found: {root}")
-    report = CheckReport(root)
-    images: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
-        if rel_dir == ".":
-            report.ignored = sorted(filenames)
-            continue
-        if not filenames and not dirnames:
-            report.problems.append((shown_name(rel_dir), "empty folder"))
-        for name in sorted(filenames):
-            rel = f"{rel_dir}/{name}"
-            why = name_problem(rel)
-            if why is not None:  # training would refuse it: no split list can hold it
-                report.problems.append((shown_name(rel), why))
-            elif is_image_name(name):
-                images.append(rel)
-                report.counts[rel_dir] = report.counts.get(rel_dir, 0) + 1
-            else:
-                report.problems.append((rel, "not an image file"))
-    started = time.perf_counter()
-    progress = Progress(len(images)) if show_progress else None
-    for rel, reason in decode_all(root, images, workers, progress=progress):
-        report.problems.append((rel, f"cannot decode: {reason}"))
-    report.decoded, report.seconds = len(images), time.perf_counter() - started
-    report.problems += class_mismatch(report)
-    report.problems.sort()
-    return report
+
+def problem_text(exc: BaseException) -> str:
+    """A decoder's exception as a short reason: its first line, without the file it was given (the
+    caller names the image; a Python object's repr, `<_io.BytesIO object at 0x7f...>`, names nothing)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot identify image file"
+    text = OBJECT_REPR.sub("", (str(exc).splitlines() or [""])[0]).strip()
+    return text or type(exc).__name__
+
+
+def image_problem(path: str | Path, fast: bool = False) -> str | None:
+    """None if `path` fully decodes as an image, else a short reason; a DataError only when the
+    process has run out of file descriptors (no image is to blame then).
+
+    `fast`: JPEGs are decoded at 1/8 scale (libjpeg's DCT scaling): every byte of the
+    entropy-coded data is still read, so truncated and corrupt files are still caught, at a
+    fraction of the cost (docs/RELIABILITY.md has the figures)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if fast and img.format == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()  # a full decode: catches truncated and corrupt data, not only headers
+            if img.width < 1 or img.height < 1:
+                return "empty image"
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not the image: this process may open no more files
+            raise DataError(f"cannot open {path}: too many open files: the file-descriptor limit (ulimit -n "
+                            f"{open_file_limit()}) is too low for the decoding threads; raise it "
+                            f"(ulimit -n 4096) or lower data.num_threads") from None
+        return problem_text(exc)
+    except Exception as exc:  # PIL raises many types for bad data
+        return problem_text(exc)
+    return None
 
 
 class Progress:
@@ -154,13 +145,3 @@ def raise_if_undecodable(problems: list[tuple[str, str]], what: str, show: int =
     more = f" and {len(problems) - show} more" if len(problems) > show else ""
     raise DataError(f"{len(problems)} {what} cannot be decoded: {shown}{more} "
                     f"(tools/check_data.py DATA_ROOT lists every bad file)")
-
-
-def class_mismatch(report: CheckReport) -> list[tuple[str, str]]:
-    """Class folders of val/ without a train/ folder and the reverse: training refuses both."""
-    groups = report.groups()
-    train, val = set(groups.get("train", {})), set(groups.get("val", {}))
-    if not train or not val:
-        return []
-    return ([(f"val/{c}", "class folder not in train/") for c in sorted(val - train)]
-            + [(f"train/{c}", "class folder not in val/") for c in sorted(train - val)])
