@@ -186,7 +186,7 @@ def test_shards_config_names_what_is_missing(digits_root, tmp_path):
     with pytest.raises(ConfigError, match="data.shards"):
         data_cfg(digits_root, "data.format=shards")
     cfg = data_cfg(digits_root, "data.format=shards", f"data.shards={tmp_path}")
-    from simmatch.data.splits import require_data_dirs
+    from simmatch.shards.formats import require_data_dirs
 
     with pytest.raises(DataError, match="shard index not found"):
         require_data_dirs(cfg.data)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -64,7 +63,7 @@ def main() -> int:
     from simmatch.config import derive_scale, load_config
 
     cfg = load_config(args.cfg, args.overrides)  # a bad key or value fails here, before torch is imported
-    from simmatch.data.splits import require_data_dirs
+    from simmatch.shards.formats import require_data_dirs
 
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # torchrun / SLURM already made the ranks
         from simmatch.train import main as train_main
@@ -99,9 +98,9 @@ def drop(args: argparse.Namespace) -> None:
                         "(python tools/train.py --cfg ... --drop-images FILE --check), then start the run")
     cfg = load_config(args.cfg, args.overrides)
     run_dir = run_dir_of(cfg)
-    data = cfg.data
-    train_root = Path(data.shards) / "train" if data.format == "shards" else Path(data.root) / data.train_dir
-    new = drop_images(run_dir.root, args.drop_images, train_root)
+    from simmatch.shards.formats import data_format
+
+    new = drop_images(run_dir.root, args.drop_images, data_format(cfg.data).split_dir("train"))
     print(f"dropped {len(new)} unlabeled image(s) from {run_dir} (listed in {run_dir.split('dropped')})"
           if new else f"every image of {args.drop_images} was already dropped from {run_dir}", flush=True)
 

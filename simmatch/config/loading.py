@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import os
 import types
 import typing
 from pathlib import Path
@@ -20,6 +18,7 @@ import yaml
 from simmatch.config.schema import COUNT, RANGES, Config, Range
 from simmatch.errors import ConfigError
 from simmatch.methods.spec import spec_of
+from simmatch.shards.formats import data_format
 
 
 def _type_name(tp: Any) -> str:
@@ -152,21 +151,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 def count_classes(data: Any) -> int:
     """The class folders of the training tree (as the data scan lists them), 0 without one."""
-    if data.backend == "synthetic":
-        return 0
-    if data.format == "shards":
-        try:
-            with open(Path(data.shards) / "train.index", encoding="utf-8") as f:
-                return len(json.loads(f.readline())["classes"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
-    if not data.root:
-        return 0
-    try:
-        with os.scandir(Path(data.root) / data.train_dir) as entries:
-            return sum(1 for e in entries if e.is_dir() and not e.name.startswith("."))
-    except OSError:
-        return 0
+    return 0 if data.backend == "synthetic" else data_format(data).count_classes()
 
 
 def choices(obj: Any, prefix: str = "") -> dict[str, tuple]:
@@ -209,8 +194,8 @@ def validate(cfg: Config) -> None:
                           f"valid range {COUNT} (0, no worker processes, is for data.backend=torch)")
     if cfg.train.scale == "per_gpu" and cfg.train.batch_per_gpu <= 0:
         raise ConfigError("train.scale=per_gpu needs train.batch_per_gpu > 0")
-    if cfg.data.format == "shards" and not cfg.data.shards and cfg.data.backend != "synthetic":
-        raise ConfigError("data.format=shards needs data.shards: the folder tools/make_shards.py wrote")
+    if cfg.data.backend != "synthetic":
+        data_format(cfg.data).check_config()
     if 0 < cfg.data.val_resize < cfg.data.crop_size:
         raise ConfigError(f"data.val_resize={cfg.data.val_resize} is below data.crop_size={cfg.data.crop_size}: "
                           f"the validation images are resized so that the shorter side is val_resize pixels, "

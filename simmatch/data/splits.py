@@ -18,8 +18,7 @@ from simmatch.images.source import FolderSource, ImageSource
 from simmatch.images.tree import ImageTree, scan_tree
 from simmatch.run.dropped import read_dropped
 from simmatch.run.rundir import read_run_list, split_list
-from simmatch.shards.index import SPLITS, index_path, read_index
-from simmatch.shards.source import ShardSource
+from simmatch.shards.formats import data_format
 
 # `shipped:<name>` in data.labeled_list / data.unlabeled_list names a list in this folder.
 SHIPPED_PREFIX = "shipped:"
@@ -211,56 +210,6 @@ def substitute_dropped(files: list[str], labels: list[int], dropped: frozenset[s
     return out_files, out_labels
 
 
-def data_root(data_cfg) -> Path:
-    """data.root (data.shards for data.format=shards), which must be set and be a directory."""
-    if data_cfg.format == "shards":
-        if not data_cfg.shards:
-            raise ConfigError("data.format=shards needs data.shards: the folder tools/make_shards.py wrote")
-        if not Path(data_cfg.shards).is_dir():
-            raise DataError(f"shard folder not found: {data_cfg.shards}")
-        return Path(data_cfg.shards)
-    if not data_cfg.root:
-        raise ConfigError("data.root is empty: set it to the data set directory")
-    root = Path(data_cfg.root)
-    if not root.is_dir():
-        raise DataError(f"data directory not found: {root}")
-    return root
-
-
-def require_data_dirs(data_cfg) -> None:
-    """The data tree's train and val folders exist (a cheap check, before anything heavy is
-    imported or started); the synthetic backend reads none."""
-    if data_cfg.backend == "synthetic":
-        return
-    root = data_root(data_cfg)
-    if data_cfg.format == "shards":
-        for split in SPLITS:
-            if not index_path(root, split).is_file():
-                raise DataError(f"shard index not found: {index_path(root, split)} (tools/make_shards.py writes it)")
-        return
-    for sub in (data_cfg.train_dir, data_cfg.val_dir):
-        if not (root / sub).is_dir():
-            raise DataError(f"data directory not found: {root / sub}")
-
-
-def split_tree(data_cfg, split: str) -> tuple[ImageTree, ImageSource]:
-    """The images of `split` ("train" or "val") and where their bytes are: data.root's
-    train_dir / val_dir folder, or data.shards' index (checked against its shards first)."""
-    root = data_root(data_cfg)
-    if data_cfg.format == "shards":
-        from simmatch.shards.verify import check_layout
-
-        index = read_index(root, split)
-        if data_cfg.num_classes and len(index.classes) != data_cfg.num_classes:
-            raise DataError(f"{index.path} has {len(index.classes)} classes but "
-                            f"data.num_classes={data_cfg.num_classes}")
-        check_layout(index)
-        source = ShardSource(index, data_cfg.max_open_shards)
-        return ImageTree(source.root, list(index.classes), index.paths, index.label.tolist()), source
-    tree = scan_tree(root / (data_cfg.train_dir if split == "train" else data_cfg.val_dir), data_cfg.num_classes)
-    return tree, FolderSource(tree.root)
-
-
 def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = None) -> Splits:
     """Scan the train (and val) trees and resolve the labeled and unlabeled lists of `data_cfg`.
 
@@ -269,7 +218,8 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
     exactly the files it started with: a missing one is an error, a new one is ignored with
     a warning.
     """
-    train, train_source = split_tree(data_cfg, "train")
+    fmt = data_format(data_cfg)
+    train, train_source = fmt.split("train")
     frozen = Path(frozen) if frozen is not None else None
     frozen_lab = split_list(frozen, "labeled") if frozen is not None else None
     frozen_unl = split_list(frozen, "unlabeled") if frozen is not None else None
@@ -308,10 +258,10 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
         unl_files, unl_labels = substitute_dropped(unl_files, unl_labels, dropped)
     val_files: list[str] = []
     val_labels: list[int] = []
-    val_root = data_root(data_cfg) / ("val" if data_cfg.format == "shards" else data_cfg.val_dir)
+    val_root = fmt.split_dir("val")
     val_source = None
     if need_val:
-        val, val_source = split_tree(data_cfg, "val")
+        val, val_source = fmt.split("val")
         if val.classes != train.classes:
             raise DataError(f"class folders of {val.root} differ from those of {train.root}")
         val_files, val_labels, val_root = val.files, val.labels, val.root

@@ -25,6 +25,7 @@ from simmatch.run.change import judge, judge_checkpoint
 from simmatch.run.lock import holder
 from simmatch.run.rundir import RunDir
 from simmatch.run.world_sizes import processes_text, ranks_text
+from simmatch.shards.formats import data_format
 
 TRAIN_SAMPLE = 500  # training images decoded (the val set and the labeled list are decoded whole)
 FINISHED = "the run is finished"  # the resume check's words for a run with nothing left to train
@@ -70,13 +71,13 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
         def tree() -> str:
             nonlocal splits
             splits = load_splits(cfg.data, frozen=rd.splits if resuming else None)
-            where = cfg.data.shards if cfg.data.format == "shards" else cfg.data.root
-            return (f"{where}: {len(splits.classes)} classes, {len(splits.labeled_files)} "
+            return (f"{data_format(cfg.data).path}: {len(splits.classes)} classes, {len(splits.labeled_files)} "
                     f"labeled ({splits.labeled_source}), {len(splits.unlabeled_files)} unlabeled, "
                     f"{len(splits.val_files)} val images")
         checks.append(_run("data tree and split lists", tree))
-    if splits is not None and cfg.data.format == "shards" and full:  # every byte: not at each submission
-        checks.append(_run("shards against their indexes (sha256, index lines)", lambda: _shard_digests(splits)))
+    fmt = data_format(cfg.data)
+    if splits is not None and full and fmt.full_check_name:  # every byte of the storage: not at each submission
+        checks.append(_run(fmt.full_check_name, lambda: fmt.full_check(splits)))
     if splits is not None and full:
         def decode_every() -> str:
             started = time.perf_counter()
@@ -111,22 +112,6 @@ def run_checks(cfg: Config, run_dir: Path | RunDir, world_size: int | None = Non
         counts = (len(splits.labeled_files), len(splits.unlabeled_files)) if splits is not None else None
         checks.append(_run("resume", lambda: _resume(cfg, rd, world_size, allow_config_change, counts)))
     return checks
-
-
-def _shard_digests(splits) -> str:
-    """Every byte of every shard of the run against its index's sha256 (altered images named), and
-    every index line against the tar member at its offset (shards/verify.py digest_problems)."""
-    from simmatch.shards.verify import digest_problems
-
-    started, total, shards = time.perf_counter(), 0, 0
-    for source in (splits.train_source, splits.val_source):
-        index = source.index
-        for shard, reason in digest_problems(index)[:1]:
-            raise UserError(f"{shard}: {reason}; restore it or pack the data set again (tools/make_shards.py)")
-        total += sum(s.bytes for s in index.shards)
-        shards += len(index.shards)
-    return (f"{shards} shards, {total / 1e9:,.2f} GB: every sha256 and every index line matches its shard "
-            f"({time.perf_counter() - started:.1f} s)")
 
 
 def _intervals(cfg: Config, world_size: int | None, splits) -> str:

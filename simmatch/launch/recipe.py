@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from simmatch.config import Config, Derived, derive, derive_scale, intervals_text
 from simmatch.data.splits import list_path, load_splits, read_list
 from simmatch.methods.spec import bank_bytes, size_text, spec_of
 from simmatch.run.world_sizes import processes_text, running_text
+from simmatch.shards.formats import data_format
 
 
 @dataclass
@@ -48,11 +48,11 @@ def split_sizes(cfg: Config) -> SplitSizes:
     if d.backend == "synthetic":
         n = d.synthetic_size
         return SplitSizes(n, n, "synthetic", "synthetic", f"data.synthetic_size={n}")
-    tree = Path(d.shards) / "train.index" if d.format == "shards" else Path(d.root) / d.train_dir
-    if (d.shards if d.format == "shards" else d.root) and tree.exists():
+    fmt = data_format(d)
+    tree = fmt.listing()
+    if fmt.path is not None and tree.exists():
         s = load_splits(d, need_val=False)
-        return SplitSizes(len(s.labeled_files), len(s.unlabeled_files), labeled, unlabeled,
-                          f"shard index {tree}" if d.format == "shards" else f"data tree {tree}")
+        return SplitSizes(len(s.labeled_files), len(s.unlabeled_files), labeled, unlabeled, fmt.listing_name())
     total = d.num_train_images or None
     where = (f"data.num_train_images={total} (data tree {tree} absent)" if total else
              f"unknown: data tree {tree} absent and data.num_train_images not set")

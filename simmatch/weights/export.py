@@ -42,11 +42,11 @@ def class_names(state: dict, cfg: Config) -> list[str]:
     """Class names (wnids) in index order: saved in the checkpoint, else read from the data tree."""
     if state.get("classes"):
         return [str(c) for c in state["classes"]]
-    from simmatch.data.splits import split_tree
     from simmatch.errors import UserError
+    from simmatch.shards.formats import data_format
 
     try:
-        return split_tree(cfg.data, "train")[0].classes
+        return data_format(cfg.data).split("train")[0].classes
     except UserError:  # no data here
         return []
 
