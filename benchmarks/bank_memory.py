@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from simmatch.config import derive_scale, load_config  # noqa: E402
 from simmatch.launch.recipe import split_sizes  # noqa: E402
 from simmatch.methods.bank import LabeledBank  # noqa: E402
-from simmatch.methods.simmatchv2 import UnlabeledBank  # noqa: E402
+from simmatch.methods.simmatchv2.method import UnlabeledBank  # noqa: E402
 
 GIB = 2**30
 
@@ -39,13 +39,13 @@ def measure(cfg, world_size: int) -> dict:
     s = derive_scale(cfg, world_size)
     dim, classes = cfg.model.proj_dim, cfg.data.num_classes
     labeled = split_sizes(cfg).num_labeled or 0
-    unl = UnlabeledBank(s.unlabeled_bank, dim, classes)
+    unl = UnlabeledBank(s.method_values['k'], dim, classes)
     lab = LabeledBank(labeled, dim, torch.zeros(labeled, dtype=torch.long), 0.0)
     views = cfg.data.num_strong
-    transient = (3 * views + 1) * s.unlabeled_per_rank * s.unlabeled_bank * 4
-    row = {"world_size": world_size, "K": s.unlabeled_bank, "global_unlabeled": s.global_unlabeled,
+    transient = (3 * views + 1) * s.unlabeled_per_rank * s.method_values['k'] * 4
+    row = {"world_size": world_size, "K": s.method_values['k'], "global_unlabeled": s.global_unlabeled,
            "unlabeled_bank_bytes": buffer_bytes(unl), "labeled_bank_bytes": buffer_bytes(lab),
-           "formula_bytes": s.unlabeled_bank * (dim + classes) * 4, "per_step_transient_bytes": transient}
+           "formula_bytes": s.method_values['k'] * (dim + classes) * 4, "per_step_transient_bytes": transient}
     del unl, lab
     return row
 

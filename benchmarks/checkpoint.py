@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from simmatch.checkpoint.saver import CheckpointSaver
 from simmatch.checkpoint.store import verify  # noqa: E402
-from simmatch.methods.simmatch import SimMatch  # noqa: E402
+from simmatch.methods.simmatch.method import SimMatch  # noqa: E402
 from simmatch.models import build_network  # noqa: E402
 
 

@@ -88,7 +88,7 @@ def build(args, method: str, run_dir: Path, device: torch.device, virtual: int =
         overrides.append(f"data.root={args.data}")
         overrides.append(f"data.labeled_percent={args.labeled_percent}")
     cfg = load_config(None, overrides)
-    cfg.method.propagate_after_epochs = 0
+    cfg.method.params.propagate_after_epochs = 0
     return Trainer(cfg, run_dir, device)
 
 

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from simmatch.methods.alignment import DistributionAlignment  # noqa: E402
-from simmatch.methods.simmatch import pseudo_labels  # noqa: E402
+from simmatch.methods.simmatch.method import pseudo_labels  # noqa: E402
 
 
 def main() -> None:

@@ -66,6 +66,10 @@ def prepare_run_dir(cfg: Config, allow_config_change: bool = False) -> RunDir:
                   "" if source == str(run_dir.config) else source)
             if source != str(run_dir.config) and dist.is_main():
                 print(f"note: judged against {source}", file=sys.stderr, flush=True)
+            mapped = run_dir.earlier_keys()
+            if mapped and dist.is_main():
+                print(f"note: {run_dir.config} names the method's keys as an earlier version did; read as "
+                      f"{', '.join(mapped)} (docs/RUNS.md), and written so again", file=sys.stderr, flush=True)
     if dist.is_main():
         run_dir.ensure_writable()
     dist.barrier()
@@ -91,7 +95,7 @@ def save_run_config(cfg: Config, run_dir: RunDir) -> None:
             raise
         old = None  # a damaged config.yaml of a run that never saved a checkpoint: replaced
     changed = differences(old, to_dict(cfg)) if old is not None else []
-    if old is None or changed:
+    if old is None or changed or run_dir.earlier_keys():
         run_dir.save_config(cfg)
     shown = [k for k in changed if k not in ("train.run_dir", "name")]
     if shown:

@@ -155,6 +155,13 @@ def tiny_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def rank_losses(method, labeled: dict, unlabeled: dict | None, iteration: int = 0) -> dict:
+    """One rank's losses through the engine-facing interface: the step's targets, then the student's
+    losses on them (what Trainer.step does for a process that runs one rank)."""
+    step = method.targets([labeled], [unlabeled], iteration)
+    return method.student_losses(method.student, labeled, unlabeled, step.ranks[0], iteration)
+
+
 def wait_for_checkpoint(run_dir: Path, iteration: int, proc, timeout: float = 600) -> None:
     """Until `proc` (a training) has saved a checkpoint at `iteration` or later; fails if it ends first."""
     import time

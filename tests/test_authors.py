@@ -11,7 +11,7 @@ that the reference reads too. The reference copies the project's initial student
 map, and its bank (initialised by its own code) is set to the project's initial bank: both start
 from the same state. An epoch is SPE steps; the run is epoch 0 and two steps of epoch 1, where L_in
 and label propagation start (theirs: start_unlabel = epoch > 0; the project's
-method.propagate_after_epochs=1). At every step, as the relative difference per tensor (norm of
+method.simmatch.propagate_after_epochs=1). At every step, as the relative difference per tensor (norm of
 the difference over the norm of the reference): the lr, the aligned weak-view probabilities p_w,
 the targets p_hat and q_hat, the losses, the mask, every gradient, the student's and teacher's
 parameters after the step, the bank, its labels and the DA queue.
@@ -136,7 +136,7 @@ def reference_from(initial: dict, d, world: int) -> Authors:
 def watch_targets(method):
     """The project's targets of each step, in a list: a forward hook on its DA (p_w) and a spy
     on `pseudo_labels` (p_hat, q_hat, from epoch 1)."""
-    import simmatch.methods.simmatch as project_simmatch
+    import simmatch.methods.simmatch.method as project_simmatch
 
     seen: list[dict] = []
     hook = method.da.register_forward_hook(lambda _m, _i, out: seen.append({"p_w": out.clone()}))
@@ -174,8 +174,10 @@ def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
     trainer = Trainer(cfg, Path(run_dir), torch.device("cpu"))
     d, method, opt = trainer.derived, trainer.method, trainer.optimizer
     assert (world > 1) == isinstance(trainer.student, torch.nn.parallel.DistributedDataParallel)
-    assert abs(d.lr - RECIPE["lr"]) < 1e-15 and d.ema_momentum == RECIPE["ema_m"] and d.da_len == RECIPE["DA_len"]
-    assert d.propagate_after_iters == SPE and d.warmup_iters == RECIPE["warmup_epoch"] * SPE > STEPS
+    values = d.method_values
+    assert abs(d.lr - RECIPE["lr"]) < 1e-15 and d.ema_momentum == RECIPE["ema_m"]
+    assert values["da_len"] == RECIPE["DA_len"]
+    assert values["propagate_after_epochs"] == SPE and d.warmup_iters == RECIPE["warmup_epoch"] * SPE > STEPS
     assert cfg.model.teacher == "ema_shuffle_bn" and trainer.dtype is None  # fp32, as theirs
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(method.student.parameters()))
     assert all((g["weight_decay"], g["momentum"], g["nesterov"]) ==

@@ -50,7 +50,8 @@ def tiny_config(world: int):
         f"data.strong_sizes=[{STRONG[0]},{STRONG[1]}]", "data.strong_min_scales=[0.14,0.05]",
         "data.strong_max_scales=[1.0,0.429]",
         f"train.batch_per_gpu={B}", f"train.mu={MU}", "train.min_bn_images=0", "train.channels_last=false",
-        f"optim.base_batch={B * world}", f"method.v2_topn={TOPN}", f"method.v2_k={K_STEPS}", "optim.epochs=300"])
+        f"optim.base_batch={B * world}", f"method.simmatchv2.topn={TOPN}", f"method.simmatchv2.k={K_STEPS}",
+        "optim.epochs=300"])
 
 
 def batches(labels: torch.Tensor, rank: int, world: int) -> tuple[list, list]:
@@ -85,13 +86,14 @@ def compare(rank: int, world: int, run_dir: str) -> dict:
     trainer = Trainer(tiny_config(world), Path(run_dir), torch.device("cpu"))
     d, method, opt = trainer.derived, trainer.method, trainer.optimizer
     assert d.lr == RECIPE_1P["lr"] and d.ema_momentum == RECIPE_1P["ema_m"] and trainer.dtype is None
-    assert d.unlabeled_bank == K_STEPS * B * MU * world and method.teacher.shuffle_bn
+    assert d.method_values["k"] == K_STEPS * B * MU * world and method.teacher.shuffle_bn
     with torch.no_grad():
         method.student.backbone.fc.weight.mul_(FC_SCALE)
         method.teacher.module.load_state_dict(method.student.state_dict())
     hp = {**RECIPE_1P, "dim": PROJ, "topn": TOPN, "fp16": False}
     torch.manual_seed(0)
-    ref = SimMatchV2(lambda: Trunk([1, 1, 1, 1], small_input=True), CLASSES, method.bank.labels, d.unlabeled_bank, hp)
+    ref = SimMatchV2(lambda: Trunk([1, 1, 1, 1], small_input=True), CLASSES, method.bank.labels, d.method_values["k"],
+                     hp)
     assert isinstance(ref.main, Net)
     ref.main.load_state_dict({to_reference(k): v for k, v in method.student.state_dict().items()})
     ref.ema.load_state_dict(ref.main.state_dict())
@@ -105,7 +107,7 @@ def compare(rank: int, world: int, run_dir: str) -> dict:
 
     def spy(labeled, unlabeled, iteration):
         out = make_targets(labeled, unlabeled, iteration)
-        seen.append({k: torch.cat([t[k] for t in out]).clone() for k in out[0]})
+        seen.append({k: torch.cat([t[k] for t in out.ranks]).clone() for k in out.ranks[0]})
         return out
 
     method.targets = spy
@@ -164,7 +166,7 @@ def compare(rank: int, world: int, run_dir: str) -> dict:
         trainer.streams.labeled, trainer.streams.unlabeled = saved
         trainer.close()
         torch.set_num_threads(threads)
-    return {"worst": worst, "masks": masks, "dropped": dropped, "bank": d.unlabeled_bank}
+    return {"worst": worst, "masks": masks, "dropped": dropped, "bank": d.method_values["k"]}
 
 
 def check(result: dict, world: int) -> None:
@@ -193,7 +195,7 @@ def test_authors_v2_graph_pseudo_labels_equal_theirs():
     """The project's solved graph against the transcription's inverse on random data."""
     from authors_simmatchv2 import graph_pseudo_label
 
-    from simmatch.methods.simmatchv2 import graph_pseudo_labels
+    from simmatch.methods.simmatchv2.method import graph_pseudo_labels
 
     g = torch.Generator().manual_seed(3)
     z = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=1)
@@ -209,7 +211,7 @@ def test_authors_v2_unlabeled_bank_at_another_size_keeps_its_newest_entries():
     """K follows the global batch: a ring saved at K = 12 (after 5 writes of 4, wrapped) loaded
     at K = 8 keeps its 8 newest rows oldest first, and at K = 20 all 12 with zero rows after;
     the next write goes after the newest (checked against the rows written, by hand)."""
-    from simmatch.methods.simmatchv2 import UnlabeledBank
+    from simmatch.methods.simmatchv2.method import UnlabeledBank
 
     old = UnlabeledBank(12, 3, 2)
     written = []

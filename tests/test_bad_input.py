@@ -104,11 +104,11 @@ def test_export_of_missing_checkpoint(tmp_path):
     ("data.num_threads=0", "data.num_threads=0", "[1, inf)"),
     ("optim.lr=.nan", "optim.lr=nan", "(0, inf)"),
     ("optim.lr=.inf", "optim.lr=inf", "(0, inf)"),
-    ("method.temperature=0", "method.temperature=0", "(0, inf)"),
+    ("method.simmatch.temperature=0", "method.simmatch.temperature=0", "(0, inf)"),
     ("optim.iters=-5", "optim.iters=-5", "[0, inf)"),
     ("optim.warmup_epochs=-2", "optim.warmup_epochs=-2", "[0, inf)"),
     ("optim.weight_decay=-1", "optim.weight_decay=-1", "[0, inf)"),
-    ("method.tau=2", "method.tau=2", "[0, 1]"),
+    ("method.simmatch.tau=2", "method.simmatch.tau=2", "[0, 1]"),
     ("data.val_batch=-4", "data.val_batch=-4", "[0, inf)"),
 ])
 def test_value_out_of_range(digits_root, tmp_path, override, shown, valid):

@@ -11,11 +11,11 @@ def write(tmp_path, text, name="c.yaml"):
 
 
 def test_yaml_and_overrides(tmp_path):
-    p = write(tmp_path, "train:\n  batch_size: 32\nmethod:\n  tau: 0.95\n")
-    cfg = load_config(p, ["train.mu=7", "optim.lr=0.1", "data.mean=[0.5,0.5,0.5]", "method.dist_align=false"])
-    assert cfg.train.batch_size == 32 and cfg.method.tau == 0.95
+    p = write(tmp_path, "train:\n  batch_size: 32\nmethod:\n  simmatch:\n    tau: 0.95\n")
+    cfg = load_config(p, ["train.mu=7", "optim.lr=0.1", "data.mean=[0.5,0.5,0.5]", "method.simmatch.dist_align=false"])
+    assert cfg.train.batch_size == 32 and cfg.method.params.tau == 0.95
     assert cfg.train.mu == 7 and cfg.optim.lr == 0.1 and cfg.data.mean == [0.5, 0.5, 0.5]
-    assert cfg.method.dist_align is False
+    assert cfg.method.params.dist_align is False
     assert cfg.name == "c"
     assert cfg.optim.momentum == 0.9  # untouched default
 
@@ -39,8 +39,8 @@ def test_wrong_type(tmp_path):
     p = write(tmp_path, "train:\n  batch_size: many\n")
     with pytest.raises(ConfigError, match="train.batch_size must be an integer"):
         load_config(p)
-    with pytest.raises(ConfigError, match="method.dist_align must be true or false"):
-        load_config(None, ["method.dist_align=3"])
+    with pytest.raises(ConfigError, match="method.simmatch.dist_align must be true or false"):
+        load_config(None, ["method.simmatch.dist_align=3"])
     with pytest.raises(ConfigError, match="method.name"):
         load_config(None, ["method.name=mixmatch"])
 
@@ -80,7 +80,7 @@ def test_every_numeric_field_has_a_range():
 @pytest.mark.parametrize("override, message", [
     ("optim.lr=0", r"optim.lr=0.0 is out of range: valid range \(0, inf\)"),
     ("optim.momentum=1", r"optim.momentum=1.0 is out of range: valid range \[0, 1\)"),
-    ("method.alpha=-0.5", r"method.alpha=-0.5 is out of range: valid range \[0, 1\]"),
+    ("method.simmatch.alpha=-0.5", r"method.simmatch.alpha=-0.5 is out of range: valid range \[0, 1\]"),
     ("model.ema_momentum=.nan", r"model.ema_momentum=nan is not a finite number"),
     ("data.std=[0.2,0,0.2]", r"data.std=\[0.2, 0.0, 0.2\] is out of range"),
     ("data.mean=[0.5,0.5]", r"data.mean=\[0.5, 0.5\] must have 3 values"),
@@ -89,7 +89,8 @@ def test_every_numeric_field_has_a_range():
 def test_ranges(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["data.max_scale=0.5", override])
-    load_config(None, ["optim.lr=0.000001", "optim.momentum=0", "method.alpha=1", "train.max_nonfinite_steps=0"])
+    load_config(None, ["optim.lr=0.000001", "optim.momentum=0", "method.simmatch.alpha=1",
+                       "train.max_nonfinite_steps=0"])
 
 
 def test_num_classes_is_counted_from_the_tree_when_not_given(digits_root, tmp_path):

@@ -105,7 +105,7 @@ def test_elastic_plan_reads_each_item_of_the_epoch_once(n, b1, w1, steps, b2, w2
 
 # ---------------------------------------------------------------------------------- end to end
 PER_GPU = {"train.scale": "per_gpu", "train.batch_per_gpu": 4, "optim.base_batch": 16, "optim.lr": 0.05,
-           "optim.iters": 6, "train.ckpt_every": 1, "train.log_every": 1, "method.da_len": 32}
+           "optim.iters": 6, "train.ckpt_every": 1, "train.log_every": 1, "method.simmatch.da_len": 32}
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -246,7 +246,7 @@ def test_elastic_two_ranks_to_three(digits_root, tmp_path):
     ReMixMatch's DA, whose 256-entry buffer (128 at the reference batch) shrinks to 171: the run
     ends on the 3-rank schedule, the buffer at its new length (its contents: the test below)."""
     run_dir, stopped, saved = _elastic(digits_root, tmp_path, 2, 3, "dali",
-                                       **{"model.teacher": "ema_shuffle_bn", "method.da_target": "labeled"})
+                                       **{"model.teacher": "ema_shuffle_bn", "method.simmatch.da_target": "labeled"})
     _check_schedule(run_dir, 2, 3, stopped)
     assert saved["method"]["da.p_model"].shape == (256, 10)
     final = final_state(run_dir)

@@ -4,22 +4,23 @@ methods/choices from one registry and the config's Literal types."""
 from __future__ import annotations
 
 import copy
-import typing
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, rank_losses
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def derived(cfg):
-    """What build_method reads from the derived recipe, at the config's own step size."""
-    return SimpleNamespace(propagate_after_iters=0, ema_momentum=cfg.model.ema_momentum,
-                           da_len=cfg.method.da_len, remixmatch_da_len=cfg.method.remixmatch_da_len)
+    """What build_method reads from the derived recipe, at the config's own step size, L_in from the start."""
+    from simmatch.config import derive_scale
+
+    values = {**derive_scale(cfg, 1).method_values, "propagate_after_epochs": 0}
+    return SimpleNamespace(ema_momentum=cfg.model.ema_momentum, method_values=values)
 
 
 def tiny(name: str, *overrides: str):
@@ -33,11 +34,11 @@ def tiny(name: str, *overrides: str):
 
 def test_fixmatch_is_hard_thresholded_self_training_on_the_students_weak_view():
     from simmatch.methods import build_method
-    from simmatch.methods.fixmatch import FixMatch
+    from simmatch.methods.fixmatch.method import FixMatch
 
     torch.manual_seed(0)
-    cfg = tiny("digits.yaml", "method.name=fixmatch", "method.lambda_u=2.0")
-    assert cfg.method.fixmatch_tau == 0.95
+    cfg = tiny("digits.yaml", "method.name=fixmatch", "method.fixmatch.lambda_u=2.0")
+    assert cfg.method.params.tau == 0.95
     method = build_method(cfg, derived(cfg), torch.arange(40) % 10)
     assert isinstance(method, FixMatch) and method.student.head is None
     with torch.no_grad():
@@ -52,7 +53,7 @@ def test_fixmatch_is_hard_thresholded_self_training_on_the_students_weak_view():
     with torch.no_grad():  # the teacher plays no part in training: spoil it
         for p in method.teacher.parameters():
             p.fill_(float("nan"))
-    out = method.training_losses(method.student, labeled, unlabeled, 0)
+    out = rank_losses(method, labeled, unlabeled, 0)
     out["loss"].backward()
 
     # reference, sample by sample: one forward over labeled + weak + strong (one BN batch)
@@ -75,9 +76,9 @@ def test_fixmatch_is_hard_thresholded_self_training_on_the_students_weak_view():
 
 def test_simmatch_without_bank_is_a_switch():
     from simmatch.methods import build_method
-    from simmatch.methods.simmatch import SimMatch
+    from simmatch.methods.simmatch.method import SimMatch
 
-    cfg = tiny("digits.yaml", "method.use_bank=false")
+    cfg = tiny("digits.yaml", "method.simmatch.use_bank=false")
     m = build_method(cfg, derived(cfg), torch.arange(40) % 10)
     assert isinstance(m, SimMatch) and m.bank is None and m.lambda_in == 0.0 and m.da is not None
 
@@ -131,14 +132,15 @@ def test_da_target_labeled_builds_remixmatch_alignment_and_fixmatch_refuses_it()
     from simmatch.methods import build_method
     from simmatch.methods.alignment import DistributionAlignment, ReMixMatchAlignment
 
-    cfg = tiny("digits.yaml", "method.da_target=labeled")
+    cfg = tiny("digits.yaml", "method.simmatch.da_target=labeled")
     m = build_method(cfg, derived(cfg), torch.arange(40) % 10)
     assert isinstance(m.da, ReMixMatchAlignment) and m.da.p_model.shape == (128, 10) and m.da.temperature == 0.5
     cfg = tiny("digits.yaml")
     m = build_method(cfg, derived(cfg), torch.arange(40) % 10)
     assert type(m.da) is DistributionAlignment and m.da.queue.shape == (32, 10)
-    with pytest.raises(ConfigError, match="da_target"):
-        tiny("digits.yaml", "method.name=fixmatch", "method.da_target=labeled")
+    with pytest.raises(ConfigError, match="method.simmatch.da_target is a key of method simmatch, but "
+                                          "method.name=fixmatch"):
+        tiny("digits.yaml", "method.name=fixmatch", "method.simmatch.da_target=labeled")
 
 
 # --------------------------------------------------------------------------- weight decay, heads, teacher
@@ -148,9 +150,12 @@ def test_faithful_configs_decay_every_parameter(name):
     from simmatch.engine.optim import build_optimizer
     from simmatch.models import network_for
 
-    cfg = tiny(name, "model.proj_dim=16", "model.proj_hidden=32", "method.predictor_hidden=32")
+    isd = ["method.isd.predictor_hidden=32"] if "isd" in name else []
+    cfg = tiny(name, "model.proj_dim=16", "model.proj_hidden=32", *isd)
     assert cfg.optim.decay_bn_bias and cfg.model.teacher == "ema_shuffle_bn"
-    net = network_for(cfg, head=True, predictor=cfg.method.name == "isd")
+    params = cfg.method.params
+    net = network_for(cfg, head=True, predictor=(params.predictor_hidden, params.predictor_bn)
+                      if hasattr(params, "predictor_hidden") else None)
     opt = build_optimizer(net, cfg, lr=0.1)
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 1e-4
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in net.parameters()}
@@ -181,7 +186,8 @@ def test_heads_as_the_papers_code_builds_them():
     simm = network_for(load_config(ROOT / "yaml" / "in1k_1pct.yaml"))
     assert layers(simm.head) == [("Linear", 2048, 2048), ("ReLU", None, None), ("Linear", 2048, 128)]
     isd_cfg = load_config(ROOT / "yaml" / "in1k_isd.yaml")
-    isd = network_for(isd_cfg, head=True, predictor=True)
+    isd = network_for(isd_cfg, head=True, predictor=(isd_cfg.method.params.predictor_hidden,
+                                                     isd_cfg.method.params.predictor_bn))
     assert layers(isd.head) == [("Linear", 2048, 4096), ("BatchNorm1d", 4096, None), ("ReLU", None, None),
                                 ("Linear", 4096, 512)]
     assert layers(isd.predictor) == [("Linear", 512, 4096), ("BatchNorm1d", 4096, None), ("ReLU", None, None),
@@ -214,19 +220,20 @@ def test_parameter_only_ema_leaves_the_teachers_buffers_alone():
 
 # --------------------------------------------------------------------------- registry and choices
 
-def test_registry_and_config_choices_name_the_same_methods():
+def test_every_card_has_its_class():
+    """Each built-in method's card names the module of its class, which registers under the card's
+    name with its own from_config; the card and the class know each other."""
     import importlib
 
-    from simmatch.config import MethodConfig
-    from simmatch.methods import SPECS
-    from simmatch.methods.registry import METHODS
+    from simmatch.methods import CARDS
+    from simmatch.methods.card import CLASSES
 
-    for spec in SPECS.values():
-        importlib.import_module(spec.module)
-    allowed = typing.get_args(typing.get_type_hints(MethodConfig)["name"])
-    assert set(METHODS) == set(allowed) == set(SPECS)
-    for name, cls in METHODS.items():
-        assert "from_config" in vars(cls) and cls.spec is SPECS[name]
+    builtin = {"simmatch", "fixmatch", "supervised", "isd", "simmatchv2"}
+    assert builtin <= set(CARDS)
+    for name in builtin:
+        importlib.import_module(CARDS[name].module)
+        cls = CLASSES[name]
+        assert "from_config" in vars(cls) and cls.card is CARDS[name]
 
 
 @pytest.mark.parametrize("override,key", [("model.teacher=ema", "model.teacher"), ("train.amp=fp8", "train.amp"),

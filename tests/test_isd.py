@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_same_weights, call_tool, final_state, tiny_overrides
-from simmatch.methods.isd import isd_loss
+from simmatch.methods.isd.method import isd_loss
 from simmatch.methods.queue import EmbeddingQueue
 
 
@@ -64,7 +64,7 @@ def test_isd_trains_resumes_exactly_and_initialises_simmatch(digits_root, tmp_pa
     run = tmp_path / "isd"
     args = ["tools/train.py", "--cfg", "yaml/digits_isd.yaml",
             *tiny_overrides(digits_root, run, **{"optim.iters": 6, "train.ckpt_every": 3,
-                                                 "method.queue_size": 40, "train.batch_size": 8,
+                                                 "method.isd.queue_size": 40, "train.batch_size": 8,
                                                  "train.mu": 1, "model.proj_dim": 16})]
     res = call_tool(*args)  # the three runs train in this process (conftest.call_tool)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -8,7 +8,9 @@ violation, so that a rule that could never fire is caught too):
 - no private name crosses a module: no `from x import _name`, no `module._name`, and no
   `obj._name` of a private that another file of the project defines;
 - at most 6 modules directly in simmatch/ besides __init__.py, and no source file of 450 lines
-  or more.
+  or more;
+- no import cycles: neither between files nor between folders (a folder of simmatch/ with its
+  subfolders is one layer; an import inside a function counts too).
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from conftest import ROOT
 
 PROJECT = ("simmatch", "slurm", "dali_pipelines")
 CODE_DIRS = ("simmatch", "slurm", "dali_pipelines", "tools", "benchmarks")
-TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/methods/spec.py", "simmatch/files/atomic.py",
-              "simmatch/checkpoint/elastic.py", "simmatch/checks.py", "simmatch/shards")
+TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/files", "simmatch/fields.py", "simmatch/images",
+              "simmatch/shards", "simmatch/methods/__init__.py", "simmatch/methods/card.py",
+              "simmatch/methods/*/__init__.py", "simmatch/checkpoint/elastic.py", "simmatch/checks.py",
+              "simmatch/launch/preflight.py", "simmatch/launch/recipe.py")
 HEAVY = ("torch", "torchvision", "nvidia")
 MAX_LINES = 450
 MAX_TOP_MODULES = 6
@@ -158,6 +162,74 @@ def private_crossings(root: Path, files: list[Path], object_access: bool = True)
     return bad
 
 
+def import_graph(root: Path, files: list[Path]) -> dict[Path, set[Path]]:
+    """file -> the project files it imports (anywhere in it, a package's __init__ for a package)."""
+    graph: dict[Path, set[Path]] = {}
+    for path in files:
+        targets = set()
+        for module, names in imports(path):
+            for name in [f"{module}.{n}" for n in names] + [module]:
+                target = _resolve(root, name)
+                if target is not None:
+                    targets.add(target)
+                    break
+        graph[path] = targets - {path}
+    return graph
+
+
+def _layer(root: Path, path: Path) -> str:
+    """A file's layer: its folder under simmatch/ (subfolders included), or the file itself."""
+    parts = path.relative_to(root).parts
+    return "/".join(parts[:2]) if len(parts) > 2 else "/".join(parts)
+
+
+def cycles(graph: dict) -> list[list]:
+    """The strongly connected groups of more than one node (Tarjan), each sorted."""
+    index: dict = {}
+    low: dict = {}
+    stack: list = []
+    on: set = set()
+    found: list[list] = []
+
+    def visit(v) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(map(str, group)))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def import_cycles(root: Path, files: list[Path]) -> list[str]:
+    """Every cycle of imports between files, and between folders (layers), as one line each."""
+    graph = import_graph(root, files)
+    file_cycles = cycles({a: bs for a, bs in graph.items()})
+    layers: dict[str, set[str]] = {}
+    for a, bs in graph.items():
+        layers.setdefault(_layer(root, a), set()).update(_layer(root, b) for b in bs)
+    layer_cycles = cycles({a: bs - {a} for a, bs in layers.items()})
+    return ([f"files import each other: {' -> '.join(str(Path(c).relative_to(root)) for c in cycle)}"
+             for cycle in file_cycles] + [f"folders import each other: {', '.join(cycle)}" for cycle in layer_cycles])
+
+
 def oversized(root: Path, paths: list[Path]) -> list[str]:
     return [f"{p.relative_to(root)}: {n} lines" for p in paths if (n := len(p.read_text().splitlines())) >= MAX_LINES]
 
@@ -183,10 +255,14 @@ def test_the_engine_imports_no_export():
 
 
 def test_run_and_config_import_no_torch():
-    paths = [p for entry in TORCH_FREE for p in ([ROOT / entry] if entry.endswith(".py")
+    paths = [p for entry in TORCH_FREE for p in (sorted(ROOT.glob(entry)) if entry.endswith(".py")
                                                  else sorted((ROOT / entry).rglob("*.py")))]
-    assert len(paths) > 10
+    assert len(paths) > 30
     assert not torch_at_import(ROOT, paths)
+
+
+def test_no_import_cycles_between_files_or_folders():
+    assert not import_cycles(ROOT, sources(ROOT, ("simmatch", "slurm", "dali_pipelines")))
 
 
 def test_no_private_name_crosses_a_module():
@@ -240,6 +316,12 @@ def test_each_checker_finds_a_planted_violation(tmp_path):
         "dali_pipelines/__init__.py": "",
         "dali_pipelines/p.py": "import simmatch.heavy\n",
         "tools/t.py": "x = 1\n" * MAX_LINES,
+        "simmatch/data/__init__.py": "",
+        "simmatch/data/a.py": "from simmatch.run import light\n",  # data -> run ...
+        "simmatch/run/up.py": "def f():\n    from simmatch.data import b\n",  # ... and run -> data: a folder cycle
+        "simmatch/data/b.py": "x = 1\n",
+        "simmatch/engine/one.py": "from simmatch.engine import two\n",  # two files that import each other
+        "simmatch/engine/two.py": "from simmatch.engine import one\n",
     })
     light = [tmp_path / "simmatch/run/light.py", tmp_path / "simmatch/run/lazy.py"]
     assert torch_at_import(tmp_path, light) == ["simmatch/run/light.py imports torch at import time"]
@@ -251,3 +333,6 @@ def test_each_checker_finds_a_planted_violation(tmp_path):
                          "slurm/job.py:1 imports simmatch.heavy._hidden",
                          "slurm/job.py:3 uses heavy._hidden"], crossings
     assert oversized(tmp_path, sources(tmp_path)) == [f"tools/t.py: {MAX_LINES} lines"]
+    assert import_cycles(tmp_path, sources(tmp_path, ("simmatch",))) == [
+        "files import each other: simmatch/engine/one.py -> simmatch/engine/two.py",
+        "folders import each other: simmatch/data, simmatch/run"]

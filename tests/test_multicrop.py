@@ -41,7 +41,7 @@ def test_authors_multicrop_reads_as_five_views():
     ([*V2, "data.num_strong=1", "data.strong_sizes=[16]", "data.strong_min_scales=[0.5]",
       "data.strong_max_scales=[0.4]"], r"data.strong_min_scales\[0\]=0.5 is above"),
     (["data.num_strong=2", "data.crop_size=32", "data.strong_sizes=[32,16]", "data.strong_min_scales=[0.1,0.1]",
-      "data.strong_max_scales=[1,1]"], "need a method that forwards them apart .simmatchv2.; simmatch"),
+      "data.strong_max_scales=[1,1]"], "need a method that forwards them apart .its card's views_apart.; simmatch"),
     ([*V2, "data.strong=randaugment", "data.num_strong=1", "data.strong_sizes=[16]",
       "data.strong_min_scales=[0.1]", "data.strong_max_scales=[1]"], "data.strong=randaugment"),
 ])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from simmatch.methods.simmatch import pseudo_labels
+from simmatch.methods.simmatch.method import pseudo_labels
 
 
 def loop_reference(p_w, q_w, bank_labels, alpha):

@@ -109,12 +109,12 @@ def test_per_step_conversions_and_rounding():
         s = derive_scale(cfg, world)
         k = 8 * world / 64
         assert s.step_scale == k and s.ema_momentum == pytest.approx(0.999 ** k, rel=1e-12)
-        assert s.da_len == da_len == max(1, round(256 / k))  # nearest, at least one
+        assert s.method_values["da_len"] == da_len == max(1, round(256 / k))  # nearest, at least one
         assert derive(cfg, world, 13_000, 1_268_167).total_iters == max(1, round(1000 / k))
     # fixed_global keeps today's meaning: only the lr follows the batch
     cfg = load_config(None, ["train.batch_size=128", "optim.base_batch=64", "train.ckpt_every=10"])
     s = derive_scale(cfg, 4)
-    assert (s.lr, s.ema_momentum, s.da_len, s.ckpt_every) == (0.06, 0.999, 256, 10)
+    assert (s.lr, s.ema_momentum, s.method_values["da_len"], s.ckpt_every) == (0.06, 0.999, 256, 10)
     with pytest.raises(ConfigError, match="train.scale=per_gpu needs train.batch_per_gpu > 0"):
         load_config(None, ["train.scale=per_gpu"])
     with pytest.raises(ConfigError, match="train.bn_group_ranks=3 does not divide the world size 8"):

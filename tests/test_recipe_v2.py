@@ -28,7 +28,8 @@ def test_v2_at_8_gpus_is_the_authors_recipe(name):
     assert r["da_momentum"] == pytest.approx(0.9, rel=1e-12)
     assert r["strong_views"] == AUTHORS_CROPS
     assert r["bn_group_ranks"] == 1 and r["bn_group_images"] == 40  # each further crop is its own BN batch
-    assert r["l_in_start_iter"] is None and r["da_len"] is None  # SimMatch's L_in and DA queue are not V2's
+    assert "l_in_start_iter" not in r and "da_len" not in r  # SimMatch's L_in and DA queue are not V2's
+    assert r["method_params"]["k"] == 256 and r["method_values"] == {"k": 81_920, "da_momentum": pytest.approx(0.9)}
 
 
 def test_v2_at_32_gpus_scales_k_and_the_da_momentum_with_the_batch():
@@ -42,6 +43,7 @@ def test_v2_print_config_says_k_and_the_views():
     from conftest import call_tool
 
     out = call_tool("tools/train.py", "--cfg", "yaml/in1k_1pct_v2.yaml", "--print-config", "--world-size", "8").stdout
-    assert "unlabeled K = 81,920 (256 x 320)" in out and "losses nn / ee / ne x 10 / 10 / 10" in out
+    assert "unlabeled K = 81,920 (256 global unlabeled batches)" in out and "losses nn / ee / ne x 10 / 10 / 10" in out
+    assert "method       simmatchv2: tau 0.7, temperature 0.1, topn 128, alpha 0.1, k 256," in out
     assert "5 strong views of 224 / 192 / 160 / 120 / 96 px" in out
     assert "3,963 steps" in out and "1,188,900 iterations (300 epochs)" in out

@@ -17,7 +17,7 @@ from test_virtual import SPE, B, _resume_copy, final, run, step_losses
 
 from conftest import ROOT, assert_same_weights, call_tool, final_state, run_tool, tiny_overrides, wait_for_checkpoint
 
-V2 = ["method.name=simmatchv2", "model.norm_feat=true", "method.v2_topn=8", "method.v2_k=2"]
+V2 = ["method.name=simmatchv2", "model.norm_feat=true", "method.simmatchv2.topn=8", "method.simmatchv2.k=2"]
 MULTICROP = {"data.num_strong": 2, "data.strong_sizes": "[16,8]", "data.strong_min_scales": "[0.14,0.05]",
              "data.strong_max_scales": "[1.0,0.429]", "data.saturation": 0.2, "data.solarize_prob": 0.1}
 
@@ -38,7 +38,7 @@ def digits_v2(root, run_dir, processes: int) -> list[str]:
     """4 steps of (8 labeled + 16 unlabeled in 2 crops of 16 / 8 px) per rank, a checkpoint every
     step, a ring of 2 global batches (it wraps once), the authors' teacher."""
     extra = {"optim.iters": 4, "train.ckpt_every": 1, "train.batch_size": 8 * processes,
-             "optim.base_batch": 8 * processes, "method.v2_k": 2, "method.v2_topn": 8,
+             "optim.base_batch": 8 * processes, "method.simmatchv2.k": 2, "method.simmatchv2.topn": 8,
              "model.teacher": "ema_shuffle_bn", "data.check_images": False, "data.val_batch": 512, **MULTICROP}
     return ["tools/train.py", "--cfg", "yaml/digits_v2.yaml", "--nproc", str(processes),
             *tiny_overrides(root, run_dir, **extra)]

@@ -155,7 +155,7 @@ def test_a_refused_start_leaves_a_new_run_directory_as_it_found_it(digits_root, 
         (digits_root, tmp_path / "new", {"data.num_classes": 7}, "has 10 class folders but data.num_classes=7"),
         # K = v2_k x 16 unlabeled images per step, rows of 16 + 10 floats: 166.4 TB; 40 labeled rows of 16 floats
         # and a label: 2,880 B
-        (digits_root, tmp_path / "big", {"method.name": "simmatchv2", "method.v2_k": 99999999999},
+        (digits_root, tmp_path / "big", {"method.name": "simmatchv2", "method.simmatchv2.k": 99999999999},
          "the memory banks need 166.4 TB per rank (labeled bank 2.9 KB, unlabeled bank 166.4 TB), more than the"),
     ]
     for root, run_dir, extra, says in cases:

@@ -38,7 +38,7 @@ B, MU, SIZE, CLASSES, SPE, STEPS, V = 2, 2, 16, 10, 3, 8, 4
 LOSS_TOL, STATE_TOL, UPDATE_TOL = 1e-5, 1e-4, 1e-2
 VARIANTS = {
     "shuffle_bn": [],
-    "remixmatch_da": ["method.da_target=labeled"],
+    "remixmatch_da": ["method.simmatch.da_target=labeled"],
     "bn_groups": ["train.scale=fixed_global", f"train.batch_size={B * V}", "train.bn_group_ranks=2"],
 }
 
@@ -47,12 +47,14 @@ def tiny_config(extra: list[str], virtual: int):
     from simmatch.config import load_config
 
     n = SPE * V * B * MU
+    method = next((e.split("=", 1)[1] for e in extra if e.startswith("method.name=")), "simmatch")
     return load_config(ROOT / "yaml" / "in1k_1pct.yaml", [
         "model.arch=resnet10", "model.small_input=true", "model.proj_dim=16",
         f"data.num_classes={CLASSES}", "data.backend=synthetic", f"data.synthetic_size={n}",
         f"data.crop_size={SIZE}", "data.root=/nonexistent", f"train.batch_per_gpu={B}", f"train.mu={MU}",
         "train.min_bn_images=0", "train.channels_last=false", f"optim.base_batch={V * B}",
-        "method.tau=0.15", "optim.lr=0.0005", "train.log_every=1", f"train.ckpt_every={SPE}", "train.keep_ckpts=10",
+        f"method.{method}.tau=0.15", "optim.lr=0.0005", "train.log_every=1", f"train.ckpt_every={SPE}",
+        "train.keep_ckpts=10",
         "train.async_ckpt=false", f"optim.iters={STEPS}", f"train.virtual_world_size={virtual}", *extra])
 
 

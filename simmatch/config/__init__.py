@@ -18,6 +18,7 @@ from simmatch.config.loading import (
                                      load_config,
                                      parse_override,
                                      to_dict,
+    upgrade_saved,
                                      validate,
                                      with_defaults,
 )
@@ -35,4 +36,4 @@ from simmatch.config.schema import (
 __all__ = ["RANGES", "Config", "DataConfig", "Derived", "MethodConfig", "ModelConfig", "OptimConfig",
            "Range", "Scale", "TrainConfig", "apply_overrides", "choices", "derive", "derive_at", "derive_scale",
            "intervals_text", "from_dict", "load_config", "parse_override", "run_world_size", "scale_at",
-           "steps_per_epoch", "to_dict", "validate", "with_defaults"]
+           "steps_per_epoch", "to_dict", "upgrade_saved", "validate", "with_defaults"]

@@ -1,8 +1,9 @@
 """Everything that follows from a config and a world size (and, for step counts, the data).
 
-Computed once, here: batches, BN groups, the linear lr rule, teacher momentum, DA length,
-intervals, steps per epoch, total and warm-up iterations. The method's facts (which streams it
-draws, which forwards normalise with batch statistics) come from simmatch/methods/spec.py.
+Computed once, here: batches, BN groups, the linear lr rule, teacher momentum, intervals, steps
+per epoch, total and warm-up iterations, and the method's own quantities that follow the global
+batch (its card's `Scaled` keys, `method_values`). The method's facts (which streams it draws,
+which forwards normalise with batch statistics) come from its card (simmatch/methods/card.py).
 Methods and the engine take these values from `Derived`, never from the raw config. No torch.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from simmatch.config.schema import Config
 from simmatch.errors import ConfigError
-from simmatch.methods.spec import spec_of
+from simmatch.methods.card import card_of
 
 
 @dataclass
@@ -27,8 +28,6 @@ class Scale:
     step_scale: float  # images seen per step relative to the reference batch (per_gpu), else 1
     lr: float  # linear rule: optim.lr x global labeled batch / optim.base_batch
     ema_momentum: float  # model.ema_momentum ** step_scale
-    da_len: int  # batch means in the DA queue: method.da_len / step_scale, rounded, >= 1
-    remixmatch_da_len: int  # the same for ReMixMatch's buffer (method.da_target=labeled)
     bn_group_ranks: int
     bn_group_images: int  # images in one BN batch (the smaller of student and teacher forward)
     log_every: int
@@ -37,8 +36,8 @@ class Scale:
     physical_world_size: int = 0  # processes (GPUs); world_size / micro_batches
     virtual_world_size: int = 0  # train.virtual_world_size (0: off)
     micro_batches: int = 1  # ranks each process runs in turn per optimizer step
-    unlabeled_bank: int = 0  # SimMatchV2's unlabeled bank: method.v2_k x the global unlabeled batch
-    da_momentum: float = 0.0  # SimMatchV2's DA running mean: method.v2_da_momentum ** step_scale
+    # the method's scaled keys at this global batch (its card's `Scaled`): key -> value
+    method_values: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -48,7 +47,6 @@ class Derived(Scale):
     steps_per_epoch: int = 1  # one epoch = one pass over the unlabeled set
     total_iters: int = 1
     warmup_iters: int = 0
-    propagate_after_iters: int = 0  # the iteration at which L_in and aggregation start
     num_labeled: int = 0  # K, the bank size
     num_unlabeled: int = 0
     interval_notes: tuple[str, ...] = ()  # intervals longer than the run, clamped to it (one line each)
@@ -121,9 +119,8 @@ def scale_at(cfg: Config, world_size: int) -> Scale:
         per_rank = t.batch_size // world_size
     glob = per_rank * world_size
     k = glob / cfg.optim.base_batch if t.scale == "per_gpu" else 1.0
-    spec = spec_of(cfg.method.name)
-    rank_images = spec.bn_batch(per_rank, per_rank * t.mu, cfg.data.num_strong,
-                                                    cfg.model.teacher)
+    card = card_of(cfg.method.name)
+    rank_images = card.bn_batch(per_rank, per_rank * t.mu, cfg.data.num_strong, cfg.model.teacher)
     group = t.bn_group_ranks
     if group == 0:  # the smallest divisor of the world size whose group reaches the minimum
         group = next((g for g in range(1, world_size + 1)
@@ -141,14 +138,12 @@ def scale_at(cfg: Config, world_size: int) -> Scale:
         global_batch=glob, global_unlabeled=glob * t.mu, step_scale=k,
         lr=cfg.optim.lr * glob / cfg.optim.base_batch,
         ema_momentum=cfg.model.ema_momentum ** k,
-        da_len=_per_step(cfg.method.da_len, k),
-        remixmatch_da_len=_per_step(cfg.method.remixmatch_da_len, k),
         bn_group_ranks=group, bn_group_images=bn_images,
         log_every=_per_step(t.log_every, k), ckpt_every=_per_step(t.ckpt_every, k),
         eval_every=_per_step(t.eval_every, k) if t.eval_every > 0 else 0,
         physical_world_size=world_size,
-        unlabeled_bank=cfg.method.v2_k * glob * t.mu if spec.unlabeled_bank else 0,
-        da_momentum=cfg.method.v2_da_momentum ** k if spec.unlabeled_bank else 0.0,
+        method_values={q.key: q.at(getattr(cfg.method.params, q.key), k, glob * t.mu)
+                       for q in card.scaled if q.rule != "epochs"},
     )
 
 
@@ -166,7 +161,8 @@ def derive_at(cfg: Config, ranks: int, num_labeled: int, num_unlabeled: int) -> 
 
 def _with_steps(cfg: Config, s: Scale, num_labeled: int, num_unlabeled: int) -> Derived:
     """The scale `s` with the step counts of the data."""
-    uses_unlabeled = spec_of(cfg.method.name).needs_unlabeled
+    card = card_of(cfg.method.name)
+    uses_unlabeled = card.needs_unlabeled
     denom = s.global_unlabeled if uses_unlabeled else s.global_batch
     pool = num_unlabeled if uses_unlabeled else num_labeled
     steps = steps_per_epoch(pool, denom, cfg.train.partial_batch)
@@ -185,13 +181,15 @@ def _with_steps(cfg: Config, s: Scale, num_labeled: int, num_unlabeled: int) -> 
             notes.append(f"train.{key}={value:,} iterations{scaled} is longer than this run's {total:,}: "
                          f"clamped to {total:,} ({what})")
             setattr(s, key, total)
+    values = dict(s.method_values)
+    values.update({q.key: int(getattr(cfg.method.params, q.key) * steps) for q in card.scaled if q.rule == "epochs"})
+    fields = {**dataclasses.asdict(s), "method_values": values}
     return Derived(
-        **dataclasses.asdict(s),
+        **fields,
         interval_notes=tuple(notes),
         steps_per_epoch=steps,
         total_iters=total,
         warmup_iters=round(cfg.optim.warmup_epochs * steps),
-        propagate_after_iters=cfg.method.propagate_after_epochs * steps,
         num_labeled=num_labeled,
         num_unlabeled=num_unlabeled,
     )

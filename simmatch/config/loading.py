@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from simmatch.config.schema import COUNT, RANGES, Config, Range
+from simmatch.config.schema import COUNT, RANGES, Config, MethodConfig, Range
 from simmatch.errors import ConfigError
-from simmatch.methods.spec import spec_of
+from simmatch.methods.card import CARDS, card_of
 from simmatch.shards.formats import data_format
 
 
@@ -66,6 +66,9 @@ def _merge(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
     """Write `updates` into the dataclass `obj` in place, rejecting unknown keys."""
     if not isinstance(updates, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
+    if isinstance(obj, MethodConfig):
+        _merge_method(obj, updates, source)
+        return
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in updates.items():
@@ -79,6 +82,50 @@ def _merge(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
             _merge(current, value, source, full + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], full, source))
+
+
+def _merge_method(m: MethodConfig, updates: dict, source: str) -> None:
+    """`method.name` and the sections `method.<name>.*` of the methods' cards; a flat key of an
+    earlier version is one line naming its key now."""
+    for key, value in updates.items():
+        if key == "name":
+            m.name = _coerce(value, str, "method.name", source)
+        elif key in CARDS:
+            section = m.sections.get(key) or CARDS[key].defaults()
+            _merge(section, value, source, f"method.{key}.")
+            m.sections[key] = section
+            first = next(iter(value), "") if isinstance(value, dict) else ""
+            m.sources[key] = (source, f"method.{key}.{first}")
+        else:
+            raise ConfigError(f"{source}: {_method_key_hint(str(key), m.name)}")
+
+
+def _method_key_hint(key: str, chosen: str) -> str:
+    """Why `method.<key>` is not a key: renamed (each method's keys are its own now), or unknown."""
+    owners = [(card.name, card.renamed[key]) for card in CARDS.values() if key in card.renamed]
+    owners.sort(key=lambda owner: owner[0] != chosen)  # the chosen method's first
+    if owners:
+        now = " or ".join(f"method.{name}.{new}" for name, new in owners)
+        return (f"method.{key} is a key of an earlier version: it is {now} now (each method's keys are "
+                f"method.<name>.*; docs/RUNS.md lists them)")
+    near = difflib.get_close_matches(key, ["name", *CARDS], n=1, cutoff=0.6)
+    hint = f" (did you mean 'method.{near[0]}'?)" if near else ""
+    return f"unknown config key 'method.{key}'{hint}; a method's keys are method.<name>.*, method.name one of " \
+           f"{', '.join(sorted(CARDS))}"
+
+
+def _settle_method(cfg: Config) -> None:
+    """Keep only the chosen method's section: another method's sections from files are kept there
+    for that method (a file may set several), but a key of another method given on the command
+    line is refused."""
+    m = cfg.method
+    if m.name not in CARDS:
+        raise ConfigError(f"method.name={m.name!r} is not one of {', '.join(sorted(CARDS))}")
+    for other, (source, key) in m.sources.items():
+        if other != m.name and source == "command line":
+            raise ConfigError(f"{source}: {key} is a key of method {other}, but method.name={m.name}")
+    m.sections = {m.name: m.params}
+    m.sources = {k: v for k, v in m.sources.items() if k == m.name}
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
@@ -143,6 +190,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
     for text in overrides:
         key, value = parse_override(text)
         _merge(cfg, _nest(key, value), "command line")
+    _settle_method(cfg)
     if cfg.data.num_classes == 0:
         cfg.data.num_classes = count_classes(cfg.data) or 1000
     validate(cfg)
@@ -155,7 +203,8 @@ def count_classes(data: Any) -> int:
 
 
 def choices(obj: Any, prefix: str = "") -> dict[str, tuple]:
-    """Every `Literal[...]` field of the dataclass tree `obj`: dotted key -> allowed values."""
+    """Every `Literal[...]` field of the dataclass tree `obj`: dotted key -> allowed values; the
+    method's section as `method.<name>.<key>`."""
     out: dict[str, tuple] = {}
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -164,7 +213,22 @@ def choices(obj: Any, prefix: str = "") -> dict[str, tuple]:
             out.update(choices(value, f"{prefix}{f.name}."))
         elif typing.get_origin(hints[f.name]) is Literal:
             out[prefix + f.name] = typing.get_args(hints[f.name])
+    if isinstance(obj, MethodConfig):
+        out.update(choices(obj.params, f"{prefix}{obj.name}."))
     return out
+
+
+def _value(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = obj.params if isinstance(obj, MethodConfig) and part == cfg.method.name else getattr(obj, part)
+    return obj
+
+
+def method_ranges(cfg: Config) -> dict[str, Range]:
+    """The valid range of every numeric key of the chosen method's section: `method.<name>.<key>`."""
+    return {f"method.{cfg.method.name}.{f.name}": f.metadata["range"]
+            for f in dataclasses.fields(cfg.method.params) if "range" in f.metadata}
 
 
 def _check_range(key: str, value: Any, rng: Range) -> None:
@@ -179,16 +243,14 @@ def _check_range(key: str, value: Any, rng: Range) -> None:
 def validate(cfg: Config) -> None:
     """Reject values that type-check but cannot work: choices, ranges, relations between keys."""
     for key, allowed in choices(cfg).items():  # also catches values set in code, not loaded
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _value(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
-    if cfg.method.da_target != "uniform" and not spec_of(cfg.method.name).aligns:
-        raise ConfigError(f"method.da_target={cfg.method.da_target} applies to methods that align the "
-                          f"distribution (simmatch): {cfg.method.name} aligns none")
-    for key, rng in RANGES.items():
-        section, name = key.split(".")
-        _check_range(key, getattr(getattr(cfg, section), name), rng)
+    for key, rng in {**RANGES, **method_ranges(cfg)}.items():
+        _check_range(key, _value(cfg, key), rng)
+    card = card_of(cfg.method.name)
+    if card.validate is not None:
+        card.validate(cfg, cfg.method.params)
     if cfg.data.backend == "dali" and cfg.data.num_threads < 1:
         raise ConfigError(f"data.num_threads={cfg.data.num_threads} is out of range for data.backend=dali: "
                           f"valid range {COUNT} (0, no worker processes, is for data.backend=torch)")
@@ -230,29 +292,61 @@ def _validate_multicrop(cfg: Config) -> None:
     if d.strong == "randaugment":
         raise ConfigError("data.strong_sizes (multi-crop) is for data.strong=simclr views; "
                           "data.strong=randaugment crops every view at data.crop_size")
-    if any(size != d.crop_size for size in d.strong_sizes) and not spec_of(cfg.method.name).views_apart:
+    if any(size != d.crop_size for size in d.strong_sizes) and not card_of(cfg.method.name).views_apart:
         raise ConfigError(f"data.strong_sizes={d.strong_sizes}: strong views of other sizes than "
                           f"data.crop_size={d.crop_size} need a method that forwards them apart "
-                          f"(simmatchv2); {cfg.method.name} forwards its strong views in one batch")
+                          f"(its card's views_apart); {cfg.method.name} forwards its strong views in one batch")
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain values, its method section as `method: {name: N, N: {...}}` (what
+    RUN_DIR/config.yaml and the checkpoints hold)."""
+    out = dataclasses.asdict(dataclasses.replace(cfg, method=MethodConfig(cfg.method.name)))
+    out["method"] = {"name": cfg.method.name, cfg.method.name: dataclasses.asdict(cfg.method.params)}
+    return out
 
 
 def from_dict(data: dict, source: str = "saved config") -> Config:
+    """A saved config (RUN_DIR/config.yaml, a checkpoint's) as a Config, also one written with an
+    earlier version's flat method keys (`upgrade_saved`)."""
     cfg = Config()
-    _merge(cfg, data, source)
+    _merge(cfg, upgrade_saved(data)[0], source)
+    _settle_method(cfg)
     validate(cfg)
     return cfg
 
 
+def upgrade_saved(saved: dict) -> tuple[dict, list[str]]:
+    """A saved config whose method keys are flat, as an earlier version wrote them (`method.v2_k`),
+    with them in the method's section (`method.simmatchv2.k`; each card names its earlier keys);
+    the mapped keys as `old -> new`. Flat keys of other methods than the run's are dropped."""
+    method = saved.get("method")
+    if not isinstance(method, dict) or method.get("name") not in CARDS:
+        return saved, []
+    card = CARDS[method["name"]]
+    flat = {k: v for k, v in method.items() if k != "name" and k not in CARDS}
+    if not flat:
+        return saved, []
+    section = dict(method.get(card.name) or {})
+    mapped = []
+    for old, new in card.renamed.items():
+        if old in flat:
+            section[new] = flat[old]
+            mapped.append(f"method.{old} -> method.{card.name}.{new}")
+    return {**saved, "method": {"name": card.name, card.name: section}}, mapped
 
 
 def with_defaults(saved: dict, defaults: dict | None = None) -> dict:
     """A saved config (a dict) with keys added to the project since it was written set to their
-    defaults, so that it compares key by key with a config of today."""
-    out = dict(to_dict(Config()) if defaults is None else defaults)
+    defaults, so that it compares key by key with a config of today (flat method keys of an earlier
+    version read in their section, `upgrade_saved`)."""
+    if defaults is None:
+        saved = upgrade_saved(saved)[0]
+        defaults = to_dict(Config())
+        name = (saved.get("method") or {}).get("name") if isinstance(saved.get("method"), dict) else None
+        if name in CARDS:
+            defaults["method"] = {"name": name, name: dataclasses.asdict(CARDS[name].defaults())}
+    out = dict(defaults)
     for key, value in saved.items():
         out[key] = with_defaults(value, out[key]) if isinstance(value, dict) and \
             isinstance(out.get(key), dict) else value

@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from simmatch.fields import COUNT, NONNEG, UNIT, Range, above, num
+from simmatch.methods.card import card_of
 
 
 @dataclass
@@ -109,7 +110,7 @@ class ModelConfig:
     # eman: EMA of parameters and BN buffers, eval mode. ema_shuffle_bn: EMA of parameters only,
     # train mode (BN on batch statistics) with shuffle-BN across ranks (SimMatch's published runs,
     # MoCo, ISD). Only a teacher that makes targets runs this way; FixMatch's and the supervised
-    # baseline's EMA is only evaluated and always eman (simmatch/methods/spec.py).
+    # baseline's EMA is only evaluated and always eman (their cards, simmatch/methods/).
     teacher: Literal["eman", "ema_shuffle_bn"] = "eman"
     norm_feat: bool = False  # LayerNorm on the pooled trunk feature, before classifier and head (SimMatchV2)
     init_from: str = ""  # run directory or checkpoint whose trunk initialises the student
@@ -117,43 +118,21 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    # the methods of simmatch/methods/spec.py (a test checks that both list the same names)
-    name: Literal["simmatch", "fixmatch", "supervised", "isd", "simmatchv2"] = "simmatch"
-    tau: float = num(0.7, UNIT)  # confidence threshold of SimMatch's class pseudo-label
-    # FixMatch's threshold (its paper: 0.95 CIFAR/SVHN/STL, 0.7 ImageNet)
-    fixmatch_tau: float = num(0.95, UNIT)
-    use_bank: bool = True  # false: SimMatch without the labeled bank (no L_in, no propagation)
-    temperature: float = num(0.1, above(0))  # t of the similarity softmax
-    alpha: float = num(0.9, UNIT)  # blend of p_w and the aggregated q_w
-    lambda_u: float = num(10.0, NONNEG)
-    lambda_in: float = num(5.0, NONNEG)
-    dist_align: bool = True
-    da_len: int = num(256, COUNT)
-    # uniform: SimMatch's DA (da_len batch means, uniform target); labeled: ReMixMatch's DA
-    # (remixmatch_da_len-entry average initialised uniform, labeled-label marginal as target)
-    # followed by its sharpening with remixmatch_t
-    da_target: Literal["uniform", "labeled"] = "uniform"
-    remixmatch_da_len: int = num(128, COUNT)
-    remixmatch_t: float = num(0.5, above(0))
-    bank_momentum: float = num(0.0, Range(0.0, 1.0, hi_open=True))  # 0: overwrite rows; >0: temporal ensemble
-    propagate_after_epochs: int = num(0, NONNEG)  # official: L_in and aggregation start after epoch 0
-    # ISD (self-supervised): queue of teacher embeddings and the two temperatures
-    queue_size: int = num(128_000, COUNT)
-    isd_t_student: float = num(0.1, above(0))
-    isd_t_teacher: float = num(0.01, above(0))
-    predictor_hidden: int = num(512, COUNT)
-    predictor_bn: bool = True
-    # SimMatchV2: the graph over the weak view and its top-n labeled neighbours (propagation
-    # strength alpha), an unlabeled bank of v2_k global unlabeled batches, DA by a running mean
-    # (momentum per step of the reference batch: ** the step scale under train.scale=per_gpu, as
-    # model.ema_momentum), and the node-node / edge-edge / node-edge loss weights; tau is its threshold
-    v2_topn: int = num(128, COUNT)
-    v2_alpha: float = num(0.1, Range(0.0, 1.0, hi_open=True))
-    v2_k: int = num(256, COUNT)
-    v2_da_momentum: float = num(0.9, UNIT)
-    lambda_nn: float = num(10.0, NONNEG)
-    lambda_ee: float = num(10.0, NONNEG)
-    lambda_ne: float = num(10.0, NONNEG)
+    """`method.name` picks the method; its own keys are `method.<name>.*`, the section its card
+    declares (simmatch/methods/card.py), held in `sections` while the config is loaded and then
+    only the chosen one, `params`. `sources` says where each section was last set (a key of
+    another method than the chosen one is refused when the command line gives it)."""
+
+    name: str = "simmatch"
+    sections: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def params(self) -> Any:
+        """The chosen method's section (its card's dataclass; its defaults if no file set it)."""
+        if self.name not in self.sections:
+            self.sections[self.name] = card_of(self.name).defaults()
+        return self.sections[self.name]
 
 
 @dataclass

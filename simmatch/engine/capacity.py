@@ -13,9 +13,7 @@ import torch
 
 from simmatch.config import Config, Derived
 from simmatch.errors import ConfigError
-from simmatch.methods.spec import bank_bytes, size_text, spec_of
-
-SIZED_BY = {"labeled bank": "the labeled set", "unlabeled bank": "method.v2_k", "queue": "method.queue_size"}
+from simmatch.methods.card import card_of, size_text
 
 
 def host_available() -> int | None:
@@ -36,7 +34,8 @@ def host_available() -> int | None:
 def refuse_banks_beyond_memory(cfg: Config, derived: Derived, device: torch.device) -> dict[str, int]:
     """The banks' bytes per rank by name; a ConfigError when they exceed the host's available
     memory or, on a GPU, the device's free memory."""
-    parts = bank_bytes(cfg, spec_of(cfg.method.name), derived.unlabeled_bank, derived.num_labeled)
+    card = card_of(cfg.method.name)
+    parts = card.memory(cfg, cfg.method.params, derived.method_values, derived.num_labeled) if card.memory else {}
     need = sum(parts.values())
     if not need:
         return parts
@@ -45,8 +44,8 @@ def refuse_banks_beyond_memory(cfg: Config, derived: Derived, device: torch.devi
         places.append((str(device), torch.cuda.mem_get_info(device)[0]))
     for where, free in places:
         if free is not None and need > free:
-            largest = max(parts, key=parts.get)
             shown = ", ".join(f"{name} {size_text(n)}" for name, n in parts.items())
             raise ConfigError(f"the memory banks need {size_text(need)} per rank ({shown}), more than the "
-                              f"{size_text(free)} available on {where}: lower {SIZED_BY[largest]}")
+                              f"{size_text(free)} available on {where}: lower the keys that size them "
+                              f"(method.{cfg.method.name}.*, --print-config shows each bank)")
     return parts

@@ -101,11 +101,11 @@ class Trainer(TrainerState, TrainerEvaluation):
 
         refuse_banks_beyond_memory(cfg, self.derived, device)  # before anything is allocated
         rng.seed_all(cfg.train.seed)  # identical initial weights and bank on every rank
-        self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu())
         group, mine = self.derived.bn_group_ranks, len(self.ranks)
         # A BN group's ranks within this process share one forward; a group beyond it pools
         # its statistics with the processes that run its other ranks.
-        self.method.ranks_per_forward = min(group, mine)
+        self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu(),
+                                   ranks_per_forward=min(group, mine))
         if group > mine:
             convert_group_bn(self.method, dist.bn_group(group // mine), device.type)
         if group > 1:
@@ -244,7 +244,7 @@ class Trainer(TrainerState, TrainerEvaluation):
         if failed is not None:
             raise failed
         with self.autocast():
-            targets = m.targets(labeled, unlabeled, self.iteration)
+            step = m.targets(labeled, unlabeled, self.iteration)
         k = m.ranks_per_forward
         groups = [slice(i, i + k) for i in range(0, len(labeled), k)]
         stats = RankBNStats(m.student, len(groups))
@@ -255,7 +255,7 @@ class Trainer(TrainerState, TrainerEvaluation):
             with contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync():
                 with self.autocast():
                     losses = m.student_losses(self.student, merge(labeled[g]), merge(unlabeled[g]),
-                                              merge(targets[g]), self.iteration)
+                                              merge(step.ranks[g]), self.iteration)
                 with timer("backward"):
                     loss = losses["loss"] if len(groups) == 1 else losses["loss"] / len(groups)
                     self.scaler.scale(loss).backward()
@@ -265,7 +265,7 @@ class Trainer(TrainerState, TrainerEvaluation):
             self.scaler.step(self.optimizer)
             self.scaler.update()
             average_buffers(m.student)
-        m.after_step()
+        m.after_step(step)
         if len(parts) == 1:
             return parts[0]
         return {name: torch.stack([p[name] for p in parts]).mean() for name in parts[0]}

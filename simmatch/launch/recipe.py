@@ -2,7 +2,7 @@
 
 `tools/train.py --print-config` and `tools/submit.py --dry-run` print it: batches, BN groups,
 teacher, momentum, lr, steps, splits and their sizes. What the method uses (its teacher, DA,
-bank, streams) comes from its facts (simmatch/methods/spec.py): a FixMatch recipe shows the
+bank, streams, its own lines) comes from its card (simmatch/methods/card.py): a FixMatch recipe shows the
 teacher it trains with and no DA queue. Image counts come from the data tree
 when it is there, otherwise from the split lists and `data.num_train_images` (so the recipe
 of an ImageNet run can be read on a machine without ImageNet). With virtual ranks
@@ -12,12 +12,13 @@ import here: the submitting machine stays light.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
 from simmatch.config import Config, Derived, derive, derive_scale, intervals_text
 from simmatch.data.splits import list_path, load_splits, read_list
-from simmatch.methods.spec import bank_bytes, size_text, spec_of
+from simmatch.methods.card import card_of, size_text
 from simmatch.run.world_sizes import processes_text, running_text
 from simmatch.shards.formats import data_format
 
@@ -75,14 +76,16 @@ def recipe(cfg: Config, world_size: int) -> dict:
     """The recipe of `world_size` processes as one flat dict (the JSON line); steps are None when
     sizes are unknown. "world_size" is the run's ranks (train.virtual_world_size when set), so
     that a virtual-rank run's recipe reads as that of as many GPUs; the processes are
-    world_size / micro_batches."""
+    world_size / micro_batches. The method adds its own entries (its card's `recipe`)."""
     sizes = split_sizes(cfg)
     if sizes.num_labeled is not None and sizes.num_unlabeled is not None:
         d: Derived | None = derive(cfg, world_size, sizes.num_labeled, sizes.num_unlabeled)
         s = d
     else:
         d, s = None, derive_scale(cfg, world_size)
-    spec = spec_of(cfg.method.name)
+    card, params = card_of(cfg.method.name), cfg.method.params
+    values = s.method_values
+    memory = card.memory(cfg, params, values, sizes.num_labeled or 0) if card.memory is not None else {}
     return {
         "config": cfg.name, "method": cfg.method.name, "world_size": s.world_size,
         "virtual_world_size": s.virtual_world_size, "micro_batches": s.micro_batches,
@@ -91,37 +94,32 @@ def recipe(cfg: Config, world_size: int) -> dict:
         "global_labeled": s.global_batch, "global_unlabeled": s.global_unlabeled,
         "bn_group_ranks": s.bn_group_ranks, "bn_group_images": s.bn_group_images,
         "min_bn_images": cfg.train.min_bn_images,
-        "teacher": spec.teacher(cfg), "ema_momentum": s.ema_momentum, "lr": s.lr,
-        "da_len": _alignment_length(cfg, s), "partial_batch": cfg.train.partial_batch,
+        "teacher": card.teacher(cfg), "ema_momentum": s.ema_momentum, "lr": s.lr,
+        "partial_batch": cfg.train.partial_batch,
         "steps_per_epoch": d.steps_per_epoch if d else None,
         "epochs": cfg.optim.epochs if cfg.optim.iters <= 0 else None,
         "total_iters": d.total_iters if d else None,
         "warmup_iters": d.warmup_iters if d else None,
-        "l_in_start_iter": d.propagate_after_iters if d and spec.uses_bank(cfg) else None,
         "log_every": s.log_every, "ckpt_every": s.ckpt_every, "eval_every": s.eval_every,
         "intervals_clamped": list(d.interval_notes) if d else [],
         "num_labeled": sizes.num_labeled, "num_unlabeled": sizes.num_unlabeled,
         "labeled_set": sizes.labeled, "unlabeled_set": sizes.unlabeled,
         "sizes_from": sizes.counted_from,
-        # SimMatchV2: its unlabeled bank (method.v2_k global unlabeled batches) and loss weights
-        "unlabeled_bank": s.unlabeled_bank if spec.unlabeled_bank else None,
-        "loss_weights": ({"nn": cfg.method.lambda_nn, "ee": cfg.method.lambda_ee, "ne": cfg.method.lambda_ne}
-                         if spec.unlabeled_bank else None),
-        "da_momentum": s.da_momentum if spec.unlabeled_bank else None,
         "crop_size": cfg.data.crop_size, "val_resize": cfg.data.val_resize_px(),  # pixels
-        # the banks and queues every rank allocates, in bytes by name (the labeled bank needs the set's size)
-        "bank_bytes": bank_bytes(cfg, spec, s.unlabeled_bank, sizes.num_labeled or 0),
         # the strong views of each unlabeled image: [size px, min scale, max scale] each
-        "strong_views": [list(view) for view in cfg.data.strong_crops()] if spec.needs_unlabeled else None,
+        "strong_views": [list(view) for view in cfg.data.strong_crops()] if card.needs_unlabeled else None,
+        # the method's own section and the values of its scaled keys at this global batch
+        "method_params": dataclasses.asdict(params), "method_values": dict(values),
+        # the banks and queues every rank allocates, in bytes by name (the labeled bank needs the set's size)
+        "bank_bytes": memory,
+        **method_part(cfg, values)[1],  # the method's own entries (its card's recipe)
     }
 
 
-def _alignment_length(cfg: Config, s) -> int | None:
-    """Batch means the method's alignment keeps: SimMatch's queue, ReMixMatch's buffer, or None
-    for a method that aligns no distribution (FixMatch, ISD, supervised) or with DA off."""
-    if not spec_of(cfg.method.name).uses_da(cfg):
-        return None
-    return s.remixmatch_da_len if cfg.method.da_target == "labeled" else s.da_len
+def method_part(cfg: Config, values: dict) -> tuple[list[str], dict]:
+    """The method's own recipe lines and JSON entries (its card's `recipe`), from its scaled values."""
+    card = card_of(cfg.method.name)
+    return card.recipe(cfg, cfg.method.params, values) if card.recipe is not None else ([], {})
 
 
 def _n(value) -> str:
@@ -134,10 +132,10 @@ def _processes(r: dict) -> int:
 
 def _rank_images(r: dict) -> str:
     """Images one rank draws per step, of the streams the method trains on."""
-    spec = spec_of(r["method"])
-    if not spec.needs_labeled:
+    card = card_of(r["method"])
+    if not card.needs_labeled:
         return f"{r['unlabeled_per_gpu']} unlabeled"
-    if not spec.needs_unlabeled:
+    if not card.needs_unlabeled:
         return f"{r['labeled_per_gpu']} labeled"
     return f"{r['labeled_per_gpu']} + {r['unlabeled_per_gpu']}"
 
@@ -152,11 +150,11 @@ def _batch_text(r: dict, gpus: bool = True) -> str:
         unit, over = "GPU", f"per step over {r['world_size']} GPU(s)"
     else:
         unit, over = "process", f"per step over {r['world_size']} process{'' if r['world_size'] == 1 else 'es'}"
-    spec = spec_of(r["method"])
-    if not spec.needs_labeled:
+    card = card_of(r["method"])
+    if not card.needs_labeled:
         return (f"{r['unlabeled_per_gpu']} unlabeled per {unit}; {r['global_unlabeled']} {over} "
                 f"(no labels in training)")
-    if not spec.needs_unlabeled:
+    if not card.needs_unlabeled:
         return f"{r['labeled_per_gpu']} labeled per {unit}; {r['global_labeled']} {over}"
     return (f"{r['labeled_per_gpu']} labeled + {r['unlabeled_per_gpu']} unlabeled per {unit}; "
             f"{r['global_labeled']} + {r['global_unlabeled']} {over}")
@@ -175,10 +173,11 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     """Human-readable lines, then the recipe as one JSON object (the last line); `world_size`
     is the processes, as in `recipe`."""
     r = recipe(cfg, world_size)
-    o, m, spec = cfg.optim, cfg.method, spec_of(cfg.method.name)
+    method_lines = method_part(cfg, r["method_values"])[0]
+    o, card = cfg.optim, card_of(cfg.method.name)
     k = r["global_labeled"] / o.base_batch if cfg.train.scale == "per_gpu" else 1.0
-    pool = r["num_unlabeled"] if spec.needs_unlabeled else r["num_labeled"]
-    per_step = r["global_unlabeled"] if spec.needs_unlabeled else r["global_labeled"]
+    pool = r["num_unlabeled"] if card.needs_unlabeled else r["num_labeled"]
+    per_step = r["global_unlabeled"] if card.needs_unlabeled else r["global_labeled"]
     rounding = "floor" if r["partial_batch"] == "drop" else "ceil"
     length = (f"{_n(r['total_iters'])} iterations ({o.epochs:g} epochs)" if o.iters <= 0 else
               f"{_n(r['total_iters'])} iterations (optim.iters={o.iters})")
@@ -200,26 +199,13 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     ]
     lines.append(f"  images       crops of {r['crop_size']} px; validation: shorter side resized to "
                  f"{r['val_resize']} px, centre crop {r['crop_size']} px")
-    if cfg.data.strong_sizes and spec.needs_unlabeled:
+    params = ", ".join(f"{key} {value}" for key, value in r["method_params"].items())
+    lines.append(f"  method       {r['method']}: {params or 'no keys of its own'} (method.{r['method']}.*)")
+    if cfg.data.strong_sizes and card.needs_unlabeled:
         lines.append(f"  multi-crop   {len(r['strong_views'])} strong views of "
                      + " / ".join(str(size) for size, _, _ in r["strong_views"]) + " px, scales "
                      + " / ".join(f"{lo:g}-{hi:g}" for _, lo, hi in r["strong_views"]))
-    if spec.unlabeled_bank:
-        w = r["loss_weights"]
-        lines.append(f"  banks        labeled {_n(r['num_labeled'])}; unlabeled K = {r['unlabeled_bank']:,} "
-                     f"({m.v2_k} x {r['global_unlabeled']}); graph of the top {m.v2_topn}, alpha {m.v2_alpha:g}; "
-                     f"losses nn / ee / ne x {w['nn']:g} / {w['ee']:g} / {w['ne']:g}")
-    if spec.uses_bank(cfg):
-        lines.append(f"  L_in         starts at iteration {_n(r['l_in_start_iter'])} "
-                     f"(method.propagate_after_epochs={m.propagate_after_epochs})")
-    if r["da_len"] is not None and m.da_target == "labeled":
-        lines.append(f"  DA           ReMixMatch's: {r['da_len']} batch means, labeled-label marginal as "
-                     f"target, sharpening T={m.remixmatch_t:g}")
-    elif r["da_len"] is not None:
-        lines.append(f"  DA queue     {r['da_len']} batch means")
-    if r["da_momentum"] is not None:
-        lines.append(f"  DA           running mean of the batch mean, momentum {r['da_momentum']:.6g}"
-                     + (f" ({m.v2_da_momentum:g} ** {k:g})" if k != 1.0 else ""))
+    lines += method_lines
     if r["bank_bytes"]:
         lines.append(f"  memory       banks {size_text(sum(r['bank_bytes'].values()))} per rank ("
                      + ", ".join(f"{name} {size_text(n)}" for name, n in r["bank_bytes"].items()) + ")")

@@ -1,23 +1,27 @@
-"""Methods by name: each turns model outputs into losses; the engine is shared.
+"""Methods: each turns model outputs into losses; the engine is shared.
 
-`simmatch.methods.spec` holds every method's facts (torch-free: the config, the recipe and the
-pre-flight read them); `build_method` imports the configured method's module, whose class
-registers itself (`registry.register`), and lets the class build itself from the config.
+Every method has a card (`card.py`: its config section, facts, scaled quantities and recipe
+lines, torch-free) and a class (torch). The built-in ones are the packages here, whose cards
+register when this package is imported; `build_method` imports the configured method's class
+(the card's `module`) and lets it build itself from its section of the config.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from simmatch.methods.spec import SPECS, MethodSpec, spec_of
+from simmatch.methods import fixmatch, isd, simmatch, simmatchv2, supervised  # noqa: F401  (their cards)
+from simmatch.methods.card import CARDS, CLASSES, MethodCard, Scaled, card_of, register, register_card
 
-__all__ = ["SPECS", "MethodSpec", "build_method", "spec_of"]
+__all__ = ["CARDS", "MethodCard", "Scaled", "build_method", "card_of", "register", "register_card"]
 
 
-def build_method(cfg: Any, derived: Any, bank_labels: Any) -> Any:
-    """The method named by `cfg.method.name` (a `base.Method`), with a freshly initialised student."""
-    from simmatch.methods.registry import METHODS
-
-    spec = spec_of(cfg.method.name)
-    importlib.import_module(spec.module)
-    return METHODS[spec.name].from_config(cfg, derived, bank_labels)
+def build_method(cfg: Any, derived: Any, bank_labels: Any, ranks_per_forward: int = 1) -> Any:
+    """The method named by `cfg.method.name` (a `base.Method`), with a freshly initialised student;
+    `ranks_per_forward`: the ranks of a BN group one forward of this process normalises together."""
+    card = card_of(cfg.method.name)
+    if card.module is not None:
+        importlib.import_module(card.module)
+    method = CLASSES[card.name].from_config(cfg, cfg.method.params, derived, bank_labels)
+    method.ranks_per_forward = ranks_per_forward
+    return method

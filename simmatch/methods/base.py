@@ -1,11 +1,14 @@
 """What every method shares: a student, its EMA teacher, and the engine-facing interface."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from simmatch import distributed as dist
-from simmatch.methods.spec import MethodSpec
+from simmatch.methods.card import MethodCard
 from simmatch.models import EMA, Network
 from simmatch.models.bn_stats import RankBNStats
 from simmatch.timing import NO_TIMER, PhaseTimer
@@ -14,30 +17,40 @@ Batch = dict[str, torch.Tensor]
 Targets = dict[str, torch.Tensor | None]  # per-image target rows of one rank's batch
 
 
+@dataclass
+class StepTargets:
+    """What a step's no-grad part made (`Method.targets`): each rank's target rows, in rank order,
+    and what the step writes into the method's memory (banks, queues) once its optimizer step is
+    done (`Method.after_step`), so that this step's targets use the memory as it was before it."""
+
+    ranks: list[Targets]
+    memory: Any = None
+
+
 class Method(nn.Module):
     """Owns the model-side state (student, teacher, banks, queues) as submodules and buffers,
     so `state_dict()` is everything a checkpoint needs from it. The engine owns the rest.
 
-    Subclasses are registered by name (`simmatch.methods.registry.register`), which attaches
-    their facts (`spec`: streams, teacher, evaluation; simmatch/methods/spec.py), and built from
-    the config by their `from_config`.
+    Subclasses are registered by name (`simmatch.methods.card.register`), which attaches their
+    card (streams, teacher, evaluation, config section), and built from their section of the
+    config by their `from_config`.
     """
 
-    spec: MethodSpec
+    card: MethodCard
     timer: PhaseTimer = NO_TIMER  # benchmarks swap in an enabled one
 
     @property
     def needs_labeled(self) -> bool:
-        return self.spec.needs_labeled
+        return self.card.needs_labeled
 
     @property
     def needs_unlabeled(self) -> bool:
-        return self.spec.needs_unlabeled
+        return self.card.needs_unlabeled
 
     @property
     def trains_classifier(self) -> bool:
         """False: evaluated by k-NN on the trunk's features."""
-        return self.spec.trains_classifier
+        return self.card.trains_classifier
 
     def __init__(self, student: Network, ema_momentum: float, teacher: str = "eman", seed: int = 0):
         super().__init__()
@@ -45,36 +58,31 @@ class Method(nn.Module):
         self.teacher = EMA(student, ema_momentum, teacher)
         self.seed = seed
 
-    # Ranks whose images one forward normalises together (the engine sets it): 1, or the ranks of
-    # a BN group that this process runs itself under virtual ranks (train.bn_group_ranks).
+    # Ranks whose images one forward normalises together (methods.build_method sets it): 1, or
+    # the ranks of a BN group that this process runs itself under virtual ranks (train.bn_group_ranks).
     ranks_per_forward: int = 1
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> Method:
-        """The method as `cfg` describes it, with a freshly initialised student."""
+    def from_config(cls, cfg: Any, params: Any, derived: Any, bank_labels: torch.Tensor) -> Method:
+        """The method as `cfg` describes it (`params`: its own section, `cfg.method.params`; its
+        scaled quantities in `derived.method_values`), with a freshly initialised student."""
         raise NotImplementedError
 
-    def targets(self, labeled: list[Batch | None], unlabeled: list[Batch | None],
-                iteration: int) -> list[Targets]:
+    def targets(self, labeled: list[Batch | None], unlabeled: list[Batch | None], iteration: int) -> StepTargets:
         """The step's no-grad part (teacher, alignment, propagation) for every rank this process
-        runs (one, or its virtual ranks, in rank order): one dict of per-image target rows each.
+        runs (one, or its virtual ranks, in rank order): one dict of per-image target rows each,
+        and what `after_step` writes.
 
         Done for all of them before any student forward, because what they share (the
         shuffle-BN permutation, the global means of distribution alignment, the bank as it was)
         is a function of all the step's ranks, as on that many GPUs."""
-        return [{} for _ in labeled]
+        return StepTargets([{} for _ in labeled])
 
     def student_losses(self, student: nn.Module, labeled: Batch | None, unlabeled: Batch | None,
                        targets: Targets, iteration: int) -> dict[str, torch.Tensor]:
         """`loss` (differentiable) plus detached scalar diagnostics of one rank's batch (or of a
         BN group's ranks merged, see `merge`), given its `targets`. `student` may be DDP-wrapped."""
         raise NotImplementedError
-
-    def training_losses(self, student: nn.Module, labeled: Batch | None, unlabeled: Batch | None,
-                        iteration: int) -> dict[str, torch.Tensor]:
-        """A single rank's losses: `targets` and `student_losses` of its batch."""
-        found = self.targets([labeled], [unlabeled], iteration)[0]
-        return self.student_losses(student, labeled, unlabeled, found, iteration)
 
     @torch.no_grad()
     def teacher_forward(self, parts: list[torch.Tensor], iteration: int,
@@ -122,8 +130,8 @@ class Method(nn.Module):
                 zip(logits.split(n), emb.split(n) if emb is not None else [None] * len(parts))]
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Called after every optimizer step."""
+    def after_step(self, step: StepTargets) -> None:
+        """Called after every optimizer step with what `targets` made for it."""
         with self.timer("ema"):
             self.teacher.update(self.student)
             if self.teacher.shuffle_bn:

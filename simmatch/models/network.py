@@ -104,10 +104,10 @@ def build_network(arch: str, num_classes: int, small_input: bool = False, proj_d
                    proj_hidden, proj_bn, predictor_bn, norm_feat)
 
 
-def network_for(cfg, head: bool = True, predictor: bool = False) -> Network:
+def network_for(cfg, head: bool = True, predictor: tuple[int, bool] | None = None) -> Network:
     """The network `cfg.model` describes (a `simmatch.config.Config`), with or without the
-    projection head and the predictor."""
+    projection head, and with a predictor of (hidden width, BN) when a method asks for one."""
     m = cfg.model
+    hidden, bn = predictor if predictor is not None else (0, True)
     return build_network(m.arch, cfg.data.num_classes, m.small_input, m.proj_dim if head else 0,
-                         cfg.method.predictor_hidden if predictor else 0, m.proj_hidden, m.proj_bn,
-                         cfg.method.predictor_bn, m.norm_feat)
+                         hidden, m.proj_hidden, m.proj_bn, bn, m.norm_feat)

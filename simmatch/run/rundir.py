@@ -176,6 +176,18 @@ class RunDir:
             return None
         return read_run_config(self.config)
 
+    def earlier_keys(self) -> list[str]:
+        """The method keys config.yaml names as an earlier version did (flat: `method.v2_k`), each as
+        `old -> new` (config.upgrade_saved); [] for a config of today or none."""
+        import yaml
+        from simmatch.config import upgrade_saved
+
+        try:
+            data = yaml.safe_load(self.config.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return []
+        return upgrade_saved(data)[1] if isinstance(data, dict) else []
+
     def save_config(self, cfg) -> None:
         """Write the fully resolved config (atomically) so that the run can be reproduced."""
         import yaml

@@ -2,7 +2,7 @@
 
 One student forward in train mode over labeled + weak + strong images (one BN batch); the
 pseudo-label of an unlabeled image is the argmax of the student's own weak-view softmax
-(detached), kept where that softmax's maximum reaches `method.fixmatch_tau` (0.95 in the
+(detached), kept where that softmax's maximum reaches `method.fixmatch.tau` (0.95 in the
 paper's CIFAR/SVHN/STL runs, 0.7 on ImageNet); loss = CE(labels, labeled logits) + lambda_u *
 mean(mask * CE(pseudo-label, strong logits)). No distribution alignment, no soft targets, no
 bank. The EMA model is only evaluated (the official code's tf.train.ExponentialMovingAverage
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from simmatch.methods.base import Batch, Method, Targets
+from simmatch.methods.card import register
 from simmatch.methods.losses import fp32, hard_cross_entropy, pseudo_label_metrics
-from simmatch.methods.registry import register
 from simmatch.models import Network, network_for
 
 
@@ -26,9 +26,9 @@ class FixMatch(Method):
         self.tau, self.lambda_u = tau, lambda_u
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> FixMatch:
-        return cls(network_for(cfg, head=False), derived.ema_momentum, tau=cfg.method.fixmatch_tau,
-                   lambda_u=cfg.method.lambda_u, seed=cfg.train.seed)
+    def from_config(cls, cfg, params, derived, bank_labels: torch.Tensor) -> FixMatch:
+        return cls(network_for(cfg, head=False), derived.ema_momentum, tau=params.tau, lambda_u=params.lambda_u,
+                   seed=cfg.train.seed)
 
     def student_losses(self, student, labeled: Batch, unlabeled: Batch | None, targets: Targets,
                        iteration: int) -> dict[str, torch.Tensor]:

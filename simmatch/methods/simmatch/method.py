@@ -1,6 +1,6 @@
 """SimMatch (CVPR 2022): class and instance pseudo-labels that propagate through a labeled bank.
 
-`method.use_bank=false` is SimMatch without the bank (no L_in, no propagation: p_hat = the
+`method.simmatch.use_bank=false` is SimMatch without the bank (no L_in, no propagation: p_hat = the
 aligned, soft p_w), an ablation; Sohn et al.'s FixMatch is its own method (`fixmatch.py`).
 Targets are computed in fp32 under no_grad; every cross-entropy uses log_softmax.
 """
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from simmatch.methods.alignment import DistributionAlignment, ReMixMatchAlignment
 from simmatch.methods.bank import LabeledBank
-from simmatch.methods.base import Batch, Method, Targets, merge
+from simmatch.methods.base import Batch, Method, StepTargets, Targets, merge
+from simmatch.methods.card import register
 from simmatch.methods.losses import fp32, pseudo_label_metrics, soft_cross_entropy
-from simmatch.methods.registry import register
 from simmatch.models import Network, network_for
 
 
@@ -60,23 +60,22 @@ class SimMatch(Method):
                 raise ValueError("SimMatch needs a projection head (model.proj_dim > 0)")
             dim = student.head[-1].out_features
             self.bank = LabeledBank(len(bank_labels), dim, bank_labels, bank_momentum, seed)
-        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> SimMatch:
-        m = cfg.method
+    def from_config(cls, cfg, params, derived, bank_labels: torch.Tensor) -> SimMatch:
+        m, values = params, derived.method_values
         da = None
         if m.dist_align and m.da_target == "labeled":
-            da = ReMixMatchAlignment(cfg.data.num_classes, derived.remixmatch_da_len, m.remixmatch_t)
+            da = ReMixMatchAlignment(cfg.data.num_classes, values["remixmatch_da_len"], m.remixmatch_t)
         return cls(
             network_for(cfg, head=m.use_bank), derived.ema_momentum, bank_labels, cfg.data.num_classes,
             tau=m.tau, temperature=m.temperature, alpha=m.alpha, lambda_u=m.lambda_u,
-            lambda_in=m.lambda_in if m.use_bank else 0.0, dist_align=m.dist_align, da_len=derived.da_len,
-            da=da, bank_momentum=m.bank_momentum, propagate_after_iters=derived.propagate_after_iters,
-            use_bank=m.use_bank, teacher=cls.spec.teacher(cfg), seed=cfg.train.seed)
+            lambda_in=m.lambda_in if m.use_bank else 0.0, dist_align=m.dist_align, da_len=values["da_len"],
+            da=da, bank_momentum=m.bank_momentum, propagate_after_iters=values["propagate_after_epochs"],
+            use_bank=m.use_bank, teacher=cls.card.teacher(cfg), seed=cfg.train.seed)
 
     @torch.no_grad()
-    def targets(self, labeled: list[Batch], unlabeled: list[Batch], iteration: int) -> list[Targets]:
+    def targets(self, labeled: list[Batch], unlabeled: list[Batch], iteration: int) -> StepTargets:
         with self.timer("teacher_forward"):
             outs = self.teacher_forward([torch.cat([lab["x"], unl["weak"]])
                                          for lab, unl in zip(labeled, unlabeled)], iteration)
@@ -87,12 +86,13 @@ class SimMatch(Method):
             emb = [e for _, e in outs]
             emb_u = torch.cat([e[b:] for e in emb]) if self.use_bank else None
             p_hat, q_hat = self._propagate(logits_u, emb_u, lab["y"], iteration)
-            if self.use_bank:  # written in after_step: this step's targets use the bank as it was
-                self._pending = (torch.cat([e[:b] for e in emb]).float(), lab["y"].clone(),
-                                 lab["index"].clone())
+            # written in after_step: this step's targets use the bank as it was
+            rows = (torch.cat([e[:b] for e in emb]).float(), lab["y"].clone(), lab["index"].clone()) \
+                if self.use_bank else None
             bu = unlabeled[0]["weak"].shape[0]
-            return [{"p_hat": p, "q_hat": q} for p, q in
-                    zip(p_hat.split(bu), q_hat.split(bu) if q_hat is not None else [None] * len(labeled))]
+            return StepTargets([{"p_hat": p, "q_hat": q} for p, q in
+                                zip(p_hat.split(bu), q_hat.split(bu) if q_hat is not None else [None] * len(labeled))],
+                               memory=rows)
 
     def _propagate(self, logits_u: torch.Tensor, emb_u: torch.Tensor | None, labels: torch.Tensor, iteration: int):
         """Aligned p_w and, once L_in has started, SimMatch's p_hat and q_hat (all ranks' rows)."""
@@ -147,9 +147,8 @@ class SimMatch(Method):
         }
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        super().after_step()
-        if self._pending is not None:
+    def after_step(self, step: StepTargets) -> None:
+        super().after_step(step)
+        if step.memory is not None:
             with self.timer("bank_update"):
-                self.bank.update(*self._pending)
-            self._pending = None
+                self.bank.update(*step.memory)

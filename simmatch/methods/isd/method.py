@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from simmatch.methods.base import Batch, Method, Targets
+from simmatch.methods.base import Batch, Method, StepTargets, Targets
+from simmatch.methods.card import register
 from simmatch.methods.losses import fp32
 from simmatch.methods.queue import EmbeddingQueue
-from simmatch.methods.registry import register
 from simmatch.models import Network, network_for
 
 
@@ -29,21 +29,20 @@ class ISD(Method):
             raise ValueError("ISD needs a projection head and a predictor")
         self.queue = EmbeddingQueue(queue_size, student.head[-1].out_features, seed)
         self.t_student, self.t_teacher = t_student, t_teacher
-        self._pending: torch.Tensor | None = None
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> ISD:
-        m = cfg.method
-        return cls(network_for(cfg, head=True, predictor=True), derived.ema_momentum, m.queue_size,
-                   m.isd_t_student, m.isd_t_teacher, teacher=cls.spec.teacher(cfg), seed=cfg.train.seed)
+    def from_config(cls, cfg, params, derived, bank_labels: torch.Tensor) -> ISD:
+        m = params
+        return cls(network_for(cfg, head=True, predictor=(m.predictor_hidden, m.predictor_bn)), derived.ema_momentum,
+                   m.queue_size, m.t_student, m.t_teacher, teacher=cls.card.teacher(cfg), seed=cfg.train.seed)
 
     @torch.no_grad()
-    def targets(self, labeled: list[Batch | None], unlabeled: list[Batch], iteration: int) -> list[Targets]:
+    def targets(self, labeled: list[Batch | None], unlabeled: list[Batch], iteration: int) -> StepTargets:
         with self.timer("teacher_forward"):
             outs = self.teacher_forward([u["weak"] for u in unlabeled], iteration, predict=False)
         keys = [k.float() for _, k in outs]
-        self._pending = torch.cat(keys)  # enqueued after the loss, in after_step (all ranks' rows)
-        return [{"k": k} for k in keys]
+        # enqueued after the loss, in after_step (all ranks' rows)
+        return StepTargets([{"k": k} for k in keys], memory=torch.cat(keys))
 
     def student_losses(self, student, labeled: Batch | None, unlabeled: Batch | None, targets: Targets,
                        iteration: int) -> dict[str, torch.Tensor]:
@@ -58,9 +57,8 @@ class ISD(Method):
         return {"loss": loss + 0.0 * logits.sum(), "loss_isd": loss.detach(), "cos_q_k": agree}
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        super().after_step()
-        if self._pending is not None:
+    def after_step(self, step: StepTargets) -> None:
+        super().after_step(step)
+        if step.memory is not None:
             with self.timer("bank_update"):
-                self.queue.push(self._pending)
-            self._pending = None
+                self.queue.push(step.memory)

@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 
 from simmatch.methods.base import Batch, Method, Targets
-from simmatch.methods.registry import register
+from simmatch.methods.card import register
 from simmatch.models import network_for
 
 
 @register("supervised")
 class Supervised(Method):
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> Supervised:
-        # the EMA is only evaluated: it averages BN statistics too (EMAN-style, spec.py)
-        return cls(network_for(cfg, head=False), derived.ema_momentum, cls.spec.teacher(cfg), cfg.train.seed)
+    def from_config(cls, cfg, params, derived, bank_labels: torch.Tensor) -> Supervised:
+        # the EMA is only evaluated: it averages BN statistics too (EMAN-style, its card)
+        return cls(network_for(cfg, head=False), derived.ema_momentum, cls.card.teacher(cfg), cfg.train.seed)
 
     def student_losses(self, student, labeled: Batch, unlabeled: Batch | None, targets: Targets,
                        iteration: int) -> dict[str, torch.Tensor]:

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from simmatch import distributed as dist
 from simmatch.methods.alignment import resize_fifo
 from simmatch.methods.bank import LabeledBank
-from simmatch.methods.base import Batch, Method, Targets, merge
+from simmatch.methods.base import Batch, Method, StepTargets, Targets, merge
+from simmatch.methods.card import register
 from simmatch.methods.losses import fp32, pseudo_label_metrics, soft_cross_entropy
-from simmatch.methods.registry import register
 from simmatch.models import Network, network_for
 
 
@@ -115,19 +115,18 @@ class SimMatchV2(Method):
         self.da = MomentumAlignment(num_classes, da_momentum)
         self.bank = LabeledBank(len(bank_labels), dim, bank_labels, 0.0, seed)
         self.unlabeled = UnlabeledBank(unlabeled_bank, dim, num_classes, seed)
-        self._pending: tuple | None = None
 
     @classmethod
-    def from_config(cls, cfg, derived, bank_labels: torch.Tensor) -> SimMatchV2:
-        m = cfg.method
+    def from_config(cls, cfg, params, derived, bank_labels: torch.Tensor) -> SimMatchV2:
+        m, values = params, derived.method_values
         return cls(network_for(cfg), derived.ema_momentum, bank_labels, cfg.data.num_classes,
-                   derived.unlabeled_bank, tau=m.tau, temperature=m.temperature, alpha=m.v2_alpha,
-                   topn=m.v2_topn, da_momentum=derived.da_momentum, lambda_nn=m.lambda_nn,
-                   lambda_ee=m.lambda_ee, lambda_ne=m.lambda_ne, teacher=cls.spec.teacher(cfg),
+                   values["k"], tau=m.tau, temperature=m.temperature, alpha=m.alpha,
+                   topn=m.topn, da_momentum=values["da_momentum"], lambda_nn=m.lambda_nn,
+                   lambda_ee=m.lambda_ee, lambda_ne=m.lambda_ne, teacher=cls.card.teacher(cfg),
                    seed=cfg.train.seed)
 
     @torch.no_grad()
-    def targets(self, labeled: list[Batch], unlabeled: list[Batch], iteration: int) -> list[Targets]:
+    def targets(self, labeled: list[Batch], unlabeled: list[Batch], iteration: int) -> StepTargets:
         with self.timer("teacher_forward"):
             outs = self.teacher_forward([torch.cat([lab["x"], unl["weak"]])
                                          for lab, unl in zip(labeled, unlabeled)], iteration)
@@ -139,11 +138,10 @@ class SimMatchV2(Method):
             relation = torch.softmax(z_w @ self.unlabeled.features.T / self.temperature, dim=1)
             y = graph_pseudo_labels(z_w, p, self.bank.features, self.bank.labels, self.num_classes,
                                     self.topn, self.temperature, self.alpha)
-            self._pending = (torch.cat([e[:b] for _, e in outs]).float(), lab["y"].clone(),
-                             lab["index"].clone(), z_w, p)
+            rows = (torch.cat([e[:b] for _, e in outs]).float(), lab["y"].clone(), lab["index"].clone(), z_w, p)
             bu = unlabeled[0]["weak"].shape[0]
-            return [{"p": pi, "pseudo": yi, "relation": ri}
-                    for pi, yi, ri in zip(p.split(bu), y.split(bu), relation.split(bu))]
+            return StepTargets([{"p": pi, "pseudo": yi, "relation": ri}
+                                for pi, yi, ri in zip(p.split(bu), y.split(bu), relation.split(bu))], memory=rows)
 
     def student_losses(self, student, labeled: Batch, unlabeled: Batch | None, targets: Targets,
                        iteration: int) -> dict[str, torch.Tensor]:
@@ -181,11 +179,9 @@ class SimMatchV2(Method):
                     **pseudo_label_metrics(pred, mask, unlabeled["y"])}
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        super().after_step()
-        if self._pending is not None:
-            emb_l, y, index, z_w, p = self._pending
-            with self.timer("bank_update"):
-                self.bank.update(emb_l, y, index)
-                self.unlabeled.update(z_w, p)
-            self._pending = None
+    def after_step(self, step: StepTargets) -> None:
+        super().after_step(step)
+        emb_l, y, index, z_w, p = step.memory
+        with self.timer("bank_update"):
+            self.bank.update(emb_l, y, index)
+            self.unlabeled.update(z_w, p)

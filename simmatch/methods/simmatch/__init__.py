@@ -1,0 +1,63 @@
+"""SimMatch (CVPR 2022): class and instance pseudo-labels that propagate through a labeled bank;
+its card (the config section `method.simmatch.*`, its facts and recipe lines). The method itself,
+with torch, is method.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from simmatch.fields import COUNT, NONNEG, UNIT, Range, above, num
+from simmatch.methods.card import MethodCard, Scaled, labeled_bank_bytes, register_card
+
+
+@dataclass
+class SimMatchConfig:
+    tau: float = num(0.7, UNIT)  # confidence threshold of the class pseudo-label
+    temperature: float = num(0.1, above(0))  # t of the similarity softmax
+    alpha: float = num(0.9, UNIT)  # blend of p_w and the aggregated q_w
+    lambda_u: float = num(10.0, NONNEG)
+    lambda_in: float = num(5.0, NONNEG)
+    use_bank: bool = True  # false: SimMatch without the labeled bank (no L_in, no propagation), an ablation
+    dist_align: bool = True
+    da_len: int = num(256, COUNT)  # batch means in the DA queue, per step of the reference batch
+    # uniform: SimMatch's DA (da_len batch means, uniform target); labeled: ReMixMatch's DA
+    # (remixmatch_da_len-entry average initialised uniform, labeled-label marginal as target)
+    # followed by its sharpening with remixmatch_t
+    da_target: Literal["uniform", "labeled"] = "uniform"
+    remixmatch_da_len: int = num(128, COUNT)
+    remixmatch_t: float = num(0.5, above(0))
+    bank_momentum: float = num(0.0, Range(0.0, 1.0, hi_open=True))  # 0: overwrite rows; >0: temporal ensemble
+    propagate_after_epochs: int = num(0, NONNEG)  # official: L_in and aggregation start after epoch 0
+
+
+def _memory(cfg: Any, m: SimMatchConfig, values: dict, num_labeled: int) -> dict[str, int]:
+    return {"labeled bank": labeled_bank_bytes(num_labeled, cfg.model.proj_dim)} if m.use_bank else {}
+
+
+def _recipe(cfg: Any, m: SimMatchConfig, values: dict) -> tuple[list[str], dict]:
+    lines, entries = [], {}
+    if m.use_bank:
+        start = values.get("propagate_after_epochs")
+        lines.append(f"  L_in         starts at iteration {'unknown' if start is None else f'{start:,}'} "
+                     f"(method.simmatch.propagate_after_epochs={m.propagate_after_epochs})")
+        entries["l_in_start_iter"] = start
+    if m.dist_align and m.da_target == "labeled":
+        lines.append(f"  DA           ReMixMatch's: {values['remixmatch_da_len']} batch means, labeled-label marginal "
+                     f"as target, sharpening T={m.remixmatch_t:g}")
+        entries["da_len"] = values["remixmatch_da_len"]
+    elif m.dist_align:
+        lines.append(f"  DA queue     {values['da_len']} batch means")
+        entries["da_len"] = values["da_len"]
+    return lines, entries
+
+
+CARD = register_card(MethodCard(
+    "simmatch", SimMatchConfig, "simmatch.methods.simmatch.method", needs_labeled=True, needs_unlabeled=True,
+    trains_classifier=True, configured_teacher=True,
+    student_images=(1, 0, 1), teacher_images=(1, 1),  # student: cat(labeled, strong views); teacher: cat(labeled, weak)
+    scaled=(Scaled("da_len", "steps", "DA queue"), Scaled("remixmatch_da_len", "steps", "ReMixMatch's DA buffer"),
+            Scaled("propagate_after_epochs", "epochs", "L_in start")),
+    renamed={k: k for k in ("tau", "temperature", "alpha", "lambda_u", "lambda_in", "use_bank", "dist_align",
+                            "da_len", "da_target", "remixmatch_da_len", "remixmatch_t", "bank_momentum",
+                            "propagate_after_epochs")},
+    memory=_memory, recipe=_recipe))
