@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from simmatch.config import load_config  # noqa: E402
+from simmatch.config import derive_scale, load_config  # noqa: E402
 from simmatch.data import build_streams  # noqa: E402
 from simmatch.errors import ConfigError, DataError, cli_errors  # noqa: E402
 
@@ -101,7 +101,8 @@ def measure(data: str | None, fmt: str, shards: str | None, backend: str, device
         f"data.num_threads={threads}", f"data.strong={strong}", "data.num_strong=1",
         f"train.batch_size={batch}", "train.mu=1"])
     target = torch.device("cuda" if device == "gpu" else "cpu")
-    streams = build_streams(cfg, rank=0, world_size=1, device=target)
+    scale = derive_scale(cfg, 1)
+    streams = build_streams(cfg, scale, scale.ranks_of(0), 0, target)
     stream = streams.unlabeled
     for _ in range(warmup):  # pipeline build, worker start-up, first decodes
         next(stream)

@@ -46,6 +46,17 @@ def corrupt_root(tmp_path_factory, digits_root) -> Path:
     return root
 
 
+def streams_for(cfg: Config, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                frozen_splits: Path | None = None):
+    """The streams process `rank` of `world` builds, as the engine builds them: the run's scale at that
+    many processes, and the ranks it computes (its own, or its virtual ranks)."""
+    from simmatch.config import derive_scale
+    from simmatch.data import build_streams
+
+    scale = derive_scale(cfg, world)
+    return build_streams(cfg, scale, scale.ranks_of(rank), rank, torch.device(device), frozen_splits=frozen_splits)
+
+
 def take(stream, n: int) -> list[dict]:
     """n batches, cloned (stream tensors are only valid until the next draw)."""
     out = []

@@ -56,10 +56,9 @@ def test_every_strong_view_is_trained_on_the_weak_target(views):
 
 def test_dali_stream_gives_two_strong_views(digits_root):
     pytest.importorskip("nvidia.dali")
-    from conftest_data import data_cfg
-    from simmatch.data import build_streams
+    from conftest_data import data_cfg, streams_for
 
-    s = build_streams(data_cfg(digits_root, "data.num_strong=2"), 0, 1, torch.device("cpu"))
+    s = streams_for(data_cfg(digits_root, "data.num_strong=2"), 0, 1, torch.device("cpu"))
     u = next(s.unlabeled)
     assert len(u["strong"]) == 2
     first, second = u["strong"]

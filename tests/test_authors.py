@@ -195,7 +195,7 @@ def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
     seen = watching.__enter__()
     labeled, unlabeled = make_batches(rank, world, method.bank.labels)
     streams = trainer.streams.labeled, trainer.streams.unlabeled
-    trainer.streams.labeled, trainer.streams.unlabeled = iter(labeled), iter(unlabeled)
+    trainer.streams.train[0].labeled, trainer.streams.train[0].unlabeled = iter(labeled), iter(unlabeled)
     student = dict(method.student.named_parameters())
     theirs_of = {n: dict(ref.main.named_parameters())[to_reference(n)] for n in student}
     worst: dict[str, float] = {}
@@ -253,7 +253,7 @@ def compare(rank: int, world: int, run_dir: str, control: str = "") -> dict:
             assert int(method.da.ptr) == int(ref.DA_ptr)
     finally:
         watching.__exit__(None, None, None)
-        trainer.streams.labeled, trainer.streams.unlabeled = streams
+        trainer.streams.train[0].labeled, trainer.streams.train[0].unlabeled = streams
         trainer.close()
         torch.set_num_threads(threads)
     out["worst"] = worst

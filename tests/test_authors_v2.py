@@ -113,7 +113,7 @@ def compare(rank: int, world: int, run_dir: str) -> dict:
     method.targets = spy
     labeled, unlabeled = batches(method.bank.labels, rank, world)
     saved = trainer.streams.labeled, trainer.streams.unlabeled
-    trainer.streams.labeled, trainer.streams.unlabeled = iter(labeled), iter(unlabeled)
+    trainer.streams.train[0].labeled, trainer.streams.train[0].unlabeled = iter(labeled), iter(unlabeled)
     student = dict(method.student.named_parameters())
     theirs_of = {n: dict(ref.main.named_parameters())[to_reference(n)] for n in student}
     worst: dict[str, float] = {}
@@ -163,7 +163,7 @@ def compare(rank: int, world: int, run_dir: str) -> dict:
             assert int(method.unlabeled.ptr) == int(ref.ptr[0])
     finally:
         method.targets = make_targets
-        trainer.streams.labeled, trainer.streams.unlabeled = saved
+        trainer.streams.train[0].labeled, trainer.streams.train[0].unlabeled = saved
         trainer.close()
         torch.set_num_threads(threads)
     return {"worst": worst, "masks": masks, "dropped": dropped, "bank": d.method_values["k"]}

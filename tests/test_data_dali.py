@@ -8,8 +8,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from conftest_data import data_cfg, same_batches, take
-from simmatch.data import build_streams
+from conftest_data import data_cfg, same_batches, streams_for, take
 from simmatch.data.splits import load_splits
 from simmatch.errors import DataError
 
@@ -20,7 +19,7 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 @pytest.fixture(scope="module")
 def streams(digits_root):
-    s = build_streams(data_cfg(digits_root, "data.num_strong=2"), 0, 1, CPU)
+    s = streams_for(data_cfg(digits_root, "data.num_strong=2"), 0, 1, CPU)
     yield s
     s.close()
 
@@ -58,7 +57,6 @@ def test_labels_follow_index(streams, first, digits_root):
     for u in unl:
         assert torch.equal(truth[u["index"]], u["y"])
     assert streams.split_texts["labeled"].count("\n") == 40
-    assert open(streams.split_files["labeled"]).read() == streams.split_texts["labeled"]
 
 
 def test_strong_differs_from_weak(first):
@@ -68,15 +66,15 @@ def test_strong_differs_from_weak(first):
 
 
 def test_same_seed_same_output_other_seed_differs(digits_root, first):
-    again = build_streams(data_cfg(digits_root, "data.num_strong=2"), 0, 1, CPU)
+    again = streams_for(data_cfg(digits_root, "data.num_strong=2"), 0, 1, CPU)
     assert same_batches(first[0], take(again.labeled, 3))
     assert same_batches(first[1][:1], take(again.unlabeled, 1))
-    other = build_streams(data_cfg(digits_root, "data.num_strong=2", "train.seed=4"), 0, 1, CPU)
+    other = streams_for(data_cfg(digits_root, "data.num_strong=2", "train.seed=4"), 0, 1, CPU)
     assert not torch.equal(first[0][0]["x"], take(other.labeled, 1)[0]["x"])
 
 
 def test_epochs_cover_labeled_set_in_new_orders(digits_root):
-    s = build_streams(data_cfg(digits_root), 0, 1, CPU)
+    s = streams_for(data_cfg(digits_root), 0, 1, CPU)
     per_epoch = s.labeled.batches_per_epoch
     assert per_epoch == 5
     epochs = [torch.cat([b["index"] for b in take(s.labeled, per_epoch)]) for _ in range(2)]
@@ -87,7 +85,7 @@ def test_epochs_cover_labeled_set_in_new_orders(digits_root):
 
 def test_two_ranks_disjoint_and_covering(digits_root):
     cfg = data_cfg(digits_root)
-    ranks = [build_streams(cfg, r, 2, CPU) for r in range(2)]
+    ranks = [streams_for(cfg, r, 2, CPU) for r in range(2)]
     idx = [torch.cat([b["index"] for b in take(s.labeled, s.labeled.batches_per_epoch)])
            for s in ranks]
     assert all(len(i) == 20 for i in idx)
@@ -104,7 +102,7 @@ def test_val_exact_on_one_and_two_ranks(digits_root, streams):
     assert len(y1) == streams.num_val == 395
     assert torch.equal(y1, torch.tensor(load_splits(data_cfg(digits_root).data).val_labels))
     cfg = data_cfg(digits_root)
-    two = [list(build_streams(cfg, r, 2, CPU).val()) for r in range(2)]
+    two = [list(streams_for(cfg, r, 2, CPU).val()) for r in range(2)]
     x2 = torch.cat([b["x"] for part in two for b in part])
     y2 = torch.cat([b["y"] for part in two for b in part])
     assert torch.equal(y1, y2) and torch.equal(x1, x2)  # every image exactly once, same pixels
@@ -114,29 +112,29 @@ def test_resume_is_exact(digits_root, streams):
     take(streams.labeled, 2)
     take(streams.unlabeled, 1)
     buf = io.BytesIO()
-    torch.save(streams.state_dict(), buf)
+    torch.save(streams.train[0].state_dict(), buf)
     expected_l, expected_u = take(streams.labeled, 3), take(streams.unlabeled, 2)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    fresh = build_streams(data_cfg(digits_root, "data.num_strong=2"), 0, 1, CPU)
-    fresh.load_state_dict(state)
+    fresh = streams_for(data_cfg(digits_root, "data.num_strong=2"), 0, 1, CPU)
+    fresh.train[0].load_state_dict(state)
     assert same_batches(expected_l, take(fresh.labeled, 3))
     assert same_batches(expected_u, take(fresh.unlabeled, 2))
-    streams.load_state_dict(state)  # also in place, on a live pipeline
+    streams.train[0].load_state_dict(state)  # also in place, on a live pipeline
     assert same_batches(expected_l, take(streams.labeled, 3))
 
 
 def test_resume_across_segment_boundary(digits_root):
-    s = build_streams(data_cfg(digits_root), 0, 1, CPU)
+    s = streams_for(data_cfg(digits_root), 0, 1, CPU)
     seg = s.labeled._segment_batches
     take(s.labeled, seg - 1)
-    state = s.state_dict()
+    state = s.train[0].state_dict()
     expected = take(s.labeled, 3)  # crosses into the next segment's pipeline
-    s.load_state_dict(state)
+    s.train[0].load_state_dict(state)
     assert same_batches(expected, take(s.labeled, 3))
     # CPU batches are zero-copy views of DALI buffers: the last batch of a segment must
     # survive its pipeline being dropped (and a new one allocating) before it is returned.
-    s.load_state_dict(state)
+    s.train[0].load_state_dict(state)
     last = next(s.labeled)["x"]
     kept = last.clone()
     take(s.labeled, 2)
@@ -144,7 +142,7 @@ def test_resume_across_segment_boundary(digits_root):
 
 
 def test_channels_last_same_values(digits_root, first):
-    cl = build_streams(data_cfg(digits_root, "train.channels_last=true"), 0, 1, CPU)
+    cl = streams_for(data_cfg(digits_root, "train.channels_last=true"), 0, 1, CPU)
     x = take(cl.labeled, 1)[0]["x"]
     b = next(cl.labeled)["x"]
     assert b.is_contiguous(memory_format=torch.channels_last) and b.shape == (8, 3, 32, 32)
@@ -152,7 +150,7 @@ def test_channels_last_same_values(digits_root, first):
 
 
 def test_randaugment_strong_view(digits_root):
-    s = build_streams(data_cfg(digits_root, "data.strong=randaugment"), 0, 1, CPU)
+    s = streams_for(data_cfg(digits_root, "data.strong=randaugment"), 0, 1, CPU)
     u = next(s.unlabeled)
     assert u["strong"][0].shape == (16, 3, 32, 32) and _in_range(u["strong"][0])
     assert (u["weak"] - u["strong"][0]).abs().mean() > 0.1
@@ -163,7 +161,7 @@ def test_empty_jitter_ranges_are_constants(digits_root):
     cfg = data_cfg(digits_root, "data.jitter=0.0", "data.hue=0.0", "data.jitter_prob=1.0",
                    "data.gray_prob=0.0", "data.blur_prob=0.0", "data.min_scale=1.0",
                    "data.blur_sigma_min=1.0", "data.blur_sigma_max=1.0")
-    u = next(build_streams(cfg, 0, 1, CPU).unlabeled)
+    u = next(streams_for(cfg, 0, 1, CPU).unlabeled)
     # full-image crops with an identity colour twist and no blur: strong equals weak up to flips
     weak, strong = u["weak"], u["strong"][0]
     same = [torch.allclose(w, s, atol=1e-4) or torch.allclose(w, s.flip(-1), atol=1e-4)
@@ -174,7 +172,7 @@ def test_empty_jitter_ranges_are_constants(digits_root):
 def test_corrupt_image_names_the_file(corrupt_root):
     cfg = data_cfg(corrupt_root, "data.num_classes=2", "data.labeled_percent=100",
                    "data.labeled_per_class=0", "train.batch_size=4", "train.mu=1")
-    s = build_streams(cfg, 0, 1, CPU)
+    s = streams_for(cfg, 0, 1, CPU)
     with pytest.raises(DataError, match=r"cannot decode image .*train/1/bad\.jpg"):
         for _ in range(2 * s.labeled.batches_per_epoch):
             next(s.labeled)
@@ -182,7 +180,7 @@ def test_corrupt_image_names_the_file(corrupt_root):
 
 def test_missing_root_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match=str(tmp_path / "absent")):
-        build_streams(data_cfg(tmp_path / "absent"), 0, 1, CPU)
+        streams_for(data_cfg(tmp_path / "absent"), 0, 1, CPU)
 
 
 @pytest.mark.parametrize("name", ["labeled", "unlabeled", "unlabeled_multicrop", "val"])

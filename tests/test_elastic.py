@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT, final_state, run_tool, tiny_overrides, wait_for_checkpoint
-from conftest_data import data_cfg
-from simmatch.data import build_streams
+from conftest_data import data_cfg, streams_for
 
 CPU = torch.device("cpu")
 K = 40  # labeled images of data_cfg's split
@@ -32,7 +31,7 @@ def _streams(root: Path, backend: str, rank: int, world: int):
     extra = ["data.num_threads=0"] if backend == "torch" else []
     cfg = data_cfg(root, "train.scale=per_gpu", "train.batch_per_gpu=3", "data.synthetic_size=40",
                    *extra, backend=backend)
-    return build_streams(cfg, rank, world, CPU)
+    return streams_for(cfg, rank, world, CPU)
 
 
 def _draw(streams: list, n: int) -> list[list[int]]:

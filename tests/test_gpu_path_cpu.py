@@ -58,8 +58,7 @@ def test_validation_pipeline_is_built_once(digits_root, monkeypatch):
     abandoned pass makes the next one rebuild (the reader would be mid-list)."""
     pytest.importorskip("nvidia.dali")
     import dali_pipelines.common as common
-    from conftest_data import data_cfg
-    from simmatch.data import build_streams
+    from conftest_data import data_cfg, streams_for
     from simmatch.engine.evaluate import evaluate
 
     builds = []
@@ -70,7 +69,7 @@ def test_validation_pipeline_is_built_once(digits_root, monkeypatch):
         return real_build(definition, **kwargs)
 
     monkeypatch.setattr(common, "build", counting_build)
-    streams = build_streams(data_cfg(digits_root, "data.val_batch=32"), 0, 1, CPU)  # 395 = 12*32 + 11
+    streams = streams_for(data_cfg(digits_root, "data.val_batch=32"), 0, 1, CPU)  # 395 = 12*32 + 11
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     first = evaluate(model, streams.val())
@@ -78,7 +77,7 @@ def test_validation_pipeline_is_built_once(digits_root, monkeypatch):
     assert builds == ["val_pipeline"] and first == second and first["count"] == 395
 
     passes = [list(streams.val()) for _ in range(2)]
-    fresh = list(build_streams(data_cfg(digits_root, "data.val_batch=32"), 0, 1, CPU).val())
+    fresh = list(streams_for(data_cfg(digits_root, "data.val_batch=32"), 0, 1, CPU).val())
     assert builds == ["val_pipeline"] * 2
     for got in passes:
         assert [b["x"].shape[0] for b in got] == [32] * 12 + [11]

@@ -9,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest_data import data_cfg, same_batches, take
+from conftest_data import data_cfg, same_batches, streams_for, take
 from simmatch.config import load_config
-from simmatch.data import build_streams
 from simmatch.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -53,7 +52,7 @@ def test_inconsistent_multicrop_is_refused_in_one_line(overrides, message):
 
 @pytest.mark.parametrize("backend", ["dali", "torch", "synthetic"])
 def test_each_strong_view_has_its_size(digits_root, backend):
-    s = build_streams(data_cfg(digits_root, *MULTICROP, backend=backend), 0, 1, CPU)
+    s = streams_for(data_cfg(digits_root, *MULTICROP, backend=backend), 0, 1, CPU)
     u = next(s.unlabeled)
     assert u["weak"].shape == (16, 3, 32, 32)
     assert [tuple(v.shape) for v in u["strong"]] == [(16, 3, n, n) for n in SIZES]
@@ -64,11 +63,11 @@ def test_each_strong_view_has_its_size(digits_root, backend):
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_multicrop_resume_is_exact(digits_root, backend):
     cfg = data_cfg(digits_root, *MULTICROP, "data.num_threads=1", backend=backend)
-    s = build_streams(cfg, 0, 1, CPU)
+    s = streams_for(cfg, 0, 1, CPU)
     take(s.unlabeled, 2)
     state = s.unlabeled.state_dict()
     expected = take(s.unlabeled, 2)
-    fresh = build_streams(cfg, 0, 1, CPU)
+    fresh = streams_for(cfg, 0, 1, CPU)
     fresh.unlabeled.load_state_dict(state)
     assert same_batches(take(fresh.unlabeled, 2), expected)
     s.close()
@@ -81,7 +80,7 @@ def _whole_image_views(root, backend: str) -> list[torch.Tensor]:
     cfg = data_cfg(root, *V2, "data.num_strong=2", "data.strong_sizes=[32,12]", "data.strong_min_scales=[1,1]",
                    "data.strong_max_scales=[1,1]", "data.jitter_prob=0", "data.gray_prob=0", "data.blur_prob=0",
                    "data.num_threads=1", backend=backend)
-    s = build_streams(cfg, 0, 1, CPU)
+    s = streams_for(cfg, 0, 1, CPU)
     u = next(s.unlabeled)
     s.close()
     return u["index"], u["strong"][1]

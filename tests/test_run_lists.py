@@ -73,7 +73,7 @@ def test_a_config_list_names_files_as_written_and_still_reads_path_label_lines(o
 def test_an_image_error_carries_its_path_whatever_it_holds(tmp_path, digits_root):
     """`hubble/co: lon.JPEG` used to become `hubble/co` (the path was parsed back out of the error
     message at the first ': '), so data.max_bad_images did not drop it."""
-    from simmatch.data.streams import build_streams
+    from conftest_data import streams_for
 
     root = tmp_path / "data"
     for split in ("train", "val"):
@@ -88,7 +88,7 @@ def test_an_image_error_carries_its_path_whatever_it_holds(tmp_path, digits_root
                              "train.mu=7", "data.check_images=false"])
     for backend in ("dali", "torch"):
         cfg.data.backend = backend
-        streams = build_streams(cfg, 0, 1, "cpu")
+        streams = streams_for(cfg, 0, 1, "cpu")
         try:
             with pytest.raises(Exception) as caught:
                 for _ in range(3):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import call_tool
-from conftest_data import data_cfg, load_tool, same_batches, take
-from simmatch.data import build_streams, load_splits
+from conftest_data import data_cfg, load_tool, same_batches, streams_for, take
+from simmatch.data import load_splits
 from simmatch.errors import ConfigError, DataError
 from simmatch.images.tree import scan_tree
 from simmatch.shards.build import make_shards, parse_size
@@ -91,21 +91,21 @@ def test_shards_streams_equal_the_folder(tree, backend, request):
     shards = request.getfixturevalue("digits_shards" if tree == "digits" else "photo_shards")
     folder_cfg, shard_cfg = _cfgs(root, shards, backend)
     cpu = torch.device("cpu")
-    a, b = build_streams(folder_cfg, 0, 1, cpu), build_streams(shard_cfg, 0, 1, cpu)
+    a, b = streams_for(folder_cfg, 0, 1, cpu), streams_for(shard_cfg, 0, 1, cpu)
     for name in ("labeled", "unlabeled"):
         fa, fb = getattr(a, name), getattr(b, name)
         assert same_batches(take(fa, 2), take(fb, 2)), name
         saved = fb.state_dict()
         later = take(fb, 2)
         assert same_batches(later, take(fa, 2)), name
-        again = build_streams(shard_cfg, 0, 1, cpu)
+        again = streams_for(shard_cfg, 0, 1, cpu)
         getattr(again, name).load_state_dict(saved)
         assert same_batches(take(getattr(again, name), 2), later), name
         again.close()
     for x, y in zip(list(a.val()), list(b.val()), strict=True):
         assert torch.equal(x["x"], y["x"]) and torch.equal(x["y"], y["y"])
-    control = build_streams(_cfgs(root, shards, backend, "train.seed=4")[1], 0, 1, cpu)
-    assert not same_batches(take(control.unlabeled, 1), take(build_streams(folder_cfg, 0, 1, cpu).unlabeled, 1))
+    control = streams_for(_cfgs(root, shards, backend, "train.seed=4")[1], 0, 1, cpu)
+    assert not same_batches(take(control.unlabeled, 1), take(streams_for(folder_cfg, 0, 1, cpu).unlabeled, 1))
     for s in (a, b, control):
         s.close()
 
@@ -222,15 +222,15 @@ def test_shards_elastic_and_virtual_ranks_read_what_the_folder_reads(digits_root
     cpu = torch.device("cpu")
     got = {}
     for fmt, cfg in zip(("folder", "shards"), _cfgs(digits_root, digits_shards, backend, "train.batch_size=12")):
-        old = [build_streams(cfg, r, 2, cpu) for r in range(2)]
+        old = [streams_for(cfg, r, 2, cpu) for r in range(2)]
         for s in old:
             take(s.unlabeled, 3)
         saved = old[0].unlabeled.state_dict()
-        new = [build_streams(cfg, r, 3, cpu) for r in range(3)]
+        new = [streams_for(cfg, r, 3, cpu) for r in range(3)]
         for s in new:
             s.unlabeled.load_state_dict(saved)
         got[fmt] = [take(s.unlabeled, 2) for s in new]
-        virtual = build_streams(_virtual(cfg), 0, 1, cpu)
+        virtual = streams_for(_virtual(cfg), 0, 1, cpu)
         got[fmt] += [take(r.labeled, 2) + take(r.unlabeled, 2) for r in virtual.train]
         for s in old + new + [virtual]:
             s.close()

@@ -156,8 +156,9 @@ def test_shards_bad_shard_stops_the_run_in_one_line_and_loses_nothing(digits_roo
 
     import torch
 
+    from conftest_data import streams_for
     from simmatch.config import load_config
-    from simmatch.data import build_streams, load_splits
+    from simmatch.data import load_splits
 
     out = tmp_path / "shards"
     shutil.copytree(shards_for_training, out)
@@ -197,7 +198,7 @@ def test_shards_bad_shard_stops_the_run_in_one_line_and_loses_nothing(digits_roo
     stopped(str(out / "train.index"), "does not match its digest")
     (out / "train.index").write_bytes(index)
     cfg = load_config(ROOT / "yaml/digits.yaml", [a for a in args if "=" in a])
-    streams = build_streams(cfg, 0, 1, torch.device("cpu"), frozen_splits=run_dir / "splits")
+    streams = streams_for(cfg, 0, 1, torch.device("cpu"), frozen_splits=run_dir / "splits")
     first = streams.unlabeled.plan.rank_order(0)[20 * 16]  # the first unlabeled image after step 20
     rel = streams.split_lists["unlabeled"][first]
     src = load_splits(cfg.data).train_source

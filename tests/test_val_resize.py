@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from conftest import call_tool
-from conftest_data import data_cfg
+from conftest_data import data_cfg, streams_for
 from simmatch.config import load_config
-from simmatch.data import build_streams
 from simmatch.errors import ConfigError
 
 CPU = torch.device("cpu")
@@ -47,7 +46,7 @@ def test_validation_images_are_resized_to_the_pixels_given(digits_root, backend)
     for size in (32, 64):
         cfg = data_cfg(digits_root, f"data.val_resize={size}", "data.val_batch=16", "data.num_threads=1",
                        backend=backend)
-        streams = build_streams(cfg, 0, 1, CPU)
+        streams = streams_for(cfg, 0, 1, CPU)
         x = next(streams.val())["x"]
         streams.close()
         splits = load_splits(cfg.data)

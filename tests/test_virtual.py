@@ -307,7 +307,7 @@ def test_virtual_four_ranks_resumed_on_two_processes(real_runs, tmp_path):
 def test_virtual_rank_streams_read_the_real_ranks_batches(digits_root, backend):
     """Process p of W with V = 4 runs ranks p*V/W ...: each reads the indices and pixels (the same
     augmentation draws) of that rank of a 4-rank run."""
-    from simmatch.data import build_streams
+    from conftest_data import streams_for
 
     cpu = torch.device("cpu")
     extra = ["data.num_threads=0"] if backend == "torch" else []
@@ -316,10 +316,10 @@ def test_virtual_rank_streams_read_the_real_ranks_batches(digits_root, backend):
     def draws(streams, n: int = 2) -> list:
         return [(next(streams.labeled), next(streams.unlabeled)) for _ in range(n)]
 
-    real = [draws(build_streams(data_cfg(digits_root, *base, backend=backend), r, V, cpu)) for r in range(V)]
+    real = [draws(streams_for(data_cfg(digits_root, *base, backend=backend), r, V, cpu)) for r in range(V)]
     got = []
     for p in range(2):
-        streams = build_streams(data_cfg(digits_root, *base, f"train.virtual_world_size={V}", backend=backend),
+        streams = streams_for(data_cfg(digits_root, *base, f"train.virtual_world_size={V}", backend=backend),
                                 p, 2, cpu)
         assert [r.rank for r in streams.train] == [2 * p, 2 * p + 1]
         for r in streams.train:

@@ -10,6 +10,7 @@ from simmatch.config.derive import (
     run_world_size,
     scale_at,
     steps_per_epoch,
+    with_steps,
 )
 from simmatch.config.loading import (
                                      apply_overrides,
@@ -36,4 +37,4 @@ from simmatch.config.schema import (
 __all__ = ["RANGES", "Config", "DataConfig", "Derived", "MethodConfig", "ModelConfig", "OptimConfig",
            "Range", "Scale", "TrainConfig", "apply_overrides", "choices", "derive", "derive_at", "derive_scale",
            "intervals_text", "from_dict", "load_config", "parse_override", "run_world_size", "scale_at",
-           "steps_per_epoch", "to_dict", "upgrade_saved", "validate", "with_defaults"]
+           "steps_per_epoch", "to_dict", "upgrade_saved", "validate", "with_defaults", "with_steps"]

@@ -39,6 +39,13 @@ class Scale:
     # the method's scaled keys at this global batch (its card's `Scaled`): key -> value
     method_values: dict = dataclasses.field(default_factory=dict)
 
+    def ranks_of(self, process: int) -> range:
+        """The run's ranks that process `process` computes: its own, or its virtual ranks (consecutive,
+        micro_batches of them); the engine hands them to the data layer."""
+        processes = self.physical_world_size or self.world_size
+        per = self.world_size // processes
+        return range(process * per, (process + 1) * per)
+
 
 @dataclass
 class Derived(Scale):
@@ -150,17 +157,17 @@ def scale_at(cfg: Config, world_size: int) -> Scale:
 def derive(cfg: Config, world_size: int, num_labeled: int, num_unlabeled: int) -> Derived:
     """Compute everything that depends on the config together with the run's environment
     (`world_size`: processes; see `derive_scale`)."""
-    return _with_steps(cfg, derive_scale(cfg, world_size), num_labeled, num_unlabeled)
+    return with_steps(cfg, derive_scale(cfg, world_size), num_labeled, num_unlabeled)
 
 
 def derive_at(cfg: Config, ranks: int, num_labeled: int, num_unlabeled: int) -> Derived:
     """`derive` for a run of `ranks` ranks however many processes computed them (`scale_at`):
     what a checkpoint's run was, for an elastic resume."""
-    return _with_steps(cfg, scale_at(cfg, ranks), num_labeled, num_unlabeled)
+    return with_steps(cfg, scale_at(cfg, ranks), num_labeled, num_unlabeled)
 
 
-def _with_steps(cfg: Config, s: Scale, num_labeled: int, num_unlabeled: int) -> Derived:
-    """The scale `s` with the step counts of the data."""
+def with_steps(cfg: Config, s: Scale, num_labeled: int, num_unlabeled: int) -> Derived:
+    """The scale `s` (derived once for a run) with the step counts of the data."""
     card = card_of(cfg.method.name)
     uses_unlabeled = card.needs_unlabeled
     denom = s.global_unlabeled if uses_unlabeled else s.global_batch

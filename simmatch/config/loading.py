@@ -317,8 +317,8 @@ def from_dict(data: dict, source: str = "saved config") -> Config:
 
 
 def upgrade_saved(saved: dict) -> tuple[dict, list[str]]:
-    """A saved config whose method keys are flat, as an earlier version wrote them (`method.v2_k`),
-    with them in the method's section (`method.simmatchv2.k`; each card names its earlier keys);
+    """A saved config whose method keys are flat, as an earlier version wrote them (`method.<key>`),
+    with them in the method's section (`method.<name>.<key now>`; each card names its earlier keys);
     the mapped keys as `old -> new`. Flat keys of other methods than the run's are dropped."""
     method = saved.get("method")
     if not isinstance(method, dict) or method.get("name") not in CARDS:

@@ -1,6 +1,7 @@
 """Data streams of a SimMatch run: labeled (bank-indexed), unlabeled (weak + strong), val.
 
-`build_streams(cfg, rank, world_size, device)` is the entry point; splits are made and read
+`build_streams(cfg, scale, ranks, process, device)` is the entry point (the engine decides the
+scale and the ranks); splits are made and read
 by the functions of `simmatch.data.splits` (also behind tools/make_split.py).
 """
 from simmatch.data.splits import (
@@ -12,7 +13,7 @@ from simmatch.data.splits import (
     write_list,
 )
 
-_STREAMS = ("Streams", "build_streams", "per_rank_batches", "resolve_device")
+_STREAMS = ("Streams", "build_streams", "resolve_device", "val_batch")
 
 
 def __getattr__(name: str):
@@ -25,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'simmatch.data' has no attribute {name!r}")
 
 
-__all__ = ["Splits", "Streams", "build_streams", "load_splits", "per_rank_batches",
-           "read_list", "resolve_device", "resolve_list", "sample_split", "write_list"]
+__all__ = ["Splits", "Streams", "build_streams", "load_splits", "read_list", "resolve_device", "resolve_list",
+           "sample_split", "val_batch", "write_list"]

@@ -1,19 +1,17 @@
 """`build_streams`: the training streams of each rank a process runs and its validation passes, any backend."""
 from __future__ import annotations
 
-import hashlib
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from simmatch.config import Config, derive_scale, run_world_size
+from simmatch.config import Config, Scale
 from simmatch.data.base import LABELED_KIND, UNLABELED_KIND, TrainStream
 from simmatch.data.sharding import LABELED, UNLABELED, ShardPlan
-from simmatch.data.splits import Splits, list_path, load_splits, write_list
+from simmatch.data.splits import Splits, load_splits
 from simmatch.errors import ConfigError
 from simmatch.images.source import ImageSource
 
@@ -60,8 +58,7 @@ class Streams:
     num_val: int
     num_classes: int
     bank_labels: torch.Tensor  # [K] int64, class of each bank slot (= labeled list line)
-    split_files: dict[str, str]  # name -> path of each split list used (copy into the run dir)
-    split_texts: dict[str, str]  # name -> content of the same lists
+    split_texts: dict[str, str]  # name -> content of each split list used (kept in the checkpoints)
     backend: str
     device: str  # where decoding/augmentation runs: gpu | cpu
     classes: list[str] = field(default_factory=list)
@@ -90,24 +87,10 @@ class Streams:
         """The first (or only) rank's labeled stream."""
         return self.train[0].labeled
 
-    @labeled.setter
-    def labeled(self, stream: TrainStream) -> None:
-        self.train[0].labeled = stream
-
     @property
     def unlabeled(self) -> TrainStream:
+        """The first (or only) rank's unlabeled stream."""
         return self.train[0].unlabeled
-
-    @unlabeled.setter
-    def unlabeled(self, stream: TrainStream) -> None:
-        self.train[0].unlabeled = stream
-
-    def state_dict(self) -> dict[str, Any]:
-        """The first rank's stream positions (a single-rank process's data state)."""
-        return self.train[0].state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.train[0].load_state_dict(state)
 
     def close(self) -> None:
         for rank in self.train:
@@ -125,36 +108,26 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
-def per_rank_batches(cfg: Config, world_size: int) -> tuple[int, int, int]:
-    """(labeled B, unlabeled B*mu, validation) images per rank per step (see config.derive_scale)."""
-    scale = derive_scale(cfg, world_size)
-    b, bu = scale.batch_per_rank, scale.unlabeled_per_rank
-    return b, bu, cfg.data.val_batch if cfg.data.val_batch > 0 else bu
+def val_batch(cfg: Config, scale: Scale) -> int:
+    """Validation images per rank per pass step: data.val_batch, or the per-rank unlabeled batch."""
+    return cfg.data.val_batch if cfg.data.val_batch > 0 else scale.unlabeled_per_rank
 
 
-def _split_files(cfg: Config, splits: Splits) -> tuple[dict[str, str], dict[str, str]]:
-    """Paths and contents of the lists used; a generated labeled list is written to a file."""
+def _split_texts(cfg: Config, splits: Splits) -> dict[str, str]:
+    """The contents of the lists used (a checkpoint keeps them)."""
     texts = {"labeled": "".join(f + "\n" for f in splits.labeled_files)}
-    if cfg.data.labeled_list:
-        files = {"labeled": str(list_path(cfg.data.labeled_list))}
-    else:
-        digest = hashlib.sha1(texts["labeled"].encode()).hexdigest()[:16]
-        out = Path(tempfile.gettempdir()) / "simmatch-splits" / digest / "labeled.txt"
-        if not out.is_file():
-            write_list(splits.labeled_files, out)
-        files = {"labeled": str(out)}
     if cfg.data.unlabeled_list:
-        files["unlabeled"] = str(list_path(cfg.data.unlabeled_list))
         texts["unlabeled"] = "".join(f + "\n" for f in splits.unlabeled_files)
-    return files, texts
+    return texts
 
 
-def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
+def build_streams(cfg: Config, scale: Scale, ranks: Sequence[int], process: int, device: torch.device,
                   frozen_splits: str | Path | None = None) -> Streams:
-    """The streams of process `rank` of `world_size`, delivering tensors on `device`: training
-    streams for each rank of the run it computes (itself, or its train.virtual_world_size /
-    world_size virtual ranks, each reading what that rank of a run on as many GPUs reads),
-    validation passes over its share of `world_size`.
+    """The streams of process `process` of a run at `scale` (config.derive_scale: its ranks, the
+    processes that compute them, the batches), delivering tensors on `device`: training streams for
+    each of `ranks`, the run's ranks this process computes (the engine decides: itself, or its
+    virtual ranks, each reading what that rank of a run on as many GPUs reads), validation passes
+    over its share of the processes.
 
     `frozen_splits`: the `splits/` folder of a run being resumed, whose lists are used
     instead of the config's (see `load_splits`).
@@ -165,11 +138,11 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
     """
     data = cfg.data
     device = torch.device(device)
-    b, bu, bv = per_rank_batches(cfg, world_size)
+    b, bu, bv = scale.batch_per_rank, scale.unlabeled_per_rank, val_batch(cfg, scale)
     seed = cfg.train.seed
     channels_last = cfg.train.channels_last
-    ranks = run_world_size(cfg, world_size)  # the run's ranks (virtual ones included)
-    mine = range(rank * ranks // world_size, (rank + 1) * ranks // world_size)
+    rank, world_size = process, scale.physical_world_size  # the validation passes are the processes'
+    mine, ranks = list(ranks), scale.world_size  # the run's ranks (virtual ones included)
     if data.backend == "synthetic":
         return _synthetic(cfg, rank, world_size, device, b, bu, bv, ranks, mine)
     where = resolve_device(data.device) if data.backend == "dali" else "cpu"  # torch: CPU workers
@@ -214,9 +187,8 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
                                              device, channels_last)
     else:
         raise ConfigError(f"data.backend={data.backend!r} is not one of dali, torch, synthetic")
-    files, texts = _split_files(cfg, splits)
     return Streams([rank_streams(r) for r in mine], len(splits.labeled_files), len(splits.unlabeled_files),
-                   len(splits.val_files), data.num_classes, bank_labels, files, texts,
+                   len(splits.val_files), data.num_classes, bank_labels, _split_texts(cfg, splits),
                    data.backend, where, list(splits.classes),
                    {"labeled": splits.labeled_files, "unlabeled": splits.unlabeled_files},
                    [(splits.val_source, f) for f in splits.val_files]
@@ -226,7 +198,7 @@ def build_streams(cfg: Config, rank: int, world_size: int, device: torch.device,
 
 
 def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b: int, bu: int,
-               bv: int, ranks: int, mine: range) -> Streams:
+               bv: int, ranks: int, mine: list[int]) -> Streams:
     from simmatch.data.synthetic import SyntheticTrainStream, synthetic_labels, synthetic_val_batches
 
     data, seed, cl = cfg.data, cfg.train.seed, cfg.train.channels_last
@@ -243,6 +215,6 @@ def _synthetic(cfg: Config, rank: int, world_size: int, device: torch.device, b:
     def val() -> Iterator[dict[str, torch.Tensor]]:
         return synthetic_val_batches(data, n, bv, rank, world_size, device, cl)
 
-    return Streams([rank_streams(r) for r in mine], n, n, n, data.num_classes, labels, {}, {}, "synthetic",
+    return Streams([rank_streams(r) for r in mine], n, n, n, data.num_classes, labels, {}, "synthetic",
                    device.type.replace("cuda", "gpu"), [str(c) for c in range(data.num_classes)],
                    {}, [], val, val)

@@ -1,6 +1,6 @@
 """Memory a run allocates before its first step, held against what the machine has.
 
-A bank sized by a typo (`method.v2_k=99999999999`) used to fail deep inside the allocator with
+A bank sized by a typo (a bank of 99,999,999,999 global batches) used to fail deep inside the allocator with
 a 614 TB traceback. The banks are built on the host and then moved to the device, so both must
 hold them: the run is refused in one line, before anything is allocated, naming the bytes per
 rank and the key that sizes the largest part.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from simmatch.config import apply_overrides
+from simmatch.config import apply_overrides, derive_scale
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.representation import knn_accuracy, linear_probe
 from simmatch.engine.trainer import amp_dtype
@@ -25,7 +25,8 @@ def evaluate_checkpoint(path: str | Path, overrides: list[str] = (), which: tupl
     file, state, cfg = load_run_checkpoint(path, which_ckpt)
     apply_overrides(cfg, list(overrides))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    streams = build_streams(cfg, 0, 1, dev)
+    scale = derive_scale(cfg, 1)  # one process evaluates: every rank's data is its own
+    streams = build_streams(cfg, scale, scale.ranks_of(0), 0, dev)
     dtype = amp_dtype(cfg, dev)
     cl, classes = cfg.train.channels_last, cfg.data.num_classes
     out: dict = {"checkpoint": str(file), "iteration": int(state["iteration"]), "count": streams.num_val}

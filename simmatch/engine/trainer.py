@@ -19,7 +19,7 @@ from simmatch import distributed as dist
 from simmatch.checkpoint import store
 from simmatch.checkpoint.elastic import describe
 from simmatch.checkpoint.saver import CheckpointSaver
-from simmatch.config import Config, Derived, derive, intervals_text, to_dict
+from simmatch.config import Config, Derived, derive_scale, intervals_text, to_dict, with_steps
 from simmatch.distributed import average_buffers
 from simmatch.engine import rng
 from simmatch.engine.capacity import refuse_banks_beyond_memory
@@ -81,15 +81,16 @@ class Trainer(TrainerState, TrainerEvaluation):
             torch.backends.cudnn.benchmark = True
         self.rank, self.processes = dist.rank(), dist.world_size()
         self.log = setup_logging(run_dir.log(self.rank), console=self.rank == 0)
+        # The run's recipe at this many processes, derived once: its ranks (train.virtual_world_size,
+        # else the processes) and the ones this process runs in turn each step (one, or its virtual ranks).
+        scale = derive_scale(cfg, self.processes)
+        self.ranks = list(scale.ranks_of(self.rank))
         # A run that has saved a checkpoint trains on the split it started with (RUN_DIR/splits).
         resuming = run_dir.has_checkpoints()
-        self.streams = build_streams(cfg, self.rank, self.processes, device,
+        self.streams = build_streams(cfg, scale, self.ranks, self.rank, device,
                                      frozen_splits=run_dir.splits if resuming else None)
-        self.derived: Derived = derive(cfg, self.processes, self.streams.num_labeled, self.streams.num_unlabeled)
-        # the run's ranks (train.virtual_world_size, else the processes) and the ones this
-        # process runs in turn each step (one, or its virtual ranks)
+        self.derived: Derived = with_steps(cfg, scale, self.streams.num_labeled, self.streams.num_unlabeled)
         self.world = self.derived.world_size
-        self.ranks = [r.rank for r in self.streams.train]
         if cfg.data.check_images:
             self._check_images()
         if self.rank == 0:

@@ -45,9 +45,9 @@ class TrainerEvaluation:
 
     def _eval_batches(self) -> tuple[int, int]:
         """Validation and labeled-memory batches this rank reads in one pass (contiguous slices)."""
-        from simmatch.data.streams import per_rank_batches
+        from simmatch.data.streams import val_batch
 
-        vb = per_rank_batches(self.cfg, self.processes)[2]
+        vb = val_batch(self.cfg, self.derived)
 
         def batches(n: int) -> int:
             share = n * (self.rank + 1) // self.processes - n * self.rank // self.processes

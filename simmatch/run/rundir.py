@@ -177,7 +177,7 @@ class RunDir:
         return read_run_config(self.config)
 
     def earlier_keys(self) -> list[str]:
-        """The method keys config.yaml names as an earlier version did (flat: `method.v2_k`), each as
+        """The method keys config.yaml names as an earlier version did (flat: `method.<key>`), each as
         `old -> new` (config.upgrade_saved); [] for a config of today or none."""
         import yaml
         from simmatch.config import upgrade_saved

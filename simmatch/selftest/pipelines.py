@@ -144,9 +144,11 @@ def image_differences(xa: torch.Tensor, xb: torch.Tensor, std: list[float],
 
 
 def _streams(cfg: Config, rank: int, world: int, device: torch.device):
+    from simmatch.config import derive_scale
     from simmatch.data import build_streams
 
-    return build_streams(cfg, rank, world, device)
+    scale = derive_scale(cfg, world)
+    return build_streams(cfg, scale, scale.ranks_of(rank), rank, device)
 
 
 def check_val(setup: StreamSetup, base: list[str], root: Path, rank: int, world: int,

@@ -49,7 +49,7 @@ def build_trainer(setup: StepSetup, world: int, device: torch.device, run_dir: P
         f"data.synthetic_size={max(256, setup.batch * setup.mu * world * 4)}",
         f"train.batch_size={setup.batch * world}", f"train.mu={setup.mu}", f"train.amp={setup.amp}",
         f"train.channels_last={setup.channels_last}", "optim.iters=1000000", f"train.run_dir={run_dir}",
-        "train.log_every=1000000", "train.ckpt_every=1000000", "method.simmatch.propagate_after_epochs=0", *data])
+        "train.log_every=1000000", "train.ckpt_every=1000000", *data])  # SimMatch's defaults: L_in from step 0
     trainer = Trainer(cfg, run_dir, device)
     trainer.method.train()
     return trainer

@@ -87,7 +87,8 @@ def run_evaluation(checkpoint: Path, iteration: int, which: str) -> dict[str, st
     from simmatch.run.rundir import RunDir
 
     checkpoint = Path(checkpoint)
-    metrics = RunDir(checkpoint.parent.parent).metrics if checkpoint.parent.name == "checkpoints" else None
+    run_dir = RunDir(checkpoint.parent.parent)
+    metrics = run_dir.metrics if checkpoint.parent == run_dir.checkpoints else None
     if metrics is None or not metrics.is_file():
         return {"evaluation": f"unknown: {checkpoint} is not in a run directory with a metrics.jsonl"}
     return evaluation_card(read_records(metrics), iteration, which)
