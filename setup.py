@@ -16,7 +16,7 @@ setup(
         "pyyaml",
         "pandas",
         # slurm/submitit_compat.py uses private parts of submitit checked against 1.5
-        # (tests/test_submitit_compat.py): widen only after re-checking them
+        # (tests/cluster/test_submitit_compat.py): widen only after re-checking them
         "submitit>=1.5,<1.6",
         "safetensors",
         "numpy",

@@ -10,7 +10,7 @@ saturation, grayscale), elementwise arithmetic where none does (contrast about t
 HSV hue). Every op takes and gives uint8 HWC, rounding and saturating to [0, 255] after each
 op as torchvision does on uint8 images and PIL does; measured against torchvision's float
 ops on real photos the mean absolute difference stays under 1/255 per op
-(tests/test_color_parity.py holds it to 2/255).
+(tests/data/test_color_parity.py holds it to 2/255).
 """
 from __future__ import annotations
 

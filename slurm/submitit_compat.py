@@ -2,7 +2,7 @@
 
 submitit has no public API for these; an upgrade could rename them and silently break
 requeueing. setup.py therefore bounds submitit to the tested minor release (SUPPORTED), and
-tests/test_submitit_compat.py checks each name below against the installed submitit so
+tests/cluster/test_submitit_compat.py checks each name below against the installed submitit so
 that an upgrade fails the suite loudly instead of a job failing to requeue.
 
 - the name of the USR2 handler submitit installs in a job (`SignalHandler.checkpoint_and_try_requeue`),

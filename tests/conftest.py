@@ -155,6 +155,16 @@ def tiny_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def assert_one_line_error(res, *needles: str) -> None:
+    """A refusal as the project gives it: exit 2, one `error: ` line holding each needle, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
 def rank_losses(method, labeled: dict, unlabeled: dict | None, iteration: int = 0) -> dict:
     """One rank's losses through the engine-facing interface: the step's targets, then the student's
     losses on them (what Trainer.step does for a process that runs one rank)."""

@@ -12,7 +12,7 @@ for seed in 0 1 2; do
   common=(data.root="$data" train.seed="$seed")
   python tools/train.py --cfg yaml/digits.yaml "${common[@]}" method.name=supervised train.run_dir="$out/supervised_s$seed"
   python tools/train.py --cfg yaml/digits.yaml "${common[@]}" method.name=fixmatch train.run_dir="$out/fixmatch_s$seed"
-  python tools/train.py --cfg yaml/digits.yaml "${common[@]}" method.use_bank=false train.run_dir="$out/nobank_s$seed"
+  python tools/train.py --cfg yaml/digits.yaml "${common[@]}" method.simmatch.use_bank=false train.run_dir="$out/nobank_s$seed"
   python tools/train.py --cfg yaml/digits.yaml "${common[@]}" train.run_dir="$out/simmatch_s$seed"
   python tools/train.py --cfg yaml/digits_v2.yaml "${common[@]}" train.run_dir="$out/simmatchv2_s$seed"
   python tools/train.py --cfg yaml/digits_isd.yaml "${common[@]}" train.run_dir="$out/isd_pretrain_s$seed"

@@ -6,9 +6,8 @@ import os
 import time
 
 import pytest
-from test_bad_input import assert_one_line_error
 
-from conftest import call_tool, run_tool, tiny_overrides
+from conftest import assert_one_line_error, call_tool, run_tool, tiny_overrides
 
 
 @pytest.mark.slow

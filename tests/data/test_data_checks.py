@@ -4,9 +4,8 @@ import re
 import shutil
 
 import pytest
-from test_bad_input import assert_one_line_error
 
-from conftest import call_tool, tiny_overrides
+from conftest import assert_one_line_error, call_tool, tiny_overrides
 from conftest_data import load_tool
 
 pytestmark = pytest.mark.timeout(1200)

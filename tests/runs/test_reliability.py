@@ -101,7 +101,7 @@ def test_readers_reject_a_damaged_checkpoint(short_run, tmp_path, monkeypatch):
     run_dir, args = short_run
     newest = run_dir / "checkpoints" / "ckpt_000000006.pt"
     _damage(newest, random.Random(1), newest.read_bytes())
-    # the tools in this process (conftest.call_tool; their command lines: tests/test_train.py, the SLURM tests)
+    # the tools in this process (conftest.call_tool; their command lines: tests/engine/test_train.py, the SLURM tests)
     res = call_tool("tools/export.py", str(run_dir), "--out", str(tmp_path / "x" / "r.pth"))
     assert res.returncode == 0, res.stderr
     assert f"checkpoint {newest} is damaged" in res.stderr and "(iteration 4," in res.stdout

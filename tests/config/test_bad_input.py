@@ -1,7 +1,7 @@
 """Bad input: one `error:` line naming the culprit, exit 2, no traceback, nothing overwritten.
 
 The tools run in this process (conftest.call_tool): the refusals come before any training (the
-command lines themselves are run by the slow tests of tests/test_train.py and others)."""
+command lines themselves are run by the slow tests of tests/engine/test_train.py and others)."""
 import hashlib
 import subprocess
 import sys
@@ -9,21 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, call_tool, tiny_overrides
+from conftest import ROOT, assert_one_line_error, call_tool, tiny_overrides
 
 
 def snapshot(run_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(run_dir.rglob("*")) if p.is_file()}
-
-
-def assert_one_line_error(res, *needles: str) -> None:
-    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, res.stderr
-    assert "Traceback" not in res.stderr
-    for n in needles:
-        assert n in errors[0], errors[0]
 
 
 def test_unknown_key(digits_root, tmp_path):

@@ -1,6 +1,6 @@
 """The project's SimMatch training, through its real engine, against the authors' code.
 
-The reference is tests/authors_simmatch.py, a transcription of github mingkai-zheng/SimMatch
+The reference is tests/authors/authors_simmatch.py, a transcription of github mingkai-zheng/SimMatch
 (its docstring names the files, functions and commit): its own network classes, bank, DA queue,
 EMA update, shuffle-BN, losses, DDP wrapper, SGD and lr schedule; torchvision gives the ResNet
 layers (their backbone is torchvision's ResNet without `fc`). The project side is `Trainer`
@@ -317,7 +317,7 @@ def test_authors_gloo_ranks(gloo, tmp_path, world):
 @pytest.mark.slow
 def test_authors_two_ranks_against_one_process_with_two_virtual_ranks(gloo, tmp_path):
     """The authors' step on 2 real ranks against the project's 2 virtual ranks in one process
-    (tests/authors_virtual.py says how): the same quantities and tolerance as above."""
+    (tests/authors/authors_virtual.py says how): the same quantities and tolerance as above."""
     from authors_virtual import V, authors_ranks, project_two_virtual_ranks
 
     record = project_two_virtual_ranks(tmp_path / "run")

@@ -4,7 +4,7 @@ Source: github mingkai-zheng/SimMatchV2, read at commit f0e054c030ded22877f38362
 (every code file is unchanged since the first commit 6cd361302fe3adb084c86c26e9005553109d3a48;
 later commits touch README.md only). What each piece here transcribes:
 
-- `Trunk` (and the distributed helpers): tests/authors_simmatch.py's, because SimMatchV2's
+- `Trunk` (and the distributed helpers): tests/authors/authors_simmatch.py's, because SimMatchV2's
   backbone/resnet.py `ResNet` is SimMatch's (torchvision's layers and init, no `fc`, forward to
   the flattened pool, `out_channels`).
 - `Net`: models/simmatchv2.py `ResNet` (l. 8-32): pooled feature -> LayerNorm(c) if --norm_feat

@@ -44,7 +44,7 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
     assert os.readlink(ckpts / "best.pt") == best_file
     assert torch.load(ckpts / "best.pt", weights_only=True)["iteration"] == best_it
 
-    # eval and the .safetensors export in this process too (their command lines: tests/test_train.py)
+    # eval and the .safetensors export in this process too (their command lines: tests/engine/test_train.py)
     res = call_tool("tools/eval.py", str(run_dir), "--which-ckpt", "best", "--which", "teacher")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["teacher_top1"] == pytest.approx(top)

@@ -1,6 +1,6 @@
 """The project's SimMatchV2 through its real engine against the authors' step.
 
-The reference is tests/authors_simmatchv2.py (an independent transcription of github
+The reference is tests/authors/authors_simmatchv2.py (an independent transcription of github
 mingkai-zheng/SimMatchV2 at f0e054c: its own network, banks, DA, graph, losses and SGD). The
 project side is `Trainer` built from yaml/in1k_1pct_v2.yaml made tiny
 (resnet10 at 16 px, synthetic backend, multi-crop strong views of 16 and 12 px, top-8 neighbours, an unlabeled bank of
@@ -8,7 +8,7 @@ v2_k = 2 global batches so that the ring wraps twice in 5 steps), stepped as `Tr
 with its streams replaced by fixed batches that the reference reads too. Both start from the
 project's initial state (the reference copies its student, labeled and unlabeled banks); before
 each step the reference's student takes the project's weights and SGD momenta, as in
-tests/test_authors.py (one ReLU flip at rounding level moves a gradient by ~1e-3). Compared per
+tests/authors/test_authors.py (one ReLU flip at rounding level moves a gradient by ~1e-3). Compared per
 step, relative (norm of the difference over the norm): the lr, the aligned probabilities, the
 graph pseudo-labels, the relations to the unlabeled bank, the losses and the mask, every
 gradient, the student and teacher after the step, both banks, the ring pointer and the DA mean.

@@ -38,7 +38,7 @@ def overrides(root: Path, shards: Path, run_dir: Path, fmt: str, backend: str, p
               **more) -> list[str]:
     """20 steps (8 with 3 ranks), a checkpoint every 5; the shard runs get no data.root at all, so
     nothing can come from the folder. The torch backend reads in the training process (its
-    worker processes read shards in tests/test_shards.py)."""
+    worker processes read shards in tests/data/test_shards.py)."""
     extra = {"data.backend": backend, "optim.iters": 20 if processes == 1 else 8, "train.ckpt_every": 5,
              "train.batch_size": 8 * processes, "optim.base_batch": 8 * processes,
              "data.num_threads": 0 if backend == "torch" else 1, **more}
@@ -55,7 +55,7 @@ def photo_shards_for_training(photo_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def finished(digits_root, shards_for_training, photo_root, photo_shards_for_training, tmp_path_factory):
     """finished(fmt, backend, processes, tree): the run directory of that run on the digits (or the
-    photos of tests/test_shards.py), trained once per session (in this process where it can be,
+    photos of tests/data/test_shards.py), trained once per session (in this process where it can be,
     counting the shard files it opened)."""
     from simmatch.shards.source import shard_opens
 

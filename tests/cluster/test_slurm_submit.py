@@ -1,7 +1,7 @@
 """tools/submit.py and tools/status.py without a cluster: the sbatch script, bad input, the log.
 
 These need no SLURM and run in this process (conftest.call_tool) but for the two that start one;
-tests/test_slurm_cluster.py runs jobs and the command lines.
+tests/cluster/test_slurm_cluster.py runs jobs and the command lines.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def _train(run_dir: Path, root: Path, *extra: str) -> None:
 
 def _check(run_dir: Path, world: int) -> tuple[int, dict[str, str]]:
     """Exit code and {check name: printed line} of the pre-flight at `world` ranks (in this process:
-    tests/test_submit_preflight.py runs the --check command line)."""
+    tests/cluster/test_submit_preflight.py runs the --check command line)."""
     res = call_tool("tools/train.py", "--cfg", str(run_dir / "config.yaml"), "--check",
                     "--world-size", str(world), f"train.run_dir={run_dir}")
     lines = {ln[6:].split(":")[0]: ln for ln in res.stdout.splitlines() if ln[:4] in ("ok  ", "FAIL")}

@@ -1,7 +1,7 @@
 """SimMatchV2 stopped mid-run and resumed ends bit-identical to the uninterrupted run: its labeled
 and unlabeled banks, ring pointer, DA mean, teacher and momenta are all in the checkpoint.
 
-Two ways in: a checkpoint written mid-run (the tiny in-process run of tests/test_virtual.py, an
+Two ways in: a checkpoint written mid-run (the tiny in-process run of tests/engine/test_virtual.py, an
 unlabeled ring of 2 global batches that wraps 4 times in 8 steps), and `tools/train.py --cfg
 yaml/digits_v2.yaml` with multi-crop and the authors' shuffle-BN teacher stopped by SIGTERM after a
 checkpoint and started again, in one process and on 3 gloo ranks."""

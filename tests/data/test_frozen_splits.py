@@ -5,9 +5,8 @@ a copy of that tree; it is resumed in this process (conftest.call_tool)."""
 import shutil
 
 import pytest
-from test_bad_input import assert_one_line_error
 
-from conftest import call_tool, tiny_overrides
+from conftest import assert_one_line_error, call_tool, tiny_overrides
 
 pytestmark = pytest.mark.timeout(1200)
 

@@ -40,7 +40,7 @@ def four_nodes(slurm_cluster):
 
 
 def test_preempted_four_node_job_ends_bit_identical(four_nodes, slurm_env, digits_root, tmp_path):
-    digits = digits_root  # what tools/make_digits.py --size 16 writes (tests/test_slurm_cluster.py runs it)
+    digits = digits_root  # what tools/make_digits.py --size 16 writes (tests/cluster/test_slurm_cluster.py runs it)
     data = [f"data.root={digits}", *TINY]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     reference = subprocess.Popen([sys.executable, "tools/train.py", "--nproc", str(NODES), "--cfg",

@@ -1,8 +1,8 @@
-"""For tests/test_authors.py: the authors' 2-rank step (tests/authors_simmatch.py on 2 gloo
+"""For tests/authors/test_authors.py: the authors' 2-rank step (tests/authors/authors_simmatch.py on 2 gloo
 ranks) against ONE project process computing both ranks (train.virtual_world_size=2).
 
 The project side runs first, in this process, through `Trainer.step()` with each virtual rank's
-streams replaced by the fixed batches of tests/test_authors.py `make_batches` (rank 0's and
+streams replaced by the fixed batches of tests/authors/test_authors.py `make_batches` (rank 0's and
 rank 1's), and records each step: the student's weights and SGD momenta before it, the lr, its
 losses (the mean over the two ranks), the aligned p_w and the targets p_hat / q_hat of both
 ranks' rows, the gradient, and after it the teacher, the bank, its labels and the DA queue.

@@ -1,6 +1,6 @@
 """Indexed tar shards (tools/make_shards.py, data.format=shards): the packing read back by Python's own
 tarfile, the streams equal to the folder's batch for batch on both backends, and every bad-shard case
-one line naming the shard. In process; the training runs are in tests/test_shards_training.py."""
+one line naming the shard. In process; the training runs are in tests/data/test_shards_training.py."""
 from __future__ import annotations
 
 import hashlib

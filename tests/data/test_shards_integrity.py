@@ -4,7 +4,7 @@ changed, two paths swapped, an unlabeled image's class) is refused at every star
 named line by line by check_data even when its digest was rewritten with it; images whose keys would
 collide (`dup.jpg`, `dup.png`) get distinct member keys; a bad image of a shard is named with its
 shard and byte offset, without a Python object's repr. In process; the training runs on such sets
-are in tests/test_shards_training.py."""
+are in tests/data/test_shards_training.py."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""The SimMatch authors' training step, transcribed for tests/test_authors.py.
+"""The SimMatch authors' training step, transcribed for tests/authors/test_authors.py.
 
 Source: github mingkai-zheng/SimMatch, read at commit 78e8866a61db627808d97ffd680c5f39e30343bb
 (the files below are unchanged up to f10254b, the newest snapshot read): models/simmatch.py

@@ -2,7 +2,7 @@
 backend's views at their sizes, the crop geometry of DALI against torchvision's, exact resume.
 
 The colour part (saturation 0.2, solarize) is checked against torchvision in
-tests/test_color_parity.py.
+tests/data/test_color_parity.py.
 """
 from __future__ import annotations
 

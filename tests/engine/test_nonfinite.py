@@ -5,9 +5,8 @@ import re
 
 import pytest
 import torch
-from test_bad_input import assert_one_line_error
 
-from conftest import call_tool, tiny_overrides
+from conftest import assert_one_line_error, call_tool, tiny_overrides
 from simmatch.run.rundir import RunDir
 
 

@@ -62,7 +62,7 @@ def test_resume_keeps_the_job_shape_and_judges_the_world_size(slurm_env, digits_
     assert "#SBATCH --nodes=1" in res.stdout and "#SBATCH --ntasks-per-node=1" in res.stdout
     assert "gpus" not in res.stdout.split("\n\n")[0]  # not the 8-GPU default
     # another world size is an elastic resume, judged before sbatch: 3 images per step cannot be
-    # shared by 2 ranks (tests/test_elastic_preflight.py has the accepted case)
+    # shared by 2 ranks (tests/engine/test_elastic_preflight.py has the accepted case)
     res = run_tool("submit.py", "--resume", str(run_dir), "--slurm", "--nodes", "2", env=slurm_env, timeout=300)
     one_error(res, "train.batch_size=3 does not divide by the world size 2")
     assert [e["event"] for e in submissions.read_events(run_dir)] == [submissions.SUBMITTED]

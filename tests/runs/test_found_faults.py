@@ -19,7 +19,7 @@ def test_a_checkpoint_copied_in_from_another_run_is_refused(trained_run, digits_
     """Another run's newer checkpoint, copied with its digest into this run's checkpoints/, used to
     be resumed silently (another lr, another length); now one line names it and nothing changes."""
     other = trained_run("other", **{"optim.lr": 0.1})
-    run_dir = trained_run("run", **{"optim.iters": 2})  # shared with tests/test_init_from.py
+    run_dir = trained_run("run", **{"optim.iters": 2})  # shared with tests/engine/test_init_from.py
     for name in ("ckpt_000000008.pt", "ckpt_000000008.pt.sha256"):
         shutil.copy2(other / "checkpoints" / name, run_dir / "checkpoints" / name)
     before = _files(run_dir)

@@ -1,4 +1,4 @@
-"""tests/authors_simmatchv2.py (the SimMatchV2 authors' step, transcribed) against answers computed
+"""tests/authors/authors_simmatchv2.py (the SimMatchV2 authors' step, transcribed) against answers computed
 another way on tiny tensors: the graph pseudo-label by hand and by a power series over a loop-built
 graph, the ring bank's wrap-around, DA and the relation losses by hand, shuffle-BN's round trip, the
 EMA, the schedules and sizes of their recipe, and one whole step's writes."""

@@ -36,7 +36,7 @@ def _newest_checkpoint(run_dir: Path) -> int:
 
 
 def test_elastic_slurm_two_nodes_to_one(slurm_env, digits_root, tmp_path):
-    digits = digits_root  # what tools/make_digits.py --size 16 writes (tests/test_slurm_cluster.py runs it)
+    digits = digits_root  # what tools/make_digits.py --size 16 writes (tests/cluster/test_slurm_cluster.py runs it)
     run_dir, copy_dir = tmp_path / "run", tmp_path / "copy"
     proc = run_tool("submit.py", *JOB, "--nodes", "2", "--cfg", "yaml/digits.yaml", "--run-dir", str(run_dir),
                     f"data.root={digits}", *TINY, env=slurm_env, timeout=300)

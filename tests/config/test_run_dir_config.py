@@ -3,10 +3,8 @@ longer schedule needs --allow-config-change, a finished run is reported, never r
 
 The finished run is a copy of a shared one (conftest.trained_run); the commands after it run in
 this process (conftest.call_tool)."""
-from test_bad_input import assert_one_line_error
-
 import yaml
-from conftest import call_tool, final_state, tiny_overrides
+from conftest import assert_one_line_error, call_tool, final_state, tiny_overrides
 
 RUN = {"optim.iters": 3, "data.val_batch": 512}
 
