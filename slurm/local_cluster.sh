@@ -84,8 +84,8 @@ SlurmctldPort=$BASE_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-# A requeued job's credential would otherwise block its restart for 120 s.
-AuthInfo=cred_expire=10
+# A requeued job's credential would otherwise block its restart for 120 s (5: it runs again ~7 s after a requeue).
+AuthInfo=cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool.%n
 SlurmctldPidFile=$DIR/slurmctld.pid

@@ -1,6 +1,7 @@
 """Shared test helpers: repository paths, a runner for real multi-process gloo groups, the guard of
 the fast tier (a test not marked slow that starts a process fails), tools run in this process
-(call_tool) and finished tiny runs trained once per session (trained_run)."""
+(call_tool), finished tiny runs trained once per session (trained_run), and the multi-process runs
+that several tests read (two_rank_run) or compare theirs with (four_rank_reference)."""
 from __future__ import annotations
 
 import contextlib
@@ -67,7 +68,7 @@ SLURM_TEST_TIMEOUT_S = 1800  # the first one also installs and starts the local 
 # Fixtures that start processes (gloo ranks, the SLURM cluster) or train runs: a test using one belongs
 # to the slow tier (pyproject.toml's addopts leave it out of a plain `pytest`; `pytest -m "" tests`
 # runs everything).
-SLOW_FIXTURES = frozenset({"gloo", "slurm_cluster", "slurm_env", "trained_run"})
+SLOW_FIXTURES = frozenset({"gloo", "slurm_cluster", "slurm_env", "trained_run", "four_rank_reference", "two_rank_run"})
 GUARD_MESSAGE = "starts a process: mark it slow"
 
 
@@ -172,20 +173,32 @@ def rank_losses(method, labeled: dict, unlabeled: dict | None, iteration: int = 
     return method.student_losses(method.student, labeled, unlabeled, step.ranks[0], iteration)
 
 
-def wait_for_checkpoint(run_dir: Path, iteration: int, proc, timeout: float = 600) -> None:
-    """Until `proc` (a training) has saved a checkpoint at `iteration` or later; fails if it ends first."""
+def stop_after_checkpoint(args: list[str], run_dir: Path, iteration: int = 1, signum: int = signal.SIGTERM,
+                          timeout: float = 600) -> int:
+    """Start the training `python ARGS...` and send it `signum` once it has saved a checkpoint at
+    `iteration` or later; it must then save and exit 0. The iteration it stopped at."""
     import time
 
     from simmatch.run.rundir import RunDir
 
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "training ended before the signal"
-        newest = RunDir(run_dir).newest_checkpoint()
-        if newest and newest[0] >= iteration:
-            return
-        time.sleep(0.05)
-    raise AssertionError("checkpoint never written")
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert proc.poll() is None, f"training ended before the signal: {proc.communicate()[1][-3000:]}"
+            newest = RunDir(run_dir).newest_checkpoint()
+            if newest and newest[0] >= iteration:
+                break
+            assert time.time() < deadline, "checkpoint never written"
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    return int(final_state(run_dir)["iteration"])
 
 
 def final_state(run_dir: Path) -> dict:
@@ -325,3 +338,46 @@ def trained_run(_trained_runs, tmp_path):
         return dst
 
     return copy
+
+
+# The 4-rank run that several tests end bit-identical to, each its own way: stopped by SIGTERM and
+# resumed (tests/engine/test_train.py), read from shards (tests/data/test_shards_training.py),
+# preempted as a 4-node SLURM job (tests/cluster/test_slurm_four_nodes.py). 4 ranks because with 3+
+# the order in which gradients are summed matters; 12 steps of 2 labeled + 4 unlabeled images per
+# rank on DALI, logged every step (a test compares its log windows with these rows).
+FOUR_RANKS = {"optim.iters": 12, "data.backend": "dali", "data.num_threads": 1, "data.val_batch": 512}
+
+
+def four_rank_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
+    return tiny_overrides(root, run_dir, **{**FOUR_RANKS, **extra})
+
+
+@pytest.fixture(scope="session")
+def four_rank_reference(digits_root, tmp_path_factory) -> Path:
+    """The run directory of the uninterrupted `tools/train.py --nproc 4` run of FOUR_RANKS on
+    digits_root, trained once per session; tests only read it."""
+    run_dir = tmp_path_factory.mktemp("four_ranks") / "run"
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "4",
+                   *four_rank_overrides(digits_root, run_dir), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run_dir
+
+
+# The 2-process run that tests/engine/test_train.py reads for the outputs and tests/config/test_recipe.py
+# for the recipe it ran: train.scale=per_gpu with 4 labeled images per rank and a reference batch of
+# 4 (k = 2: half of optim.iters=8 at twice the lr), BN pooled over both ranks for the student and
+# the authors' train-mode shuffle-BN teacher (an all_to_all under gloo), an evaluation every 2 steps.
+TWO_RANKS = {"train.scale": "per_gpu", "train.batch_per_gpu": 4, "optim.base_batch": 4,
+             "train.bn_group_ranks": 2, "train.min_bn_images": 24, "train.partial_batch": "drop",
+             "data.unlabeled": "complement", "optim.lr": 0.05, "optim.warmup_epochs": 0,
+             "model.teacher": "ema_shuffle_bn", "train.eval_every": 2}
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(digits_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(run directory, finished process) of `tools/train.py --nproc 2` with TWO_RANKS on digits_root,
+    trained once per session; tests only read it."""
+    run_dir = tmp_path_factory.mktemp("two_ranks") / "run"
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "2",
+                   *tiny_overrides(digits_root, run_dir, **TWO_RANKS), timeout=600)
+    return run_dir, res

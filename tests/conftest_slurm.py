@@ -22,6 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SH = ROOT / "slurm" / "local_cluster.sh"
 SLURM_DIR = os.environ.get("SIMMATCH_SLURM_DIR", "/tmp/simmatch-slurm")
+# 4 emulated nodes: the jobs of 3+ ranks (where the order of gradient sums matters) run on as many
+# nodes; most jobs take 2 of them
+NODES = 4
 
 
 def _cannot_install_reason() -> str | None:
@@ -38,12 +41,12 @@ def _cannot_install_reason() -> str | None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> dict[str, str]:
-    """A running 2-node local cluster; the environment variables that reach it."""
+    """A running local cluster of NODES nodes; the environment variables that reach it."""
     reason = _cannot_install_reason()
     if reason:
         pytest.skip(reason)
     env = dict(os.environ, SIMMATCH_SLURM_DIR=SLURM_DIR)
-    proc = subprocess.run(["bash", str(CLUSTER_SH), "start", "2"], env=env, capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(CLUSTER_SH), "start", str(NODES)], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"local cluster did not start:\n{proc.stdout}\n{proc.stderr}"
     return {"SLURM_CONF": f"{SLURM_DIR}/slurm.conf"}

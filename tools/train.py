@@ -74,9 +74,7 @@ def main() -> int:
     if args.nproc:
         derive_scale(cfg, args.nproc)  # refused in one line before torch is imported or a process starts
     require_data_dirs(cfg.data)  # so is a missing data tree (seconds sooner, and no process started)
-    import torch
-
-    nproc = args.nproc or max(1, torch.cuda.device_count())
+    nproc = args.nproc or gpu_count()
     if nproc == 1:
         from simmatch.train import main as train_main
 
@@ -84,6 +82,14 @@ def main() -> int:
     from simmatch.launch.local import launch
 
     return launch(args.cfg, args.overrides, nproc, flags)
+
+
+def gpu_count() -> int:
+    """The GPUs here, at least 1 (torch is imported only for this: with --nproc the launcher
+    starts its ranks without it, seconds sooner)."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def drop(args: argparse.Namespace) -> None:
@@ -112,9 +118,7 @@ def print_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.cfg, args.overrides)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or args.nproc
     if not world:
-        import torch
-
-        world = max(1, torch.cuda.device_count())
+        world = gpu_count()
     print("\n".join(recipe_lines(cfg, world)))
     return 0
 

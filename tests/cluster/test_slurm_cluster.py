@@ -1,9 +1,7 @@
-"""Real jobs on a local 2-node SLURM cluster (slurm/local_cluster.sh): requeue, resume, cancel.
-
-The requeue test trains the digits demo through tools/submit.py on 2 nodes x 1 CPU task,
-interrupts it the way a preemption does (submitit's job._interrupt(): SIGTERM + USR2),
-and checks that it requeued, resumed from its checkpoint and ended bit-identical to an
-uninterrupted 2-process run. Skipped only where SLURM cannot be installed (not root, no apt).
+"""Real jobs on the local SLURM cluster (slurm/local_cluster.sh): cancel and resume, time-outs
+beyond --max-requeues, a finished run. The preempted job that requeues and ends bit-identical is
+tests/cluster/test_slurm_four_nodes.py's. Skipped only where SLURM cannot be installed (not root,
+no apt).
 """
 from __future__ import annotations
 
@@ -16,7 +14,6 @@ import pytest
 
 pytest.register_assert_rewrite("conftest_slurm")
 
-from conftest import assert_same_weights, final_state  # noqa: E402
 from conftest_slurm import ROOT, events, job_log_tail, metrics_iteration, run_tool, wait_for  # noqa: E402
 from slurm.jobstate import job_state  # noqa: E402
 from slurm.launcher import JobSpec, TrainJob, load_job, make_executor, submit, submitit_folder  # noqa: E402
@@ -36,53 +33,6 @@ def digits(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(ROOT / "tools" / "make_digits.py"), "--out", str(out), "--size", "16"],
                    check=True, capture_output=True)
     return out
-
-
-def test_preempted_run_requeues_and_resumes_bit_identical(slurm_env, digits, tmp_path):
-    data = [f"data.root={digits}", *TINY]
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    # The uninterrupted reference trains meanwhile: 2 local gloo processes, like the job's 2 tasks.
-    reference = subprocess.Popen([sys.executable, "tools/train.py", "--nproc", "2", "--cfg", "yaml/digits.yaml",
-                                  *data, f"train.run_dir={ref_dir}"], cwd=ROOT, env=slurm_env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = run_tool("submit.py", "--slurm", "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
-                    "--timeout", "30", "--signal-delay", "60", "--max-requeues", "2", "--cfg", "yaml/digits.yaml",
-                    "--run-dir", str(run_dir), *data, env=slurm_env)
-    assert proc.returncode == 0, proc.stderr
-    assert "submitted job" in proc.stdout
-    job_id = events(run_dir)[0]["job_id"]
-    job = load_job(run_dir, job_id, num_tasks=2)
-    try:
-        seen = wait_for(lambda: metrics_iteration(run_dir) >= 5 and metrics_iteration(run_dir), 120,
-                        "the job's first metrics", poll=0.2)
-        assert seen < ITERS, "trained to the end before it could be interrupted"
-        job._interrupt()  # what a preemption sends: SIGTERM, then USR2
-        state = job.wait_until_ended(timeout_s=180)
-    except BaseException:
-        subprocess.run(["scancel", job_id])
-        print(job_log_tail(run_dir))
-        raise
-    results = job.results()
-    assert [r.status for r in results] == ["finished", "finished"], job_log_tail(run_dir)
-    assert all(r.iteration == ITERS for r in results)
-    kinds = [e["event"] for e in events(run_dir)]
-    assert kinds == ["submitted", "started", "requeued", "started", "finished"], (kinds, state)
-    requeue = events(run_dir)[2]
-    assert requeue["reason"] == "preemption" and seen <= requeue["iteration"] < ITERS
-    assert events(run_dir)[3]["restart"] == 1
-    assert f"resumed from {run_dir}/checkpoints/ckpt_{requeue['iteration']:09d}.pt" in \
-        (run_dir / "log_rank0.txt").read_text()
-
-    assert reference.wait(timeout=180) == 0, reference.stderr.read()[-3000:]
-    ours, ref = final_state(run_dir), final_state(ref_dir)
-    assert ours["iteration"] == ref["iteration"] == ITERS
-    assert_same_weights(ours, ref)
-
-    status = run_tool("status.py", str(run_dir), env=slurm_env)
-    assert status.returncode == 0, status.stderr
-    assert f"checkpoint: iteration {ITERS}" in status.stdout
-    assert "requeued  reason=preemption" in status.stdout and "eval:" in status.stdout
-    assert status.stdout.splitlines()[1].split()[1] in ("COMPLETED", "COMPLETING", "RUNNING")
 
 
 def test_cancelled_run_is_reported_and_resumes(slurm_env, digits, tmp_path):

@@ -1,5 +1,5 @@
 """`tools/submit.py --selftest`: one short job on the requested nodes, every task a rank of the
-self-test, its report printed by the submitting command (a real local 2-node SLURM cluster); the
+self-test, its report printed by the submitting command (the real local SLURM cluster, 2 of its nodes); the
 dry run and a bad option in this process (conftest.call_tool)."""
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def test_admin_requeue_is_logged_as_requeue(slurm_env, tmp_path, monkeypatch):
     run_dir = tmp_path / "r"
     spec = JobSpec(nodes=2, gpus_per_node=0, tasks_per_node=1, timeout_min=5, signal_delay_s=30,
                    max_requeues=2, job_name="admin-requeue")
-    job = submit(TrainJob(None, ["optim.iters=25", "fake.step_s=0.2"], str(run_dir),
+    job = submit(TrainJob(None, ["optim.iters=12", "fake.step_s=0.2"], str(run_dir),
                           entry="conftest_slurm:fake_run"), spec)
     try:
         wait_for(lambda: metrics_iteration(run_dir) >= 2, 120, "the stand-in to train")

@@ -1,4 +1,4 @@
-"""Pre-flight checks of tools/submit.py on the real local SLURM cluster (2 nodes x 2 CPUs):
+"""Pre-flight checks of tools/submit.py on the real local SLURM cluster (4 nodes x 2 CPUs):
 a job that could never run, or would fail at start, is refused before sbatch with one line."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 pytest.register_assert_rewrite("conftest_slurm")
 
 from conftest import call_tool, tiny_overrides  # noqa: E402
-from conftest_slurm import ROOT, run_tool  # noqa: E402
+from conftest_slurm import NODES, ROOT, run_tool  # noqa: E402
 from slurm import submissions  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -28,9 +28,9 @@ def one_error(res, *needles: str) -> str:
 
 
 def test_job_shapes_the_cluster_cannot_run(slurm_env, digits_root, tmp_path):
-    data = [f"data.root={digits_root}", "train.batch_size=12"]
+    data = [f"data.root={digits_root}", f"train.batch_size={12 * (NODES + 1)}"]  # divides by every world size
     for extra, needles in (
-            (["--nodes", "3"], ["--nodes 3", "partition debug has 2 node(s)"]),
+            (["--nodes", str(NODES + 1)], [f"--nodes {NODES + 1}", f"partition debug has {NODES} node(s)"]),
             (["--nodes", "1", "--tasks-per-node", "3"], ["3 task(s) x 1 CPU(s) per node = 3 CPUs", "have 2"]),
             (["--nodes", "1", "--partition", "nope"], ["--partition nope", "no such partition", "debug, urgent"])):
         run_dir = tmp_path / f"r{len(extra)}{extra[-1]}"

@@ -178,21 +178,15 @@ def test_shipped_list_and_complement_on_an_imagenet_shaped_tree(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_per_gpu_with_pooled_bn(digits_root, tmp_path):
+def test_two_ranks_train_per_gpu_with_pooled_bn(two_rank_run):
     """2 gloo ranks, 4 labeled per rank, reference batch 4 (k = 2): the trainer runs the
     derived recipe (half the steps, twice the lr) with BN pooled over both ranks, for the
-    student and the train-mode shuffle-BN teacher."""
+    student and the train-mode shuffle-BN teacher (conftest's two_rank_run)."""
     import pandas as pd
 
-    from conftest import final_state, tiny_overrides
+    from conftest import final_state
 
-    run_dir = tmp_path / "run"
-    args = tiny_overrides(digits_root, run_dir, **{
-        "train.scale": "per_gpu", "train.batch_per_gpu": 4, "optim.base_batch": 4,
-        "train.bn_group_ranks": 2, "train.min_bn_images": 24, "train.partial_batch": "drop",
-        "data.unlabeled": "complement", "optim.lr": 0.05, "optim.warmup_epochs": 0,
-        "model.teacher": "ema_shuffle_bn"})
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "2", *args, timeout=600)
+    run_dir, res = two_rank_run
     assert res.returncode == 0, res.stderr[-3000:]
     rows = pd.read_json(run_dir / "metrics.jsonl", lines=True)
     train_rows = rows[rows["kind"] == "train"]

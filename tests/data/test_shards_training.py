@@ -1,12 +1,11 @@
 """Training from indexed tar shards is the same run as from the folder: 20 steps give bit-identical
-checkpoints on both backends, on 3 gloo ranks too; a SIGTERM mid-run on shards resumes bit-identically;
+checkpoints on both backends, on 4 gloo ranks too; a SIGTERM mid-run on shards resumes bit-identically;
 a killed tools/make_shards.py resumes to the same shards; a bad shard or an edited index stops a run in
 one line and leaves its checkpoints as they were; a set packed with --skip-bad, holding images whose
 paths differ only by the extension, trains."""
 from __future__ import annotations
 
 import hashlib
-import signal
 import subprocess
 import sys
 import time
@@ -17,13 +16,15 @@ from test_shards import pack
 from test_shards_integrity import small_tree
 
 from conftest import (
+    FOUR_RANKS,
     ROOT,
     assert_same_weights,
     call_tool,
     final_state,
+    four_rank_overrides,
     run_tool,
+    stop_after_checkpoint,
     tiny_overrides,
-    wait_for_checkpoint,
 )
 
 pytestmark = pytest.mark.slow
@@ -34,17 +35,15 @@ def shards_for_training(digits_root, tmp_path_factory) -> Path:
     return pack(digits_root, tmp_path_factory.mktemp("train_shards") / "out")
 
 
-def overrides(root: Path, shards: Path, run_dir: Path, fmt: str, backend: str, processes: int = 1,
-              **more) -> list[str]:
-    """20 steps (8 with 3 ranks), a checkpoint every 5; the shard runs get no data.root at all, so
+def overrides(root: Path, shards: Path, run_dir: Path, fmt: str, backend: str, **more) -> list[str]:
+    """20 steps in one process, a checkpoint every 5; the shard runs get no data.root at all, so
     nothing can come from the folder. The torch backend reads in the training process (its
     worker processes read shards in tests/data/test_shards.py)."""
-    extra = {"data.backend": backend, "optim.iters": 20 if processes == 1 else 8, "train.ckpt_every": 5,
-             "train.batch_size": 8 * processes, "optim.base_batch": 8 * processes,
+    extra = {"data.backend": backend, "optim.iters": 20, "train.ckpt_every": 5,
              "data.num_threads": 0 if backend == "torch" else 1, **more}
     if fmt == "shards":
         extra.update({"data.format": "shards", "data.shards": str(shards), "data.root": ""})
-    return ["--cfg", "yaml/digits.yaml", "--nproc", str(processes), *tiny_overrides(root, run_dir, **extra)]
+    return ["--cfg", "yaml/digits.yaml", *tiny_overrides(root, run_dir, **extra)]
 
 
 @pytest.fixture(scope="session")
@@ -54,28 +53,25 @@ def photo_shards_for_training(photo_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def finished(digits_root, shards_for_training, photo_root, photo_shards_for_training, tmp_path_factory):
-    """finished(fmt, backend, processes, tree): the run directory of that run on the digits (or the
-    photos of tests/data/test_shards.py), trained once per session (in this process where it can be,
-    counting the shard files it opened)."""
+    """finished(fmt, backend, tree): the run directory of that run on the digits (or the photos of
+    tests/data/test_shards.py), trained once per session in this process, counting the shard files
+    it opened."""
     from simmatch.shards.source import shard_opens
 
     runs: dict[tuple, Path] = {}
 
-    def get(fmt: str, backend: str, processes: int = 1, tree: str = "digits") -> Path:
-        key = (fmt, backend, processes, tree)
+    def get(fmt: str, backend: str, tree: str = "digits") -> Path:
+        key = (fmt, backend, tree)
         if key not in runs:
-            run_dir = tmp_path_factory.mktemp(f"{fmt}_{backend}_{processes}_{tree}") / "run"
+            run_dir = tmp_path_factory.mktemp(f"{fmt}_{backend}_{tree}") / "run"
             root, shards = ((digits_root, shards_for_training) if tree == "digits"
                             else (photo_root, photo_shards_for_training))
             photos = {} if tree == "digits" else {"data.num_classes": 3, "data.crop_size": 32, "data.val_resize": 36}
-            args = overrides(root, shards, run_dir, fmt, backend, processes, **photos)
+            args = overrides(root, shards, run_dir, fmt, backend, **photos)
             opened = shard_opens()
-            if processes == 1:
-                res = call_tool("tools/train.py", *args)
-                assert (shard_opens() > opened) == (fmt == "shards")  # the shard runs read the shards
-            else:
-                res = run_tool("tools/train.py", *args, timeout=900)
+            res = call_tool("tools/train.py", *args)
             assert res.returncode == 0, res.stderr[-3000:]
+            assert (shard_opens() > opened) == (fmt == "shards")  # the shard runs read the shards
             runs[key] = run_dir
         return runs[key]
 
@@ -93,23 +89,26 @@ def test_shards_training_equals_the_folder(finished, backend, tree):
 
 
 @pytest.mark.timeout(900)
-def test_shards_three_ranks_equal_three_ranks_on_the_folder(finished):
-    a, b = final_state(finished("folder", "dali", 3)), final_state(finished("shards", "dali", 3))
-    assert a["iteration"] == 8 and a["world_size"] == 3
+def test_shards_four_ranks_equal_four_ranks_on_the_folder(digits_root, shards_for_training, four_rank_reference,
+                                                          tmp_path):
+    """4 gloo ranks reading their shares of the shards end bit-identical to conftest's 4-rank
+    reference run on the folder."""
+    run_dir = tmp_path / "run"
+    shards = {"data.format": "shards", "data.shards": str(shards_for_training), "data.root": ""}
+    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "4",
+                   *four_rank_overrides(digits_root, run_dir, **shards), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = final_state(four_rank_reference), final_state(run_dir)
+    assert a["iteration"] == FOUR_RANKS["optim.iters"] and a["world_size"] == 4
     assert_same_weights(a, b)
+    assert b["config"]["data"]["format"] == "shards" and a["config"]["data"]["format"] == "folder"
 
 
 @pytest.mark.timeout(900)
 def test_shards_sigterm_then_resume_is_bit_identical(digits_root, shards_for_training, finished, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(digits_root, shards_for_training, run_dir, "shards", "dali")
-    proc = subprocess.Popen([sys.executable, "tools/train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(run_dir, 5, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert final_state(run_dir)["iteration"] < 20, "the signal came too late to test a resume"
+    assert stop_after_checkpoint(["tools/train.py", *args], run_dir, 5) < 20, "the signal came too late"
     res = call_tool("tools/train.py", *args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "log_rank0.txt").read_text()

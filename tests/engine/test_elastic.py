@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, final_state, run_tool, tiny_overrides, wait_for_checkpoint
+from conftest import call_tool, final_state, run_tool, stop_after_checkpoint, tiny_overrides
 from conftest_data import data_cfg, streams_for
 
 CPU = torch.device("cpu")
@@ -111,16 +109,6 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _stop_after_checkpoint(args: list[str], run_dir: Path) -> int:
-    """Start a training, SIGTERM it once it has saved a checkpoint; the iteration it stopped at."""
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(run_dir, 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    return int(final_state(run_dir)["iteration"])
-
-
 def _lr_of_images(images: float, total_images: float, world: int) -> float:
     """The cosine of the per_gpu recipe as a function of images seen (no warm-up):
     base lr 0.05 x (4 x world) / 16."""
@@ -138,10 +126,11 @@ def _elastic(digits_root: Path, tmp_path: Path, before: int, after: int, backend
     run_dir = tmp_path / "run"
     extra = {"data.backend": backend, "data.num_threads": 1 if backend == "dali" else 0, **more}
     overrides = tiny_overrides(digits_root, run_dir, **PER_GPU, **extra)
-    stopped = _stop_after_checkpoint(_cmd(before, overrides), run_dir)
+    stopped = stop_after_checkpoint(_cmd(before, overrides)[1:], run_dir)
     saved = final_state(run_dir)
     shutil.copytree(run_dir, tmp_path / "stopped")
-    res = run_tool(*_cmd(after, overrides)[1:], timeout=900)
+    # one process: in this one
+    res = call_tool(*_cmd(1, overrides)[1:]) if after == 1 else run_tool(*_cmd(after, overrides)[1:], timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return run_dir, stopped, saved
 

@@ -2,140 +2,66 @@
 but for the ResNet-50 export, in this process)."""
 import json
 import os
-import random
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
 from conftest import (
+    FOUR_RANKS,
     ROOT,
     assert_same_weights,
     call_tool,
     final_state,
+    four_rank_overrides,
     run_tool,
     save_unchecked,
+    stop_after_checkpoint,
     tiny_overrides,
-    wait_for_checkpoint,
 )
 
 
-def train(cfg_args: list[str], nproc: int = 2, **kw) -> subprocess.CompletedProcess:
-    return run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", str(nproc), *cfg_args, **kw)
-
-
-TWO_RANKS = {"optim.iters": 8, "train.eval_every": 4}
-
-
-@pytest.fixture(scope="module")
-def two_rank_runs(digits_root, tmp_path_factory):
-    """two_rank_runs(teacher): (run directory, finished process) of an uninterrupted 2-process run of
-    TWO_RANKS with that teacher, trained once per module; tests only read it."""
-    runs = {}
-
-    def get(teacher: str) -> tuple[Path, subprocess.CompletedProcess]:
-        if teacher not in runs:
-            run_dir = tmp_path_factory.mktemp(f"two_ranks_{teacher}") / "run"
-            overrides = tiny_overrides(digits_root, run_dir, **TWO_RANKS, **{"model.teacher": teacher})
-            runs[teacher] = run_dir, train(overrides)
-        return runs[teacher]
-
-    return get
-
-
 @pytest.mark.slow
-def test_two_process_training_and_outputs(two_rank_runs):
-    run_dir, res = two_rank_runs("eman")  # the teacher of yaml/digits.yaml
+def test_two_process_training_and_outputs(two_rank_run):
+    """What a 2-process run writes (conftest's two_rank_run: 4 steps of the per_gpu recipe)."""
+    run_dir, res = two_rank_run
     assert res.returncode == 0, res.stderr[-3000:]
     assert "validation top-1: student" in res.stdout
     df = pd.read_json(run_dir / "metrics.jsonl", lines=True)
     train_rows = df[df["kind"] == "train"]
-    assert list(train_rows["iteration"]) == list(range(1, 9))
+    assert list(train_rows["iteration"]) == [1, 2, 3, 4]
     assert {"loss", "loss_x", "loss_u", "loss_in", "mask", "pl_acc", "lr", "img_s"} <= set(df.columns)
     evals = df[df["kind"] == "eval"]
-    assert list(evals["iteration"]) == [4, 8]
+    assert list(evals["iteration"]) == [2, 4]
     assert evals["teacher_top1"].between(0, 100).all()
     assert (run_dir / "log_rank0.txt").is_file() and (run_dir / "log_rank1.txt").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert len((run_dir / "splits" / "labeled.txt").read_text().split()) == 40
     state = final_state(run_dir)
-    assert state["iteration"] == 8 and len(state["ranks"]) == 2
+    assert state["iteration"] == 4 and len(state["ranks"]) == 2
     assert state["splits"]["labeled"] == (run_dir / "splits" / "labeled.txt").read_text()
     # The bank is one tensor shared by all ranks: both ranks wrote rows into it.
     assert state["method"]["bank.features"].shape == (40, 16)
 
 
-def _wait_for_iteration(run_dir: Path, iteration: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    path = run_dir / "metrics.jsonl"
-    while time.time() < deadline:
-        assert proc.poll() is None, "training ended before the signal"
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
-                if rec["kind"] == "train" and rec["iteration"] >= iteration:
-                    return
-        time.sleep(0.05)
-    raise AssertionError("iteration never reached")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("signum,teacher", [(signal.SIGUSR2, "ema_shuffle_bn"), (signal.SIGTERM, "eman")])
-def test_signal_then_resume_is_bit_identical(two_rank_runs, digits_root, tmp_path, signum, teacher):
-    """Also the train-mode teacher with shuffle-BN across the 2 ranks (all_to_all under gloo). The
-    uninterrupted reference evaluates at the same iterations (evaluation leaves the training alone)."""
-    iters = TWO_RANKS["optim.iters"]
-    run_dir = tmp_path / "run"
-    extra = {**TWO_RANKS, "model.teacher": teacher}
-    ref_dir, ref = two_rank_runs(teacher)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-
-    stop_after = random.Random(signum + os.getpid()).randint(1, iters - 3)
-    args = [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "2",
-            *tiny_overrides(digits_root, run_dir, **extra)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_iteration(run_dir, stop_after, proc)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
-    stopped = final_state(run_dir)["iteration"]
-    assert stop_after <= stopped, (stop_after, stopped)
-    if stopped < iters:  # the signal arrived before the last step: resume to the end
-        res = train(tiny_overrides(digits_root, run_dir, **extra))
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
-    assert_same_weights(final_state(ref_dir), final_state(run_dir))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_four_rank_resume_is_bit_identical(digits_root, tmp_path, backend):
-    """Above 2 ranks the order in which gradients are summed matters: a run stopped by SIGTERM and
+def test_four_rank_resume_is_bit_identical(four_rank_reference, digits_root, tmp_path):
+    """Above 2 ranks the order in which gradients are summed matters: a run stopped by SIGUSR2
+    (SLURM's warning before a time limit; SIGTERM stops the elastic, shard and SLURM runs) and
     resumed ends bit-identical to an uninterrupted one (student, teacher, bank, DA, momenta), and
-    the two log windows cut by the interruption are marked partial with their step counts."""
-    iters, nproc = 6, 4
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    common = {"optim.iters": iters, "data.backend": backend, "data.num_threads": 1 if backend == "dali" else 0}
-    ref = train(tiny_overrides(digits_root, ref_dir, **common), nproc=nproc, timeout=900)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    the two log windows cut by the interruption are marked partial with their step counts. On DALI;
+    the same reference ends a preempted 4-node SLURM job (tests/cluster/test_slurm_four_nodes.py)."""
+    iters, nproc = FOUR_RANKS["optim.iters"], 4
+    ref_dir, run_dir = four_rank_reference, tmp_path / "run"
 
     # One window for the whole run, a checkpoint every step: the stop always cuts the window.
-    args = [sys.executable, "tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", str(nproc),
-            *tiny_overrides(digits_root, run_dir, **common, **{"train.log_every": iters, "train.ckpt_every": 1})]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_checkpoint(run_dir, 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    stopped = final_state(run_dir)["iteration"]
+    args = ["tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", str(nproc),
+            *four_rank_overrides(digits_root, run_dir, **{"train.log_every": iters, "train.ckpt_every": 1})]
+    stopped = stop_after_checkpoint(args, run_dir, signum=signal.SIGUSR2)
     assert stopped < iters, "the signal came too late to test a resume"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", str(nproc), *args[6:], timeout=900)
+    res = run_tool(*args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
     assert_same_weights(final_state(ref_dir), final_state(run_dir))

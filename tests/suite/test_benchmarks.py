@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from conftest import run_tool
+from conftest import call_tool
 
-pytestmark = pytest.mark.slow  # each benchmark is a command line of its own
+# each runs in this process as its command line would (conftest.call_tool) and starts processes of its
+# own: step.py one per configuration (its peak memory its own), loader.py its readers under strace
+pytestmark = pytest.mark.slow
 
 
 def last_json(res) -> dict:
@@ -17,7 +19,7 @@ def last_json(res) -> dict:
 
 
 def test_step_benchmark_tiny_with_comparison():
-    out = last_json(run_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
+    out = last_json(call_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
                              "--batch", "2", "--mu", "2", "--warmup", "1", "--iters", "2",
                              "--compare", "fixmatch", "--device", "cpu"))
     simmatch, fixmatch = out["runs"]
@@ -34,7 +36,7 @@ def test_step_benchmark_tiny_with_comparison():
 
 
 def test_step_benchmark_tiny_virtual_ranks():
-    out = last_json(run_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
+    out = last_json(call_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
                              "--batch", "2", "--mu", "2", "--warmup", "1", "--iters", "2",
                              "--breakdown-iters", "0", "--virtual", "2", "--device", "cpu"))
     plain, virtual = out["runs"]
@@ -59,10 +61,10 @@ def test_step_benchmark_tiny_virtual_ranks():
 
 
 def test_targets_and_checkpoint_benchmarks_tiny(tmp_path):
-    t = last_json(run_tool("benchmarks/targets.py", "--bu", "8", "--k", "50", "--classes", "5",
+    t = last_json(call_tool("benchmarks/targets.py", "--bu", "8", "--k", "50", "--classes", "5",
                            "--repeats", "2", "--device", "cpu"))
     assert t["benchmark"] == "targets" and 0 < t["best_s"] <= t["median_s"]
-    c = last_json(run_tool("benchmarks/checkpoint.py", "--arch", "resnet18", "--bank", "100", "--classes", "10",
+    c = last_json(call_tool("benchmarks/checkpoint.py", "--arch", "resnet18", "--bank", "100", "--classes", "10",
                            "--repeats", "1", "--dir", str(tmp_path), "--device", "cpu"))
     # resnet18 student + teacher + momentum: 3 x 11.2M fp32 parameters, about 134 MB
     assert 120 < c["size_mb"] < 150 and c["stall_s"] >= 0 and c["write_s"] > 0 and c["verify_s"] > 0
@@ -70,7 +72,7 @@ def test_targets_and_checkpoint_benchmarks_tiny(tmp_path):
 
 def test_loader_benchmark_tiny(digits_root):
     pytest.importorskip("nvidia.dali")
-    out = last_json(run_tool("benchmarks/loader.py", "--data", str(digits_root), "--backend", "all",
+    out = last_json(call_tool("benchmarks/loader.py", "--data", str(digits_root), "--backend", "all",
                              "--batch", "4", "--iters", "2", "--warmup", "1", "--crop", "16",
                              "--threads", "1", "--no-opens"))  # opens: the next test
     speed = {r["backend"]: r["images_per_s"] for r in out["rows"]}
@@ -91,7 +93,7 @@ def test_loader_benchmark_shards_opens_and_open_delay(digits_root, tmp_path):
     from simmatch.shards.build import make_shards
 
     make_shards(digits_root, tmp_path / "shards", 64 * 10**6, show_progress=False, log=lambda *a: None)
-    out = last_json(run_tool("benchmarks/loader.py", "--data", str(digits_root), "--shards", str(tmp_path / "shards"),
+    out = last_json(call_tool("benchmarks/loader.py", "--data", str(digits_root), "--shards", str(tmp_path / "shards"),
                              "--format", "both", "--backend", "dali", "--batch", "4", "--iters", "2",
                              "--warmup", "1", "--crop", "16", "--threads", "1", "--open-delay-ms", "1"))
     if out["opens_counted_by"] is None:  # strace is there but cannot trace (ptrace not permitted)
@@ -112,7 +114,7 @@ def test_loader_benchmark_shards_opens_and_open_delay(digits_root, tmp_path):
 
 
 def test_bank_memory_benchmark_reads_the_banks_it_builds():
-    out = last_json(run_tool("benchmarks/bank_memory.py", "--cfg", "yaml/in1k_1pct_v2.yaml", "--world-size", "1", "2"))
+    out = last_json(call_tool("benchmarks/bank_memory.py", "--cfg", "yaml/in1k_1pct_v2.yaml", "--world-size", "1", "2"))
     for row, gpus in zip(out["rows"], (1, 2)):
         assert row["K"] == 256 * 40 * gpus and row["global_unlabeled"] == 40 * gpus
         # two fp32 tables, plus the ring's pointer and fill count (int64 each)
@@ -121,7 +123,7 @@ def test_bank_memory_benchmark_reads_the_banks_it_builds():
 
 
 def test_step_benchmark_simmatchv2_with_multicrop_against_simmatch():
-    out = last_json(run_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
+    out = last_json(call_tool("benchmarks/step.py", "--arch", "resnet10", "--crop", "16", "--classes", "10",
                              "--batch", "2", "--mu", "2", "--warmup", "1", "--iters", "2", "--method", "simmatchv2",
                              "--multicrop", "--compare", "simmatch", "--device", "cpu"))
     v2, simmatch = out["runs"]
