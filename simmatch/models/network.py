@@ -1,7 +1,8 @@
-"""Student/teacher network: a torchvision ResNet (its `fc` is the classifier) plus a projection head.
+"""Student/teacher network: a torchvision ResNet or a Wide ResNet (models/wrn.py), its `fc` the
+classifier, plus a projection head.
 
-Keeping the torchvision module whole means the trained weights export as a plain
-torchvision state_dict (`backbone.` prefix stripped) that loads with strict=True.
+Keeping the backbone module whole means the trained weights export as its plain state_dict
+(`backbone.` prefix stripped) that loads with strict=True.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 from simmatch.errors import ConfigError
+from simmatch.models.wrn import ARCHS as WRN_ARCHS
 
 
 def small_input_stem(net: torchvision.models.ResNet) -> None:
@@ -25,14 +27,23 @@ def resnet10(num_classes: int = 1000) -> torchvision.models.ResNet:
     return torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
 
 
-def build_backbone(arch: str, num_classes: int, small_input: bool = False) -> torchvision.models.ResNet:
-    """A torchvision ResNet by name (`resnet10`, `resnet18` ... `wide_resnet50_2`), randomly initialised."""
+def build_backbone(arch: str, num_classes: int, small_input: bool = False) -> nn.Module:
+    """A torchvision ResNet by name (`resnet10`, `resnet18` ... `wide_resnet50_2`) or a Wide ResNet
+    (`wrn_28_2`, `wrn_28_8`, `wrn_37_2`), randomly initialised. A Wide ResNet is a small-input
+    network already (3x3 stride-1 stem, no max-pool): `small_input`, which swaps a ResNet's stem,
+    is refused for it rather than silently meaning nothing."""
+    if arch in WRN_ARCHS:
+        if small_input:
+            raise ConfigError(f"model.small_input=true swaps a torchvision ResNet's stem; {arch} already has "
+                              f"a 3x3 stride-1 stem: set model.small_input=false")
+        return WRN_ARCHS[arch](num_classes)
     if arch == "resnet10":
         net = resnet10(num_classes)
     elif arch.startswith(("resnet", "wide_resnet", "resnext")) and hasattr(torchvision.models, arch):
         net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     else:
-        raise ConfigError(f"model.arch={arch!r} is not a torchvision ResNet (or resnet10)")
+        raise ConfigError(f"model.arch={arch!r} is not a torchvision ResNet, resnet10 or one of "
+                          f"{', '.join(WRN_ARCHS)}")
     if small_input:
         small_input_stem(net)
     return net
@@ -60,14 +71,14 @@ class Predictor(nn.Sequential):
 
 
 class Network(nn.Module):
-    """ResNet trunk -> (class logits from `backbone.fc`, L2-normalised embedding from `head`).
+    """ResNet or Wide ResNet trunk -> (class logits from `backbone.fc`, L2-normalised embedding from `head`).
 
     With a `predictor` (ISD), `forward(x)` embeds through it and `forward(x, predict=False)`
     skips it, which is what the teacher does. Keeping the predictor inside this module keeps
     it inside DDP, so its gradients are averaged like the rest.
     """
 
-    def __init__(self, backbone: torchvision.models.ResNet, proj_dim: int = 128, predictor_hidden: int = 0,
+    def __init__(self, backbone: nn.Module, proj_dim: int = 128, predictor_hidden: int = 0,
                  proj_hidden: int = 0, proj_bn: bool = False, predictor_bn: bool = True, norm_feat: bool = False):
         super().__init__()
         self.backbone = backbone
@@ -79,7 +90,11 @@ class Network(nn.Module):
                           if predictor_hidden > 0 and proj_dim > 0 else None)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled feature `fc` classifies: a backbone's own `forward_features` (Wide ResNet),
+        else a torchvision ResNet's layers up to the average pool."""
         b = self.backbone
+        if hasattr(b, "forward_features"):
+            return b.forward_features(x)
         x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
         x = b.layer4(b.layer3(b.layer2(b.layer1(x))))
         return torch.flatten(b.avgpool(x), 1)

@@ -1,8 +1,8 @@
-"""Trained weights out of a run: a plain torchvision ResNet state_dict (.pth and .safetensors with
-a model card), or ONNX.
+"""Trained weights out of a run: a plain torchvision ResNet (or Wide ResNet) state_dict (.pth and
+.safetensors with a model card), or ONNX.
 
 The export is verified before it gets its name: every file is written under a temporary name,
-read back, and the logits of a torchvision model loaded from it (strict=True) must equal the
+read back, and the logits of the plain model loaded from it (strict=True) must equal the
 training model's (onnxruntime's within a tolerance); only then are the files renamed into place.
 """
 from __future__ import annotations
@@ -17,6 +17,8 @@ import torch
 from simmatch.config import Config
 from simmatch.errors import CheckpointError, UserError
 from simmatch.files.atomic import replace_together
+from simmatch.models.wrn import ARCHS as WRN_ARCHS
+from simmatch.models.wrn import build_source as wrn_build_source
 from simmatch.weights.networks import (
     load_run_checkpoint,
     network_state,
@@ -28,7 +30,7 @@ from simmatch.weights.networks import (
 
 @torch.no_grad()
 def verify(cfg: Config, net_state: dict, backbone: dict, size: int | None = None) -> float:
-    """Max |logit difference| between the training model and the exported torchvision model."""
+    """Max |logit difference| between the training model and the exported plain model."""
     size = size or cfg.data.crop_size
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     ours = training_network(cfg, net_state).eval()
@@ -102,14 +104,16 @@ def model_card(cfg: Config, state: dict, which: str, checkpoint: str | Path | No
     from simmatch.data.base import val_resize_size
 
     classes = class_names(state, cfg)
-    card = {"format": "torchvision.models.ResNet state_dict", "arch": cfg.model.arch,
+    wrn = cfg.model.arch in WRN_ARCHS
+    card = {"format": "WideResNet state_dict (plain torch, defined in build)" if wrn
+            else "torchvision.models.ResNet state_dict", "arch": cfg.model.arch,
             "small_input_stem": json.dumps(cfg.model.small_input), "num_classes": str(cfg.data.num_classes),
             "resize": str(val_resize_size(cfg.data)), "crop": str(cfg.data.crop_size),
             "mean": json.dumps(list(cfg.data.mean)), "std": json.dumps(list(cfg.data.std)),
             "which": which, "iteration": str(int(state["iteration"])), "method": cfg.method.name}
     if cfg.model.norm_feat:  # SimMatchV2's feature LayerNorm, the first layer of fc
         card["fc"] = "Sequential(LayerNorm(in_features), Linear(in_features, num_classes))"
-    if cfg.model.arch != "resnet10":  # a torchvision constructor exists only for torchvision's own
+    if cfg.model.arch != "resnet10" and not wrn:  # a torchvision constructor exists only for torchvision's own
         card["constructor"] = f"torchvision.models.{cfg.model.arch}"
     card["build"] = build_lines(cfg)
     if classes:
@@ -121,8 +125,15 @@ def model_card(cfg: Config, state: dict, which: str, checkpoint: str | Path | No
 
 def build_lines(cfg: Config) -> str:
     """Python that builds the exported architecture as `model` with torch and torchvision only
-    (then `model.load_state_dict(torch.load(FILE.pth))`): the model card's `build`."""
+    (then `model.load_state_dict(torch.load(FILE.pth))`): the model card's `build`. For a Wide
+    ResNet, torch only: the source of models/wrn.py's WideBlock and WideResNet, which the training
+    network runs, and the constructor call."""
     n = cfg.data.num_classes
+    if cfg.model.arch in WRN_ARCHS:
+        lines = [wrn_build_source(cfg.model.arch, n)]
+        if cfg.model.norm_feat:
+            lines.append("model.fc = nn.Sequential(nn.LayerNorm(model.fc.in_features), model.fc)")
+        return "\n".join(lines)
     if cfg.model.arch == "resnet10":  # one BasicBlock per stage: no torchvision constructor
         lines = ["from torchvision.models.resnet import ResNet, BasicBlock",
                  f"model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes={n})"]

@@ -1,9 +1,9 @@
 """The networks a training checkpoint holds: its config, the student's or teacher's weights,
-the training `Network` built from them, and the plain torchvision model they export into.
+the training `Network` built from them, and the plain model they export into.
 
 Shared by evaluation (engine/offline.py) and export (weights/export.py); the student and teacher
-are `Network`s whose `backbone` is a torchvision ResNet with `fc` as the classifier, so the
-torchvision weights are a prefix strip.
+are `Network`s whose `backbone` is a torchvision ResNet or a Wide ResNet (models/wrn.py) with
+`fc` as the classifier, so the exported weights are a prefix strip.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from simmatch.config import Config, from_dict
 from simmatch.errors import CheckpointError, UserError
 from simmatch.models import Network, network_for
 from simmatch.models.network import resnet10, small_input_stem
+from simmatch.models.wrn import ARCHS as WRN_ARCHS
 
 PREFIXES = {"student": "student.", "teacher": "teacher.module."}
 
@@ -52,13 +53,16 @@ def split_backbone(net_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     return backbone, head
 
 
-def torchvision_model(cfg: Config) -> torchvision.models.ResNet:
-    """The plain torchvision model the export loads into (stem changed for small inputs)."""
-    if cfg.model.arch == "resnet10":
+def torchvision_model(cfg: Config) -> torch.nn.Module:
+    """The plain model the export loads into: a torchvision ResNet (stem changed for small inputs),
+    or a Wide ResNet, whose plain-torch source the model card carries (models/wrn.py)."""
+    if cfg.model.arch in WRN_ARCHS:
+        net = WRN_ARCHS[cfg.model.arch](cfg.data.num_classes)
+    elif cfg.model.arch == "resnet10":
         net = resnet10(cfg.data.num_classes)
     else:
         net = getattr(torchvision.models, cfg.model.arch)(weights=None, num_classes=cfg.data.num_classes)
-    if cfg.model.small_input:
+    if cfg.model.small_input and cfg.model.arch not in WRN_ARCHS:  # training refuses it for a WRN
         small_input_stem(net)
     if cfg.model.norm_feat:  # loads as: model.fc = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, classes))
         net.fc = torch.nn.Sequential(torch.nn.LayerNorm(net.fc.in_features), net.fc)
