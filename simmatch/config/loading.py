@@ -71,8 +71,12 @@ def _merge(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
         return
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
+    if isinstance(obj, Config):
+        _note_sources(obj, updates, source)
     for key, value in updates.items():
         full = prefix + str(key)
+        if isinstance(obj, Config) and key == "sources":
+            continue
         if key not in names:
             near = difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6)
             hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
@@ -82,6 +86,45 @@ def _merge(obj: Any, updates: dict, source: str, prefix: str = "") -> None:
             _merge(current, value, source, full + ".")
         else:
             setattr(obj, key, _coerce(value, hints[key], full, source))
+
+
+def _leaf_keys(updates: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in updates.items():
+        if isinstance(value, dict) and key != "sources":
+            out += _leaf_keys(value, f"{prefix}{key}.")
+        elif key != "sources":
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def _note_sources(cfg: Config, updates: dict, source: str) -> None:
+    """A layer's `sources` (each key a config key, each value a string), and "set in <layer>" for a
+    key with a source that the layer sets again without giving one."""
+    given = updates.get("sources", {})
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: sources must be a mapping of config keys to where their values come from")
+    for key, text in given.items():
+        if not isinstance(text, str):
+            raise ConfigError(f"{source}: sources.{key} must be a string, got {text!r}")
+        _value_of(cfg, str(key), f"{source}: sources.{key}")
+    for key in _leaf_keys(updates):
+        if key in cfg.sources and key not in given:
+            cfg.sources[key] = source if source == "command line" else f"set in {source}"
+    cfg.sources.update({str(k): v for k, v in given.items()})
+
+
+def _value_of(cfg: Config, key: str, what: str) -> Any:
+    """The value of the dotted `key` (method.<name>.<key> for a method's own), or one error line."""
+    parts = key.split(".")
+    obj: Any = cfg
+    if parts[0] == "method" and len(parts) == 3 and parts[1] in CARDS:
+        obj, parts = CARDS[parts[1]].defaults(), parts[2:]
+    for part in parts:
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"{what} names no config key ('{key}')")
+        obj = getattr(obj, part)
+    return obj
 
 
 def _merge_method(m: MethodConfig, updates: dict, source: str) -> None:
@@ -269,10 +312,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.blur_sigma_min={cfg.data.blur_sigma_min} is above "
                           f"data.blur_sigma_max={cfg.data.blur_sigma_max}")
     _validate_multicrop(cfg)
+    _validate_views(cfg)
+    if cfg.model.arch.startswith("wrn_") and cfg.model.small_input:
+        raise ConfigError(f"model.small_input=true is for ResNets: {cfg.model.arch} is a 32-px network already "
+                          f"(a 3x3 stride-1 stem, no max-pool); leave model.small_input=false")
     for key in ("data.mean", "data.std"):
         value = getattr(cfg.data, key.split(".")[1])
         if len(value) != 3:
             raise ConfigError(f"{key}={value} must have 3 values (R, G, B)")
+
+
+def _validate_views(cfg: Config) -> None:
+    """The small-image views (augment=translate) go with FixMatch's RandAugment, and only with it."""
+    d = cfg.data
+    if (d.augment == "translate") != (d.strong == "fixmatch_ra"):
+        raise ConfigError(f"data.augment={d.augment} with data.strong={d.strong}: FixMatch's RandAugment "
+                          f"(data.strong=fixmatch_ra) goes with the translated views (data.augment=translate), "
+                          f"and they with it")
+    if d.augment == "translate" and d.strong_sizes:
+        raise ConfigError("data.strong_sizes (multi-crop) is for data.augment=crop: the translated views "
+                          "keep the image's own size")
 
 
 def _validate_multicrop(cfg: Config) -> None:

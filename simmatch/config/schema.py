@@ -21,8 +21,11 @@ class DataConfig:
 
     root: str = ""  # ImageNet-style tree: root/train/<class>/*, root/val/<class>/*
     # `folder`: the tree under root; `shards`: the tar shards and indexes tools/make_shards.py
-    # packed from it into `shards` (same images, order and seeds: the same run, bit for bit)
-    format: Literal["folder", "shards"] = "folder"
+    # packed from it into `shards` (same images, order and seeds: the same run, bit for bit);
+    # `cifar10`, `cifar100`, `svhn`, `stl10`: the archives torchvision's data set classes download
+    # into root (docs/DATA.md), read as they are: test split for validation
+    format: Literal["folder", "shards", "cifar10", "cifar100", "svhn", "stl10"] = "folder"
+    extra: bool = False  # svhn: extra_32x32.mat's 531,131 images join the training set (USB's reading)
     shards: str = ""
     max_open_shards: int = num(256, COUNT)  # shard files of each split a process keeps open (LRU closed)
     train_dir: str = "train"
@@ -51,7 +54,16 @@ class DataConfig:
     val_resize: int = num(0, NONNEG)
     min_scale: float = num(0.2, Range(0.0, 1.0, lo_open=True))
     max_scale: float = num(1.0, Range(0.0, 1.0, lo_open=True))
-    strong: Literal["simclr", "randaugment"] = "simclr"
+    # The views' geometry: `crop`, RandomResizedCrop (ImageNet); `translate`, a reflect-padded random
+    # crop of the image's own size, shifting it up to `translate` of its side (CIFAR, SVHN, STL-10)
+    augment: Literal["crop", "translate"] = "crop"
+    translate: float = num(0.125, Range(0.0, 0.5))
+    flip: bool = True  # random horizontal flip of every training view (false: SVHN's digits)
+    # The strong views' photometric part: SimCLR's colour ops, torchvision's RandAugment(n, m), or
+    # FixMatch's RandAugment (`fixmatch_ra`: randaug_n ops of its 14, each with a random magnitude,
+    # then, with `cutout`, a grey square of up to half the side; with augment=translate)
+    strong: Literal["simclr", "randaugment", "fixmatch_ra"] = "simclr"
+    cutout: bool = True
     jitter: float = num(0.4, NONNEG)  # brightness and contrast strength of the strong views' ColorJitter
     saturation: float = num(0.4, NONNEG)  # its saturation strength (SimMatchV2's multi-crop: 0.2)
     hue: float = num(0.1, Range(0.0, 0.5))
@@ -144,6 +156,9 @@ class OptimConfig:
     weight_decay: float = num(1e-4, NONNEG)
     decay_bn_bias: bool = False  # True restores the official decay of BN and biases
     warmup_epochs: float = num(5.0, NONNEG)
+    # cosine: lr x (1 + cos(pi k / K)) / 2 after the warm-up; fixmatch: lr x cos(7 pi k / 16 K)
+    # (FixMatch's and USB's decay, which ends at 20 % of lr, not zero)
+    schedule: Literal["cosine", "fixmatch"] = "cosine"
     epochs: float = num(400.0, above(0))
     iters: int = num(0, NONNEG)  # >0 overrides epochs: total optimizer steps (per_gpu: of the reference batch)
     impl: Literal["foreach", "fused", "plain"] = "foreach"
@@ -200,6 +215,10 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     name: str = ""
+    # Where a recipe's values come from (dotted key -> the paper, section or config that gives it),
+    # shown by --print-config; a key set again later (a file without a source for it, the command
+    # line) is shown with that file or "command line" instead
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def _collect_ranges() -> dict[str, Range]:

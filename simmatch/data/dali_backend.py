@@ -104,6 +104,20 @@ class EncodedBatches:
         self.pool.shutdown(wait=False)
 
 
+class PixelBatches(EncodedBatches):
+    """The external source of images held as pixels (an archive's, simmatch/images/arrays.py):
+    batch k is their uint8 HWC arrays, as EncodedBatches orders and pads them."""
+
+    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        start = (info.iteration % self.batches) * self.batch
+        rels = self.files[start:start + self.batch]
+        labels = self.labels[start:start + self.batch]
+        rels += rels[-1:] * (self.batch - len(rels))
+        labels += labels[-1:] * (self.batch - len(labels))
+        return ([self.source.pixels(rel) for rel in rels],
+                [np.array([label], dtype=np.int32) for label in labels])
+
+
 def reader_of(source: ImageSource) -> str:
     """The DALI reader of a source: its file reader for a folder, an external source otherwise;
     a DALI checkpoint holds that reader's state, so it restores only into the same kind."""
@@ -112,6 +126,8 @@ def reader_of(source: ImageSource) -> str:
 
 def feeder(source: ImageSource, files: list[str], labels: list[int], batch: int,
            threads: int) -> EncodedBatches | None:
+    if source.kind == "arrays":
+        return PixelBatches(source, files, labels, batch, 1)  # copies from memory: no threads needed
     return None if source.kind == "folder" else EncodedBatches(source, files, labels, batch, threads)
 
 
@@ -287,8 +303,8 @@ class DaliValPasses:
 
     def _build(self) -> None:
         from dali_pipelines.common import build, layout_of
-        from dali_pipelines.val import val_pipeline
 
+        val_pipeline = dali_definitions(self._source)["val"]
         self.close()  # release the old pipeline's buffers before allocating new ones
         self._feeder = feeder(self._source, self._files, self._labels, self._batch, self._cfg.num_threads)
         self._pipe = build(val_pipeline, device=self._dali_device,
@@ -333,10 +349,16 @@ class DaliValPasses:
             self._feeder = None
 
 
-def dali_definitions() -> dict[str, Callable]:
-    """The pipeline definitions, imported only when the DALI backend is used."""
+def dali_definitions(source: ImageSource) -> dict[str, Callable]:
+    """The pipeline definitions for images of `source` (encoded, or pixels: dali_pipelines/arrays.py),
+    imported only when the DALI backend is used."""
     import_dali()
+    if source.kind == "arrays":
+        from dali_pipelines.arrays import array_labeled_pipeline, array_unlabeled_pipeline, array_val_pipeline
+
+        return {LABELED_KIND: array_labeled_pipeline, "unlabeled": array_unlabeled_pipeline, "val": array_val_pipeline}
     from dali_pipelines.labeled import labeled_pipeline
     from dali_pipelines.unlabeled import unlabeled_pipeline
+    from dali_pipelines.val import val_pipeline
 
-    return {LABELED_KIND: labeled_pipeline, "unlabeled": unlabeled_pipeline}
+    return {LABELED_KIND: labeled_pipeline, "unlabeled": unlabeled_pipeline, "val": val_pipeline}

@@ -75,13 +75,15 @@ def write_list(paths: list[str], out: str | Path) -> Path:
 
 
 def resolve_list(tree: ImageTree, entries: list[str], source: str,
-                 allow_outside: bool = False) -> tuple[list[str], list[int]]:
+                 allow_outside: bool = False, images: ImageSource | None = None) -> tuple[list[str], list[int]]:
     """Map list entries to files of `tree`: exact relative paths, else bare file names.
 
     Bare names (the SimCLR 1%/10% lists) are matched by file name and must be unique in the
     tree. Duplicated entries keep their first occurrence. With `allow_outside`, an entry that
-    is an existing file under the root but outside the class folders gets label -1.
+    is an image of `images` (by default a file under the root) outside the class folders gets
+    label -1.
     """
+    images = images or FolderSource(tree.root)
     label_of = dict(zip(tree.files, tree.labels))
     by_name: dict[str, str | None] = {}
     for f in tree.files:
@@ -102,7 +104,7 @@ def resolve_list(tree: ImageTree, entries: list[str], source: str,
                 break
         if rel is not None:
             label = label_of[rel]
-        elif allow_outside and (rel := next((f for f in forms if (tree.root / f).is_file()), None)):
+        elif allow_outside and (rel := next((f for f in forms if images.has(f)), None)):
             label = -1
         else:
             missing.append(entry)
@@ -169,17 +171,18 @@ class Splits:
         self.val_source = self.val_source or FolderSource(self.val_root)
 
 
-def _resolve_frozen(tree: ImageTree, path: Path, name: str, allow_outside: bool,
+def _resolve_frozen(tree: ImageTree, path: Path, name: str, allow_outside: bool, images: ImageSource,
                     dropped: frozenset[str] = frozenset()) -> tuple[list[str], list[int]]:
     """Files and labels of a run's own split list; every file must still exist, but those the run
-    dropped (--drop-images: their places are taken by others, `substitute_dropped`)."""
+    dropped (--drop-images: their places are taken by others, `substitute_dropped`). An unlabeled
+    image outside the class folders (`images` has it) has label -1."""
     label_of = dict(zip(tree.files, tree.labels))
     files, labels, missing = [], [], []
     for rel in read_run_list(path):  # exactly as the run wrote it
         if rel in label_of:
             files.append(rel)
             labels.append(label_of[rel])
-        elif rel in dropped or allow_outside and (tree.root / rel).is_file():
+        elif rel in dropped or allow_outside and images.has(rel):
             files.append(rel)
             labels.append(-1)
         else:
@@ -225,7 +228,7 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
     frozen_unl = split_list(frozen, "unlabeled") if frozen is not None else None
     dropped = frozenset(read_dropped(frozen)) if frozen is not None else frozenset()
     if frozen_lab is not None and frozen_lab.is_file():
-        lab_files, lab_labels = _resolve_frozen(train, frozen_lab, "labeled", allow_outside=False)
+        lab_files, lab_labels = _resolve_frozen(train, frozen_lab, "labeled", False, train_source)
         source = str(frozen_lab)
     elif data_cfg.labeled_list:
         lpath = list_path(data_cfg.labeled_list)
@@ -240,18 +243,18 @@ def load_splits(data_cfg, need_val: bool = True, frozen: str | Path | None = Non
                else f"{data_cfg.labeled_per_class} per class")
         source = f"generated: {how}, split_seed={data_cfg.split_seed}"
     if frozen_unl is not None and frozen_unl.is_file():
-        unl_files, unl_labels = _resolve_frozen(train, frozen_unl, "unlabeled", allow_outside=True, dropped=dropped)
-        if not data_cfg.unlabeled_list:  # the unlabeled set was every training image
-            new = len(set(train.files) - set(unl_files) - set(lab_files))
+        unl_files, unl_labels = _resolve_frozen(train, frozen_unl, "unlabeled", True, train_source, dropped)
+        if not data_cfg.unlabeled_list:  # the unlabeled set was the data set's whole pool
+            new = len(set(fmt.unlabeled_pool(train)[0]) - set(unl_files) - set(lab_files))
             if new:
                 logging.getLogger("simmatch").warning(
                     "warning: %d images under %s are not in this run's split (%s) and are "
                     "ignored: a resumed run keeps the split it started with", new, train.root, frozen)
     elif data_cfg.unlabeled_list:
         upath = list_path(data_cfg.unlabeled_list)
-        unl_files, unl_labels = resolve_list(train, read_list(upath), str(upath), allow_outside=True)
+        unl_files, unl_labels = resolve_list(train, read_list(upath), str(upath), True, train_source)
     else:
-        unl_files, unl_labels = list(train.files), list(train.labels)
+        unl_files, unl_labels = fmt.unlabeled_pool(train)
     if data_cfg.unlabeled == "complement":
         unl_files, unl_labels = complement(unl_files, unl_labels, lab_files)
     if dropped:

@@ -158,7 +158,7 @@ def build_streams(cfg: Config, scale: Scale, ranks: Sequence[int], process: int,
     if data.backend == "dali":
         from simmatch.data.dali_backend import DaliTrainStream, DaliValPasses, dali_definitions
 
-        defs = dali_definitions()
+        defs = dali_definitions(splits.train_source)
 
         def rank_streams(r: int) -> RankStreams:
             plan_l, plan_u = plans(r)

@@ -72,9 +72,20 @@ class RandomPILBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
+def translate_pad(cfg: Any) -> int:
+    """Pixels of reflect padding of the translated views (data.augment=translate): up to
+    data.translate of the side in each direction (4 px at 32 px, 12 px at 96 px)."""
+    return int(round(cfg.translate * cfg.crop_size))
+
+
 def weak_transform(cfg: Any):
-    """Crop and flip on the uint8 tensor (faster than on PIL), then normalise."""
+    """Crop and flip on the uint8 tensor (faster than on PIL), then normalise; or, for small
+    images (data.augment=translate), flip and reflect-padded translation (small_augment.py)."""
     v2 = _v2()
+    if cfg.augment == "translate":
+        from simmatch.data.small_augment import WeakView
+
+        return v2.Compose([WeakView(translate_pad(cfg), cfg.flip)] + _finish(cfg))
     return v2.Compose([v2.ToImage()] + _crop_flip(cfg) + _finish(cfg)[1:])
 
 
@@ -83,6 +94,10 @@ def strong_transform(cfg: Any, size: int | None = None, scale: tuple[float, floa
     are several times faster than the tensor ones; or RandAugment(n, m) on the tensor; after
     crop (of `size` px and `scale`, multi-crop) + flip."""
     v2 = _v2()
+    if cfg.augment == "translate":  # data.strong=fixmatch_ra (config validation)
+        from simmatch.data.small_augment import StrongView
+
+        return v2.Compose([StrongView(translate_pad(cfg), cfg.flip, cfg.randaug_n, cfg.cutout)] + _finish(cfg))
     if cfg.strong == "randaugment":
         return v2.Compose([v2.ToImage()] + _crop_flip(cfg)
                           + [v2.RandAugment(num_ops=cfg.randaug_n, magnitude=cfg.randaug_m)]
@@ -106,6 +121,8 @@ def simclr_colour_ops(cfg: Any) -> list:
 
 def val_transform(cfg: Any):
     v2 = _v2()
+    if cfg.augment == "translate":  # small images are evaluated as they are
+        return v2.Compose(_finish(cfg))
     return v2.Compose([v2.ToImage(), v2.Resize(val_resize_size(cfg), antialias=True),
                        v2.CenterCrop(cfg.crop_size)] + _finish(cfg)[1:])
 
@@ -115,6 +132,8 @@ def load_image(source: ImageSource, rel: str):
     damaged shard is one already, naming the shard)."""
     from PIL import Image
 
+    if source.kind == "arrays":  # pixels already (an archive's): nothing to decode
+        return Image.fromarray(source.pixels(rel))
     encoded = source.open(rel)
     try:
         with Image.open(encoded) as img:

@@ -33,12 +33,16 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
                            momentum=o.momentum, nesterov=o.nesterov, **kwargs)
 
 
-def lr_at(iteration: int, base_lr: float, warmup_iters: int, total_iters: int) -> float:
-    """Linear warm-up to `base_lr`, then cosine to zero, both per iteration."""
+def lr_at(iteration: int, base_lr: float, warmup_iters: int, total_iters: int,
+          schedule: str = "cosine") -> float:
+    """Linear warm-up to `base_lr`, then, per iteration, `cosine` to zero or FixMatch's
+    cos(7 pi k / 16 K) decay (`fixmatch`: its code and USB's, with k counted after the warm-up)."""
     if iteration < warmup_iters:
         return base_lr * (iteration + 1) / warmup_iters
     span = max(1, total_iters - warmup_iters)
     progress = min(1.0, (iteration - warmup_iters) / span)
+    if schedule == "fixmatch":
+        return base_lr * math.cos(7.0 * math.pi * progress / 16.0)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -40,11 +40,13 @@ from simmatch.engine.trainer_state import TrainerState
 from simmatch.errors import CheckpointError, DataError
 from simmatch.files.atomic import atomic_write_text
 from simmatch.methods import build_method
-from simmatch.methods.base import merge
+from simmatch.methods.base import StepTargets, merge
 from simmatch.models.bn_stats import RankBNStats
 from simmatch.models.group_bn import convert_group_bn
 from simmatch.run.change import judge_checkpoint
 from simmatch.run.dropped import read_dropped
+from simmatch.run.jsonl import read_records
+from simmatch.run.results import LAST_EVALUATIONS, evaluation_summary
 from simmatch.run.rundir import SPLIT_NAMES, RunDir
 from simmatch.run.world_sizes import running_text
 
@@ -257,6 +259,8 @@ class Trainer(TrainerState, TrainerEvaluation):
                 with self.autocast():
                     losses = m.student_losses(self.student, merge(labeled[g]), merge(unlabeled[g]),
                                               merge(step.ranks[g]), self.iteration)
+                if "memory" in losses:  # made by the student's forward (targets_in_forward): one group
+                    step = StepTargets(step.ranks, memory=losses.pop("memory"))
                 with timer("backward"):
                     loss = losses["loss"] if len(groups) == 1 else losses["loss"] / len(groups)
                     self.scaler.scale(loss).backward()
@@ -310,7 +314,7 @@ class Trainer(TrainerState, TrainerEvaluation):
         ended = False  # the loop ended on every rank together (not by an error of this rank alone)
         try:
             while self.iteration < d.total_iters:
-                lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters)
+                lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters, self.cfg.optim.schedule)
                 set_lr(self.optimizer, lr)
                 losses = self.step()
                 guard.update(losses["loss"])
@@ -344,8 +348,14 @@ class Trainer(TrainerState, TrainerEvaluation):
                     self.save()
                 last.update(self.evaluate())
                 # the run's end, for tools/status.py: "finished (iteration N of N, top-1 ...)"
+                summary = evaluation_summary(read_records(self.run_dir.metrics)) if self.rank == 0 else {}
                 self.metrics_file.write({"kind": "finished", "iteration": self.iteration,
-                                         "total_iters": d.total_iters})
+                                         "total_iters": d.total_iters, **summary})
+                if summary:
+                    self.log.info("%s: final %.2f, best %.2f, median of the last %d evaluations %.2f",
+                                  summary["metric"], summary["final"], summary["best"],
+                                  min(LAST_EVALUATIONS, summary["evaluations"]),
+                                  summary[f"median_last{LAST_EVALUATIONS}"])
             ended = True
         except StepDataError as exc:  # every rank has it, at the same step
             progress.close()

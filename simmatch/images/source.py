@@ -1,5 +1,6 @@
 """Where the encoded bytes of an image come from: the interface, and a folder tree (a shard set is
-simmatch/shards/source.py; data.format chooses, simmatch/shards/formats.py).
+simmatch/shards/source.py, an archive's pixels simmatch/images/arrays.py; data.format chooses,
+simmatch/shards/formats.py).
 
 The streams name images by their path relative to the split (`<class>/<file>`) whatever the
 format, so split lists, bank slots, the order and every seed are the same; only `read` differs.
@@ -19,6 +20,8 @@ class ImageSource(Protocol):
 
     def read(self, rel: str) -> bytes: ...
 
+    def has(self, rel: str) -> bool: ...
+
     def open(self, rel: str) -> Path | io.BytesIO: ...
 
     def where(self, rel: str) -> str: ...
@@ -35,6 +38,9 @@ class FolderSource:
 
     def read(self, rel: str) -> bytes:
         return (self.root / rel).read_bytes()
+
+    def has(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
 
     def open(self, rel: str) -> Path:
         return self.root / rel

@@ -44,18 +44,20 @@ def split_sizes(cfg: Config) -> SplitSizes:
                f"seeded draw: {d.labeled_per_class} per class")
     if d.labeled_list == "" and d.labeled_percent <= 0 and d.labeled_per_class <= 0:
         labeled = "none configured"
-    pool = f"{d.unlabeled_list}" if d.unlabeled_list else "every training image"
-    unlabeled = (f"complement of the labeled list in {pool}" if d.unlabeled == "complement" else pool)
     if d.backend == "synthetic":
         n = d.synthetic_size
         return SplitSizes(n, n, "synthetic", "synthetic", f"data.synthetic_size={n}")
     fmt = data_format(d)
+    pool = f"{d.unlabeled_list}" if d.unlabeled_list else fmt.pool_text
+    unlabeled = (f"complement of the labeled list in {pool}" if d.unlabeled == "complement" else pool)
     tree = fmt.listing()
     if fmt.path is not None and tree.exists():
         s = load_splits(d, need_val=False)
         return SplitSizes(len(s.labeled_files), len(s.unlabeled_files), labeled, unlabeled, fmt.listing_name())
-    total = d.num_train_images or None
-    where = (f"data.num_train_images={total} (data tree {tree} absent)" if total else
+    declared = fmt.declared_sizes()
+    total = d.num_train_images or (declared[0] if declared else None)
+    where = (f"data.num_train_images={total} (data tree {tree} absent)" if d.num_train_images else
+             f"{total:,} training images, as published ({tree} absent)" if total else
              f"unknown: data tree {tree} absent and data.num_train_images not set")
     if d.labeled_list:
         n_lab: int | None = _list_size(d.labeled_list)
@@ -66,7 +68,8 @@ def split_sizes(cfg: Config) -> SplitSizes:
         labeled += " (size estimated from data.num_train_images)"
     else:
         n_lab = None
-    n_pool = _list_size(d.unlabeled_list) if d.unlabeled_list else total
+    n_pool = _list_size(d.unlabeled_list) if d.unlabeled_list else \
+        declared[1] if declared and not d.num_train_images else total
     if n_pool is not None and d.unlabeled == "complement":
         n_pool = n_pool - n_lab if n_lab is not None else None
     return SplitSizes(n_lab, n_pool, labeled, unlabeled, where)
@@ -112,14 +115,35 @@ def recipe(cfg: Config, world_size: int) -> dict:
         "method_params": dataclasses.asdict(params), "method_values": dict(values),
         # the banks and queues every rank allocates, in bytes by name (the labeled bank needs the set's size)
         "bank_bytes": memory,
-        **method_part(cfg, values)[1],  # the method's own entries (its card's recipe)
+        **method_part(cfg, values, sizes.num_labeled)[1],  # the method's own entries (its card's recipe)
+        "sources": sourced_values(cfg),
     }
 
 
-def method_part(cfg: Config, values: dict) -> tuple[list[str], dict]:
-    """The method's own recipe lines and JSON entries (its card's `recipe`), from its scaled values."""
+def sourced_values(cfg: Config) -> dict[str, dict]:
+    """Each key of `cfg.sources` that this run uses, with its value and where it comes from (a
+    key of another method than the chosen one is left out)."""
+    out = {}
+    for key, origin in cfg.sources.items():
+        parts = key.split(".")
+        if parts[0] == "method" and len(parts) == 3:
+            if parts[1] != cfg.method.name:
+                continue
+            value = getattr(cfg.method.params, parts[2])
+        else:
+            value = cfg
+            for part in parts:
+                value = getattr(value, part)
+        out[key] = {"value": value, "from": origin}
+    return out
+
+
+def method_part(cfg: Config, values: dict, num_labeled: int | None) -> tuple[list[str], dict]:
+    """The method's own recipe lines and JSON entries (its card's `recipe`), from its scaled values
+    and the labeled set's size (`num_labeled` among them; None where unknown)."""
     card = card_of(cfg.method.name)
-    return card.recipe(cfg, cfg.method.params, values) if card.recipe is not None else ([], {})
+    return card.recipe(cfg, cfg.method.params, {**values, "num_labeled": num_labeled}) \
+        if card.recipe is not None else ([], {})
 
 
 def _n(value) -> str:
@@ -173,7 +197,7 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     """Human-readable lines, then the recipe as one JSON object (the last line); `world_size`
     is the processes, as in `recipe`."""
     r = recipe(cfg, world_size)
-    method_lines = method_part(cfg, r["method_values"])[0]
+    method_lines = method_part(cfg, r["method_values"], r["num_labeled"])[0]
     o, card = cfg.optim, card_of(cfg.method.name)
     k = r["global_labeled"] / o.base_batch if cfg.train.scale == "per_gpu" else 1.0
     pool = r["num_unlabeled"] if card.needs_unlabeled else r["num_labeled"]
@@ -192,13 +216,22 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         f"  teacher      {r['teacher']}, EMA momentum {r['ema_momentum']:.6g}"
         + (f" ({cfg.model.ema_momentum} ** {k:g})" if k != 1.0 else ""),
         f"  lr           {r['lr']:.6g} ({o.lr:g} x {r['global_labeled']} / {o.base_batch}), "
-        f"warm-up {o.warmup_epochs:g} epochs = {_n(r['warmup_iters'])} iterations, then cosine",
+        f"warm-up {o.warmup_epochs:g} epochs = {_n(r['warmup_iters'])} iterations, then "
+        + ("cos(7 pi k / 16 K) (optim.schedule=fixmatch)" if o.schedule == "fixmatch" else "cosine"),
         f"  epoch        {_n(r['steps_per_epoch'])} steps ({rounding}({_n(pool)} / {per_step}), "
         f"train.partial_batch={r['partial_batch']})",
         f"  total        {length}",
     ]
-    lines.append(f"  images       crops of {r['crop_size']} px; validation: shorter side resized to "
-                 f"{r['val_resize']} px, centre crop {r['crop_size']} px")
+    d = cfg.data
+    if d.augment == "translate":
+        pad = int(round(d.translate * d.crop_size))
+        lines.append(f"  images       {r['crop_size']} px, translated by up to {pad} px (reflect padding, "
+                     f"data.translate={d.translate:g})" + (", flipped" if d.flip else ", not flipped")
+                     + f"; strong views: FixMatch's RandAugment, {d.randaug_n} random ops of 14"
+                     + (" then Cutout" if d.cutout else "") + "; validation: the images as they are")
+    else:
+        lines.append(f"  images       crops of {r['crop_size']} px; validation: shorter side resized to "
+                     f"{r['val_resize']} px, centre crop {r['crop_size']} px")
     params = ", ".join(f"{key} {value}" for key, value in r["method_params"].items())
     lines.append(f"  method       {r['method']}: {params or 'no keys of its own'} (method.{r['method']}.*)")
     if cfg.data.strong_sizes and card.needs_unlabeled:
@@ -209,6 +242,9 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     if r["bank_bytes"]:
         lines.append(f"  memory       banks {size_text(sum(r['bank_bytes'].values()))} per rank ("
                      + ", ".join(f"{name} {size_text(n)}" for name, n in r["bank_bytes"].items()) + ")")
+    if r["sources"]:
+        lines.append("  sources      where the recipe's values come from:")
+        lines += [f"               {key} = {entry['value']}: {entry['from']}" for key, entry in r["sources"].items()]
     lines += [f"  intervals    {intervals_text(r['log_every'], r['ckpt_every'], r['eval_every'], r['total_iters'])}"]
     lines += [f"               {note}" for note in r["intervals_clamped"]]
     lines += [

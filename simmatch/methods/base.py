@@ -58,6 +58,10 @@ class Method(nn.Module):
         self.teacher = EMA(student, ema_momentum, teacher)
         self.seed = seed
 
+    # True: the step's targets come from the student's own forward (student_losses), whose dict
+    # then also holds `memory`, what after_step writes; the engine runs one rank per process then.
+    targets_in_forward: bool = False
+
     # Ranks whose images one forward normalises together (methods.build_method sets it): 1, or
     # the ranks of a BN group that this process runs itself under virtual ranks (train.bn_group_ranks).
     ranks_per_forward: int = 1
@@ -81,7 +85,9 @@ class Method(nn.Module):
     def student_losses(self, student: nn.Module, labeled: Batch | None, unlabeled: Batch | None,
                        targets: Targets, iteration: int) -> dict[str, torch.Tensor]:
         """`loss` (differentiable) plus detached scalar diagnostics of one rank's batch (or of a
-        BN group's ranks merged, see `merge`), given its `targets`. `student` may be DDP-wrapped."""
+        BN group's ranks merged, see `merge`), given its `targets`. `student` may be DDP-wrapped.
+        A method whose targets come from this forward (`targets_in_forward`) adds `memory`: what
+        `after_step` writes (the engine hands it over as the step's `StepTargets.memory`)."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 SHUFFLE_BN = "ema_shuffle_bn"  # the teacher mode that runs in train mode on the batch's statistics
 
-Rule = Literal["steps", "momentum", "global_unlabeled_batches", "epochs"]
+Rule = Literal["steps", "iterations", "momentum", "global_unlabeled_batches", "epochs"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Scaled:
 
     - `steps`: a count of steps of the reference batch (a queue of batch means): / k, rounded,
       at least 1 (k = global labeled batch / optim.base_batch under train.scale=per_gpu, else 1);
+    - `iterations`: a point in the run in steps of the reference batch: / k, rounded (0 stays 0);
     - `momentum`: a per-step decay: ** k;
     - `global_unlabeled_batches`: a number of global unlabeled batches held (a bank): x the
       global unlabeled batch, in rows;
@@ -43,6 +44,8 @@ class Scaled:
     def at(self, value: float, step_scale: float, global_unlabeled: int) -> float | int:
         if self.rule == "steps":
             return max(1, round(value / step_scale))
+        if self.rule == "iterations":
+            return round(value / step_scale)
         if self.rule == "momentum":
             return value ** step_scale
         if self.rule == "global_unlabeled_batches":
@@ -68,7 +71,8 @@ class MethodCard:
     renamed: dict[str, str] = field(default_factory=dict)  # its flat keys of earlier versions -> its keys
     # optional hooks, each given the run's config, the method's section and its scaled values
     memory: Callable[[Any, Any, dict, int], dict[str, int]] | None = None  # (cfg, section, values, labeled)
-    recipe: Callable[[Any, Any, dict], tuple[list[str], dict]] | None = None  # -> lines, JSON entries
+    # -> lines, JSON entries; its values hold `num_labeled` too (None where unknown)
+    recipe: Callable[[Any, Any, dict], tuple[list[str], dict]] | None = None
     validate: Callable[[Any, Any], None] | None = None  # relations between its keys and the run's (ConfigError)
 
     def teacher(self, cfg: Any) -> str:

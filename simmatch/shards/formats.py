@@ -1,7 +1,8 @@
 """Where a data set's images are, by `data.format`: the one place the choice is made.
 
 `folder`: the tree under `data.root` (`train_dir`, `val_dir`); `shards`: the tar shards and
-indexes that tools/make_shards.py packed into `data.shards`. Everything else asks the format
+indexes that tools/make_shards.py packed into `data.shards`; `cifar10`, `cifar100`, `svhn`,
+`stl10`: the archives torchvision downloads, read by simmatch/archives/. Everything else asks the format
 object `data_format(data_cfg)` returns (where the data is, its splits, their class count) and
 the image source it gives (simmatch/images/source.py), never `data.format` itself. No torch.
 """
@@ -65,6 +66,16 @@ class Folder:
         self.root()
         tree = scan_tree(self.split_dir(split), self.cfg.num_classes or None)
         return tree, FolderSource(tree.root)
+
+    def unlabeled_pool(self, tree: ImageTree) -> tuple[list[str], list[int]]:
+        """The unlabeled set when no list names it: every training image."""
+        return list(tree.files), list(tree.labels)
+
+    pool_text = "every training image"
+
+    def declared_sizes(self) -> tuple[int, int] | None:
+        """(training images, unlabeled pool) known without the data; None: unknown (data.num_train_images)."""
+        return None
 
     def count_classes(self) -> int:
         try:
@@ -140,6 +151,14 @@ class Shards:
         source = ShardSource(index, self.cfg.max_open_shards)
         return ImageTree(source.root, list(index.classes), index.paths, index.label.tolist()), source
 
+    def unlabeled_pool(self, tree: ImageTree) -> tuple[list[str], list[int]]:
+        return list(tree.files), list(tree.labels)
+
+    pool_text = "every training image"
+
+    def declared_sizes(self) -> tuple[int, int] | None:
+        return None
+
     def count_classes(self) -> int:
         try:
             with open(self.listing(), encoding="utf-8") as f:
@@ -148,10 +167,110 @@ class Shards:
             return 0
 
 
-FORMATS = {"folder": Folder, "shards": Shards}
+class Archive:
+    """A data set as torchvision's class downloads it into `data.root` (data.format cifar10,
+    cifar100, svhn, stl10; simmatch/archives/): its training archive for the labeled draw and the
+    unlabeled pool (STL-10: its unlabeled archive), its test archive for validation."""
+
+    key = "data.root"
+    # (training images, unlabeled pool, classes) as published; SVHN's extra adds EXTRA_SVHN
+    SIZES = {"cifar10": (50_000, 50_000, 10), "cifar100": (50_000, 50_000, 100),
+             "svhn": (73_257, 73_257, 10), "stl10": (5_000, 100_000, 10)}
+    EXTRA_SVHN = 531_131
+
+    def __init__(self, data_cfg: Any) -> None:
+        self.cfg = data_cfg
+        self.name = data_cfg.format
+        self.path = Path(data_cfg.root) if data_cfg.root else None
+
+    def root(self) -> Path:
+        if self.path is None:
+            raise ConfigError(f"data.root is empty: set it to the folder torchvision's {self.name} archive "
+                              f"was downloaded into (docs/DATA.md)")
+        if not self.path.is_dir():
+            raise DataError(f"data directory not found: {self.path}")
+        return self.path
+
+    def split_dir(self, split: str) -> Path:
+        from simmatch.archives import ARCHIVE_FOLDER
+
+        return (self.path or Path()) / ARCHIVE_FOLDER[self.name]
+
+    def listing(self) -> Path:
+        from simmatch.archives import expected_files
+
+        return expected_files(self.name, self.path or Path(), split="train")[0]
+
+    def listing_name(self) -> str:
+        return f"{self.name} archive {self.listing()}"
+
+    def check_config(self) -> None:
+        if self.cfg.extra and self.name != "svhn":
+            raise ConfigError(f"data.extra=true is for data.format=svhn (its extra_32x32.mat), not {self.name}")
+        side = 96 if self.name == "stl10" else 32
+        if self.cfg.augment != "translate" or self.cfg.crop_size != side:
+            raise ConfigError(f"data.format={self.name} holds {side} px images, trained as they are: set "
+                              f"data.augment=translate and data.crop_size={side} (as yaml/table1/ does), not "
+                              f"data.augment={self.cfg.augment}, data.crop_size={self.cfg.crop_size}")
+
+    full_check_name = None
+
+    def full_check(self, splits: Any) -> str:
+        raise NotImplementedError
+
+    def require(self) -> None:
+        from simmatch.archives import require_archive
+
+        require_archive(self.name, self.root(), self.cfg.extra)
+
+    def split(self, split: str) -> tuple[ImageTree, ImageSource]:
+        """The split's images (val: the test archive); STL-10's training source also holds its
+        unlabeled images (`unlabeled_pool`), outside the tree's classes."""
+        from simmatch.archives import read_archive
+        from simmatch.images.arrays import ArraySource
+
+        root = self.root()
+        arrays = read_archive(self.name, root, "train" if split == "train" else "test", self.cfg.extra)
+        where = self.split_dir(split) if self.name != "svhn" else root
+        parts = [(arrays.names, arrays.images, f"the {'training' if split == 'train' else 'test'} images in {where}")]
+        if split == "train" and self.name == "stl10":
+            pool = read_archive(self.name, root, "unlabeled")
+            parts.append((pool.names, pool.images, f"the unlabeled images in {where}"))
+        if self.cfg.num_classes and len(arrays.classes) != self.cfg.num_classes:
+            raise DataError(f"{self.listing_name()} has {len(arrays.classes)} classes but "
+                            f"data.num_classes={self.cfg.num_classes}")
+        tree = ImageTree(self.split_dir(split), list(arrays.classes), list(arrays.names),
+                         [int(v) for v in arrays.labels])
+        return tree, ArraySource(tree.root, parts)
+
+    def unlabeled_pool(self, tree: ImageTree) -> tuple[list[str], list[int]]:
+        """CIFAR and SVHN: every training image (FixMatch's and USB's reading); STL-10: its
+        100,000 unlabeled images (label -1)."""
+        if self.name != "stl10":
+            return list(tree.files), list(tree.labels)
+        from simmatch.archives import read_archive
+
+        names = read_archive(self.name, self.root(), "unlabeled").names
+        return list(names), [-1] * len(names)
+
+    @property
+    def pool_text(self) -> str:
+        return "STL-10's 100,000 unlabeled images" if self.name == "stl10" else "every training image"
+
+    def declared_sizes(self) -> tuple[int, int] | None:
+        train, pool, _ = self.SIZES[self.name]
+        extra = self.EXTRA_SVHN if self.cfg.extra else 0
+        return train + extra, pool + extra
+
+    def count_classes(self) -> int:
+        return self.SIZES[self.name][2]
 
 
-def data_format(data_cfg: Any) -> Folder | Shards:
+FORMATS = {"folder": Folder, "shards": Shards, "cifar10": Archive, "cifar100": Archive, "svhn": Archive,
+           "stl10": Archive}
+
+
+def data_format(data_cfg: Any) -> Folder | Shards | Archive:
     """The format object of a config's data section (`data.format`)."""
     return FORMATS[data_cfg.format](data_cfg)
 

@@ -34,6 +34,9 @@ class ShardSource:
     def read(self, rel: str) -> bytes:
         return read_row(self.index, self.index.row(rel), self.files)
 
+    def has(self, rel: str) -> bool:
+        return rel in self.index.rows
+
     def open(self, rel: str) -> io.BytesIO:
         return ImageBytes(self.read(rel), rel)
 

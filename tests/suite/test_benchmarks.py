@@ -132,3 +132,12 @@ def test_step_benchmark_simmatchv2_with_multicrop_against_simmatch():
     assert v2["img_s"] == pytest.approx((2 + 4 * 6) / (v2["step_ms"] / 1e3))
     assert simmatch["img_s"] == pytest.approx((2 + 4 * 2) / (simmatch["step_ms"] / 1e3))
     assert out["ratio"] == pytest.approx(v2["step_ms"] / simmatch["step_ms"])
+
+
+def test_table1_small_views_benchmark_tiny():
+    """benchmarks/small_views.py: a rate for each backend's weak and strong view, and the JSON line."""
+    pytest.importorskip("nvidia.dali")
+    out = last_json(call_tool("benchmarks/small_views.py", "--side", "32", "--batch", "8", "--threads", "1",
+                              "--iters", "1"))
+    assert out["side"] == 32 and out["batch"] == 8
+    assert all(out[f"{b}_{v}"] > 0 for b in ("dali", "torch") for v in ("weak", "strong")), out

@@ -26,6 +26,7 @@ from conftest import ROOT
 PROJECT = ("simmatch", "slurm", "dali_pipelines")
 CODE_DIRS = ("simmatch", "slurm", "dali_pipelines", "tools", "benchmarks")
 TORCH_FREE = ("simmatch/config", "simmatch/run", "simmatch/files", "simmatch/fields.py", "simmatch/images",
+              "simmatch/archives",
               "simmatch/shards", "simmatch/methods/__init__.py", "simmatch/methods/card.py",
               "simmatch/methods/*/__init__.py", "simmatch/checkpoint/elastic.py", "simmatch/checks.py",
               "simmatch/launch/preflight.py", "simmatch/launch/recipe.py")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from simmatch.errors import ConfigError
 from simmatch.fields import COUNT, NONNEG, UNIT, Range, above, num
 from simmatch.methods.card import MethodCard, Scaled, labeled_bank_bytes, register_card
 
@@ -28,6 +29,25 @@ class SimMatchConfig:
     remixmatch_t: float = num(0.5, above(0))
     bank_momentum: float = num(0.0, Range(0.0, 1.0, hi_open=True))  # 0: overwrite rows; >0: temporal ensemble
     propagate_after_epochs: int = num(0, NONNEG)  # official: L_in and aggregation start after epoch 0
+    # >0: they start after this many iterations instead (USB's CIFAR runs: after its first "epoch" of
+    # 1,024 iterations, which is not a pass over the unlabeled set)
+    propagate_after_iters: int = num(0, NONNEG)
+    # teacher: the weak view's logits and embeddings, and the bank's rows, come from the teacher
+    # (model.teacher). student: from the student's own forward of labeled + weak + strong images,
+    # detached, with no teacher network; the EMA is only evaluated (USB's CIFAR and SVHN reading of
+    # the paper's small-K variant, with bank_momentum)
+    targets: Literal["teacher", "student"] = "teacher"
+
+
+def l_in_start(m: SimMatchConfig, values: dict) -> int | None:
+    """The iteration where L_in and the aggregation start (None: unknown without the data)."""
+    return values["propagate_after_iters"] if m.propagate_after_iters else values.get("propagate_after_epochs")
+
+
+def _validate(cfg: Any, m: SimMatchConfig) -> None:
+    if m.targets == "student" and cfg.model.teacher != "eman":
+        raise ConfigError(f"method.simmatch.targets=student makes its targets with the student: model.teacher="
+                          f"{cfg.model.teacher} would make none (set model.teacher=eman, the EMA then only evaluated)")
 
 
 def _memory(cfg: Any, m: SimMatchConfig, values: dict, num_labeled: int) -> dict[str, int]:
@@ -37,10 +57,22 @@ def _memory(cfg: Any, m: SimMatchConfig, values: dict, num_labeled: int) -> dict
 def _recipe(cfg: Any, m: SimMatchConfig, values: dict) -> tuple[list[str], dict]:
     lines, entries = [], {}
     if m.use_bank:
-        start = values.get("propagate_after_epochs")
+        start = l_in_start(m, values)
+        key = (f"propagate_after_iters={m.propagate_after_iters}" if m.propagate_after_iters
+               else f"propagate_after_epochs={m.propagate_after_epochs}")
         lines.append(f"  L_in         starts at iteration {'unknown' if start is None else f'{start:,}'} "
-                     f"(method.simmatch.propagate_after_epochs={m.propagate_after_epochs})")
+                     f"(method.simmatch.{key})")
         entries["l_in_start_iter"] = start
+    if m.use_bank:
+        k = values.get("num_labeled")
+        kind = (f"a temporal ensemble: row <- normalize({m.bank_momentum:g} row + {1 - m.bank_momentum:g} new)"
+                if m.bank_momentum > 0 else "each row overwritten by its image's newest embedding")
+        lines.append(f"  bank         K = {'unknown' if k is None else f'{k:,}'} rows, one per labeled image; {kind} "
+                     f"(method.simmatch.bank_momentum={m.bank_momentum:g})")
+        entries["bank_rows"] = k
+    if m.targets == "student":
+        lines.append("  targets      the student's own weak view, detached, from its forward of labeled + weak + "
+                     "strong images (method.simmatch.targets=student); the EMA is only evaluated")
     if m.dist_align and m.da_target == "labeled":
         lines.append(f"  DA           ReMixMatch's: {values['remixmatch_da_len']} batch means, labeled-label marginal "
                      f"as target, sharpening T={m.remixmatch_t:g}")
@@ -56,8 +88,9 @@ CARD = register_card(MethodCard(
     trains_classifier=True, configured_teacher=True,
     student_images=(1, 0, 1), teacher_images=(1, 1),  # student: cat(labeled, strong views); teacher: cat(labeled, weak)
     scaled=(Scaled("da_len", "steps", "DA queue"), Scaled("remixmatch_da_len", "steps", "ReMixMatch's DA buffer"),
-            Scaled("propagate_after_epochs", "epochs", "L_in start")),
+            Scaled("propagate_after_epochs", "epochs", "L_in start"),
+            Scaled("propagate_after_iters", "iterations", "L_in start")),
     renamed={k: k for k in ("tau", "temperature", "alpha", "lambda_u", "lambda_in", "use_bank", "dist_align",
                             "da_len", "da_target", "remixmatch_da_len", "remixmatch_t", "bank_momentum",
                             "propagate_after_epochs")},
-    memory=_memory, recipe=_recipe))
+    memory=_memory, recipe=_recipe, validate=_validate))

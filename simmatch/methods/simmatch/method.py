@@ -15,6 +15,7 @@ from simmatch.methods.bank import LabeledBank
 from simmatch.methods.base import Batch, Method, StepTargets, Targets, merge
 from simmatch.methods.card import register
 from simmatch.methods.losses import fp32, pseudo_label_metrics, soft_cross_entropy
+from simmatch.methods.simmatch import l_in_start
 from simmatch.models import Network, network_for
 
 
@@ -45,8 +46,9 @@ class SimMatch(Method):
                  lambda_u: float, lambda_in: float, dist_align: bool = True, da_len: int = 256,
                  da: nn.Module | None = None, bank_momentum: float = 0.0,
                  propagate_after_iters: int = 0, use_bank: bool = True, teacher: str = "eman",
-                 seed: int = 0):
+                 seed: int = 0, targets_from: str = "teacher"):
         super().__init__(student, ema_momentum, teacher, seed)
+        self.targets_from = targets_from
         self.tau, self.temperature, self.alpha = tau, temperature, alpha
         self.lambda_u, self.lambda_in = lambda_u, lambda_in
         self.propagate_after_iters = propagate_after_iters
@@ -71,11 +73,19 @@ class SimMatch(Method):
             network_for(cfg, head=m.use_bank), derived.ema_momentum, bank_labels, cfg.data.num_classes,
             tau=m.tau, temperature=m.temperature, alpha=m.alpha, lambda_u=m.lambda_u,
             lambda_in=m.lambda_in if m.use_bank else 0.0, dist_align=m.dist_align, da_len=values["da_len"],
-            da=da, bank_momentum=m.bank_momentum, propagate_after_iters=values["propagate_after_epochs"],
-            use_bank=m.use_bank, teacher=cls.card.teacher(cfg), seed=cfg.train.seed)
+            da=da, bank_momentum=m.bank_momentum, propagate_after_iters=l_in_start(m, values),
+            use_bank=m.use_bank, teacher=cls.card.teacher(cfg), seed=cfg.train.seed, targets_from=m.targets)
+
+    @property
+    def targets_in_forward(self) -> bool:
+        """method.simmatch.targets=student: the targets come from the student's own forward, so
+        the distribution alignment's global mean is taken there, once per process and step."""
+        return self.targets_from == "student"
 
     @torch.no_grad()
     def targets(self, labeled: list[Batch], unlabeled: list[Batch], iteration: int) -> StepTargets:
+        if self.targets_in_forward:  # made in student_losses, from the student's weak view
+            return StepTargets([{} for _ in labeled])
         with self.timer("teacher_forward"):
             outs = self.teacher_forward([torch.cat([lab["x"], unl["weak"]])
                                          for lab, unl in zip(labeled, unlabeled)], iteration)
@@ -109,11 +119,33 @@ class SimMatch(Method):
                        iteration: int) -> dict[str, torch.Tensor]:
         assert unlabeled is not None
         strong = list(unlabeled["strong"])
+        if self.targets_in_forward:
+            return self._losses_with_own_targets(student, labeled, unlabeled, iteration)
         with self.timer("student_forward"):
             logits, emb = student(torch.cat([labeled["x"], *strong]))
         with fp32(logits.device), self.timer("losses"):
             return self._losses(logits, emb, labeled, unlabeled, targets["p_hat"], targets["q_hat"],
                                 len(strong))
+
+    def _losses_with_own_targets(self, student, labeled: Batch, unlabeled: Batch,
+                                 iteration: int) -> dict[str, torch.Tensor]:
+        """One forward of labeled + weak + strong images (one BN batch); the weak view's logits and
+        embeddings, detached, make the targets, and the labeled embeddings are the bank's new rows
+        (`memory`, written by after_step)."""
+        b, bu = labeled["x"].shape[0], unlabeled["weak"].shape[0]
+        with self.timer("student_forward"):
+            logits, emb = student(torch.cat([labeled["x"], unlabeled["weak"], *unlabeled["strong"]]))
+        with torch.no_grad(), self.timer("targets"):
+            weak_emb = emb[b:b + bu].detach() if self.use_bank else None
+            p_hat, q_hat = self._propagate(logits[b:b + bu].detach(), weak_emb, labeled["y"], iteration)
+            rows = (emb[:b].detach().float(), labeled["y"].clone(), labeled["index"].clone()) if self.use_bank else None
+        without_weak = (torch.cat([logits[:b], logits[b + bu:]]),
+                        torch.cat([emb[:b], emb[b + bu:]]) if emb is not None else None)
+        with fp32(logits.device), self.timer("losses"):
+            out = self._losses(*without_weak, labeled, unlabeled, p_hat, q_hat, len(unlabeled["strong"]))
+        if rows is not None:
+            out["memory"] = rows
+        return out
 
     def _losses(self, logits, emb, labeled: Batch, unlabeled: Batch, p_hat, q_hat,
                 views: int) -> dict[str, torch.Tensor]:
