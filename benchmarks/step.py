@@ -8,6 +8,8 @@ Examples
   python benchmarks/step.py --arch resnet18 --crop 32 --batch 8 --mu 5 --virtual 2 4 --repeat 3
   python benchmarks/step.py --arch resnet18 --crop 32 --batch 8 --mu 5 --method simmatchv2 --multicrop \
       --compare simmatch
+  python benchmarks/step.py --cfg yaml/cifar10_40.yaml --arch wrn_28_2 --crop 32 --classes 10 --batch 64 --mu 7 \
+      --amp none                                                                  # a Table 1 step
 
 Throughput is timed without any per-step host sync; the breakdown is a second pass with a
 device sync around each phase. The last line is one JSON object.
@@ -68,7 +70,8 @@ def build(args, method: str, run_dir: Path, device: torch.device, virtual: int =
     """A one-process trainer; with `virtual` = N it computes N ranks of --batch labeled images
     each (train.batch_size is the global batch under the default scale=fixed_global)."""
     overrides = [
-        *METHODS[method], f"model.arch={args.arch}", f"model.small_input={args.crop <= 64}",
+        *METHODS[method], f"model.arch={args.arch}",
+        f"model.small_input={args.crop <= 64 and not args.arch.startswith('wrn_')}",
         f"data.backend={args.backend}", f"data.crop_size={args.crop}", f"data.num_classes={args.classes}",
         f"data.synthetic_size={max(4096, args.batch * args.mu * 4)}", f"data.num_threads={args.threads}",
         f"data.device={'gpu' if device.type == 'cuda' else 'cpu'}", f"data.prefetch={args.prefetch}",
@@ -87,8 +90,10 @@ def build(args, method: str, run_dir: Path, device: torch.device, virtual: int =
     if args.data:
         overrides.append(f"data.root={args.data}")
         overrides.append(f"data.labeled_percent={args.labeled_percent}")
-    cfg = load_config(None, overrides)
-    cfg.method.params.propagate_after_epochs = 0
+    cfg = load_config(args.cfg, overrides)
+    cfg.method.params.propagate_after_epochs = 0  # every loss from the first step
+    if hasattr(cfg.method.params, "propagate_after_iters"):
+        cfg.method.params.propagate_after_iters = 0
     return Trainer(cfg, run_dir, device)
 
 
@@ -203,6 +208,8 @@ def compare_virtual(args) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg", default=None, help="a config whose recipe to time (e.g. yaml/cifar10_40.yaml: "
+                    "its targets and views); the flags below override it")
     ap.add_argument("--method", default="simmatch", choices=list(METHODS))
     ap.add_argument("--compare", default=None, choices=["simmatch", "nobank", "fixmatch", "supervised"],
                     help="also run this method and report the step-time ratio")

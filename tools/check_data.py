@@ -2,6 +2,9 @@
 """Check a data set tree: decode every image (one thread per core, a progress line on stderr),
 name every bad file, per-class counts, and a summary line with the time it took.
 
+A folder torchvision downloaded CIFAR-10, CIFAR-100, SVHN or STL-10 into (data.format cifar10 ...)
+is read split by split as training reads it: a missing, truncated or foreign file is named.
+
 A shard set (the OUT of tools/make_shards.py) is checked against its indexes instead: each
 index against its digest, every shard's size, tar headers and sha256 (an altered shard's
 changed images are named), every index line against the tar member at its offset (path, size,
@@ -20,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from simmatch.archives.check import archive_kind, check_archive  # noqa: E402
 from simmatch.errors import cli_errors  # noqa: E402
 from simmatch.files.atomic import atomic_write_text  # noqa: E402
 from simmatch.images.check import check_tree  # noqa: E402
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or os.cpu_count() or 1
     if is_shard_set(args.dir):
         return check_shards(args, workers)
+    if archive_kind(args.dir):
+        return check_archives(args)
     report = check_tree(args.dir, workers=workers, show_progress=not args.quiet)
     for parent, classes in report.groups().items():
         counts = list(classes.values())
@@ -81,6 +87,21 @@ def conclude(summary: str, problems: list) -> int:
         return 1
     print(f"{summary}: no problems")
     return 0
+
+
+def check_archives(args: argparse.Namespace) -> int:
+    report = check_archive(args.dir)
+    for split, s in report.splits.items():
+        counts = list(s["per_class"].values())
+        spread = f" ({min(counts)}-{max(counts)} per class)" if counts else " (no labels)"
+        print(f"{report.root} {report.name} {split}: {s['images']:,} images of {s['size']} px, "
+              f"{s['classes']} classes{spread}")
+        if not args.quiet and counts:
+            width = max(len(c) for c in s["per_class"])
+            for cls, n in s["per_class"].items():
+                print(f"  {cls:<{width}}  {n}")
+    images = sum(s["images"] for s in report.splits.values())
+    return conclude(f"read {images:,} images of {report.name} in {report.seconds:.1f} s", report.problems)
 
 
 def check_shards(args: argparse.Namespace, workers: int) -> int:

@@ -113,7 +113,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # a torchvision ResNet name, or resnet10 (one block per stage)
+    # a torchvision ResNet name, resnet10 (one block per stage), or a Wide ResNet of the Table 1
+    # recipes: wrn_28_2, wrn_28_8, wrn_37_2 (simmatch/models/wrn.py)
+    arch: str = "resnet50"
     small_input: bool = False  # 3x3 stride-1 stem and no max-pool, for images of 32 px or less
     proj_dim: int = num(128, COUNT)  # output of the projection head
     proj_hidden: int = num(0, NONNEG)  # hidden width of the projection head; 0: the trunk's feature width
