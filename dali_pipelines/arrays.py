@@ -15,6 +15,7 @@ from typing import Any
 from nvidia.dali import fn, pipeline_def, types
 
 from dali_pipelines.common import normalize
+from dali_pipelines.ra_list import pad_for
 from dali_pipelines.small_augment import strong, weak
 
 
@@ -26,7 +27,7 @@ def read_pixels(source: Callable):
 
 def translate_pad(cfg: Any) -> int:
     """Reflect padding of the translated views: data.translate of the side (as the torch backend)."""
-    return int(round(cfg.translate * cfg.crop_size))
+    return pad_for(cfg.crop_size, cfg.translate)
 
 
 def _finish(view, cfg: Any, layout: str, device: str):

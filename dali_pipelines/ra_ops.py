@@ -28,24 +28,8 @@ from nvidia.dali import fn, types
 from nvidia.dali.auto_aug import augmentations as aa
 from nvidia.dali.auto_aug.core import augmentation
 
-# (name, low, high), as simmatch.data.small_augment.RA_OPS (the tests check they agree)
-RA_OPS: tuple[tuple[str, float, float], ...] = (
-    ("auto_contrast", 0.0, 1.0),
-    ("brightness", 0.05, 0.95),
-    ("color", 0.05, 0.95),
-    ("contrast", 0.05, 0.95),
-    ("equalize", 0.0, 1.0),
-    ("identity", 0.0, 1.0),
-    ("posterize", 4.0, 8.0),
-    ("rotate", -30.0, 30.0),
-    ("sharpness", 0.05, 0.95),
-    ("shear_x", -0.3, 0.3),
-    ("shear_y", -0.3, 0.3),
-    ("solarize", 0.0, 256.0),
-    ("translate_x", -0.3, 0.3),
-    ("translate_y", -0.3, 0.3),
-)
-OP_NAMES = tuple(name for name, _, _ in RA_OPS)
+from dali_pipelines.ra_list import OP_NAMES, RA_OPS
+
 # PIL's "L" conversion: (19595 R + 38470 G + 7471 B + 0x8000) >> 16
 LUMA16 = (19595, 38470, 7471)
 SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0  # ImageFilter.SMOOTH

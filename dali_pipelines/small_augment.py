@@ -31,15 +31,8 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import select
 
-from dali_pipelines.ra_ops import RA_AUGMENTATIONS, RA_OPS, on_device_of
-
-PAD_FRACTION = 0.125
-CUTOUT_FILL = (125, 123, 114)
-CUTOUT_MAX = 0.5
-
-def pad_for(side: int) -> int:
-    """The reflect padding of the weak view: 12.5 % of the side, rounded (4 at 32, 12 at 96)."""
-    return int(round(PAD_FRACTION * side))
+from dali_pipelines.ra_list import CUTOUT_FILL, CUTOUT_MAX, RA_OPS
+from dali_pipelines.ra_ops import RA_AUGMENTATIONS, on_device_of
 
 
 def _record(record: dict | None, key: str, value: Any) -> None:

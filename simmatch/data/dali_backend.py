@@ -78,12 +78,15 @@ class EncodedBatches:
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
         self.error: DataError | None = None
 
-    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def batch_of(self, info) -> tuple[list[str], list[int]]:
+        """The images and labels of DALI's batch `info.iteration`, cyclically, the last one padded."""
         start = (info.iteration % self.batches) * self.batch
         rels = self.files[start:start + self.batch]
         labels = self.labels[start:start + self.batch]
-        rels += rels[-1:] * (self.batch - len(rels))
-        labels += labels[-1:] * (self.batch - len(labels))
+        return rels + rels[-1:] * (self.batch - len(rels)), labels + labels[-1:] * (self.batch - len(labels))
+
+    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        rels, labels = self.batch_of(info)
         try:
             data = list(self.pool.map(self._read, rels))
         except DataError as exc:
@@ -109,11 +112,7 @@ class PixelBatches(EncodedBatches):
     batch k is their uint8 HWC arrays, as EncodedBatches orders and pads them."""
 
     def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        start = (info.iteration % self.batches) * self.batch
-        rels = self.files[start:start + self.batch]
-        labels = self.labels[start:start + self.batch]
-        rels += rels[-1:] * (self.batch - len(rels))
-        labels += labels[-1:] * (self.batch - len(labels))
+        rels, labels = self.batch_of(info)
         return ([self.source.pixels(rel) for rel in rels],
                 [np.array([label], dtype=np.int32) for label in labels])
 

@@ -47,32 +47,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-PAD_FRACTION = 0.125
-CUTOUT_FILL = (125, 123, 114)
-CUTOUT_MAX = 0.5  # the side of the Cutout square, as a fraction of the width: U[0, 0.5]
-# (name, low, high): the op's level is drawn uniformly in [low, high)
-RA_OPS: tuple[tuple[str, float, float], ...] = (
-    ("auto_contrast", 0.0, 1.0),
-    ("brightness", 0.05, 0.95),
-    ("color", 0.05, 0.95),
-    ("contrast", 0.05, 0.95),
-    ("equalize", 0.0, 1.0),
-    ("identity", 0.0, 1.0),
-    ("posterize", 4.0, 8.0),
-    ("rotate", -30.0, 30.0),
-    ("sharpness", 0.05, 0.95),
-    ("shear_x", -0.3, 0.3),
-    ("shear_y", -0.3, 0.3),
-    ("solarize", 0.0, 256.0),
-    ("translate_x", -0.3, 0.3),
-    ("translate_y", -0.3, 0.3),
-)
-OP_NAMES = tuple(name for name, _, _ in RA_OPS)
-
-
-def pad_for(side: int) -> int:
-    """The reflect padding of the weak view: 12.5 % of the side, rounded (4 at 32, 12 at 96)."""
-    return int(round(PAD_FRACTION * side))
+from dali_pipelines.ra_list import CUTOUT_FILL, CUTOUT_MAX, RA_OPS
 
 
 def as_array(img: Any) -> np.ndarray:

@@ -75,7 +75,9 @@ class RandomPILBlur:
 def translate_pad(cfg: Any) -> int:
     """Pixels of reflect padding of the translated views (data.augment=translate): up to
     data.translate of the side in each direction (4 px at 32 px, 12 px at 96 px)."""
-    return int(round(cfg.translate * cfg.crop_size))
+    from dali_pipelines.ra_list import pad_for
+
+    return pad_for(cfg.crop_size, cfg.translate)
 
 
 def weak_transform(cfg: Any):

@@ -37,7 +37,7 @@ from simmatch.engine.stop import StepDataError, StopRequest
 from simmatch.engine.tracking import build_trackers
 from simmatch.engine.trainer_eval import TrainerEvaluation, TrainResult
 from simmatch.engine.trainer_state import TrainerState
-from simmatch.errors import CheckpointError, DataError
+from simmatch.errors import CheckpointError, ConfigError, DataError
 from simmatch.files.atomic import atomic_write_text
 from simmatch.methods import build_method
 from simmatch.methods.base import StepTargets, merge
@@ -109,6 +109,10 @@ class Trainer(TrainerState, TrainerEvaluation):
         # its statistics with the processes that run its other ranks.
         self.method = build_method(cfg, self.derived, self.streams.bank_labels.cpu(),
                                    ranks_per_forward=min(group, mine))
+        if self.method.targets_in_forward and mine > 1:
+            raise ConfigError(f"{cfg.method.name} makes its targets in the student's forward, its global means "
+                              f"taken there once per process: it runs one rank per process, not {mine} (train."
+                              f"virtual_world_size={cfg.train.virtual_world_size} on {self.processes} process(es))")
         if group > mine:
             convert_group_bn(self.method, dist.bn_group(group // mine), device.type)
         if group > 1:

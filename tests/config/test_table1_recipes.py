@@ -93,3 +93,13 @@ def test_table1_a_truncated_archive_is_one_line_before_training(tmp_path):
                     f"train.run_dir={tmp_path / 'run'}", "data.backend=torch", "data.labeled_per_class=1")
     assert_one_line_error(res, f"{batch} does not load as a pickle")
     assert not (tmp_path / "run").exists()  # a refused start leaves no run directory behind
+
+
+def test_table1_student_targets_refuse_virtual_ranks(tmp_path):
+    """SimMatch's own-forward targets take their DA means in the forward: two ranks in one process
+    would each align on half the batch; refused in one line, and no run directory is left."""
+    res = call_tool("tools/train.py", "--cfg", str(ROOT / "yaml" / "digits_table1.yaml"), "data.backend=synthetic",
+                    "data.synthetic_size=64", "data.num_classes=10", "train.virtual_world_size=2",
+                    "train.batch_size=16", "optim.iters=2", f"train.run_dir={tmp_path / 'run'}")
+    assert_one_line_error(res, "simmatch makes its targets in the student's forward", "not 2")
+    assert not (tmp_path / "run").exists()

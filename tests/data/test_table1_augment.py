@@ -27,6 +27,7 @@ pytest.importorskip("sklearn")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from dali_pipelines import ra_list as L  # noqa: E402
 from dali_pipelines import ra_ops as R  # noqa: E402
 from dali_pipelines import small_augment as D  # noqa: E402
 from dali_pipelines.common import quiet_dali_deprecations  # noqa: E402
@@ -102,10 +103,11 @@ def chi2_uniform(values, k: int) -> tuple[np.ndarray, float]:
 
 
 def test_table1_backends_share_the_recipe():
-    assert R.RA_OPS == T.RA_OPS and len(T.RA_OPS) == 14
-    assert D.CUTOUT_FILL == T.CUTOUT_FILL == (125, 123, 114) and D.CUTOUT_MAX == T.CUTOUT_MAX == 0.5
-    assert [D.pad_for(s) for s in SIDES] == [T.pad_for(s) for s in SIDES] == [4, 12]
-    assert set(T.OPS) == set(R.PIL_OPS) == set(T.OP_NAMES)
+    """One table (dali_pipelines/ra_list.py): USB's 14 ops, its Cutout, FixMatch's 12.5 % translation;
+    each backend implements every op of it."""
+    assert len(L.RA_OPS) == 14 and L.CUTOUT_FILL == (125, 123, 114) and L.CUTOUT_MAX == 0.5
+    assert [L.pad_for(s) for s in SIDES] == [4, 12]
+    assert set(T.OPS) == set(R.PIL_OPS) == set(L.OP_NAMES)
 
 
 @pytest.mark.parametrize("op", [*LEVELS, "equalize_ops"])
@@ -181,11 +183,11 @@ def test_table1_torch_weak_is_torchvisions(photos):
 
     for s in SIDES:
         tv = transforms.Compose([transforms.RandomHorizontalFlip(),
-                                 transforms.RandomCrop(s, padding=T.pad_for(s), padding_mode="reflect")])
+                                 transforms.RandomCrop(s, padding=L.pad_for(s), padding_mode="reflect")])
         for seed in range(20):
             img = photos[s][seed % 2]
             torch.manual_seed(seed)
-            ours = np.asarray(T.weak(img, T.pad_for(s)))
+            ours = np.asarray(T.weak(img, L.pad_for(s)))
             torch.manual_seed(seed)
             assert np.array_equal(ours, np.asarray(tv(Image.fromarray(img)))), (s, seed)
 
@@ -226,7 +228,7 @@ def check_offsets(found: list[tuple[int, int, bool]], pad: int, flip: bool) -> N
 def test_table1_weak_offsets_and_flips(side, flip):
     """600 weak views per backend: both offsets uniform over 0..2*pad (chi-square at p 0.001,
     every offset reached), flips in half of them (none with flip off, SVHN's setting)."""
-    pad = T.pad_for(side)
+    pad = L.pad_for(side)
     img = coordinate_image(side)
     torch_found = []
     for seed in range(600):
@@ -260,7 +262,7 @@ def replay_strong(img: np.ndarray, draws: dict, view: str, i: int, pad: int) -> 
     arr = np.pad(arr, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")[top:top + side, left:left + side]
     ops = []
     for slot in range(2):
-        name, low, high = T.RA_OPS[int(draws[f"{view}.op{slot}"][i])]
+        name, low, high = L.RA_OPS[int(draws[f"{view}.op{slot}"][i])]
         u = np.float32(draws[f"{view}.level{slot}"][i])
         ops.append((name, float(u * np.float32(high - low) + np.float32(low))))
     v, cx, cy = (float(c) for c in draws[f"{view}.cutout"][i])
@@ -292,9 +294,9 @@ def test_table1_strong_op_and_cutout_distributions(strong_run):
     for seed in range(512):
         torch.manual_seed(seed)
         for name, level in T.draw_ops(2):
-            k = T.OP_NAMES.index(name)
+            k = L.OP_NAMES.index(name)
             torch_ops.append(k)
-            low, high = T.RA_OPS[k][1:]
+            low, high = L.RA_OPS[k][1:]
             torch_levels.append((level - low) / (high - low) if high > low else 0.5)
         torch_v.append(T.draw_cutout(32, 32)[0])
     for ops, levels, v in ((dali_ops, dali_levels, dali_v),
@@ -303,8 +305,8 @@ def test_table1_strong_op_and_cutout_distributions(strong_run):
         assert counts.min() > 0 and chi2 < CHI2_999[13], (counts, chi2)
         assert levels.min() >= 0.0 and levels.max() < 1.0
         assert abs(levels.mean() - 0.5) < 4 * 0.2887 / np.sqrt(len(levels)), levels.mean()
-        assert v.min() >= 0.0 and v.max() <= T.CUTOUT_MAX
-        _, chi2 = chi2_uniform((v / T.CUTOUT_MAX * 10).astype(int), 10)
+        assert v.min() >= 0.0 and v.max() <= L.CUTOUT_MAX
+        _, chi2 = chi2_uniform((v / L.CUTOUT_MAX * 10).astype(int), 10)
         assert chi2 < CHI2_999[9], chi2
     sides = [[T.cutout_box(32, 32, x, 16.0, 16.0)[2] - 11 for x in vs if x > 0] for vs in (dali_v, torch_v)]
     assert abs(np.mean(sides[0]) - np.mean(sides[1])) < 0.6, [np.mean(s) for s in sides]  # ~8.5 px
