@@ -6,7 +6,9 @@ every rank — and repeats the permutation cyclically up to a whole number of gl
 floor(N / global batch) batches (the authors' drop_last; the next epoch reshuffles). Global
 step s reads the contiguous chunk [s*B*W, (s+1)*B*W) of that order; rank r takes the r-th
 B-slice of it. The global sequence of batches therefore does not depend on the world size, and
-ranks never share an item within a step. Augmentation randomness is seeded from the GLOBAL rank.
+ranks share no item within a step unless the set is smaller than the global batch (40 labels at 64
+a step: the padding repeats items, so a step may hold one twice; the labeled bank writes each slot
+once, the last row). Augmentation randomness is seeded from the GLOBAL rank.
 
 Elastic resume: a run continued on another world size (or per-rank batch) goes on from the
 first item of the epoch's permutation that no rank has consumed (`tail_offset` items of epoch

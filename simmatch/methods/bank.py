@@ -32,9 +32,22 @@ class LabeledBank(nn.Module):
         features = dist.all_gather_cat(features.detach().float())
         labels = dist.all_gather_cat(labels.long())
         indices = dist.all_gather_cat(indices.long())
+        keep = last_occurrences(indices)  # a labeled set smaller than the global batch repeats slots
+        features, labels, indices = features[keep], labels[keep], indices[keep]
         if self.momentum > 0:
             # Temporal ensemble for small K: each ROW renormalised (not each column).
             old = self.features.index_select(0, indices)
             features = F.normalize(self.momentum * old + (1.0 - self.momentum) * features, dim=1)
         self.features.index_copy_(0, indices, features)
         self.labels.index_copy_(0, indices, labels)
+
+
+def last_occurrences(indices: torch.Tensor) -> torch.Tensor:
+    """Positions of the last occurrence of each distinct value of `indices`, in increasing order:
+    the rows a sequential write keeps. index_copy_ keeps the last of repeated indices on the CPU
+    but leaves the choice undefined on CUDA; writing each slot once makes both the same."""
+    n = indices.numel()
+    values, inverse = torch.unique(indices, return_inverse=True)
+    last = torch.full((values.numel(),), -1, dtype=torch.long, device=indices.device)
+    last.scatter_reduce_(0, inverse, torch.arange(n, device=indices.device), reduce="amax")
+    return last.sort().values

@@ -1,4 +1,5 @@
 """The labeled bank with two real gloo processes writing different rows."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -61,3 +62,26 @@ def test_single_process_without_group():
     torch.testing.assert_close(bank.features[3], torch.tensor([1.0, 0.0]))
     assert bank.labels[3] == 2
     assert "features" in bank.state_dict()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.7])
+def test_table1_repeated_slots_are_written_once_the_last_wins(momentum):
+    """40 labels at 64 a step repeat slots within a step: each slot is written once, with its last
+    row (a sequential write's result; CUDA's index_copy_ leaves the winner of repeats undefined)."""
+    from simmatch.methods.bank import last_occurrences
+
+    idx = torch.tensor([3, 1, 3, 0, 1, 5, 3])
+    assert last_occurrences(idx).tolist() == [3, 4, 5, 6]
+    g = torch.Generator().manual_seed(0)
+    bank = LabeledBank(6, 4, torch.zeros(6, dtype=torch.long), momentum)
+    before = bank.features.clone()
+    rows = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=1)
+    labels = torch.arange(7)
+    bank.update(rows, labels, idx)
+    expect, expect_labels = before.clone(), torch.zeros(6, dtype=torch.long)
+    for i, slot in enumerate(idx.tolist()):  # a loop: each write from the bank as it was, the last one kept
+        v = momentum * before[slot] + (1 - momentum) * rows[i] if momentum else rows[i]
+        expect[slot] = v / v.norm()
+        expect_labels[slot] = labels[i]
+    torch.testing.assert_close(bank.features, expect)
+    assert bank.labels.tolist() == expect_labels.tolist()

@@ -35,7 +35,8 @@ class SimMatchConfig:
     # teacher: the weak view's logits and embeddings, and the bank's rows, come from the teacher
     # (model.teacher). student: from the student's own forward of labeled + weak + strong images,
     # detached, with no teacher network; the EMA is only evaluated (USB's CIFAR and SVHN reading of
-    # the paper's small-K variant, with bank_momentum)
+    # the paper's small-K variant, with bank_momentum). As in that code the head has a zero gradient
+    # before L_in starts (L_in x 0), so weight decay and momentum act on it.
     targets: Literal["teacher", "student"] = "teacher"
 
 

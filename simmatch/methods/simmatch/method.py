@@ -143,6 +143,11 @@ class SimMatch(Method):
                         torch.cat([emb[:b], emb[b + bu:]]) if emb is not None else None)
         with fp32(logits.device), self.timer("losses"):
             out = self._losses(*without_weak, labeled, unlabeled, p_hat, q_hat, len(unlabeled["strong"]))
+            if q_hat is None and emb is not None:
+                # USB's L_in before it starts is L_in x 0.0: the head gets a zero gradient, not none,
+                # so weight decay and momentum act on it as in that code (its first 1,024 steps
+                # leave the head's weights at ~0.86 of their size)
+                out["loss"] = out["loss"] + 0.0 * emb[b + bu:].sum()
         if rows is not None:
             out["memory"] = rows
         return out
