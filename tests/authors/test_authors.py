@@ -100,12 +100,21 @@ def make_batches(rank: int, world: int, labels: torch.Tensor) -> tuple[list, lis
         index = torch.randperm(k, generator=torch.Generator().manual_seed(100 + e))
         index = index[(j * world + rank) * B:(j * world + rank + 1) * B]
         u_index = torch.randperm(k, generator=torch.Generator().manual_seed(200 + s))[rank * B * MU:][:B * MU]
-        g = torch.Generator().manual_seed(1000 * s + rank)
-        labeled.append({"x": torch.randn(B, 3, SIZE, SIZE, generator=g), "y": labels[index], "index": index})
-        unlabeled.append({"weak": torch.randn(B * MU, 3, SIZE, SIZE, generator=g),
-                          "strong": [torch.randn(B * MU, 3, SIZE, SIZE, generator=g)],
-                          "y": labels[u_index], "index": u_index})
+        lab, unl = step_batches(s, rank, labels, index, u_index, SIZE)
+        labeled.append(lab)
+        unlabeled.append(unl)
     return labeled, unlabeled
+
+
+def step_batches(step: int, rank: int, labels: torch.Tensor, index: torch.Tensor, u_index: torch.Tensor,
+                 size: int) -> tuple[dict, dict]:
+    """One rank's fixed batches of a step: random images (seeded by step and rank) for the labeled
+    `index` and the unlabeled `u_index`, with their labels (the dict layout of pack_batch)."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    b, bu = index.numel(), u_index.numel()
+    return ({"x": torch.randn(b, 3, size, size, generator=g), "y": labels[index], "index": index},
+            {"weak": torch.randn(bu, 3, size, size, generator=g),
+             "strong": [torch.randn(bu, 3, size, size, generator=g)], "y": labels[u_index], "index": u_index})
 
 
 def to_reference(name: str) -> str:

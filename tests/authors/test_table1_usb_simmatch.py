@@ -90,11 +90,11 @@ Where the project deliberately differs from USB, and how this test handles it:
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
 import torch
+from test_authors import step_batches, watch_targets
 from usb_simmatch import (
     RECIPE,
     Backbone,
@@ -144,11 +144,9 @@ def make_batches(rank: int, world: int, labels: torch.Tensor) -> tuple[list, lis
         index = index[rank * B:(rank + 1) * B]
         u_index = torch.randperm(K, generator=torch.Generator().manual_seed(200 + s))
         u_index = u_index.repeat(-(-world * B * MU // K))[rank * B * MU:(rank + 1) * B * MU]
-        g = torch.Generator().manual_seed(1000 * s + rank)
-        labeled.append({"x": torch.randn(B, 3, SIZE, SIZE, generator=g), "y": labels[index], "index": index})
-        unlabeled.append({"weak": torch.randn(B * MU, 3, SIZE, SIZE, generator=g),
-                          "strong": [torch.randn(B * MU, 3, SIZE, SIZE, generator=g)],
-                          "y": labels[u_index], "index": u_index})
+        lab, unl = step_batches(s, rank, labels, index, u_index, SIZE)
+        labeled.append(lab)
+        unlabeled.append(unl)
     return labeled, unlabeled
 
 
@@ -184,29 +182,6 @@ def reference_from(initial: dict, control: str = "") -> UsbSimMatch:
     if control == "tt":
         algo.T *= 1.0001
     return algo
-
-
-@contextlib.contextmanager
-def watch_targets(method):
-    """The project's targets of each step: a forward hook on its DA (p_w) and a spy on
-    `pseudo_labels` (p_hat, q_hat, once L_in has started)."""
-    import simmatch.methods.simmatch.method as project_simmatch
-
-    seen: list[dict] = []
-    hook = method.da.register_forward_hook(lambda _m, _i, out: seen.append({"p_w": out.clone()}))
-    propagate = project_simmatch.pseudo_labels
-
-    def spy(*args, **kwargs):
-        p_hat, q_hat = propagate(*args, **kwargs)
-        seen[-1].update(p_hat=p_hat.clone(), q_hat=q_hat.clone())
-        return p_hat, q_hat
-
-    project_simmatch.pseudo_labels = spy
-    try:
-        yield seen
-    finally:
-        project_simmatch.pseudo_labels = propagate
-        hook.remove()
 
 
 def check_recipe(cfg, d, method, opt) -> set[int]:
