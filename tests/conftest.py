@@ -224,6 +224,29 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
+def resume_copy(src: Path, dst: Path, at: int) -> Path:
+    """`src` as it was when its checkpoint of iteration `at` was written: later checkpoints and
+    metrics gone (what an interruption right after that checkpoint leaves)."""
+    import json
+    import shutil
+
+    from simmatch.run.rundir import RunDir
+
+    shutil.copytree(src, dst, symlinks=True)
+    rd = RunDir(dst)
+    for it, path in rd.list_checkpoints():
+        if it > at:
+            path.unlink()
+            for side in path.parent.glob(path.name + ".*"):
+                side.unlink()
+    for link in ("last.pt", "best.pt"):
+        (rd.checkpoints / link).unlink(missing_ok=True)
+    lines = [ln for ln in (dst / "metrics.jsonl").read_text().splitlines()
+             if json.loads(ln).get("iteration", 0) <= at and json.loads(ln).get("kind") == "train"]
+    (dst / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
+    return dst
+
+
 def save_unchecked(state: dict, path: Path) -> None:
     """A checkpoint file without a digest sidecar, as written before checkpoints carried one."""
     import torch

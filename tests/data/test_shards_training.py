@@ -1,4 +1,4 @@
-"""Training from indexed tar shards is the same run as from the folder: 20 steps give bit-identical
+"""Training from indexed tar shards is the same run as from the folder: 12 steps give bit-identical
 checkpoints on both backends, on 4 gloo ranks too; a SIGTERM mid-run on shards resumes bit-identically;
 a killed tools/make_shards.py resumes to the same shards; a bad shard or an edited index stops a run in
 one line and leaves its checkpoints as they were; a set packed with --skip-bad, holding images whose
@@ -22,12 +22,14 @@ from conftest import (
     call_tool,
     final_state,
     four_rank_overrides,
+    resume_copy,
     run_tool,
     stop_after_checkpoint,
     tiny_overrides,
 )
 
 pytestmark = pytest.mark.slow
+ITERS = 12
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +38,10 @@ def shards_for_training(digits_root, tmp_path_factory) -> Path:
 
 
 def overrides(root: Path, shards: Path, run_dir: Path, fmt: str, backend: str, **more) -> list[str]:
-    """20 steps in one process, a checkpoint every 5; the shard runs get no data.root at all, so
+    """ITERS steps in one process, a checkpoint every 3; the shard runs get no data.root at all, so
     nothing can come from the folder. The torch backend reads in the training process (its
     worker processes read shards in tests/data/test_shards.py)."""
-    extra = {"data.backend": backend, "optim.iters": 20, "train.ckpt_every": 5,
+    extra = {"data.backend": backend, "optim.iters": ITERS, "train.ckpt_every": 3,
              "data.num_threads": 0 if backend == "torch" else 1, **more}
     if fmt == "shards":
         extra.update({"data.format": "shards", "data.shards": str(shards), "data.root": ""})
@@ -83,7 +85,7 @@ def finished(digits_root, shards_for_training, photo_root, photo_shards_for_trai
 @pytest.mark.parametrize("tree", ["digits", "photos"])
 def test_shards_training_equals_the_folder(finished, backend, tree):
     a, b = final_state(finished("folder", backend, tree=tree)), final_state(finished("shards", backend, tree=tree))
-    assert a["iteration"] == 20
+    assert a["iteration"] == ITERS
     assert_same_weights(a, b)
     assert b["config"]["data"]["format"] == "shards"
 
@@ -108,7 +110,7 @@ def test_shards_four_ranks_equal_four_ranks_on_the_folder(digits_root, shards_fo
 def test_shards_sigterm_then_resume_is_bit_identical(digits_root, shards_for_training, finished, tmp_path):
     run_dir = tmp_path / "run"
     args = overrides(digits_root, shards_for_training, run_dir, "shards", "dali")
-    assert stop_after_checkpoint(["tools/train.py", *args], run_dir, 5) < 20, "the signal came too late"
+    assert stop_after_checkpoint(["tools/train.py", *args], run_dir, 3) < ITERS, "the signal came too late"
     res = call_tool("tools/train.py", *args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
@@ -198,7 +200,7 @@ def test_shards_bad_shard_stops_the_run_in_one_line_and_loses_nothing(digits_roo
     (out / "train.index").write_bytes(index)
     cfg = load_config(ROOT / "yaml/digits.yaml", [a for a in args if "=" in a])
     streams = streams_for(cfg, 0, 1, torch.device("cpu"), frozen_splits=run_dir / "splits")
-    first = streams.unlabeled.plan.rank_order(0)[20 * 16]  # the first unlabeled image after step 20
+    first = streams.unlabeled.plan.rank_order(0)[ITERS * 16]  # the first unlabeled image after the run
     rel = streams.split_lists["unlabeled"][first]
     src = load_splits(cfg.data).train_source
     row = src.index.row(rel)
@@ -218,13 +220,12 @@ def kept(run_dir: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(900)
 def test_shards_a_folder_run_continues_on_its_shards(digits_root, shards_for_training, finished, tmp_path):
-    """The folder run's checkpoint of step 10, resumed with data.format=shards (its DALI position was
+    """The folder run's checkpoint of step 9, resumed with data.format=shards (its DALI position was
     saved by the file reader: the shard stream reaches it by running the segment's first batches
     again), ends bit-identical to the uninterrupted folder run."""
-    from test_virtual import _resume_copy
 
     whole = finished("folder", "dali")
-    run_dir = _resume_copy(whole, tmp_path / "run", 10)
+    run_dir = resume_copy(whole, tmp_path / "run", 9)
     res = call_tool("tools/train.py", *overrides(digits_root, shards_for_training, run_dir, "shards", "dali"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "log_rank0.txt").read_text()

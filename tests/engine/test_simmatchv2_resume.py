@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_virtual import SPE, B, _resume_copy, final, run, step_losses
+from test_virtual import SPE, B, final, run, step_losses
 
-from conftest import assert_same_weights, call_tool, final_state, run_tool, stop_after_checkpoint, tiny_overrides
+from conftest import (
+    assert_same_weights,
+    call_tool,
+    final_state,
+    resume_copy,
+    run_tool,
+    stop_after_checkpoint,
+    tiny_overrides,
+)
 
 V2 = ["method.name=simmatchv2", "model.norm_feat=true", "method.simmatchv2.topn=8", "method.simmatchv2.k=2"]
 MULTICROP = {"data.num_strong": 2, "data.strong_sizes": "[16,8]", "data.strong_min_scales": "[0.14,0.05]",
@@ -22,7 +30,7 @@ MULTICROP = {"data.num_strong": 2, "data.strong_sizes": "[16,8]", "data.strong_m
 def test_simmatchv2_resume_from_a_mid_run_checkpoint_is_bit_identical(tmp_path):
     extra = [*V2, f"optim.base_batch={B}"]  # steps of this global batch: 8 of them
     whole, _ = run(tmp_path, "whole", 1, extra, 0)
-    resumed = _resume_copy(whole, tmp_path / "resumed", SPE)
+    resumed = resume_copy(whole, tmp_path / "resumed", SPE)
     run(tmp_path, "resumed", 1, extra, 0)
     a, b = final(resumed), final(whole)
     assert any(k.startswith("unlabeled.") for k in b["method"]) and a["method_name"] == "simmatchv2"
@@ -64,7 +72,7 @@ def test_simmatchv2_three_ranks_resume_is_bit_identical(digits_root, tmp_path):
     ref_dir = tmp_path / "ref"
     ref = run_tool(*digits_v2(digits_root, ref_dir, 3), timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    run_dir = _resume_copy(ref_dir, tmp_path / "run", 2)
+    run_dir = resume_copy(ref_dir, tmp_path / "run", 2)
     _resume_and_compare(digits_v2(digits_root, run_dir, 3), run_dir, ref_dir, run_tool, 3)
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 from conftest_archives import write_cifar10
-from test_virtual import _resume_copy
 
-from conftest import ROOT, assert_same_weights, call_tool, final_state, stop_after_checkpoint
+from conftest import ROOT, assert_same_weights, call_tool, final_state, resume_copy, stop_after_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ITERS = 6
@@ -43,7 +42,7 @@ def test_table1_cifar10_40_trains_resumes_bit_identically_and_exports(cifar10, t
         run_dir = tmp_path / "run"
         assert stop_after_checkpoint(recipe(cifar10, run_dir, backend), run_dir, iteration=2) < ITERS
     else:  # the stop itself is the DALI case's: here the run as its checkpoint of step 4 left it
-        run_dir = _resume_copy(ref_dir, tmp_path / "run", 4)
+        run_dir = resume_copy(ref_dir, tmp_path / "run", 4)
     res = call_tool(*recipe(cifar10, run_dir, backend))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in (run_dir / "log_rank0.txt").read_text()

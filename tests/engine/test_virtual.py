@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, run_gloo
+from conftest import ROOT, resume_copy, run_gloo
 from conftest_data import data_cfg
 
 pytestmark = pytest.mark.timeout(600)
@@ -254,31 +253,11 @@ def test_virtual_teacher_bn_batches_hold_the_real_ranks_images(real_runs, virtua
         assert batches(virtual_runs("shuffle_bn", processes)[1]) == real, processes
 
 
-def _resume_copy(src: Path, dst: Path, at: int) -> Path:
-    """`src` as it was when its checkpoint of iteration `at` was written: later checkpoints and
-    metrics gone (what an interruption right after that checkpoint leaves)."""
-    from simmatch.run.rundir import RunDir
-
-    shutil.copytree(src, dst, symlinks=True)
-    rd = RunDir(dst)
-    for it, path in rd.list_checkpoints():
-        if it > at:
-            path.unlink()
-            for side in path.parent.glob(path.name + ".*"):
-                side.unlink()
-    for link in ("last.pt", "best.pt"):
-        (rd.checkpoints / link).unlink(missing_ok=True)
-    lines = [ln for ln in (dst / "metrics.jsonl").read_text().splitlines()
-             if json.loads(ln).get("iteration", 0) <= at and json.loads(ln).get("kind") == "train"]
-    (dst / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines))
-    return dst
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_virtual_exact_resume_is_bit_identical(virtual_runs, tmp_path, processes):
     whole, _ = virtual_runs("shuffle_bn", processes)
-    resumed = _resume_copy(whole, tmp_path / "resumed", SPE)
+    resumed = resume_copy(whole, tmp_path / "resumed", SPE)
     run(tmp_path, "resumed", processes, VARIANTS["shuffle_bn"], V)
     a, b = final(resumed), final(whole)
     different = [k for k in b["method"] if not torch.equal(a["method"][k], b["method"][k])]
@@ -293,7 +272,7 @@ def test_virtual_exact_resume_is_bit_identical(virtual_runs, tmp_path, processes
 def test_virtual_four_ranks_resumed_on_two_processes(real_runs, tmp_path):
     """The 4-rank run's checkpoint at step 3, continued by 2 processes with V = 4: the same run."""
     real, _ = real_runs("shuffle_bn")
-    resumed = _resume_copy(real, tmp_path / "resumed", SPE)
+    resumed = resume_copy(real, tmp_path / "resumed", SPE)
     run(tmp_path, "resumed", 2, VARIANTS["shuffle_bn"], V)
     worst = worst_differences(resumed, real)
     print(worst)
