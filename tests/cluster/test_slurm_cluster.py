@@ -75,6 +75,30 @@ def test_cancelled_run_is_reported_and_resumes(slurm_env, digits, tmp_path):
     assert f"resumed from {run_dir}/checkpoints/ckpt_{stopped['iteration']:09d}.pt" in \
         (run_dir / "log_rank0.txt").read_text()
     assert events(run_dir)[-1]["event"] == "finished"
+    finished_is_not_resubmitted(run_dir, slurm_env)
+
+
+def finished_is_not_resubmitted(run_dir, slurm_env) -> None:
+    """`submit.py --resume` of a finished run: the pre-flight says so and nothing is submitted;
+    submitted anyway (--skip-check), the job reports the result and ends (it used to requeue
+    itself as a preemption, over and over, never counted against --max-requeues)."""
+    before = events(run_dir)
+    shape = ["--slurm", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout", "10"]
+    refused = run_tool("submit.py", "--resume", str(run_dir), *shape, env=slurm_env)
+    assert refused.returncode != 0 and f"the run is finished (iteration {ITERS} of {ITERS})" in refused.stdout
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: ") and "nothing submitted" in refused.stderr
+    assert events(run_dir) == before
+    forced = run_tool("submit.py", "--resume", str(run_dir), *shape, "--skip-check", env=slurm_env)
+    assert forced.returncode == 0, forced.stderr
+    job_id = events(run_dir)[-1]["job_id"]
+    job = load_job(run_dir, job_id, num_tasks=1)
+    try:
+        assert job.wait_until_ended(timeout_s=120) == "COMPLETED", job_log_tail(run_dir)
+    except BaseException:
+        subprocess.run(["scancel", job_id])
+        raise
+    assert [e["event"] for e in events(run_dir)[len(before):]] == ["submitted", "started", "finished"]
+    assert [r.status for r in job.results()] == ["already_finished"]
 
 
 def test_timeouts_beyond_max_requeues_stop_the_run(slurm_env, tmp_path, monkeypatch):
@@ -92,29 +116,3 @@ def test_timeouts_beyond_max_requeues_stop_the_run(slurm_env, tmp_path, monkeypa
         job.results()
     last = events(run_dir)[-1]
     assert last["event"] == "stopped" and "max-requeues" in last["reason"]
-
-
-def test_a_finished_run_is_not_resubmitted_and_its_job_ends(slurm_env, digits, tmp_path):
-    """`submit.py --resume` of a finished run: the pre-flight says so and nothing is submitted;
-    submitted anyway (--skip-check), the job reports the result and ends (it used to requeue
-    itself as a preemption, over and over, never counted against --max-requeues)."""
-    run_dir = tmp_path / "done"
-    data = [f"data.root={digits}", *TINY, "optim.iters=4", f"train.run_dir={run_dir}"]
-    trained = run_tool("train.py", "--cfg", "yaml/digits.yaml", *data, env=slurm_env)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    shape = ["--slurm", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1", "--timeout", "10"]
-    refused = run_tool("submit.py", "--resume", str(run_dir), *shape, env=slurm_env)
-    assert refused.returncode != 0 and "the run is finished (iteration 4 of 4)" in refused.stdout
-    assert refused.stderr.strip().splitlines()[-1].startswith("error: ") and "nothing submitted" in refused.stderr
-    assert not events(run_dir)
-    forced = run_tool("submit.py", "--resume", str(run_dir), *shape, "--skip-check", env=slurm_env)
-    assert forced.returncode == 0, forced.stderr
-    job_id = events(run_dir)[0]["job_id"]
-    job = load_job(run_dir, job_id, num_tasks=1)
-    try:
-        assert job.wait_until_ended(timeout_s=120) == "COMPLETED", job_log_tail(run_dir)
-    except BaseException:
-        subprocess.run(["scancel", job_id])
-        raise
-    assert [e["event"] for e in events(run_dir)] == ["submitted", "started", "finished"]
-    assert [r.status for r in job.results()] == ["already_finished"]

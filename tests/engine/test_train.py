@@ -83,7 +83,7 @@ def test_export_round_trip_and_eval_tool(trained_run, tmp_path):
 
     run_dir = trained_run(**{"optim.iters": 3, "data.val_batch": 512})  # trained in 1 process
     out = tmp_path / "export" / "resnet.pth"
-    res = run_tool("tools/export.py", str(run_dir), "--which", "teacher", "--out", str(out),
+    res = call_tool("tools/export.py", str(run_dir), "--which", "teacher", "--out", str(out),
                    "--head-out", str(tmp_path / "head.pth"))
     assert res.returncode == 0, res.stderr
     assert "exported logits equal the training model's" in res.stdout
@@ -102,7 +102,7 @@ def test_export_round_trip_and_eval_tool(trained_run, tmp_path):
     assert all(torch.equal(teacher[k], sd[k]) for k in sd)
     assert (tmp_path / "head.pth").is_file()
 
-    res = run_tool("tools/eval.py", str(run_dir))
+    res = call_tool("tools/eval.py", str(run_dir))  # in this process, as the export
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     df = pd.read_json(run_dir / "metrics.jsonl", lines=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import call_tool, run_tool, tiny_overrides
+from conftest import call_tool, tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # two runs; minutes on a loaded 2-core machine
 
@@ -82,7 +82,7 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
 
     # ONNX of the same checkpoint: onnxruntime against the torchvision model, another batch size
     onnx_out = tmp_path / "export" / "resnet.onnx"
-    res = run_tool("tools/export.py", str(run_dir), "--which-ckpt", "best", "--format", "onnx", "--out", str(onnx_out))
+    res = call_tool("tools/export.py", str(run_dir), "--which-ckpt", "best", "--format", "onnx", "--out", str(onnx_out))
     assert res.returncode == 0, res.stderr
     assert "onnxruntime logits match" in res.stdout
     x = torch.randn(5, 3, 16, 16)
