@@ -89,7 +89,10 @@ CHECKED = ("lr", "logits", "p_w", "loss_x", "loss_u", "loss", "grad", "student",
 
 
 def rel(a, b) -> float:
-    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
+    if a.dtype == b.dtype and torch.equal(a, b):  # most tensors of the one-process run: one op, not six
+        return 0.0
+    a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
