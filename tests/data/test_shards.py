@@ -81,7 +81,8 @@ def _cfgs(root: Path, shards: Path, backend: str, *extra: str):
             data_cfg(root, *common, "data.format=shards", f"data.shards={shards}", "data.root=", backend=backend))
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+# the torch backend's DataLoader workers take seconds to start: in the full suite
+@pytest.mark.parametrize("backend", ["dali", pytest.param("torch", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("tree", ["digits", "photos"])
 def test_shards_streams_equal_the_folder(tree, backend, request):
     """Labeled, unlabeled and validation batches from the shards equal the folder's bit for bit, and

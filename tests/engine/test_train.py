@@ -112,6 +112,7 @@ def test_export_round_trip_and_eval_tool(trained_run, tmp_path):
     assert summary["count"] == 395  # every validation image once
 
 
+@pytest.mark.slow  # a full ResNet-50 built, trained a step and exported: seconds, in the full suite
 def test_export_resnet50_loads_into_torchvision(tmp_path):
     """A ResNet-50 training checkpoint exports into torchvision.models.resnet50() strictly."""
     import torchvision
