@@ -213,15 +213,18 @@ def final_state(run_dir: Path) -> dict:
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
-    """Two checkpoints hold bit-identical model-side state and optimizer momenta."""
+    """Two checkpoints hold bit-identical model-side state and optimizer state (SGD's momenta,
+    Adam's moments and step counts)."""
     import torch
 
     assert a["iteration"] == b["iteration"]
     assert a["method"].keys() == b["method"].keys()
     different = [k for k in a["method"] if not torch.equal(a["method"][k], b["method"][k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+        assert sa.keys() == sb.keys()
+        assert all(sa[k] is None and sb[k] is None or torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def resume_copy(src: Path, dst: Path, at: int) -> Path:

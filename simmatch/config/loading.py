@@ -216,22 +216,57 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+MethodLayers = dict[str, list[tuple[dict, str]]]  # method name -> its `with_method` blocks, in file order
+
+
+def _take_method_layers(data: dict, source: str, into: MethodLayers) -> None:
+    """A file's `with_method: {<method>: {<section>: {...}}}`: the values a recipe takes when that
+    method is chosen (ReMixMatch's optimizer and views in the Table 1 recipe, say). Set aside, each
+    block checked now against a scratch config (an unknown key or method fails here)."""
+    blocks = data.pop("with_method", None)
+    if blocks is None:
+        return
+    if not isinstance(blocks, dict):
+        raise ConfigError(f"{source}: with_method must be a mapping of method names to config blocks")
+    for name, block in blocks.items():
+        if name not in CARDS:
+            raise ConfigError(f"{source}: with_method.{name}: no method is called {name!r} "
+                              f"(known: {', '.join(sorted(CARDS))})")
+        if not isinstance(block, dict):
+            raise ConfigError(f"{source}: with_method.{name} must be a mapping of config keys")
+        if "method" in block and "name" in (block["method"] or {}):
+            raise ConfigError(f"{source}: with_method.{name} sets method.name: it applies once the method is chosen")
+        label = f"{source} (with_method.{name})"
+        _merge(Config(), block, label)
+        into.setdefault(str(name), []).append((block, label))
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (and its bases), then each `key=value` override."""
+    """Defaults, then the YAML file (and its bases), then the files' `with_method` blocks of the
+    chosen method (the command line's method.name if it gives one), then each `key=value` override."""
     cfg = Config()
+    layers: MethodLayers = {}
     if path is not None:
         path = Path(path)
         for data, source in _read_yaml(path):
+            data = dict(data)
+            _take_method_layers(data, source, layers)
             _merge(cfg, data, source)
         if not cfg.name:
             cfg.name = path.stem
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(cfg, overrides, layers)
 
 
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply `key=value` overrides in place, then validate the whole config."""
-    for text in overrides:
-        key, value = parse_override(text)
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...],
+                    method_layers: MethodLayers | None = None) -> Config:
+    """Apply the chosen method's `with_method` blocks, then the `key=value` overrides, in place;
+    then validate the whole config."""
+    parsed = [parse_override(text) for text in overrides]
+    if method_layers:
+        chosen = next((v for k, v in reversed(parsed) if k == "method.name"), cfg.method.name)
+        for block, label in method_layers.get(str(chosen), []):
+            _merge(cfg, block, label)
+    for key, value in parsed:
         _merge(cfg, _nest(key, value), "command line")
     _settle_method(cfg)
     if cfg.data.num_classes == 0:

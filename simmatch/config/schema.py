@@ -151,6 +151,10 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    # sgd: SGD with momentum (Nesterov), L2 weight decay in the gradient; adam: TensorFlow's Adam
+    # (beta1 0.9, beta2 0.999, epsilon 1e-8 in its form) and decoupled decay of the weights after
+    # each step, w <- w (1 - lr x weight_decay) (ReMixMatch's code); biases and BN never decay
+    name: Literal["sgd", "adam"] = "sgd"
     lr: float = num(0.03, above(0))
     base_batch: int = num(64, COUNT)  # lr is given for this global labeled batch and scaled linearly
     momentum: float = num(0.9, Range(0.0, 1.0, hi_open=True))
@@ -160,7 +164,8 @@ class OptimConfig:
     warmup_epochs: float = num(5.0, NONNEG)
     # cosine: lr x (1 + cos(pi k / K)) / 2 after the warm-up; fixmatch: lr x cos(7 pi k / 16 K)
     # (FixMatch's and USB's decay, which ends at 20 % of lr, not zero)
-    schedule: Literal["cosine", "fixmatch"] = "cosine"
+    # constant: lr throughout (ReMixMatch's Adam, after the warm-up if any)
+    schedule: Literal["cosine", "fixmatch", "constant"] = "cosine"
     epochs: float = num(400.0, above(0))
     iters: int = num(0, NONNEG)  # >0 overrides epochs: total optimizer steps (per_gpu: of the reference batch)
     impl: Literal["foreach", "fused", "plain"] = "foreach"

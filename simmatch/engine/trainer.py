@@ -250,6 +250,8 @@ class Trainer(TrainerState, TrainerEvaluation):
         failed = self.stop.agree(error)  # every rank, before the step's first collective
         if failed is not None:
             raise failed
+        with timer("augment"):
+            labeled, unlabeled = m.augment_views(labeled, unlabeled, self.ranks, self.iteration)
         with self.autocast():
             step = m.targets(labeled, unlabeled, self.iteration)
         k = m.ranks_per_forward

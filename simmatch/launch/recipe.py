@@ -193,6 +193,13 @@ def _ranks_text(r: dict) -> str:
             f"{_rank_images(r)} images per process per step (train.virtual_world_size={r['virtual_world_size']})")
 
 
+def _strong_text(d) -> str:
+    """The small-image strong views' photometric part, as the pipeline makes it."""
+    if not d.randaug_n:
+        return "translated" + (" and flipped" if d.flip else "") + " only" + (", then Cutout" if d.cutout else "")
+    return f"FixMatch's RandAugment, {d.randaug_n} random ops of 14" + (" then Cutout" if d.cutout else "")
+
+
 def recipe_lines(cfg: Config, world_size: int) -> list[str]:
     """Human-readable lines, then the recipe as one JSON object (the last line); `world_size`
     is the processes, as in `recipe`."""
@@ -217,7 +224,12 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         + (f" ({cfg.model.ema_momentum} ** {k:g})" if k != 1.0 else ""),
         f"  lr           {r['lr']:.6g} ({o.lr:g} x {r['global_labeled']} / {o.base_batch}), "
         f"warm-up {o.warmup_epochs:g} epochs = {_n(r['warmup_iters'])} iterations, then "
-        + ("cos(7 pi k / 16 K) (optim.schedule=fixmatch)" if o.schedule == "fixmatch" else "cosine"),
+        + {"fixmatch": "cos(7 pi k / 16 K) (optim.schedule=fixmatch)",
+           "constant": "constant (optim.schedule=constant)"}.get(o.schedule, "cosine"),
+        "  optimizer    " + (f"Adam (TensorFlow's form: beta 0.9 / 0.999, eps 1e-8), then the weights decayed "
+                             f"w <- w (1 - lr x {o.weight_decay:g}) (optim.name=adam)" if o.name == "adam" else
+                             f"SGD, momentum {o.momentum:g}" + (", Nesterov" if o.nesterov else "")
+                             + f", weight decay {o.weight_decay:g} (optim.name=sgd)"),
         f"  epoch        {_n(r['steps_per_epoch'])} steps ({rounding}({_n(pool)} / {per_step}), "
         f"train.partial_batch={r['partial_batch']})",
         f"  total        {length}",
@@ -227,8 +239,8 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
         pad = int(round(d.translate * d.crop_size))
         lines.append(f"  images       {r['crop_size']} px, translated by up to {pad} px (reflect padding, "
                      f"data.translate={d.translate:g})" + (", flipped" if d.flip else ", not flipped")
-                     + f"; strong views: FixMatch's RandAugment, {d.randaug_n} random ops of 14"
-                     + (" then Cutout" if d.cutout else "") + "; validation: the images as they are")
+                     + (f"; {d.num_strong} strong view(s): " + _strong_text(d) if card.needs_unlabeled else "")
+                     + "; validation: the images as they are")
     else:
         lines.append(f"  images       crops of {r['crop_size']} px; validation: shorter side resized to "
                      f"{r['val_resize']} px, centre crop {r['crop_size']} px")

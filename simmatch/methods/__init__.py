@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from simmatch.methods import fixmatch, isd, simmatch, simmatchv2, supervised  # noqa: F401  (their cards)
+from simmatch.methods import fixmatch, isd, remixmatch, simmatch, simmatchv2, supervised  # noqa: F401  (their cards)
 from simmatch.methods.card import CARDS, CLASSES, MethodCard, Scaled, card_of, register, register_card
 
 __all__ = ["CARDS", "MethodCard", "Scaled", "build_method", "card_of", "register", "register_card"]

@@ -72,6 +72,13 @@ class Method(nn.Module):
         scaled quantities in `derived.method_values`), with a freshly initialised student."""
         raise NotImplementedError
 
+    def augment_views(self, labeled: list[Batch | None], unlabeled: list[Batch | None], ranks: list[int],
+                      iteration: int) -> tuple[list[Batch | None], list[Batch | None]]:
+        """The drawn batches of this process's ranks (global ids `ranks`), changed by a method whose
+        views depend on its own state (ReMixMatch's learned CTAugment policy) or that adds the step's
+        per-rank random draws to them; before `targets`. Default: as drawn."""
+        return labeled, unlabeled
+
     def targets(self, labeled: list[Batch | None], unlabeled: list[Batch | None], iteration: int) -> StepTargets:
         """The step's no-grad part (teacher, alignment, propagation) for every rank this process
         runs (one, or its virtual ranks, in rank order): one dict of per-image target rows each,

@@ -41,6 +41,9 @@ def network_state(state: dict, which: str) -> dict[str, torch.Tensor]:
     return out
 
 
+TRAINING_ONLY = ("predictor.", "rotation.")  # student modules outside the evaluated network
+
+
 def split_backbone(net_state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """torchvision weights and the projection head. A network with the feature LayerNorm
     (model.norm_feat) exports it as the first layer of `fc`: fc = Sequential(LayerNorm, Linear)."""
@@ -70,8 +73,9 @@ def torchvision_model(cfg: Config) -> torch.nn.Module:
 
 
 def training_network(cfg: Config, net_state: dict) -> Network:
-    """Trunk, classifier and projection head; a student's predictor (ISD) is not needed to evaluate."""
-    net_state = {k: v for k, v in net_state.items() if not k.startswith("predictor.")}
+    """Trunk, classifier and projection head; what only training uses (ISD's predictor, ReMixMatch's
+    rotation classifier) is not needed to evaluate."""
+    net_state = {k: v for k, v in net_state.items() if not k.startswith(TRAINING_ONLY)}
     has_head = any(k.startswith("head.") for k in net_state)
     net = network_for(cfg, head=has_head)
     net.load_state_dict(net_state, strict=True)
