@@ -90,8 +90,10 @@ def count_classes(data: str | None, shards: str | None) -> int:
 
 
 def measure(data: str | None, fmt: str, shards: str | None, backend: str, device: str, batch: int,
-            threads: int, iters: int, warmup: int, crop: int, strong: str) -> dict:
-    """One measurement in this process (the parent runs it in a child: --child)."""
+            threads: int, iters: int, warmup: int, crop: int, strong: str, ctaugment: bool = False) -> dict:
+    """One measurement in this process (the parent runs it in a child: --child). `ctaugment`: each
+    batch's strong view then gets a CTAugment policy, as ReMixMatch's step does in the training
+    process on the CPU (the part no pipeline can run: the policy follows the training)."""
     from simmatch.shards.source import shard_opens
 
     where = [f"data.root={data}"] if fmt == "folder" else ["data.format=shards", f"data.shards={shards}"]
@@ -104,15 +106,29 @@ def measure(data: str | None, fmt: str, shards: str | None, backend: str, device
     scale = derive_scale(cfg, 1)
     streams = build_streams(cfg, scale, scale.ranks_of(0), 0, target)
     stream = streams.unlabeled
+    policy = None
+    if ctaugment:
+        import numpy as np
+
+        from simmatch.methods.remixmatch.ctaugment import CTAugment
+
+        policy, gen = CTAugment(), np.random.default_rng(0)
+
+    def draw() -> dict:
+        out = next(stream)
+        if policy is not None:
+            out["strong"] = [policy.augment_batch(v, cfg.data.mean, cfg.data.std, gen)[0] for v in out["strong"]]
+        return out
+
     for _ in range(warmup):  # pipeline build, worker start-up, first decodes
-        next(stream)
+        draw()
     if target.type == "cuda":
         torch.cuda.synchronize()
     mark("start")
     opens_before = shard_opens()
     start, cpu_start = time.perf_counter(), cpu_seconds()
     for _ in range(iters):
-        batch_out = next(stream)
+        batch_out = draw()
     if target.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -120,7 +136,7 @@ def measure(data: str | None, fmt: str, shards: str | None, backend: str, device
     mark("end")
     assert batch_out["weak"].shape[0] == batch
     row = {"backend": backend, "format": fmt, "device": device, "batch": batch, "threads": threads,
-           "crop": crop, "strong": strong, "iters": iters, "seconds": round(seconds, 3),
+           "crop": crop, "strong": strong, "ctaugment": ctaugment, "iters": iters, "seconds": round(seconds, 3),
            "images_per_s": round(batch * iters / seconds, 1),
            "cpu_ms_per_image": round(1000 * cpu / (batch * iters), 2),
            "epoch_images": streams.num_unlabeled}
@@ -166,7 +182,7 @@ def child_command(args, backend: str, fmt: str) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend, "--format", fmt,
            "--device", args.device, "--batch", str(args.batch), "--threads", str(args.threads),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--crop", str(args.crop),
-           "--strong", args.strong]
+           "--strong", args.strong] + (["--ctaugment"] if args.ctaugment else [])
     if args.data:
         cmd += ["--data", args.data]
     if args.shards:
@@ -257,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                              "a stand-in for a network file system's per-open cost, not a real mount; "
                              "several values: one row each")
     parser.add_argument("--no-opens", action="store_true", help="skip the strace run that counts opens")
+    parser.add_argument("--ctaugment", action="store_true",
+                        help="then a CTAugment policy on each strong view, on the CPU (ReMixMatch)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     formats = ["folder", "shards"] if args.format == "both" else [args.format]
@@ -272,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.child:
         print(json.dumps(measure(args.data, formats[0], args.shards, backends[0], args.device, args.batch,
-                                 args.threads, args.iters, args.warmup, args.crop, args.strong)))
+                                 args.threads, args.iters, args.warmup, args.crop, args.strong,
+                                 args.ctaugment)))
         return 0
 
     prefix = {"folder": args.data, "shards": args.shards}

@@ -350,7 +350,9 @@ class Trainer(TrainerState, TrainerEvaluation):
                     self.log.info("signal %s: saved at iteration %d, stopping", stop.signum, self.iteration)
                     break
             if status == "finished":
-                if not self.run_dir.has_checkpoints():
+                # every rank decides alike: by what it saved, not by the files (rank 0 may still be
+                # writing the last one while the others look for it)
+                if self.saved_at != self.iteration:
                     self.save()
                 last.update(self.evaluate())
                 # the run's end, for tools/status.py: "finished (iteration N of N, top-1 ...)"

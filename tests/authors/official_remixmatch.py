@@ -19,8 +19,6 @@ cta.lib.train.CTAClassifySemi, redux '1st'):
 - cta/lib/train.py: `CTAClassifySemi.train_step` (classify_op, the EMA's softmax on the probes, in the
   same session.run as train_op; per sample: error = |p - onehot(label)|_1, update_rates(policy,
   1 - 0.5 error)), flags adepth 2, ath 0.80, adecay 0.99;
-- libml/ctaugment.py: the OPS registry (names and bins in registration order), `CTAugment.__init__`
-  (rates: float32 ones per bin) and `update_rates`;
 - libml/layers.py: `interleave_offsets`, `interleave`, `PMovingAverage`, `PData` (a variable, the
   datasets giving no p_labeled / p_unlabeled), `MixMode.augment_pair` / `augment` / mode 'xxy.yxy';
 - libml/train.py: `Model.__init__` (the global step counts images: update_step = assign_add(step,
@@ -28,14 +26,16 @@ cta.lib.train.CTAClassifySemi, redux '1st'):
   logits' dense layer reads; batch_normalization with training=True/False); libml/utils.py
   `model_vars` (the trainable variables) and `getter_ema` (the EMA's averages for the variables that
   have one: the trainables; the BN moving statistics are the model's own);
-- TensorFlow 1.x itself: AdamOptimizer (training_ops ApplyAdam: alpha = lr sqrt(1 - beta2^t) / (1 -
-  beta1^t), m += (g - m)(1 - beta1), v += (g^2 - v)(1 - beta2), var -= m alpha / (sqrt(v) + eps),
-  the powers float32 variables multiplied after each step; eps 1e-8), ExponentialMovingAverage.apply
-  (shadow initialised to the variable, then shadow -= (shadow - var)(1 - decay)),
-  batch_normalization's moving averages (moving -= (moving - batch statistic)(1 - momentum), the
-  Bessel-corrected batch variance) in UPDATE_OPS, softmax_cross_entropy_with_logits_v2.
+- TensorFlow 1.x itself: batch_normalization's moving averages (moving -= (moving - batch
+  statistic)(1 - momentum), the Bessel-corrected batch variance) in UPDATE_OPS,
+  softmax_cross_entropy_with_logits_v2.
 
-Everything is written anew in this module's own classes; nothing of the project is used here. Given
+The state the step carries from one step to the next beyond the network (TensorFlow's AdamOptimizer
+and ExponentialMovingAverage, libml/ctaugment.py's OPS and rates with `update_rates`) is transcribed
+in tests/authors/official_remixmatch_training.py, which this module uses.
+
+Everything is written anew in this module's own classes and those of
+official_remixmatch_training.py; nothing of the project is used here. Given
 rather than drawn here, as the test documents: the images (the official data pipeline and
 AugmentPoolCTA draw them: the labeled training image, its probe and the probe's policy, the weak view
 and the K CTAugment'ed strong views), MixMode's draws (`np.random.beta(beta, beta, n)` as float32 and
@@ -65,18 +65,13 @@ import torch.distributed as tdist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from official_remixmatch_training import AdamOptimizer, CTAugmentRates, ExponentialMovingAverage
 
 # Flag defaults of cta/cta_remixmatch.py, cta/lib/train.py and libml/train.py
 FLAGS = {"wd": 0.02, "beta": 0.75, "w_kl": 0.5, "w_match": 1.5, "w_rot": 0.5, "warmup_kimg": 1024,
          "redux": "1st", "use_dm": True, "use_xe": True, "batch": 64, "lr": 0.002, "T": 0.5, "dbuf": 128,
          "ema": 0.999, "mixmode": "xxy.yxy", "adepth": 2, "ath": 0.80, "adecay": 0.99,
          "adam": {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}}
-
-# libml/ctaugment.py: the @register(*bins) decorations, in file order (OPS is a dict: insertion order)
-OPS = {"autocontrast": (17,), "blur": (17,), "brightness": (17,), "color": (17,), "contrast": (17,),
-       "cutout": (17,), "equalize": (17,), "invert": (17,), "identity": (), "posterize": (8,),
-       "rescale": (17, 6), "rotate": (17,), "sharpness": (17,), "shear_x": (17,), "shear_y": (17,),
-       "smooth": (17,), "solarize": (17,), "translate_x": (17,), "translate_y": (17,)}
 
 
 def world() -> int:
@@ -244,75 +239,6 @@ class Classifier(torchvision.models.ResNet):
 
     def classifier_rot(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify_rot(x)
-
-
-# --------------------------------------------------------------------------- TF's optimizer and EMA
-
-class AdamOptimizer:
-    """tf.train.AdamOptimizer (no Nesterov): training_ops ApplyAdam per variable, in the variable's
-    dtype (float32: lr, the betas and epsilon cast to it, so 1 - beta1 is 1 - float32(0.9)), with
-    beta1_power and beta2_power float32 variables (initial values the betas) multiplied by the betas
-    after each step (`_finish`). The bias correction is float32 arithmetic: at t = 1,
-    1 - float32(0.999) = 0.00099998713, alpha 6.4e-6 (relative) below the exact value."""
-
-    def __init__(self, params: list[nn.Parameter], lr: float, beta1: float = 0.9, beta2: float = 0.999,
-                 epsilon: float = 1e-8):
-        self.params = params
-        self.lr, self.beta1, self.beta2, self.epsilon = (torch.tensor(v, dtype=torch.float32)
-                                                         for v in (lr, beta1, beta2, epsilon))
-        self.m = {p: torch.zeros_like(p) for p in params}
-        self.v = {p: torch.zeros_like(p) for p in params}
-        self.beta1_power, self.beta2_power = self.beta1.clone(), self.beta2.clone()
-
-    @torch.no_grad()
-    def apply_gradients(self, grads: dict) -> None:
-        one = torch.ones((), dtype=torch.float32)
-        alpha = self.lr * torch.sqrt(one - self.beta2_power) / (one - self.beta1_power)
-        for p in self.params:
-            g, m, v = grads[p], self.m[p], self.v[p]
-            dt = p.dtype
-            m += (g - m) * (one - self.beta1).to(dt)
-            v += (g * g - v) * (one - self.beta2).to(dt)
-            p -= (m * alpha.to(dt)) / (v.sqrt() + self.epsilon.to(dt))
-        self.beta1_power = self.beta1_power * self.beta1
-        self.beta2_power = self.beta2_power * self.beta2
-
-
-class ExponentialMovingAverage:
-    """tf.train.ExponentialMovingAverage(decay) (no num_updates, no zero debias) applied to the
-    trainable variables: shadows start at the variables' values; apply: assign_moving_average,
-    shadow -= (shadow - var) * (1 - decay), with decay a float32 tensor there (so 1 - decay is
-    float32's: 1 - float32(0.999) = 0.00099998713)."""
-
-    def __init__(self, net: nn.Module, decay: float):
-        self.one_minus_decay = torch.ones((), dtype=torch.float32) - torch.tensor(decay, dtype=torch.float32)
-        self.shadow = {name: p.detach().clone() for name, p in net.named_parameters()}
-
-    @torch.no_grad()
-    def apply(self, net: nn.Module) -> None:
-        for name, p in net.named_parameters():
-            self.shadow[name] -= (self.shadow[name] - p) * self.one_minus_decay.to(p.dtype)
-
-
-# --------------------------------------------------------------------------- libml/ctaugment.py
-
-class CTAugmentRates:
-    """CTAugment's learned state: per op one float32 array of ones per bin; `update_rates` as there.
-
-    The arithmetic is that of the NumPy of its time (1.x, legacy promotion): a float32 scalar times
-    a Python float is a float64, so the new rate is computed in float64 and rounded to float32 when
-    stored (NumPy >= 2, NEP 50, would keep float32 throughout: a last-bit difference at most). Written
-    out with float() so that it does not depend on the NumPy installed."""
-
-    def __init__(self, depth: int = 2, th: float = 0.85, decay: float = 0.99):
-        self.decay, self.depth, self.th = decay, depth, th
-        self.rates = {k: tuple(np.ones(x, "f") for x in bins) for k, bins in OPS.items()}
-
-    def update_rates(self, policy, accuracy) -> None:
-        for k, bins in policy:
-            for p, rate in zip(bins, self.rates[k]):
-                p = int(p * len(rate) * 0.999)
-                rate[p] = float(rate[p]) * self.decay + float(accuracy) * (1 - self.decay)
 
 
 # --------------------------------------------------------------------------- remixmatch_no_cta.py

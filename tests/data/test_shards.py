@@ -216,6 +216,7 @@ def test_shards_make_shards_refuses_another_tree_in_an_unfinished_folder(digits_
     assert tool.parse_size("1GB") == 10**9 and tool.parse_size("2MiB") == 2 << 20
 
 
+@pytest.mark.slow  # several stream sets built (5 s)
 def test_shards_elastic_and_virtual_ranks_read_what_the_folder_reads(digits_root, digits_shards):
     """Positions saved by 2 ranks resumed on 3 (an elastic resume), and 3 virtual ranks in one process:
     every rank's next batches from the shards equal the folder's (DALI; the torch backend's shard

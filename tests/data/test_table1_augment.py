@@ -342,6 +342,7 @@ def same(a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> bool:
         len(x) == len(y) and all(np.array_equal(u, w) for u, w in zip(x, y)) for x, y in zip(a, b))
 
 
+@pytest.mark.slow  # three DALI pipelines built (4 s)
 def test_table1_dali_same_seed_and_checkpoint_resume(photos):
     """Same seed, same batches; a checkpoint after 2 batches restores a new pipeline that
     gives batches 3 and 4 bit-identically (RNG states and the source's iteration)."""

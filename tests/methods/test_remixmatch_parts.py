@@ -84,6 +84,7 @@ def test_remixmatch_still_bn_leaves_the_running_statistics_exactly():
     with still_bn(bn):
         out = bn(x)
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == 0
     assert bn.momentum == 0.001  # restored
     assert torch.allclose(out.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)  # still the batch's statistics
     bn(x)

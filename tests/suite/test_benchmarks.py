@@ -74,8 +74,9 @@ def test_loader_benchmark_tiny(digits_root):
     pytest.importorskip("nvidia.dali")
     out = last_json(call_tool("benchmarks/loader.py", "--data", str(digits_root), "--backend", "all",
                              "--batch", "4", "--iters", "2", "--warmup", "1", "--crop", "16",
-                             "--threads", "1", "--no-opens"))  # opens: the next test
+                             "--threads", "1", "--no-opens", "--ctaugment"))  # opens: the next test
     speed = {r["backend"]: r["images_per_s"] for r in out["rows"]}
+    assert all(r["ctaugment"] for r in out["rows"])  # each strong view through CTAugment after the stream
     assert set(speed) == {"dali", "torch"} and min(speed.values()) > 0
     assert out["dali_over_torch"] == pytest.approx(speed["dali"] / speed["torch"], abs=0.01)
 

@@ -52,16 +52,18 @@ def draws(seed: int, rank: int, iteration: int, purpose: int) -> np.random.Gener
 @contextlib.contextmanager
 def still_bn(module: nn.Module) -> Iterator[None]:
     """Train-mode forwards inside leave the BN running statistics as they are (momentum 0:
-    r <- 1 r + 0 batch, exactly r), as forwards outside the update ops do in its TensorFlow code."""
+    r <- 1 r + 0 batch, exactly r; the batch counter put back), as forwards outside the update ops
+    do in its TensorFlow code."""
     layers = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in layers]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in layers]
     for m in layers:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(layers, saved):
+        for m, (momentum, count) in zip(layers, saved):
             m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def interleave_offsets(batch: int, nu: int) -> list[int]:
