@@ -102,10 +102,12 @@ def test_remixmatch_recipe_block_applies_only_when_chosen(tmp_path):
     rmm = load_config(base, [f"data.root={tmp_path}", "method.name=remixmatch"])
     assert (rmm.optim.name, rmm.optim.lr, rmm.optim.weight_decay, rmm.optim.schedule) == ("adam", 0.002, 0.02,
                                                                                           "constant")
-    assert (rmm.train.mu, rmm.data.num_strong, rmm.data.randaug_n, rmm.data.cutout) == (1, 1, 0, False)
-    assert (rmm.method.params.lambda_rot, rmm.method.params.rampup_iters) == (2.0, 131072)  # the 40-label run
-    k8 = load_config(ROOT / "yaml" / "cifar10_250.yaml", [f"data.root={tmp_path}", "method.name=remixmatch"])
-    assert (k8.data.num_strong, k8.method.params.lambda_rot) == (8, 0.5)
+    assert (rmm.train.mu, rmm.data.num_strong, rmm.data.randaug_n, rmm.data.cutout) == (1, 8, 0, False)
+    assert (rmm.method.params.lambda_rot, rmm.method.params.rampup_iters) == (0.5, 16384)  # the paper's
+    stl = load_config(ROOT / "yaml" / "stl10_1000.yaml", [f"data.root={tmp_path}", "method.name=remixmatch"])
+    assert stl.data.num_strong == 4  # its STL-10 run
+    cpu = load_config(ROOT / "yaml" / "digits_table1.yaml", ["method.name=remixmatch"])
+    assert (cpu.data.num_strong, cpu.method.params.lambda_rot, cpu.method.params.rampup_iters) == (1, 2.0, 100)
     # the command line still has the last word
     mine = load_config(base, [f"data.root={tmp_path}", "method.name=remixmatch", "data.num_strong=4"])
     assert mine.data.num_strong == 4
