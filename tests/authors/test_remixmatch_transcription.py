@@ -343,11 +343,12 @@ def check(out: dict) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict:
-    """The 1-process run: the project's trainer against the official step (~2.5 s)."""
-    return compare(0, 1, str(tmp_path_factory.mktemp("remixmatch") / "run"))
+    """The 1-process run: the project's trainer against the official step, and against the
+    controls' references (CONTROLS) beside it in the same lockstep (~6.5 s)."""
+    return compare(0, 1, str(tmp_path_factory.mktemp("remixmatch") / "run"), CONTROLS)
 
 
-@pytest.mark.slow  # a trainer and its reference in lockstep (5 s): the fast tier keeps the parts
+@pytest.mark.slow  # a trainer and its references in lockstep (6.5 s): the fast tier keeps the parts
 def test_remixmatch_step_one_process(one_process):
     """One process, float32: every quantity within TOL at every step (module docstring)."""
     print(one_process["worst"]["official"], one_process["official_probe"])
@@ -355,12 +356,12 @@ def test_remixmatch_step_one_process(one_process):
 
 
 @pytest.fixture(scope="module")
-def controlled(tmp_path_factory) -> dict:
-    """A 1-process run with the controls' references (CONTROLS) beside the official one (~6.5 s)."""
-    return compare(0, 1, str(tmp_path_factory.mktemp("remixmatch_controls") / "run"), CONTROLS)
+def controlled(one_process) -> dict:
+    """The same run: its controls' references were stepped beside the official one."""
+    return one_process
 
 
-@pytest.mark.slow  # a second run of the project's steps, with six more references
+@pytest.mark.slow  # the one-process run's six further references
 @pytest.mark.parametrize("control, caught", [
     ("ulp", set()),  # one weight one ulp up at every step: inside
     ("temperature", {"guess", "loss_u", "loss_u1", "grad"}),  # T 1e-4 (relative) off
