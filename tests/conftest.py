@@ -227,6 +227,34 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert all(sa[k] is None and sb[k] is None or torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def trained_stopped_resumed(recipe, tmp_path: Path, backend: str, iters: int, copy_at: int) -> tuple[Path, dict, dict]:
+    """A recipe's run (`recipe(run_dir)`: the tools/train.py arguments) to its end, then the same run
+    interrupted and resumed: with DALI stopped by SIGTERM after its checkpoint of step 2, otherwise
+    restarted from a copy of the uninterrupted run's checkpoint of step `copy_at`; the two end
+    bit-identical (`assert_same_weights`), and a DALI run exports. (uninterrupted run dir, its final
+    state, the resumed run's final state)."""
+    ref_dir = tmp_path / "ref"
+    ref = call_tool(*recipe(ref_dir))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    reference = final_state(ref_dir)
+    assert reference["iteration"] == iters
+    run_dir = tmp_path / "run"
+    if backend == "dali":
+        assert stop_after_checkpoint(recipe(run_dir), run_dir, iteration=2) < iters
+    else:  # the stop itself is the DALI case's: here the run as its checkpoint of `copy_at` left it
+        resume_copy(ref_dir, run_dir, copy_at)
+    res = call_tool(*recipe(run_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
+    resumed = final_state(run_dir)
+    assert_same_weights(resumed, reference)
+    if backend == "dali":
+        out = call_tool("tools/export.py", str(ref_dir), "--out", str(tmp_path / "exported"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert (tmp_path / "exported.pth").is_file() and (tmp_path / "exported.safetensors").is_file()
+    return ref_dir, reference, resumed
+
+
 def resume_copy(src: Path, dst: Path, at: int) -> Path:
     """`src` as it was when its checkpoint of iteration `at` was written: later checkpoints and
     metrics gone (what an interruption right after that checkpoint leaves)."""

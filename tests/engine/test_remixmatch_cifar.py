@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest_archives import write_cifar10
 
-from conftest import ROOT, assert_same_weights, call_tool, final_state, resume_copy, stop_after_checkpoint
+from conftest import ROOT, trained_stopped_resumed
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ITERS = 6
@@ -32,29 +32,13 @@ def recipe(root, run_dir, backend: str) -> list[str]:
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_remixmatch_cifar10_trains_resumes_bit_identically_and_exports(cifar10, tmp_path, backend):
-    ref_dir = tmp_path / "ref"
-    ref = call_tool(*recipe(cifar10, ref_dir, backend))
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_dir, b, resumed = trained_stopped_resumed(lambda run_dir: recipe(cifar10, run_dir, backend), tmp_path,
+                                                  backend, ITERS, copy_at=4)
     log = (ref_dir / "log_rank0.txt").read_text()
     assert "40 labeled / 80 unlabeled images" in log and "median of the last" in log
-    b = final_state(ref_dir)
-    assert b["iteration"] == ITERS and b["config"]["method"]["name"] == "remixmatch"
+    assert b["config"]["method"]["name"] == "remixmatch"
     assert b["config"]["optim"]["name"] == "adam" and b["config"]["data"]["num_strong"] == 2
     rates = b["method"]["cta.rates"]
     assert not torch.equal(rates, torch.ones_like(rates))  # the policy has learned from 6 x 8 probes
     assert b["method"]["student.rotation.weight"].shape[0] == 4
-    if backend == "dali":  # stopped by a signal after its checkpoint of step 2, then started again
-        run_dir = tmp_path / "run"
-        assert stop_after_checkpoint(recipe(cifar10, run_dir, backend), run_dir, iteration=2) < ITERS
-    else:  # the stop itself is the DALI case's: here the run as its checkpoint of step 4 left it
-        run_dir = resume_copy(ref_dir, tmp_path / "run", 4)
-    res = call_tool(*recipe(cifar10, run_dir, backend))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from" in (run_dir / "log_rank0.txt").read_text()
-    resumed = final_state(run_dir)
     assert torch.equal(resumed["method"]["cta.rates"], rates)
-    assert_same_weights(resumed, b)
-    if backend == "dali":
-        out = call_tool("tools/export.py", str(ref_dir), "--out", str(tmp_path / "wrn"))
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert (tmp_path / "wrn.pth").is_file() and (tmp_path / "wrn.safetensors").is_file()
