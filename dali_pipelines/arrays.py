@@ -13,23 +13,27 @@ from collections.abc import Callable
 from typing import Any
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import do_not_convert
 
 from dali_pipelines.common import normalize
 from dali_pipelines.ra_list import pad_for
 from dali_pipelines.small_augment import strong, weak
 
 
+@do_not_convert
 def read_pixels(source: Callable):
     """(uint8 HWC images, int32 index or label) of the batches `source` returns for DALI's BatchInfo."""
     return fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                               dtype=[types.UINT8, types.INT32], layout=["HWC", ""])
 
 
+@do_not_convert
 def translate_pad(cfg: Any) -> int:
     """Reflect padding of the translated views: data.translate of the side (as the torch backend)."""
     return pad_for(cfg.crop_size, cfg.translate)
 
 
+@do_not_convert
 def _finish(view, cfg: Any, layout: str, device: str):
     return normalize(view.gpu() if device == "gpu" else view, cfg, layout)
 

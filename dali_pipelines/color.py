@@ -20,6 +20,7 @@ from typing import Any
 
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
+from nvidia.dali.pipeline import do_not_convert
 
 # ITU-R 601-2 luma, torchvision's rgb_to_grayscale weights (PIL uses 0.299, 0.587, 0.114).
 LUMA = (0.2989, 0.587, 0.114)
@@ -28,22 +29,26 @@ PERMUTATIONS: tuple[tuple[int, ...], ...] = tuple(itertools.permutations(range(4
 OP_NAMES = ("brightness", "contrast", "saturation", "hue")
 
 
+@do_not_convert
 def to_uint8(x):
     """Round to the nearest level and saturate to [0, 255] (torchvision's clamp after each op)."""
     return fn.cast(x, dtype=types.UINT8)
 
 
+@do_not_convert
 def adjust_brightness(images, factor):
     """x * factor (a blend with black), saturated to [0, 255]."""
     return fn.brightness_contrast(images, brightness=factor)
 
 
+@do_not_convert
 def grey_mean(images):
     """The mean grey level of each image: the luma of its per-channel means (luma is linear)."""
     mean = fn.reductions.mean(images, axes=[0, 1], dtype=types.FLOAT)
     return mean[0] * LUMA[0] + mean[1] * LUMA[1] + mean[2] * LUMA[2]
 
 
+@do_not_convert
 def adjust_contrast(images, factor, arithmetic: bool | None = None):
     """Blend with the image's mean grey level: factor * x + (1 - factor) * mean, saturated.
 
@@ -59,6 +64,7 @@ def adjust_contrast(images, factor, arithmetic: bool | None = None):
     return fn.brightness_contrast(images, contrast=factor, contrast_center=grey_mean(images))
 
 
+@do_not_convert
 def adjust_saturation(images, factor):
     """Blend with the image's own grey version, saturated.
 
@@ -68,6 +74,7 @@ def adjust_saturation(images, factor):
     return fn.color_twist(images, saturation=factor)
 
 
+@do_not_convert
 def adjust_hue(images, factor):
     """Rotate the HSV hue by `factor` turns (in [-0.5, 0.5]); saturation and value are kept.
 
@@ -96,6 +103,7 @@ def adjust_hue(images, factor):
     return to_uint8(fn.stack(*planes, axis=2, axis_name="C"))
 
 
+@do_not_convert
 def grayscale(images):
     """Three equal channels of the grey level (torchvision's RandomGrayscale output).
 
@@ -106,6 +114,7 @@ def grayscale(images):
     return fn.cat(grey, grey, grey, axis=2)
 
 
+@do_not_convert
 def solarize(images, threshold: float = 128.0):
     """PIL's ImageOps.solarize: every level at or above `threshold` inverted (255 - x), exactly."""
     x = fn.cast(images, dtype=types.FLOAT)
@@ -115,11 +124,13 @@ def solarize(images, threshold: float = 128.0):
 ADJUST: tuple[Callable, ...] = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
+@do_not_convert
 def _uniform(low: float, high: float):
     """A random draw in [low, high], or None when the range is empty (the op is the identity)."""
     return fn.random.uniform(range=(low, high)) if high > low else None
 
 
+@do_not_convert
 def draw_factors(brightness: float, contrast: float, saturation: float, hue: float) -> list:
     """Per-image factors of torchvision's ColorJitter(brightness, contrast, saturation, hue):
     U[max(0, 1 - s), 1 + s] for the first three, U[-hue, hue] for hue; None where the range is

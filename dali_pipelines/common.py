@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from nvidia.dali import fn, types
-from nvidia.dali.pipeline import Pipeline
+from nvidia.dali.pipeline import Pipeline, do_not_convert
 
 MIB = 1 << 20
 ASPECT = (3.0 / 4.0, 4.0 / 3.0)
@@ -23,6 +23,7 @@ def check_device(device: str) -> None:
         raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
 
 
+@do_not_convert
 def decoder_args(cfg: Any, device: str) -> dict:
     """Keyword arguments of the image decoders for `device`.
 
@@ -48,6 +49,7 @@ def dali_pinned_estimate(cfg: Any, decoders: int) -> int:
     return decoders * cfg.num_threads * 2 * cfg.host_padding_mb * MIB
 
 
+@do_not_convert
 def read_files(file_root: str, files: list[str], labels: list[int], name: str = "reader",
                pad_last_batch: bool = False, source: Callable | None = None):
     """(encoded images, label) of `files` in the given order (the order is ours: no reader
@@ -68,6 +70,7 @@ def read_files(file_root: str, files: list[str], labels: list[int], name: str = 
     return fn.cat(seed_taker, jpegs, axis=0), label
 
 
+@do_not_convert
 def normalize(images, cfg: Any, layout: str, mirror=None, crop: tuple[int, int] | None = None):
     """uint8 HWC -> float32 `layout` ("CHW" or "HWC"), (x/255 - mean)/std, optional flip/crop."""
     kwargs: dict = {"dtype": types.FLOAT, "output_layout": layout,
@@ -79,6 +82,7 @@ def normalize(images, cfg: Any, layout: str, mirror=None, crop: tuple[int, int] 
     return fn.crop_mirror_normalize(images, **kwargs)
 
 
+@do_not_convert
 def random_crop(images, cfg: Any, size: int | None = None, scale: tuple[float, float] | None = None):
     """RandomResizedCrop(size, scale, ratio 3/4..4/3); by default crop_size, [min_scale, max_scale]."""
     size = size or cfg.crop_size

@@ -30,11 +30,13 @@ import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import select
+from nvidia.dali.pipeline import do_not_convert
 
 from dali_pipelines.ra_list import CUTOUT_FILL, CUTOUT_MAX, RA_OPS
 from dali_pipelines.ra_ops import RA_AUGMENTATIONS, on_device_of
 
 
+@do_not_convert
 def _record(record: dict | None, key: str, value: Any) -> None:
     if record is not None:
         record.setdefault(key, []).append(value)
@@ -42,11 +44,13 @@ def _record(record: dict | None, key: str, value: Any) -> None:
 
 # ---- weak view ----
 
+@do_not_convert
 def hflip(images, coin):
     """Mirror the samples whose `coin` is 1."""
     return fn.flip(images, horizontal=coin, vertical=0)
 
 
+@do_not_convert
 def shift_reflect(images, top, left, pad: int):
     """The crop at (top, left) of `images` reflect-padded by `pad` (offsets in 0..2*pad): a
     correlation with a one-hot column, then a one-hot row, border reflect_101. Exact: every
@@ -58,6 +62,7 @@ def shift_reflect(images, top, left, pad: int):
     return fn.filter(images, cols, border="reflect_101")
 
 
+@do_not_convert
 def flip_crop(images, pad: int, flip: bool = True, record: dict | None = None):
     """Flip with p 0.5 (when `flip`), then the reflect pad-crop with offsets uniform in
     0..2*pad (torchvision's RandomHorizontalFlip + RandomCrop(padding=pad, "reflect"))."""
@@ -75,6 +80,7 @@ def flip_crop(images, pad: int, flip: bool = True, record: dict | None = None):
     return images
 
 
+@do_not_convert
 def weak(images, pad: int, flip: bool = True, record: dict | None = None):
     """The weak view: `flip_crop`. `record`, a dict, receives the draws as lists of DataNodes
     ("flip", "top", "left"), for tests."""
@@ -83,6 +89,7 @@ def weak(images, pad: int, flip: bool = True, record: dict | None = None):
 
 # ---- strong view ----
 
+@do_not_convert
 def cutout(images, v, cx, cy):
     """USB's Cutout (see simmatch/data/small_augment.py's `cutout_box`): a square of side
     v * W from x0 = int(max(0, cx - side/2)), int(side) + 1 px wide, cut at the right and

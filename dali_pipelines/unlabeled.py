@@ -6,15 +6,18 @@ from collections.abc import Callable
 from typing import Any
 
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import do_not_convert
 
 from dali_pipelines import color
 from dali_pipelines.common import decoder_args, normalize, random_crop, read_files
 
 
+@do_not_convert
 def _coin(prob: float):
     return fn.random.coin_flip(probability=prob, dtype=types.BOOL)
 
 
+@do_not_convert
 def _uniform(low: float, high: float):
     """A random draw in [low, high], or the constant when the range is empty (DALI rejects it)."""
     return fn.random.uniform(range=(low, high)) if high > low else low

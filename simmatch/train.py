@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from simmatch.launch.local import watch_launcher
+    from simmatch.launch.process import run_cli
 
     watch_launcher()  # a rank of tools/train.py --nproc N: never outlive the launcher for long
-    sys.exit(main())
+    run_cli(main, heavy=("torch", "torchvision"))

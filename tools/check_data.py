@@ -121,4 +121,6 @@ def check_shards(args: argparse.Namespace, workers: int) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from simmatch.launch.process import run_cli
+
+    run_cli(main)

@@ -61,4 +61,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from simmatch.launch.process import run_cli
+
+    run_cli(main, heavy=("torch", "torchvision"))

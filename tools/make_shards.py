@@ -56,4 +56,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from simmatch.launch.process import run_cli
+
+    run_cli(main)

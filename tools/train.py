@@ -124,4 +124,6 @@ def print_config(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from simmatch.launch.process import run_cli
+
+    run_cli(main)
