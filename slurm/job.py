@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+from simmatch.launch.process import preload
 from simmatch.run.rundir import RunDir
 from slurm import submissions, submitit_compat
 from slurm.jobstate import UNKNOWN, query_job
@@ -150,6 +151,8 @@ class TrainJob:
                 world_size=int(os.environ["WORLD_SIZE"]), master=os.environ["MASTER_ADDR"])
         started = time.time()
 
+        if in_submitit:  # a process of its own: torch's import-time objects frozen (simmatch/launch/process.py)
+            preload(("torch", "torchvision"))
         module, _, name = self.entry.partition(":")
         run = getattr(importlib.import_module(module), name)  # lazily: torch is imported in the job only
         try:
