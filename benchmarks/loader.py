@@ -28,6 +28,7 @@ Prints a table, the ratios and, as its last line, one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -178,9 +179,9 @@ def count_opens(trace: str, prefix: str, cwd: str) -> tuple[int | None, int]:
     return (timed if state == "after" else None), whole
 
 
-def child_command(args, backend: str, fmt: str) -> list[str]:
+def child_command(args, backend: str, fmt: str, threads: int) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend, "--format", fmt,
-           "--device", args.device, "--batch", str(args.batch), "--threads", str(args.threads),
+           "--device", args.device, "--batch", str(args.batch), "--threads", str(threads),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--crop", str(args.crop),
            "--strong", args.strong] + (["--ctaugment"] if args.ctaugment else [])
     if args.data:
@@ -251,6 +252,23 @@ def summarize(rows: list[dict], threads: int, shard_counts: dict) -> dict:
     return result
 
 
+def scaling(rows: list[dict]) -> dict:
+    """images/s at N threads / (N / n x images/s at the fewest threads n), per backend, format and delay."""
+    fewest: dict = {}
+    for r in rows:
+        k = (r["backend"], r["format"], r["open_delay_ms"])
+        if k not in fewest or r["threads"] < fewest[k]["threads"]:
+            fewest[k] = r
+    eff = {}
+    for r in rows:
+        base = fewest[(r["backend"], r["format"], r["open_delay_ms"])]
+        if r["threads"] > base["threads"]:
+            ideal = base["images_per_s"] * r["threads"] / base["threads"]
+            eff[f"{r['backend']}/{r['format']}/{r['open_delay_ms']:g}ms@{r['threads']}"] = \
+                round(r["images_per_s"] / ideal, 2)
+    return {"parallel_efficiency": eff} if eff else {}
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -261,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["dali", "torch", "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--batch", type=int, default=32, help="unlabeled images per batch")
-    parser.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="DALI threads = DataLoader workers; several (--threads 1 2): a row each, the images/s "
+                             "per thread and the parallel efficiency (images/s at N / (N x at the fewest))")
     parser.add_argument("--iters", type=int, default=40, help="timed batches")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     parser.add_argument("--crop", type=int, default=224)
@@ -284,13 +304,17 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--format {args.format} needs --shards (the folder tools/make_shards.py wrote)")
     args.data = os.path.abspath(args.data) if args.data else None
     args.shards = os.path.abspath(args.shards) if args.shards else None
+    if any(t < 1 for t in args.threads):
+        raise ConfigError(f"--threads {' '.join(map(str, args.threads))}: each must be at least 1")
+    args.threads = sorted(set(args.threads))
+    most = args.threads[-1]  # the ratios between backends and formats, and the traced run, use the most threads
     if any(d < 0 for d in args.open_delay_ms):
         raise ConfigError("--open-delay-ms must not be negative")
     backends = ["dali", "torch"] if args.backend == "all" else [args.backend]
 
     if args.child:
         print(json.dumps(measure(args.data, formats[0], args.shards, backends[0], args.device, args.batch,
-                                 args.threads, args.iters, args.warmup, args.crop, args.strong,
+                                 args.threads[0], args.iters, args.warmup, args.crop, args.strong,
                                  args.ctaugment)))
         return 0
 
@@ -302,15 +326,15 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[tuple, list[dict]] = {}
         for _ in range(max(1, args.repeat)):
             for d in delays:
-                for b in backends:
-                    for f in formats:
-                        extra = {}
-                        if d > 0:
-                            preload = os.environ.get("LD_PRELOAD")
-                            extra = {"LD_PRELOAD": shim + (" " + preload if preload else ""),
-                                     "OPEN_DELAY_MS": f"{d:g}", "OPEN_DELAY_PREFIX": prefix[f]}
-                        r = run_child(child_command(args, b, f), child_env(extra), f"{b}/{f} at {d:g} ms")
-                        runs.setdefault((b, f, d), []).append(r)
+                for b, f, t in itertools.product(backends, formats, args.threads):
+                    extra = {}
+                    if d > 0:
+                        preload = os.environ.get("LD_PRELOAD")
+                        extra = {"LD_PRELOAD": shim + (" " + preload if preload else ""),
+                                 "OPEN_DELAY_MS": f"{d:g}", "OPEN_DELAY_PREFIX": prefix[f]}
+                    r = run_child(child_command(args, b, f, t), child_env(extra),
+                                  f"{b}/{f} at {d:g} ms, {t} threads")
+                    runs.setdefault((b, f, d, t), []).append(r)
         strace = shutil.which("strace")
         opens: dict[tuple, tuple] = {}
         opens_note = ("--no-opens" if args.no_opens else "strace not found") if args.no_opens or not strace else ""
@@ -319,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 for f in formats:
                     trace = os.path.join(tmp, f"{b}-{f}.strace")
                     cmd = [strace, "-f", "-qq", "-y", "--seccomp-bpf", "-e", "trace=open,openat", "-o", trace,
-                           *child_command(args, b, f)]
+                           *child_command(args, b, f, most)]
                     try:
                         run_child(cmd, child_env(), f"{b}/{f} under strace")
                     except DataError as exc:  # e.g. ptrace not permitted in a container
@@ -338,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shard_counts["shards"] = len(read_index(args.shards, "train").shards)
     rows = []
-    for (b, f, d), rs in runs.items():
+    for (b, f, d, _t), rs in runs.items():
         row = dict(rs[0])
         row["open_delay_ms"] = d
         row["runs_images_per_s"] = [r["images_per_s"] for r in rs]
@@ -358,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         row["whole_run_images"] = args.batch * (args.warmup + args.iters)
         row["opens_counted_by"] = "strace" if (b, f) in opens else None
         rows.append(row)
-    rows.sort(key=lambda r: (r["open_delay_ms"], backends.index(r["backend"]), formats.index(r["format"])))
+    rows.sort(key=lambda r: (r["open_delay_ms"], backends.index(r["backend"]), formats.index(r["format"]),
+                             r["threads"]))
+    for r in rows:
+        r["images_per_s_per_thread"] = round(r["images_per_s"] / r["threads"], 1)
 
     def cell(v, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
@@ -373,17 +400,22 @@ def main(argv: list[str] | None = None) -> int:
               f"batches ({args.batch * args.iters} images), by strace -f, in a separate run without delay; "
               f"per epoch: that rate over the unlabeled set; whole run: the traced process from start to exit")
     print(f"{'backend':<8} {'format':<7} {'delay-ms':>8} {'device':<6} {'batch':>5} {'threads':>7} {'crop':>4} "
-          f"{'img/s':>8} {'cpu-ms/img':>10} {'opens':>6} {'opens/1k':>8} {'/epoch':>7} {'whole':>6}")
+          f"{'img/s':>8} {'/thread':>7} {'cpu-ms/img':>10} {'opens':>6} {'opens/1k':>8} {'/epoch':>7} {'whole':>6}")
     for r in rows:
         print(f"{r['backend']:<8} {r['format']:<7} {r['open_delay_ms']:>8g} {r['device']:<6} {r['batch']:>5} "
-              f"{r['threads']:>7} {r['crop']:>4} {r['images_per_s']:>8.1f} {r['cpu_ms_per_image']:>10.2f} "
+              f"{r['threads']:>7} {r['crop']:>4} {r['images_per_s']:>8.1f} {r['images_per_s_per_thread']:>7.1f} "
+              f"{r['cpu_ms_per_image']:>10.2f} "
               f"{cell(r['opens'], 'd'):>6} {cell(r['opens_per_1k_images'], '.1f'):>8} "
               f"{cell(r['opens_per_epoch'], '.1f'):>7} {cell(r['opens_whole_run'], 'd'):>6}")
     result: dict = {"rows": rows, "open_delay_ms": delays, "open_delay": "injected (LD_PRELOAD sleep per open), "
                     "not a real network mount", "opens_counted_by": "strace" if opens else None}
     if opens_note:
         result["opens_note"] = opens_note
-    result.update(summarize(rows, args.threads, shard_counts))
+    result.update(summarize([r for r in rows if r["threads"] == most], most, shard_counts))
+    result.update(scaling(rows))
+    for k, eff in result.get("parallel_efficiency", {}).items():
+        print(f"parallel efficiency ({k}): {eff:.2f} (images/s at {k.rsplit('@', 1)[1]} threads / that many x at "
+              f"{args.threads[0]})")
     for k, ratio in result.get("dali_over_torch_by", {}).items():
         print(f"DALI/torch ({k}): {ratio:.2f}x images/s, "
               f"{result['dali_over_torch_cpu_by'][k]:.2f}x images per CPU-second")

@@ -71,7 +71,9 @@ def adjust_saturation(images, factor):
     DALI's saturation scales I and Q of YIQ and keeps Y = 0.299 R + 0.587 G + 0.114 B; since
     YIQ -> RGB adds Y to every channel, that is exactly factor * x + (1 - factor) * Y.
     """
-    return fn.color_twist(images, saturation=factor)
+    # Computed in float and rounded by one cast: the same levels as color_twist's own uint8 output
+    # (tests/data/test_color_jitter_passes.py), whose per-element libm roundf made it 25% dearer.
+    return to_uint8(fn.color_twist(images, saturation=factor, dtype=types.FLOAT))
 
 
 @do_not_convert
@@ -139,16 +141,29 @@ def draw_factors(brightness: float, contrast: float, saturation: float, hue: flo
             _uniform(-hue, hue)]
 
 
-def _apply(op, x, steps: list[Callable]):
-    """x after the op numbered `op` (a per-sample int); each branch runs on its samples only."""
-    if op == 0:
+SKIP = len(OP_NAMES)  # the code of "no op in this pass"
+HUE = OP_NAMES.index("hue")
+
+
+@do_not_convert
+def pass_codes(slot: int, before_hue: bool) -> list[int]:
+    """For each of the 24 orders: the op at `slot` if it runs before (or after) the hue, else SKIP."""
+    codes = []
+    for order in PERMUTATIONS:
+        runs = slot < order.index(HUE) if before_hue else slot > order.index(HUE)
+        codes.append(order[slot] if runs else SKIP)
+    return codes
+
+
+def _apply(code, x, steps: list[Callable]):
+    """x after brightness, contrast or saturation (code 0, 1, 2; SKIP: as it is); each branch runs
+    on its samples only."""
+    if code == 0:
         x = steps[0](x)
-    elif op == 1:
+    elif code == 1:
         x = steps[1](x)
-    elif op == 2:
+    elif code == 2:
         x = steps[2](x)
-    else:
-        x = steps[3](x)
     return x
 
 
@@ -164,14 +179,25 @@ def color_jitter(images, brightness: float, contrast: float, saturation: float,
     orders drawn per image. Returns the jittered uint8 images and the draws (for tests):
     {"order": index into PERMUTATIONS, "brightness": ..., "hue": ...}; an empty range is None.
 
-    Needs a pipeline defined with enable_conditionals=True (each slot branches per sample).
+    Every image gets its ops in its drawn order, each rounded and saturated as torchvision's.
+    The hue rotation (about 50 elementwise operators) runs once, on every image: the ops drawn
+    before it run first, in three passes of one op per image (slots 0-2, SKIP where the slot
+    holds the hue or comes after it), those drawn after it in three more passes (slots 1-3).
+    Branching each of the four slots four ways instead would run the hue's operators four
+    times on a quarter of the images each: 4x the operator launches, on sub-batches too small
+    to keep the thread pool busy (docs/PERFORMANCE.md, "Loader: where the second core went").
+
+    Needs a pipeline defined with enable_conditionals=True (each pass branches per sample).
     """
     factors = draw_factors(brightness, contrast, saturation, hue)
     order = fn.random.uniform(values=list(range(len(PERMUTATIONS))), dtype=types.INT32)
     steps = [_step(adjust, f) for adjust, f in zip(ADJUST, factors)]
     x = images
-    for slot in range(4):
-        op = fn.lookup_table(order, keys=list(range(len(PERMUTATIONS))),
-                             values=[p[slot] for p in PERMUTATIONS], dtype=types.INT32)
-        x = _apply(op, x, steps)
+    for before_hue, slots in ((True, range(0, 3)), (False, range(1, 4))):
+        if not before_hue:
+            x = steps[HUE](x)
+        for slot in slots:
+            code = fn.lookup_table(order, keys=list(range(len(PERMUTATIONS))),
+                                   values=pass_codes(slot, before_hue), dtype=types.INT32)
+            x = _apply(code, x, steps)
     return x, {"order": order, **dict(zip(OP_NAMES, factors))}

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dali_pipelines import GRAPH_VERSION
 from simmatch.data.base import (
     LABELED_KIND,
     TrainStream,
@@ -239,24 +240,26 @@ class DaliTrainStream(TrainStream):
         return epoch, batch
 
     def _replay_extra(self) -> dict:
-        return {"dali": None, "reader": reader_of(self._source)}
+        return {"dali": None, "reader": reader_of(self._source), "graph": GRAPH_VERSION}
 
     def _position(self) -> tuple[int, int, dict]:
         epoch, batch = self._coordinates()
         checkpoint = None
         if self._batch > 0:
             checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._pending
-        return epoch, batch, {"dali": checkpoint, "reader": reader_of(self._source)}
+        return epoch, batch, {"dali": checkpoint, "reader": reader_of(self._source), "graph": GRAPH_VERSION}
 
     def _seek(self, epoch: int, batch: int, extra: dict) -> None:
         """Go to (epoch, batch); the saved DALI checkpoint restores the pipeline there, unless it was
-        written by another reader (the run moved between a folder and shards: data.format), when
-        the segment's first batches are run again instead (the same images and seeds)."""
+        written by another reader (the run moved between a folder and shards: data.format) or by
+        another layout of the graphs' operators (dali_pipelines.GRAPH_VERSION: a run saved by an
+        earlier version), when the segment's first batches are run again instead (the same images
+        and seeds)."""
         self.close()
         self._segment_epoch = self._segment_start(epoch)
         self._batch = sum(self.plan.batches_in(e) for e in range(self._segment_epoch, epoch)) + batch
         checkpoint = extra.get("dali")
-        if extra.get("reader", "file") != reader_of(self._source):
+        if extra.get("reader", "file") != reader_of(self._source) or extra.get("graph", 1) != GRAPH_VERSION:
             checkpoint = None
         self._pending = bytes(checkpoint) if checkpoint is not None and self._batch > 0 else None
 

@@ -74,11 +74,16 @@ def test_loader_benchmark_tiny(digits_root):
     pytest.importorskip("nvidia.dali")
     out = last_json(call_tool("benchmarks/loader.py", "--data", str(digits_root), "--backend", "all",
                              "--batch", "4", "--iters", "2", "--warmup", "1", "--crop", "16",
-                             "--threads", "1", "--no-opens", "--ctaugment"))  # opens: the next test
-    speed = {r["backend"]: r["images_per_s"] for r in out["rows"]}
+                             "--threads", "2", "1", "--no-opens", "--ctaugment"))  # opens: the next test
+    speed = {(r["backend"], r["threads"]): r["images_per_s"] for r in out["rows"]}
     assert all(r["ctaugment"] for r in out["rows"])  # each strong view through CTAugment after the stream
-    assert set(speed) == {"dali", "torch"} and min(speed.values()) > 0
-    assert out["dali_over_torch"] == pytest.approx(speed["dali"] / speed["torch"], abs=0.01)
+    assert set(speed) == {("dali", 1), ("dali", 2), ("torch", 1), ("torch", 2)} and min(speed.values()) > 0
+    assert [r["images_per_s_per_thread"] for r in out["rows"] if r["threads"] == 2] == \
+        [pytest.approx(speed[(b, 2)] / 2, abs=0.051) for b in ("dali", "torch")]
+    # the backends compared at the most threads; the efficiency of each against its 1-thread row
+    assert out["dali_over_torch"] == pytest.approx(speed[("dali", 2)] / speed[("torch", 2)], abs=0.01)
+    assert out["parallel_efficiency"] == {
+        f"{b}/folder/0ms@2": pytest.approx(speed[(b, 2)] / (2 * speed[(b, 1)]), abs=0.01) for b in ("dali", "torch")}
 
 
 def test_loader_benchmark_shards_opens_and_open_delay(digits_root, tmp_path):
