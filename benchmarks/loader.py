@@ -91,7 +91,8 @@ def count_classes(data: str | None, shards: str | None) -> int:
 
 
 def measure(data: str | None, fmt: str, shards: str | None, backend: str, device: str, batch: int,
-            threads: int, iters: int, warmup: int, crop: int, strong: str, ctaugment: bool = False) -> dict:
+            threads: int, iters: int, warmup: int, crop: int, strong: str, ctaugment: bool = False,
+            settings: list[str] = ()) -> dict:
     """One measurement in this process (the parent runs it in a child: --child). `ctaugment`: each
     batch's strong view then gets a CTAugment policy, as ReMixMatch's step does in the training
     process on the CPU (the part no pipeline can run: the policy follows the training)."""
@@ -102,7 +103,7 @@ def measure(data: str | None, fmt: str, shards: str | None, backend: str, device
         *where, f"data.num_classes={count_classes(data, shards)}", "data.labeled_per_class=1",
         f"data.backend={backend}", f"data.device={device}", f"data.crop_size={crop}",
         f"data.num_threads={threads}", f"data.strong={strong}", "data.num_strong=1",
-        f"train.batch_size={batch}", "train.mu=1"])
+        f"train.batch_size={batch}", "train.mu=1", *settings])
     target = torch.device("cuda" if device == "gpu" else "cpu")
     scale = derive_scale(cfg, 1)
     streams = build_streams(cfg, scale, scale.ranks_of(0), 0, target)
@@ -136,7 +137,8 @@ def measure(data: str | None, fmt: str, shards: str | None, backend: str, device
     cpu = cpu_seconds() - cpu_start
     mark("end")
     assert batch_out["weak"].shape[0] == batch
-    row = {"backend": backend, "format": fmt, "device": device, "batch": batch, "threads": threads,
+    row = {"backend": backend, "format": fmt, "settings": list(settings), "device": device, "batch": batch,
+           "threads": threads,
            "crop": crop, "strong": strong, "ctaugment": ctaugment, "iters": iters, "seconds": round(seconds, 3),
            "images_per_s": round(batch * iters / seconds, 1),
            "cpu_ms_per_image": round(1000 * cpu / (batch * iters), 2),
@@ -184,6 +186,8 @@ def child_command(args, backend: str, fmt: str, threads: int) -> list[str]:
            "--device", args.device, "--batch", str(args.batch), "--threads", str(threads),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--crop", str(args.crop),
            "--strong", args.strong] + (["--ctaugment"] if args.ctaugment else [])
+    if args.set:
+        cmd += ["--set", *args.set]
     if args.data:
         cmd += ["--data", args.data]
     if args.shards:
@@ -293,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                              "a stand-in for a network file system's per-open cost, not a real mount; "
                              "several values: one row each")
     parser.add_argument("--no-opens", action="store_true", help="skip the strace run that counts opens")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides of the stream, e.g. data.jitter_prob=0 (what a view's parts cost)")
     parser.add_argument("--ctaugment", action="store_true",
                         help="then a CTAugment policy on each strong view, on the CPU (ReMixMatch)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -315,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(measure(args.data, formats[0], args.shards, backends[0], args.device, args.batch,
                                  args.threads[0], args.iters, args.warmup, args.crop, args.strong,
-                                 args.ctaugment)))
+                                 args.ctaugment, args.set)))
         return 0
 
     prefix = {"folder": args.data, "shards": args.shards}

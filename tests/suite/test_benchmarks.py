@@ -147,3 +147,10 @@ def test_table1_small_views_benchmark_tiny():
                               "--iters", "1"))
     assert out["side"] == 32 and out["batch"] == 8
     assert all(out[f"{b}_{v}"] > 0 for b in ("dali", "torch") for v in ("weak", "strong")), out
+
+
+def test_process_exit_benchmark_tiny():
+    out = last_json(call_tool("benchmarks/process_exit.py", "--repeat", "1"))
+    assert out["benchmark"] == "process_exit" and out["repeat"] == 1
+    for mode in ("plain", "run_cli"):  # one child each: its median is its only run
+        assert out[mode]["exit_s"] == out[mode]["exit_runs_s"][0] >= 0 and out[mode]["start_s"] > 0
