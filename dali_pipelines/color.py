@@ -155,6 +155,13 @@ def pass_codes(slot: int, before_hue: bool) -> list[int]:
     return codes
 
 
+@do_not_convert
+def _pass_code(order, slot: int, before_hue: bool):
+    """Each image's code for this pass (`pass_codes`), looked up from its drawn order."""
+    return fn.lookup_table(order, keys=list(range(len(PERMUTATIONS))), values=pass_codes(slot, before_hue),
+                           dtype=types.INT32)
+
+
 def _apply(code, x, steps: list[Callable]):
     """x after brightness, contrast or saturation (code 0, 1, 2; SKIP: as it is); each branch runs
     on its samples only."""
@@ -193,11 +200,9 @@ def color_jitter(images, brightness: float, contrast: float, saturation: float,
     order = fn.random.uniform(values=list(range(len(PERMUTATIONS))), dtype=types.INT32)
     steps = [_step(adjust, f) for adjust, f in zip(ADJUST, factors)]
     x = images
-    for before_hue, slots in ((True, range(0, 3)), (False, range(1, 4))):
-        if not before_hue:
-            x = steps[HUE](x)
-        for slot in slots:
-            code = fn.lookup_table(order, keys=list(range(len(PERMUTATIONS))),
-                                   values=pass_codes(slot, before_hue), dtype=types.INT32)
-            x = _apply(code, x, steps)
+    for slot in range(0, 3):
+        x = _apply(_pass_code(order, slot, True), x, steps)
+    x = steps[HUE](x)
+    for slot in range(1, 4):
+        x = _apply(_pass_code(order, slot, False), x, steps)
     return x, {"order": order, **dict(zip(OP_NAMES, factors))}
