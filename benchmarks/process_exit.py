@@ -25,7 +25,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from simmatch.errors import ConfigError, cli_errors  # noqa: E402
+from simmatch.errors import ConfigError, DataError, cli_errors  # noqa: E402
 
 CHILD = """
 import sys, time
@@ -47,7 +47,7 @@ def measure(mode: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD.format(repo=REPO, mode=mode)], capture_output=True, text=True)
     ended = time.time()
     if proc.returncode != 0:
-        raise ConfigError(f"the {mode} child failed: {proc.stderr[-1000:]}")
+        raise DataError(f"the {mode} child failed (exit {proc.returncode}): {proc.stderr[-1000:]}")
     start_s, printed = map(float, proc.stdout.split())
     return {"start_s": start_s, "exit_s": ended - printed}
 
