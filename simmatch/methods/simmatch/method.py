@@ -20,20 +20,26 @@ from simmatch.models import Network, network_for
 
 
 def pseudo_labels(p_w: torch.Tensor, q_w: torch.Tensor, bank_labels: torch.Tensor,
-                  alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  alpha: float, scaling: bool = True, smoothing: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """SimMatch's label propagation.
 
     p_w [B x C]: aligned class probabilities of the weak view (rows sum to 1).
     q_w [B x K]: similarity distribution over the bank (rows sum to 1).
     bank_labels [K]: class of each bank slot.
     Returns p_hat [B x C] = alpha p_w + (1 - alpha) aggregate(q_w), and
-    q_hat [B x K] = normalize(q_w * unfold(p_w)).
+    q_hat [B x K] = normalize(q_w * unfold(p_w)). The paper's Table 5 ablations:
+    `scaling=False` gives p_hat = p_w, `smoothing=False` gives q_hat = q_w.
     """
     index = bank_labels.long().unsqueeze(0).expand(q_w.shape[0], -1)
-    q_hat = torch.gather(p_w, 1, index)  # unfolding: p_unfold[i, j] = p_w[i, bank_labels[j]]
-    q_hat.mul_(q_w)  # in place: B x K is the large tensor here (320 x 128k on ImageNet 10%)
-    # guard only against 0/0: a row whose mass underflows far below 1e-12 is still normalised
-    q_hat.div_(q_hat.sum(dim=1, keepdim=True).clamp_(min=torch.finfo(q_hat.dtype).tiny))
+    if smoothing:
+        q_hat = torch.gather(p_w, 1, index)  # unfolding: p_unfold[i, j] = p_w[i, bank_labels[j]]
+        q_hat.mul_(q_w)  # in place: B x K is the large tensor here (320 x 128k on ImageNet 10%)
+        # guard only against 0/0: a row whose mass underflows far below 1e-12 is still normalised
+        q_hat.div_(q_hat.sum(dim=1, keepdim=True).clamp_(min=torch.finfo(q_hat.dtype).tiny))
+    else:
+        q_hat = q_w
+    if not scaling:
+        return p_w, q_hat
     q_agg = torch.zeros_like(p_w).scatter_add_(1, index, q_w)  # sum of q_w per class
     p_hat = alpha * p_w + (1.0 - alpha) * q_agg
     return p_hat, q_hat
@@ -46,9 +52,10 @@ class SimMatch(Method):
                  lambda_u: float, lambda_in: float, dist_align: bool = True, da_len: int = 256,
                  da: nn.Module | None = None, bank_momentum: float = 0.0,
                  propagate_after_iters: int = 0, use_bank: bool = True, teacher: str = "eman",
-                 seed: int = 0, targets_from: str = "teacher"):
+                 seed: int = 0, targets_from: str = "teacher", scaling: bool = True, smoothing: bool = True):
         super().__init__(student, ema_momentum, teacher, seed)
         self.targets_from = targets_from
+        self.scaling, self.smoothing = scaling, smoothing  # the paper's Table 5 ablations when false
         self.tau, self.temperature, self.alpha = tau, temperature, alpha
         self.lambda_u, self.lambda_in = lambda_u, lambda_in
         self.propagate_after_iters = propagate_after_iters
@@ -74,7 +81,8 @@ class SimMatch(Method):
             tau=m.tau, temperature=m.temperature, alpha=m.alpha, lambda_u=m.lambda_u,
             lambda_in=m.lambda_in if m.use_bank else 0.0, dist_align=m.dist_align, da_len=values["da_len"],
             da=da, bank_momentum=m.bank_momentum, propagate_after_iters=l_in_start(m, values),
-            use_bank=m.use_bank, teacher=cls.card.teacher(cfg), seed=cfg.train.seed, targets_from=m.targets)
+            use_bank=m.use_bank, teacher=cls.card.teacher(cfg), seed=cfg.train.seed, targets_from=m.targets,
+            scaling=m.scaling, smoothing=m.smoothing)
 
     @property
     def targets_in_forward(self) -> bool:
@@ -95,7 +103,7 @@ class SimMatch(Method):
             logits_u = torch.cat([lg[b:] for lg, _ in outs])
             emb = [e for _, e in outs]
             emb_u = torch.cat([e[b:] for e in emb]) if self.use_bank else None
-            p_hat, q_hat = self._propagate(logits_u, emb_u, lab["y"], iteration)
+            p_hat, q_hat = self.propagate(logits_u, emb_u, lab["y"], iteration)
             # written in after_step: this step's targets use the bank as it was
             rows = (torch.cat([e[:b] for e in emb]).float(), lab["y"].clone(), lab["index"].clone()) \
                 if self.use_bank else None
@@ -104,7 +112,7 @@ class SimMatch(Method):
                                 zip(p_hat.split(bu), q_hat.split(bu) if q_hat is not None else [None] * len(labeled))],
                                memory=rows)
 
-    def _propagate(self, logits_u: torch.Tensor, emb_u: torch.Tensor | None, labels: torch.Tensor, iteration: int):
+    def propagate(self, logits_u: torch.Tensor, emb_u: torch.Tensor | None, labels: torch.Tensor, iteration: int):
         """Aligned p_w and, once L_in has started, SimMatch's p_hat and q_hat (all ranks' rows)."""
         p_w = torch.softmax(logits_u.float(), dim=1)
         if self.da is not None:
@@ -113,7 +121,7 @@ class SimMatch(Method):
             return p_w, None
         with fp32(p_w.device):
             q_w = torch.softmax(emb_u.float() @ self.bank.features.T / self.temperature, dim=1)
-            return pseudo_labels(p_w, q_w, self.bank.labels, self.alpha)
+            return pseudo_labels(p_w, q_w, self.bank.labels, self.alpha, self.scaling, self.smoothing)
 
     def student_losses(self, student, labeled: Batch, unlabeled: Batch | None, targets: Targets,
                        iteration: int) -> dict[str, torch.Tensor]:
@@ -137,7 +145,7 @@ class SimMatch(Method):
             logits, emb = student(torch.cat([labeled["x"], unlabeled["weak"], *unlabeled["strong"]]))
         with torch.no_grad(), self.timer("targets"):
             weak_emb = emb[b:b + bu].detach() if self.use_bank else None
-            p_hat, q_hat = self._propagate(logits[b:b + bu].detach(), weak_emb, labeled["y"], iteration)
+            p_hat, q_hat = self.propagate(logits[b:b + bu].detach(), weak_emb, labeled["y"], iteration)
             rows = (emb[:b].detach().float(), labeled["y"].clone(), labeled["index"].clone()) if self.use_bank else None
         without_weak = (torch.cat([logits[:b], logits[b + bu:]]),
                         torch.cat([emb[:b], emb[b + bu:]]) if emb is not None else None)
