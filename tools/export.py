@@ -3,6 +3,10 @@
 
 `python tools/export.py RUN_DIR|CKPT --which student|teacher --out FILE [--head-out FILE]
  [--which-ckpt last|best] [--format torch|onnx]`
+`python tools/export.py AUTHORS.pth --cfg yaml/in1k_1pct.yaml --which student|teacher --out FILE [key=value ...]`:
+one of the SimMatch / SimMatchV2 authors' released checkpoints, which holds no config (the model
+card's arch, classes and preprocessing come from --cfg and the overrides); student = their `main`,
+teacher = their `ema`.
 The result loads into `torchvision.models.resnet50()` with strict=True, fc included; the
 .safetensors (and .onnx) metadata holds the architecture, stem, classes and preprocessing, and
 the exported network's validation result at the checkpoint's iteration from the run's
@@ -37,19 +41,22 @@ def main() -> int:
                          "validation top-1 (best, checkpoints/best.pt)")
     ap.add_argument("--format", default="torch", choices=["torch", "onnx"],
                     help="torch: .pth + .safetensors (default); onnx: a verified .onnx file")
-    args = ap.parse_args()
+    ap.add_argument("--cfg", default=None, help="the config of an authors' checkpoint (it holds none)")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.root=DIR (the class names)")
+    args = ap.parse_intermixed_args()  # options before or after the overrides
     from simmatch.weights.export import export, export_onnx
 
     if args.format == "onnx":
-        res = export_onnx(args.source, args.which, args.out, args.which_ckpt)
-        print(f"exported {args.which} of {res['checkpoint']} (iteration {res['iteration']}) to {res['written'][0]}")
+        res = export_onnx(args.source, args.which, args.out, args.which_ckpt, cfg_path=args.cfg,
+                          overrides=args.overrides)
+        print(f"exported {args.which} of {res['checkpoint']} ({res['source']}) to {res['written'][0]}")
         print(f"check: onnxruntime logits match PyTorch's (max abs diff {res['max_abs_diff']:.3g} "
               f"<= {res['tolerance']:g})")
         print(f"model card: evaluation: {res['metadata']['evaluation']}")
         return 0
-    res = export(args.source, args.which, args.out, args.head_out, args.which_ckpt)
+    res = export(args.source, args.which, args.out, args.head_out, args.which_ckpt, args.cfg, args.overrides)
     ok = res["max_abs_diff"] == 0.0
-    print(f"exported {args.which} of {res['checkpoint']} (iteration {res['iteration']}, {res['arch']}"
+    print(f"exported {args.which} of {res['checkpoint']} ({res['source']}, {res['arch']}"
           f"{', small-input stem' if res['small_input'] else ''})")
     for p in res["written"]:
         print(f"  wrote {p}")

@@ -20,6 +20,7 @@ from simmatch.files.atomic import replace_together
 from simmatch.models.wrn import ARCHS as WRN_ARCHS
 from simmatch.models.wrn import build_source as wrn_build_source
 from simmatch.weights.networks import (
+    describe,
     load_run_checkpoint,
     network_state,
     split_backbone,
@@ -110,7 +111,13 @@ def model_card(cfg: Config, state: dict, which: str, checkpoint: str | Path | No
             "small_input_stem": json.dumps(cfg.model.small_input), "num_classes": str(cfg.data.num_classes),
             "resize": str(val_resize_size(cfg.data)), "crop": str(cfg.data.crop_size),
             "mean": json.dumps(list(cfg.data.mean)), "std": json.dumps(list(cfg.data.std)),
-            "which": which, "iteration": str(int(state["iteration"])), "method": cfg.method.name}
+            "which": which, "method": cfg.method.name}
+    if "authors" in state:  # one of the SimMatch / SimMatchV2 authors' files: their code wrote it, not a run
+        card["source"] = state["authors"].describe()
+        if state["epoch"] is not None:
+            card["epoch"] = str(state["epoch"])
+    else:
+        card["iteration"] = str(int(state["iteration"]))
     if cfg.model.norm_feat:  # SimMatchV2's feature LayerNorm, the first layer of fc
         card["fc"] = "Sequential(LayerNorm(in_features), Linear(in_features, num_classes))"
     if cfg.model.arch != "resnet10" and not wrn:  # a torchvision constructor exists only for torchvision's own
@@ -118,7 +125,9 @@ def model_card(cfg: Config, state: dict, which: str, checkpoint: str | Path | No
     card["build"] = build_lines(cfg)
     if classes:
         card["classes"] = json.dumps(classes)
-    if checkpoint is not None:
+    if checkpoint is not None and "authors" in state:
+        card["evaluation"] = f"unknown: {checkpoint} is {state['authors'].describe()}, not a run directory's"
+    elif checkpoint is not None:
         card.update(run_evaluation(checkpoint, int(state["iteration"]), which))
     return card
 
@@ -150,18 +159,21 @@ def build_lines(cfg: Config) -> str:
 
 
 def export(path: str | Path, which: str, out: str | Path, head_out: str | Path | None = None,
-           which_ckpt: str = "last") -> dict:
+           which_ckpt: str = "last", cfg_path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+           ) -> dict:
     """Write `out` with .pth and .safetensors suffixes; returns what was written and the check.
 
     Every file is first written under a temporary name; the check reads those files back
     (both formats) and compares the logits of a torchvision model loaded from them with the
     training model's. Only when they are equal are the files renamed into place; otherwise
-    they are removed and nothing is left behind (`written` is then empty).
+    they are removed and nothing is left behind (`written` is then empty). `cfg_path` and
+    `overrides`: the config of an authors' file (load_run_checkpoint).
     """
     from safetensors.torch import load_file, save_file
 
-    file, state, cfg = load_run_checkpoint(path, which_ckpt)
-    net_state = network_state(state, which)
+    file, state, cfg = load_run_checkpoint(path, which_ckpt, cfg_path, overrides)
+    net_state = network_state(state, which, file)
+    training_network(cfg, net_state)  # weights that do not fit the config: one line, before anything is written
     backbone, head = split_backbone(net_state)
     out = Path(out)
     stem = out.with_suffix("") if out.suffix in (".pth", ".pt", ".safetensors", ".onnx") else out
@@ -189,7 +201,8 @@ def export(path: str | Path, which: str, out: str | Path, head_out: str | Path |
         replace_together(targets, write, check)
     except (OSError, RuntimeError) as exc:
         raise CheckpointError(f"export to {stem} failed: {str(exc).splitlines()[0]}") from None
-    return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
+    return {"checkpoint": file, "iteration": None if "authors" in state else int(state["iteration"]),
+            "source": describe(state), "arch": cfg.model.arch,
             "small_input": cfg.model.small_input, "max_abs_diff": diff,
             "written": targets if diff == 0.0 else [], "metadata": card}
 
@@ -198,7 +211,8 @@ ONNX_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and PyTorch 
 
 
 def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str = "last",
-                tolerance: float = ONNX_TOLERANCE) -> dict:
+                tolerance: float = ONNX_TOLERANCE, cfg_path: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """Write `out` (.onnx, batch dimension dynamic, input `image` [N,3,crop,crop] normalised,
     output `logits`), with the model card as ONNX metadata; onnxruntime must reproduce the
     PyTorch logits within `tolerance` on a batch of another size before the file gets its name."""
@@ -208,8 +222,10 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
     except ImportError:
         raise UserError("--format onnx needs the onnx and onnxruntime packages "
                         "(pip install onnx onnxruntime, or the `onnx` extra)") from None
-    file, state, cfg = load_run_checkpoint(path, which_ckpt)
-    backbone, _ = split_backbone(network_state(state, which))
+    file, state, cfg = load_run_checkpoint(path, which_ckpt, cfg_path, overrides)
+    net_state = network_state(state, which, file)
+    training_network(cfg, net_state)  # weights that do not fit the config: one line
+    backbone, _ = split_backbone(net_state)
     model = torchvision_model(cfg)
     model.load_state_dict(backbone, strict=True)
     model.eval()
@@ -248,6 +264,7 @@ def export_onnx(path: str | Path, which: str, out: str | Path, which_ckpt: str =
     out = Path(out)
     out = out if out.suffix == ".onnx" else out.with_suffix(".onnx")
     replace_together([out], write, check)
-    return {"checkpoint": file, "iteration": int(state["iteration"]), "arch": cfg.model.arch,
+    return {"checkpoint": file, "iteration": None if "authors" in state else int(state["iteration"]),
+            "source": describe(state), "arch": cfg.model.arch,
             "small_input": cfg.model.small_input, "max_abs_diff": result["max_abs_diff"],
             "tolerance": tolerance, "written": [out], "metadata": card}

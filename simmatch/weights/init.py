@@ -3,8 +3,9 @@
 Read (never unpickling arbitrary objects: torch.load(weights_only=True), or safetensors):
 a plain state_dict (torchvision's published weight files are one), a dict nesting it under
 `state_dict` / `model` (MoCo, ISD, timm, Lightning `.pth.tar` / `.ckpt`), `.safetensors`,
-and this project's run directories, checkpoints (`ckpt_300.pt` names the checkpoint of
-iteration 300, `best.pt` / `last.pt` the stable names) and exports.
+this project's run directories, checkpoints (`ckpt_300.pt` names the checkpoint of
+iteration 300, `best.pt` / `last.pt` the stable names) and exports, and the SimMatch / SimMatchV2
+authors' released checkpoints (`weights/authors.py`: their student `main`'s trunk and classifier).
 
 Map: the wrapper prefixes `module.` (DataParallel/DDP), `encoder_q.` (MoCo's query encoder),
 `backbone.`, `encoder.`, `model.` are stripped, then the names are matched against the
@@ -23,6 +24,7 @@ import torch
 from simmatch.checkpoint.store import find_checkpoint, read_checkpoint
 from simmatch.config import Config
 from simmatch.errors import CheckpointError
+from simmatch.weights.authors import trunk_of_authors
 
 NESTING = ("state_dict", "model", "model_state_dict", "net", "network")
 PREFIXES = ("module.", "encoder_q.", "backbone.", "encoder.", "model.")
@@ -100,6 +102,9 @@ def map_onto_trunk(weights: dict[str, torch.Tensor], target: dict[str, torch.Ten
                    arch: str) -> tuple[dict[str, torch.Tensor], InitReport]:
     """The tensors to load (strict=False) into a ResNet whose state is `target`, and the report."""
     report = InitReport(str(source))
+    weights, authors = trunk_of_authors(weights)
+    if authors:
+        report.notes.append(authors)
     mapped: dict[str, tuple[str, torch.Tensor]] = {}
     for name, tensor in weights.items():
         mapped.setdefault(strip_prefixes(name), (name, tensor))
@@ -126,13 +131,14 @@ def map_onto_trunk(weights: dict[str, torch.Tensor], target: dict[str, torch.Ten
     head = [mapped[k][1] for k in CLASSIFIER if k in mapped]
     if len(head) == 2 and all(t.shape == target[k].shape for t, k in zip(head, CLASSIFIER)):
         out.update(zip(CLASSIFIER, head))
-    elif head:
+    skipped = bool(head) and "fc.weight" not in out
+    if skipped:
         report.notes.append(f"classifier skipped: it has {head[0].shape[0]} classes, this run "
                             f"{target['fc.weight'].shape[0]}")
     report.loaded = list(out)
     used = set(out)
     report.unexpected = [orig for key, (orig, _) in mapped.items() if key not in used
-                         and not (key in CLASSIFIER and report.notes)]
+                         and not (key in CLASSIFIER and skipped)]
     return out, report
 
 
