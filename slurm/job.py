@@ -255,7 +255,9 @@ class TrainJob:
 
         timed_out = submitit_compat.has_timed_out(self._submitit_handler)
         left = submitit_compat.timeouts_left(self._submitit_handler, timed_out)
-        job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
+        job_env = job_environment()  # an array element's id is ARRAY_INDEX, as its other events say
+        job_id = job_env.job_id if job_env is not None else \
+            os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
         iteration = self._iteration if self._iteration is not None else \
             _newest_checkpoint_iteration(self.run_dir)
         if left is not None and left < 0:

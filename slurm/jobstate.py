@@ -31,7 +31,7 @@ def query_job(job_id: str, timeout_s: float = 30.0) -> dict[str, str]:
     if shutil.which("scontrol") is None:
         return {"JobState": UNKNOWN}
     try:
-        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id).split("_")[0]],
+        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)],  # ARRAY_INDEX: that element
                               capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired):
         return {"JobState": UNKNOWN}
@@ -59,7 +59,7 @@ class ScontrolWatcher(SlurmInfoWatcher):
         return None  # never call sacct
 
     def update(self) -> None:
-        pending = {j.split("_")[0] for j in self._registered - self._finished}
+        pending = self._registered - self._finished
         self._num_calls += 1
         for job_id in pending:
             fields = query_job(job_id)

@@ -16,7 +16,7 @@ from slurm.job import TrainJob
 from slurm.jobstate import ScontrolSlurmJob
 
 __all__ = ["JobSpec", "LaunchError", "TrainJob", "load_job", "make_executor", "sbatch_script", "submit",
-           "submitit_folder"]
+           "submit_array", "submitit_folder"]
 
 
 class LaunchError(UserError):
@@ -150,6 +150,38 @@ def submit(job: TrainJob, spec: JobSpec) -> ScontrolSlurmJob:
     return sjob
 
 
+def submit_array(jobs: list[TrainJob], spec: JobSpec, folder: str | Path, parallel: int | None = None,
+                 sweep: str | None = None) -> list[str]:
+    """Submit `jobs` as one SLURM job array (at most `parallel` elements running at once), each
+    element an ordinary requeueing job of its own run directory; one job alone is submitted as a
+    plain job (submitit's rule). The submission is logged in each run directory, with `folder`
+    (where the array's pickles and logs are) and the `sweep` it belongs to. Returns the job ids
+    (ARRAY_INDEX for array elements)."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    ex = make_executor(spec, folder)
+    if parallel:
+        ex.update_parameters(array_parallelism=parallel)
+    try:
+        handles = ex.submit_array(jobs)
+    except (FailedJobError, FailedSubmissionError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln or "fatal" in ln]
+        raise LaunchError(f"sbatch refused the job array: {(lines or [str(exc)])[-1][:300]}") from None
+    ids = [str(h.job_id) for h in handles]
+    for job, job_id in zip(jobs, ids):
+        submissions.append_event(job.run_dir, submissions.SUBMITTED, job_id=job_id, nodes=spec.nodes,
+                                 tasks_per_node=spec.ntasks_per_node, gpus_per_node=spec.gpus_per_node,
+                                 timeout_min=spec.timeout_min, max_requeues=spec.max_requeues,
+                                 cfg=job.cfg_path, overrides=job.overrides, folder=str(ex.folder),
+                                 **({"sweep": sweep} if sweep else {}))
+    return ids
+
+
 def load_job(run_dir: str | Path, job_id: str, num_tasks: int) -> ScontrolSlurmJob:
-    """A handle on a submitted job (state, results, _interrupt) from its id."""
-    return ScontrolSlurmJob(folder=submitit_folder(run_dir), job_id=str(job_id), tasks=list(range(num_tasks)))
+    """A handle on a submitted job (state, results, _interrupt) from its id; the submitit folder
+    is the one its submission logged (a sweep's array keeps one for all its runs)."""
+    folder = next((e.get("folder") for e in reversed(submissions.read_events(run_dir))
+                   if e["event"] == submissions.SUBMITTED and str(e.get("job_id")) == str(job_id)
+                   and e.get("folder")), None)
+    return ScontrolSlurmJob(folder=folder or submitit_folder(run_dir), job_id=str(job_id),
+                            tasks=list(range(num_tasks)))

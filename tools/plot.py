@@ -12,6 +12,11 @@ beside it, on an axis ticked at that value only. The panels drawn are listed on 
 Each run is drawn as the history that led to its newest weights: records of work lost to a
 crash are left out, and after an elastic resume (another world size) the iterations before it
 are re-expressed in steps of the last global batch, so that the curves stay continuous.
+
+`python tools/plot.py SWEEP_DIR --x KEY [--hue KEY2] [--figure final] [--out sweep.png]`: a sweep
+of tools/sweep.py as the paper's Figure 5 draws one: the figure (summarize.py's: the final
+evaluation unless --figure) against the grid key KEY, mean +- std over the seeds as error bars,
+one line per value of KEY2 (default: SWEEP_DIR/sweep.png). The lines drawn are listed on stdout.
 """
 from __future__ import annotations
 
@@ -144,12 +149,73 @@ def main_plot(runs: list[Path], out: str) -> tuple[list[tuple[str, list[str]]], 
     return drawn, rescaled
 
 
+def as_number(values: list[str]) -> list[float] | None:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        return None
+
+
+def draw_sweep(root: Path, x: str, hue: str | None, figure: str, out: str) -> list[str]:
+    """Figure 5's kind of plot of a sweep into `out`; one text line per line drawn (its points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simmatch.run.sweep_table import require_sweep, sweep_rows
+
+    grid = require_sweep(root).grid
+    for key, flag in ((x, "--x"), (hue, "--hue")):
+        if key is not None and key not in grid:
+            raise UserError(f"{flag} {key}: not a key of the sweep's grid ({', '.join(grid) or 'empty'})")
+    if hue == x:
+        raise UserError("--hue is another key than --x")
+    name, rows = sweep_rows(root, figure)
+    numeric_x = as_number(grid[x])
+    position = dict(zip(grid[x], numeric_x or range(len(grid[x]))))
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    drawn = []
+    for hue_value in grid[hue] if hue else [None]:
+        others = [r for r in rows if hue is None or r[hue] == hue_value]
+        for rest in sorted({tuple((k, r[k]) for k in grid if k not in (x, hue)) for r in others}):
+            line = [r for r in others if all(r[k] == v for k, v in rest) and r["mean"] is not None]
+            line.sort(key=lambda r: position[r[x]])
+            if not line:
+                continue
+            label = ", ".join(f"{k}={v}" for k, v in ([(hue, hue_value)] if hue else []) + list(rest)) or name
+            errs = [0.0 if r["seeds"] < 2 else r["std"] for r in line]
+            ax.errorbar([position[r[x]] for r in line], [r["mean"] for r in line], yerr=errs, marker="o",
+                        capsize=3, label=label)
+            drawn.append(f"{label}: " + ", ".join(f"{x}={r[x]} {r['mean']:.2f}" for r in line))
+    if not numeric_x:
+        ax.set_xticks(range(len(grid[x])), grid[x])
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{name} (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
 @cli_errors
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", default=None, help="PNG to write (default: curves.png in the first run directory)")
+    ap.add_argument("--x", help="a sweep: the grid key along the x axis")
+    ap.add_argument("--hue", help="a sweep: the grid key whose values are separate lines")
+    ap.add_argument("--figure", default="final", help="a sweep: final, best, median_last20 or a metrics key")
     args = ap.parse_args()
+    if len(args.runs) == 1 and (args.runs[0] / "sweep.json").is_file():
+        if not args.x:
+            raise UserError(f"{args.runs[0]} is a sweep: --x KEY names the grid key along the x axis")
+        out = args.out or str(args.runs[0] / "sweep.png")
+        lines = draw_sweep(args.runs[0], args.x, args.hue, args.figure, out)
+        print(f"wrote {out}: {len(lines)} line(s)")
+        print("\n".join(f"  {line}" for line in lines))
+        return 0
     args.out = args.out or str(args.runs[0] / "curves.png")
     drawn, rescaled = main_plot(args.runs, args.out)
     print(f"wrote {args.out}: {len(drawn)} panels")

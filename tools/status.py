@@ -4,6 +4,7 @@ sizes it has trained at (an elastic resume changes it; processes that ran severa
 each are named beside them), last metrics.
 
   python tools/status.py RUN_DIR [--lines 5] [--wait [--timeout S]]
+  python tools/status.py SWEEP_DIR [--wait [--timeout S]]   # one line per point of a tools/sweep.py sweep
 
 For a SLURM run the state comes from `scontrol show job` (no accounting needed) and, once
 SLURM has forgotten the job, from the run's submissions log; a forgotten job the log shows no
@@ -221,6 +222,36 @@ def _metrics(records: list[dict], n: int) -> str:
     return "\n".join(out)
 
 
+def point_state(run_dir: Path) -> tuple[str, bool]:
+    """(the run's state in one line, whether it has ended: finished, or nothing trains it now)."""
+    if not run_dir.is_dir():
+        return "not started", True
+    records = read_records(RunDir(run_dir).metrics)
+    newest = RunDir(run_dir).newest_checkpoint()
+    state, detail = run_state(run_dir)
+    text = state_line(run_dir, state, detail, records, [newest[0]] if newest else []).split(None, 1)[1]
+    finished = finished_text(records) is not None
+    if state == "NO_JOB":
+        return text, finished or not holder(run_dir)
+    return text, finished or is_ended(state) or state in ("COMPLETED", "STOPPED")
+
+
+def sweep_report(root: Path) -> tuple[str, bool, bool]:
+    """The sweep's points, one line each; (text, every run ended, every run finished)."""
+    from simmatch.run.sweep import load_sweep
+
+    sweep = load_sweep(root)
+    points = sweep.points()
+    states = [(p, *point_state(root / p.rel)) for p in points]
+    done = sum(text.startswith("finished") or "; finished" in text for _, text, _ in states)
+    width = max(len(p.rel) for p in points)
+    grid = ", ".join(f"{k}: {len(v)}" for k, v in sweep.grid.items())
+    lines = [f"sweep:      {root} ({len(points)} runs; grid {grid or 'none'}; seeds {sweep.seeds})",
+             f"finished:   {done} of {len(points)}",
+             *(f"  {p.rel:<{width}}  {text}" for p, text, _ in states)]
+    return "\n".join(lines), all(ended for _, _, ended in states), done == len(points)
+
+
 def report(run_dir: Path, lines: int) -> str:
     from simmatch.run.dropped import read_dropped
     from simmatch.run.world_sizes import world_sizes_line
@@ -243,6 +274,21 @@ def report(run_dir: Path, lines: int) -> str:
     return "\n".join(text)
 
 
+def sweep_main(root: Path, args: argparse.Namespace) -> int:
+    """A sweep's status; with --wait, once every point has ended: 0 when all finished."""
+    deadline = time.time() + args.timeout if args.timeout > 0 else float("inf")
+    text, ended, finished = sweep_report(root)
+    while args.wait and not ended:
+        if time.time() > deadline:
+            print(text)
+            print(f"some runs still going after {args.timeout:.0f} s", file=sys.stderr)
+            return 3
+        time.sleep(2)
+        text, ended, finished = sweep_report(root)
+    print(text)
+    return (0 if finished else 1) if args.wait else 0
+
+
 @cli_errors
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir).resolve()
     if not run_dir.is_dir():
         raise LaunchError(f"no such run directory: {run_dir}")
+    if (run_dir / "sweep.json").is_file():
+        return sweep_main(run_dir, args)
     if args.wait:
         deadline = time.time() + args.timeout if args.timeout > 0 else float("inf")
         state, detail = run_state(run_dir)

@@ -31,32 +31,17 @@ from simmatch.run.rundir import RunDir  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import is_ended, job_state  # noqa: E402
 from slurm.launcher import JobSpec, LaunchError, TrainJob, sbatch_script, submit  # noqa: E402
+from slurm.options import add_job_options, job_spec  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cfg", help="YAML config, e.g. yaml/in1k_1pct.yaml")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved config.yaml")
-    p.add_argument("--nodes", type=int, help="default 1 (with --resume: the run's own)")
-    p.add_argument("--gpus-per-node", type=int,
-                   help="one task per GPU (0: CPU tasks); default 8 (with --resume: the run's own)")
-    p.add_argument("--tasks-per-node", type=int,
-                   help="tasks per node without GPUs (default 1; with --resume: the run's own)")
-    p.add_argument("--cpus-per-task", type=int, help="default: 10 with GPUs, else the cluster's default")
-    p.add_argument("--mem", help="memory per node: 64G, 500000M, 0 = all (default: the cluster's)")
-    p.add_argument("--partition")
-    p.add_argument("--account")
-    p.add_argument("--qos")
-    p.add_argument("--constraint")
-    p.add_argument("--timeout", type=int, default=1440, help="time limit of each job, minutes")
-    p.add_argument("--job-name", help="default: simmatch-<config name>")
+    add_job_options(p)
     p.add_argument("--run-dir", help="default: <output root>/<config name>")
     p.add_argument("--output-root", help="shared directory for runs (default: $SIMMATCH_OUTPUT_ROOT "
                                          "or the config's train.output_root)")
-    p.add_argument("--signal-delay", type=int, default=90,
-                   help="seconds between USR2 and the time limit (the checkpoint's time budget)")
-    p.add_argument("--max-requeues", type=int, default=10,
-                   help="requeues after a time-out (preemptions requeue without limit)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue the run with another schedule length (optim.iters / "
                         "optim.epochs given as overrides); judged by the pre-flight check and passed to the job")
@@ -158,15 +143,7 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
 
 
 def _spec(args: argparse.Namespace, cfg) -> JobSpec:
-    cpus = args.cpus_per_task
-    if cpus is None and args.gpus_per_node > 0:
-        cpus = 10
-    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
-                   cpus_per_task=cpus, mem=args.mem, partition=args.partition, account=args.account,
-                   qos=args.qos, constraint=args.constraint, timeout_min=args.timeout,
-                   job_name=args.job_name or f"simmatch-{cfg.name or 'run'}",
-                   signal_delay_s=args.signal_delay, max_requeues=args.max_requeues)
-    spec.validate()
+    spec = job_spec(args, f"simmatch-{cfg.name or 'run'}")
     # batch per task, BN groups and virtual ranks (train.virtual_world_size a multiple of the
     # tasks), refused in one line before any job exists
     derive_scale(cfg, spec.world_size)

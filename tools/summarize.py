@@ -8,6 +8,14 @@ cifar10_40_s0 ... cifar10_40_s4 -> cifar10_40, the five runs of a Table 1 row). 
 the teacher's (the EMA model's) top-1 at the last evaluation, its best, and the median of its
 last 20 evaluations (the three ways the literature reports), and the student's last top-1; k-NN
 top-1 for runs without a classifier. Last line: one JSON object.
+
+  python tools/summarize.py SWEEP_DIR [--figure KEY] [--csv FILE]   # a sweep of tools/sweep.py
+
+A sweep gives one row per point: its grid values, how many seeds finished, and the mean +- std
+over them of the figure: by default each run's final evaluation (teacher top-1; k-NN top-1
+without a classifier), or `best`, `median_last20`, or any key of metrics.jsonl (its newest
+value, e.g. student_top1). The table as markdown, as CSV (SWEEP_DIR/summary.csv unless --csv),
+and one JSON line.
 """
 from __future__ import annotations
 
@@ -52,11 +60,31 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
+def summarize_sweep(root: Path, figure: str, csv: Path | None) -> int:
+    from simmatch.files.atomic import atomic_write_text
+    from simmatch.run.sweep_table import frame, markdown, require_sweep, sweep_rows
+
+    grid = list(require_sweep(root).grid)
+    name, rows = sweep_rows(root, figure)
+    print(markdown(rows, grid, name))
+    csv = csv or root / "summary.csv"
+    atomic_write_text(csv, frame(rows, grid).to_csv(index=False))
+    print(f"wrote {csv}")
+    points = [{k: r[k] for k in ("point", *grid, "seeds", "of", "values", "seed_list", "mean", "std")} for r in rows]
+    print(json.dumps({"sweep": str(root), "figure": name, "points": points}).replace("NaN", "null"))
+    return 0
+
+
 @cli_errors
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--figure", default="final", help="a sweep's figure: final, best, median_last20, or a "
+                                                      "metrics.jsonl key")
+    ap.add_argument("--csv", type=Path, help="a sweep's table as CSV (default: SWEEP_DIR/summary.csv)")
     args = ap.parse_args()
+    if len(args.runs) == 1 and (args.runs[0] / "sweep.json").is_file():
+        return summarize_sweep(args.runs[0], args.figure, args.csv)
     groups: dict[str, list[dict[str, float]]] = {}
     for run in args.runs:
         groups.setdefault(group_of(run), []).append(final_eval(run))
