@@ -117,6 +117,17 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+@torch.no_grad()
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Rank `src`'s values of `tensors` (same shapes on every rank) copied into every rank's, in
+    place, in one collective."""
+    if not is_dist() or world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.broadcast(flat, src=src)
+    torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's picklable object, in rank order (a one-element list without a group)."""
     if not is_dist() or world_size() == 1:

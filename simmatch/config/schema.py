@@ -166,6 +166,10 @@ class OptimConfig:
     # (FixMatch's and USB's decay, which ends at 20 % of lr, not zero)
     # constant: lr throughout (ReMixMatch's Adam, after the warm-up if any)
     schedule: Literal["cosine", "fixmatch", "constant"] = "cosine"
+    # iteration: the schedule's value at every step; epoch: after the warm-up (always per iteration, as the
+    # authors' warmup_learning_rate), the value at the epoch's first step held for the whole epoch (the
+    # authors' adjust_learning_rate, called once per epoch; their lr sum is larger by about 1 / epochs)
+    lr_step: Literal["iteration", "epoch"] = "iteration"
     epochs: float = num(400.0, above(0))
     iters: int = num(0, NONNEG)  # >0 overrides epochs: total optimizer steps (per_gpu: of the reference batch)
     impl: Literal["foreach", "fused", "plain"] = "foreach"
@@ -194,7 +198,9 @@ class TrainConfig:
     # The epoch's last incomplete global batch: pad (repeat items cyclically, every image every
     # epoch: steps = ceil) or drop (the authors' drop_last: steps = floor(N / global batch)).
     partial_batch: Literal["pad", "drop"] = "pad"
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on GPU, none on CPU
+    # auto: bf16 on GPU, none on CPU; fp16: with a GradScaler (SimMatchV2's --fp16); fp32 (= none): no
+    # autocast (SimMatch's authors)
+    amp: Literal["auto", "bf16", "fp16", "fp32", "none"] = "auto"
     channels_last: bool = False
     compile: bool = False
     seed: int = num(0, NONNEG)
@@ -204,6 +210,9 @@ class TrainConfig:
     keep_ckpts: int = num(3, COUNT)
     async_ckpt: bool = True  # write checkpoints in a background thread after a host copy
     eval_every: int = num(0, NONNEG)  # 0: only at the end
+    # whose validation top-1 (k-NN top-1 without a classifier) decides checkpoints/best.pt: the EMA
+    # teacher's, or the student's (what the SimMatch authors report)
+    best_by: Literal["teacher", "student"] = "teacher"
     knn_k: int = num(20, COUNT)  # k-NN evaluation (methods without a trained classifier, tools/eval.py --knn)
     knn_temperature: float = num(0.07, above(0))
     max_nonfinite_steps: int = num(3, NONNEG)  # stop when the loss is NaN/inf for more consecutive steps

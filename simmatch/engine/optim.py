@@ -74,12 +74,16 @@ def build_optimizer(model: nn.Module, cfg: Config, lr: float) -> torch.optim.Opt
 
 
 def lr_at(iteration: int, base_lr: float, warmup_iters: int, total_iters: int,
-          schedule: str = "cosine") -> float:
+          schedule: str = "cosine", epoch_steps: int = 0) -> float:
     """Linear warm-up to `base_lr`, then, per iteration, `cosine` to zero, FixMatch's
     cos(7 pi k / 16 K) decay (`fixmatch`: its code and USB's, with k counted after the warm-up) or
-    `constant` (ReMixMatch's)."""
+    `constant` (ReMixMatch's). `epoch_steps` > 0 (optim.lr_step=epoch): after the warm-up, each
+    epoch of that many steps keeps the value of its first step (not before the warm-up's end), as the
+    SimMatch authors' adjust_learning_rate called once per epoch; the warm-up stays per iteration."""
     if iteration < warmup_iters:
         return base_lr * (iteration + 1) / warmup_iters
+    if epoch_steps > 0:
+        iteration = max(warmup_iters, iteration // epoch_steps * epoch_steps)
     span = max(1, total_iters - warmup_iters)
     progress = min(1.0, (iteration - warmup_iters) / span)
     if schedule == "constant":

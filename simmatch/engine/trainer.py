@@ -41,7 +41,7 @@ from simmatch.errors import CheckpointError, ConfigError, DataError
 from simmatch.files.atomic import atomic_write_text
 from simmatch.methods import build_method
 from simmatch.methods.base import StepTargets, merge
-from simmatch.models.bn_stats import RankBNStats
+from simmatch.models.bn_stats import RankBNStats, RankZeroBNStats
 from simmatch.models.group_bn import convert_group_bn
 from simmatch.run.change import judge_checkpoint
 from simmatch.run.dropped import read_dropped
@@ -55,7 +55,7 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     mode = cfg.train.amp
     if mode == "auto":
         mode = "bf16" if device.type == "cuda" else "none"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[mode]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None, "none": None}[mode]
 
 
 def move_batch(batch: dict | None, device: torch.device, channels_last: bool) -> dict | None:
@@ -138,6 +138,8 @@ class Trainer(TrainerState, TrainerEvaluation):
             self.student = self.ddp
         if cfg.train.compile:
             self.student = torch.compile(self.student)
+        # rank 0's own BN statistics (the SimMatch authors' evaluated student), kept by the process running it
+        self.rank0_bn = RankZeroBNStats(self.method.student) if self.world > 1 else None
         self.optimizer = build_optimizer(self.method.student, cfg, self.derived.lr)
         self.dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -257,6 +259,9 @@ class Trainer(TrainerState, TrainerEvaluation):
         k = m.ranks_per_forward
         groups = [slice(i, i + k) for i in range(0, len(labeled), k)]
         stats = RankBNStats(m.student, len(groups))
+        own = self.rank0_bn if self.rank0_bn is not None and self.ranks[0] == 0 else None
+        if own is not None:
+            own.before_forward()
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
         for i, g in enumerate(groups):
@@ -270,6 +275,8 @@ class Trainer(TrainerState, TrainerEvaluation):
                 with timer("backward"):
                     loss = losses["loss"] if len(groups) == 1 else losses["loss"] / len(groups)
                     self.scaler.scale(loss).backward()
+            if i == 0 and own is not None:  # rank 0's forward (its BN group's, with virtual ranks)
+                own.after_forward()
             stats.after_forward()
             parts.append({name: v.detach() for name, v in losses.items()})
         with timer("optimizer"):
@@ -320,7 +327,8 @@ class Trainer(TrainerState, TrainerEvaluation):
         ended = False  # the loop ended on every rank together (not by an error of this rank alone)
         try:
             while self.iteration < d.total_iters:
-                lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters, self.cfg.optim.schedule)
+                lr = lr_at(self.iteration, d.lr, d.warmup_iters, d.total_iters, self.cfg.optim.schedule,
+                           d.steps_per_epoch if self.cfg.optim.lr_step == "epoch" else 0)
                 set_lr(self.optimizer, lr)
                 losses = self.step()
                 guard.update(losses["loss"])

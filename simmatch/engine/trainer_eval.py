@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simmatch import distributed as dist
 from simmatch.engine.evaluate import evaluate
 from simmatch.engine.metrics import eval_progress
 from simmatch.engine.representation import knn_accuracy
@@ -23,25 +24,45 @@ class TrainResult:
 
 class TrainerEvaluation:
     def evaluate(self) -> dict[str, float]:
-        """Classifier top-1/top-5, or k-NN top-1 for methods that train no classifier."""
-        t, out, images = self.cfg.train, {}, 0
-        n_val, n_mem = self._eval_batches()
+        """Classifier top-1/top-5, or k-NN top-1 for methods that train no classifier: of the student,
+        of the student with rank 0's own BN statistics (`student_rank0bn_*`: what the SimMatch authors
+        evaluate; the student's own numbers with one rank) and of the teacher."""
+        out, images = {}, 0
         for name, model in (("student", self.method.student), ("teacher", self.method.teacher.module)):
-            val = eval_progress(self.streams.val(), n_val, f"eval {name}", self.rank == 0)
-            if self.method.trains_classifier:
-                res = evaluate(model, val, self.autocast(), t.channels_last)
-                out[f"{name}_top1"], out[f"{name}_top5"] = res["top1"], res["top5"]
-            else:
-                memory = eval_progress(self.streams.labeled_eval(), n_mem, f"eval {name} memory", self.rank == 0)
-                res = knn_accuracy(model, memory, val,
-                                   self.cfg.data.num_classes, t.knn_k, t.knn_temperature,
-                                   self.autocast(), t.channels_last)
-                out[f"{name}_knn_top1"] = res["knn_top1"]
+            res = self._evaluate_model(name, model)
+            out.update({f"{name}_{k}": v for k, v in res.items() if k != "count"})
             images = res["count"]  # every validation image once, over all ranks
+            if name == "student":  # one rank: its statistics are rank 0's, its numbers these
+                own = self._evaluate_rank0_bn() if self.rank0_bn is not None else res
+                out.update({f"student_rank0bn_{k}": v for k, v in own.items() if k != "count"})
         self.metrics_file.write({"kind": "eval", "iteration": self.iteration, **out, "val_images": images})
         self.log.info("eval it %d: %s", self.iteration, " ".join(f"{k} {v:.2f}" for k, v in out.items()))
         self._keep_best(out)
         return out
+
+    def _evaluate_model(self, name: str, model) -> dict[str, float]:
+        t = self.cfg.train
+        n_val, n_mem = self._eval_batches()
+        val = eval_progress(self.streams.val(), n_val, f"eval {name}", self.rank == 0)
+        if self.method.trains_classifier:
+            res = evaluate(model, val, self.autocast(), t.channels_last)
+            return {"top1": res["top1"], "top5": res["top5"], "count": res["count"]}
+        memory = eval_progress(self.streams.labeled_eval(), n_mem, f"eval {name} memory", self.rank == 0)
+        res = knn_accuracy(model, memory, val, self.cfg.data.num_classes, t.knn_k, t.knn_temperature,
+                           self.autocast(), t.channels_last)
+        return {"knn_top1": res["knn_top1"], "count": res["count"]}
+
+    def _evaluate_rank0_bn(self) -> dict[str, float]:
+        """The student with the BN statistics rank 0 alone keeps (a collective: rank 0's are sent to
+        every process first)."""
+        own = self.rank0_bn
+        dist.broadcast_tensors(own.tensors(), src=0)
+        own.swap()
+        try:
+            res = self._evaluate_model("student (rank 0's BN statistics)", self.method.student)
+        finally:
+            own.swap()
+        return res
 
     def _eval_batches(self) -> tuple[int, int]:
         """Validation and labeled-memory batches this rank reads in one pass (contiguous slices)."""
@@ -56,13 +77,15 @@ class TrainerEvaluation:
         return batches(self.streams.num_val), batches(self.streams.num_labeled)
 
     def _keep_best(self, scores: dict[str, float]) -> None:
-        """Write checkpoints/best.pt when the teacher's validation top-1 (k-NN top-1 for methods
-        without a classifier) beats every earlier evaluation; a collective like `save`."""
-        metric = "teacher_top1" if "teacher_top1" in scores else "teacher_knn_top1"
+        """Write checkpoints/best.pt when the validation top-1 (k-NN top-1 for methods without a
+        classifier) of the model `train.best_by` names, the EMA teacher or the student, beats every
+        earlier evaluation; its record says which (`by`). A collective like `save`."""
+        by = self.cfg.train.best_by
+        metric = f"{by}_top1" if f"{by}_top1" in scores else f"{by}_knn_top1"
         value = scores.get(metric)
         if value is None or (self.best and self.best.get("metric") == metric and value <= self.best["value"]):
             return
-        self.best = {"metric": metric, "value": value, "iteration": self.iteration}
+        self.best = {"metric": metric, "value": value, "iteration": self.iteration, "by": by}
         state = self.state_dict()
         if self.rank == 0:
             self.saver.save_best(state, self.best)

@@ -39,6 +39,8 @@ class TrainerState:
         """Everything exact resume needs; a collective (every rank's RNG and data position, one
         entry per rank of the run, virtual ones included). `at_mark`: see `_rank_states`."""
         ranks = [entry for mine in dist.all_gather_objects(self._rank_states(at_mark)) for entry in mine]
+        # rank 0's own BN statistics (its process writes the checkpoint): the evaluation as the authors'
+        own = {"rank0_bn": self.rank0_bn.tensors()} if self.rank0_bn is not None and self.ranks[0] == 0 else {}
         return {
             "format": store.FORMAT,
             "iteration": self.iteration,
@@ -56,6 +58,7 @@ class TrainerState:
             "config": to_dict(self.cfg),
             "splits": dict(self.streams.split_texts),
             "classes": list(self.streams.classes),  # class names (wnids), index order: for exports
+            **own,
         }
 
     def load_state_dict(self, state: dict, source: Path) -> None:
@@ -77,6 +80,11 @@ class TrainerState:
             raise CheckpointError(f"checkpoint {source} does not fit this model: "
                                   f"{str(exc).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.rank0_bn is not None:  # a checkpoint of one rank holds none: rank 0's start from the averaged
+            if "rank0_bn" in state:
+                self.rank0_bn.load(state["rank0_bn"])
+            else:
+                self.rank0_bn.reset_to_current()
         self.scaler.load_state_dict(state["scaler"])
         iteration = int(state["iteration"])
         self.world_history = [dict(h) for h in state.get("world_history") or

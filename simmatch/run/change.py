@@ -21,6 +21,7 @@ NEUTRAL = frozenset({
     "name", "train.run_dir", "train.output_root", "train.log_every", "train.eval_every",
     "train.ckpt_every", "train.keep_ckpts", "train.async_ckpt", "train.tensorboard", "train.wandb",
     "train.wandb_project", "train.knn_k", "train.knn_temperature", "train.compile",
+    "train.best_by",  # which evaluation keeps best.pt: its record says which
     "data.root", "data.format", "data.shards", "data.max_open_shards",  # where the images are read
     "data.num_threads", "data.prefetch", "data.hw_decoder_load", "data.val_batch",
     "data.num_train_images",  # only the printed recipe uses it
