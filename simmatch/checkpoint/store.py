@@ -217,7 +217,8 @@ def run_config(run_dir: str | Path) -> tuple[dict | None, str]:
 
 
 def best_record(ckpt_dir: str | Path) -> dict | None:
-    """What `best.pt` holds: {metric, value, iteration}, or None before the first evaluation."""
+    """What `best.pt` holds: {metric, value, iteration, by (teacher or student: train.best_by; absent
+    in a run written before it)}, or None before the first evaluation."""
     path = Path(ckpt_dir) / BEST_RECORD
     try:
         return json.loads(path.read_text())
