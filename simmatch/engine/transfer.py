@@ -215,9 +215,9 @@ def run_transfer(weights: str | Path, data_tree: str | Path, fmt: str = "folder"
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), not {val_fraction}")
     splits = find_splits(data_tree, fmt)  # the data first: a wrong path is named before weights load
-    model = load_feature_model(weights, which, which_ckpt, overrides)
     classes = list(splits["train"].tree.classes)
     labels = {name: torch.tensor(labels_of(split, classes), dtype=torch.long) for name, split in splits.items()}
+    model = load_feature_model(weights, which, which_ckpt, overrides)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cache = Path(cache_dir) if cache_dir else Path(data_tree) / ".features"
     start = time.perf_counter()

@@ -1,0 +1,131 @@
+"""Transfer evaluation's pieces in this process: the logistic regression against its optimality
+conditions, the metrics against a hand-counted confusion, the validation draw, the L2 grid, and
+tools/transfer.py's refusals of a bad DATA_TREE or bad WEIGHTS (one line, exit 2)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_one_line_error, call_tool
+from simmatch.engine.linear_eval import accuracy, choose_l2, class_accuracies, l2_grid, stratified_split
+from simmatch.engine.representation import fit_linear
+
+
+def penalised_gradient(x: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray, l2: float) -> float:
+    """Largest |gradient| of mean cross-entropy + l2 / 2 * |W|^2 (bias free), written out in numpy."""
+    logits = x @ w.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    onehot = np.eye(w.shape[0])[y]
+    grad_w = (p - onehot).T @ x / len(y) + l2 * w
+    grad_b = (p - onehot).mean(0)
+    return float(max(np.abs(grad_w).max(), np.abs(grad_b).max()))
+
+
+def test_transfer_fit_is_the_optimum_of_the_stated_objective():
+    """fit_linear reaches zero gradient of mean CE + l2/2 |W|^2 (the objective scikit-learn minimises
+    with C = 1 / (l2 n), scaled by 1 / (C n)); a penalty n times larger, the mapping without the
+    mean, is not its optimum."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (60,), generator=g)
+    l2 = 0.05
+    linear = fit_linear(x, y, 3, l2, steps=500)
+    w, b = linear.weight.detach().numpy(), linear.bias.detach().numpy()
+    assert penalised_gradient(x.numpy(), y.numpy(), w, b, l2) < 1e-4  # L-BFGS's stopping point
+    assert penalised_gradient(x.numpy(), y.numpy(), w, b, l2 * 60) > 1e-2  # control: the other mapping
+    assert np.abs(w).max() > 1e-2  # a real fit, not the zero start
+
+
+def test_transfer_warm_start_reaches_the_same_optimum():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,), generator=g)
+    cold = fit_linear(x, y, 4, 0.1, steps=500)
+    warm = fit_linear(x, y, 4, 0.1, steps=500, init=fit_linear(x, y, 4, 10.0, steps=500))
+    assert torch.allclose(cold.weight, warm.weight, atol=1e-3)
+    assert torch.allclose(cold.bias - cold.bias.mean(), warm.bias - warm.bias.mean(), atol=1e-3)
+
+
+def test_transfer_metrics_on_a_hand_counted_confusion():
+    """Class 0: 3 of 4 right; class 1: 1 of 2; class 2: 1 of 1; class 3 absent from the test rows."""
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 0, 1, 1, 0, 2])
+    assert class_accuracies(predicted, labels, 4) == [75.0, 50.0, 100.0, None]
+    assert accuracy(predicted, labels, 4, "mean_per_class") == pytest.approx((75 + 50 + 100) / 3)
+    assert accuracy(predicted, labels, 4, "top1") == pytest.approx(100 * 5 / 7)
+
+
+def test_transfer_stratified_split_holds_out_each_class_share():
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1 + [3] * 3)
+    train, val = stratified_split(labels, 0.2, seed=0)
+    held = {c: int((labels[val] == c).sum()) for c in range(4)}
+    assert held == {0: 2, 1: 1, 2: 0, 3: 1}  # round(0.2 n), never a class's only image
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(labels)))
+    assert train.tolist() == sorted(train.tolist()) and val.tolist() == sorted(val.tolist())
+    again = stratified_split(labels, 0.2, seed=0)
+    assert torch.equal(again[1], val)
+    draws = {tuple(stratified_split(labels, 0.2, seed=s)[1].tolist()) for s in range(5)}
+    assert len(draws) > 1  # the seed draws
+
+
+def test_transfer_l2_grid_is_byols():
+    grid = l2_grid()
+    assert len(grid) == 45
+    assert grid[0] == pytest.approx(1e-6) and grid[-1] == pytest.approx(1e5)
+    ratios = {round(math.log10(b / a), 9) for a, b in zip(grid, grid[1:])}
+    assert ratios == {0.25}  # 11 decades in 44 equal steps
+
+
+def test_transfer_choice_takes_the_heaviest_of_equal_scores():
+    x = torch.tensor([[3.0, 0.0], [2.5, 0.5], [0.0, 3.0], [0.5, 2.5]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    best, scores = choose_l2(x, y, x, y, 2, [1e-3, 1e-2, 1e-1])
+    assert scores == {1e-3: 100.0, 1e-2: 100.0, 1e-1: 100.0}
+    assert best == 1e-1
+
+
+def tiny_tree(root: Path, splits: tuple[str, ...] = ("train", "test")) -> Path:
+    from PIL import Image
+
+    for split in splits:
+        for cls, value in (("a", 40), ("b", 200)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (value + i, value, value)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_transfer_refuses_a_bad_data_tree(tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)
+    res = call_tool("tools/transfer.py", str(weights), str(tmp_path / "absent"))
+    assert_one_line_error(res, "DATA_TREE", "absent", "no such directory")
+    tiny_tree(tmp_path / "only_train", ("train",))
+    res = call_tool("tools/transfer.py", str(weights), str(tmp_path / "only_train"))
+    assert_one_line_error(res, "neither a test/ nor a val/")
+    tree = tiny_tree(tmp_path / "odd")
+    (tree / "test" / "c").mkdir()
+    (tree / "test" / "b" / "0.png").rename(tree / "test" / "c" / "0.png")
+    res = call_tool("tools/transfer.py", str(weights), str(tree), "--arch", "resnet10")
+    assert_one_line_error(res, "'c'", "training split")
+
+
+def test_transfer_refuses_bad_weights(tmp_path):
+    tree = tiny_tree(tmp_path / "tree")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a weight file")
+    assert_one_line_error(call_tool("tools/transfer.py", str(garbage), str(tree)), str(garbage))
+    assert_one_line_error(call_tool("tools/transfer.py", str(tmp_path / "none.pth"), str(tree)),
+                          "none.pth", "no such file")
+    plain = tmp_path / "plain.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3)}, plain)
+    assert_one_line_error(call_tool("tools/transfer.py", str(plain), str(tree)), "--arch", "no plain.safetensors")
+    assert_one_line_error(call_tool("tools/transfer.py", str(plain), str(tree), "--arch", "vgg16"), "'vgg16'")
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    assert_one_line_error(call_tool("tools/transfer.py", str(fake), str(tree)), "fake.safetensors")
