@@ -126,10 +126,10 @@ def trunk_of_authors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
     layout = layout_of(tensors, None)
     theirs = "main" if any(k.startswith("main.backbone.") for k in tensors) else "ema"
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
+    for (name, tensor), short in zip(weights.items(), tensors):  # `unprefixed` keeps the order
         for part in ("backbone.", "fc."):
-            if name.startswith(f"{theirs}.{part}"):
-                name = name[len(theirs) + 1 + (len(part) if part == "backbone." else 0):]
+            if short.startswith(f"{theirs}.{part}"):
+                name = short[len(theirs) + 1 + (len(part) if part == "backbone." else 0):]
                 break
         out[name] = tensor
     who = "student" if theirs == "main" else "teacher"
