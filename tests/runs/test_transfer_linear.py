@@ -129,3 +129,32 @@ def test_transfer_refuses_bad_weights(tmp_path):
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     assert_one_line_error(call_tool("tools/transfer.py", str(fake), str(tree)), "fake.safetensors")
+
+
+def test_transfer_splits_of_a_tree(tmp_path):
+    """val/ is the test split when there is no test/; beside test/ it is the validation split."""
+    from simmatch.engine.transfer import find_splits
+
+    two = find_splits(tiny_tree(tmp_path / "two", ("train", "val")))
+    assert sorted(two) == ["test", "train"] and two["test"].where == str(tmp_path / "two" / "val")
+    three = find_splits(tiny_tree(tmp_path / "three", ("train", "val", "test")))
+    assert sorted(three) == ["test", "train", "val"] and three["test"].where == str(tmp_path / "three" / "test")
+    assert three["val"].tree.files == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"]
+
+
+def test_transfer_cache_key_follows_images_and_preprocessing(tmp_path):
+    from PIL import Image
+
+    from simmatch.engine.transfer import cache_key, find_splits
+    from simmatch.engine.transfer_weights import FeatureModel, Preprocess
+
+    tree = tiny_tree(tmp_path / "tree")
+    p = Preprocess(16, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    model = FeatureModel(None, "resnet10", True, p, tmp_path / "w.pth", "ab" * 32, "weights")
+    key = cache_key(model, find_splits(tree), "folder")
+    assert cache_key(model, find_splits(tree), "folder") == key  # nothing changed: the same file
+    model.preprocess = Preprocess(16, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
+    assert cache_key(model, find_splits(tree), "folder") != key
+    model.preprocess = p
+    Image.new("RGB", (9, 9), (1, 2, 3)).save(tree / "test" / "b" / "1.png")  # another image, same name
+    assert cache_key(model, find_splits(tree), "folder") != key
