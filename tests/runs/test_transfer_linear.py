@@ -158,3 +158,26 @@ def test_transfer_cache_key_follows_images_and_preprocessing(tmp_path):
     model.preprocess = p
     Image.new("RGB", (9, 9), (1, 2, 3)).save(tree / "test" / "b" / "1.png")  # another image, same name
     assert cache_key(model, find_splits(tree), "folder") != key
+
+
+def test_transfer_reads_a_nested_weight_file(tmp_path):
+    """A MoCo-style file (nested under state_dict, `module.` prefixes) of a small-stem ResNet: the
+    stem is read from conv1's kernel, and the features are the torchvision model's pooled output."""
+    import torchvision
+
+    from simmatch.engine.transfer_weights import Overrides, load_feature_model
+
+    torch.manual_seed(0)
+    ref = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
+    ref.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    ref.maxpool = torch.nn.Identity()
+    ref.eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}, tmp_path / "w.pth.tar")
+    model = load_feature_model(tmp_path / "w.pth.tar", overrides=Overrides(arch="resnet10"))
+    assert model.small_input and model.kind == "weights"
+    assert (model.preprocess.resize, model.preprocess.crop) == (224, 224)  # no card, no --size
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        want = torch.flatten(ref.avgpool(ref.layer4(ref.layer3(ref.layer2(ref.layer1(
+            ref.relu(ref.bn1(ref.conv1(x)))))))), 1)
+        assert torch.allclose(model.net.features(x), want, atol=1e-6)
