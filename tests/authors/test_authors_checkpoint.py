@@ -280,3 +280,28 @@ def test_authors_checkpoint_tools_on_the_command_line(tmp_path, digits_root):
     x = images(seed=8)
     with torch.no_grad():
         assert torch.equal(plain.eval()(x), model.main(x)[0])
+
+
+@pytest.mark.slow
+def test_authors_checkpoint_starts_a_run(tmp_path, digits_root):
+    """model.init_from on a SimMatchV2 file through tools/train.py (in this process): the run's student
+    and teacher trunks and classifier are their `main`'s, read from the file here (lr 1e-30: one step
+    moves only the BN statistics); the report names their file."""
+    from conftest import final_state, tiny_overrides
+
+    write_authors_file("SimMatchV2", tmp_path / "300ep-res50-1p.pth", seed=9)
+    saved = torch.load(tmp_path / "300ep-res50-1p.pth", weights_only=True)["state_dict"]
+    run_dir = tmp_path / "run"
+    res = call_tool("tools/train.py", "--cfg", str(CFG["SimMatchV2"]), *tiny_overrides(digits_root, run_dir, **{
+        "optim.iters": 1, "optim.lr": "1.0e-30", "data.val_batch": 512,
+        "model.init_from": str(tmp_path / "300ep-res50-1p.pth")}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "the SimMatchV2 authors' checkpoint: the trunk and classifier of their student `main`" in res.stdout
+    state = final_state(run_dir)["method"]
+    theirs = {k[len("module.main."):]: v for k, v in saved.items() if k.startswith("module.main.backbone.")}
+    theirs.update({f"backbone.fc.{p}": saved[f"module.main.fc.{p}"] for p in ("weight", "bias")})
+    assert len(theirs) > 40
+    for k, v in theirs.items():
+        if "running_" not in k and "num_batches" not in k:
+            for net in ("student.", "teacher.module."):
+                torch.testing.assert_close(state[net + k], v, rtol=0, atol=1e-20, msg=net + k)
