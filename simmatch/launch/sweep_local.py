@@ -68,8 +68,8 @@ def run_local(sweep: Sweep, root: Path, points: list[Point], nproc: int = 0,
                 continue
             log = log_path(root, point)
             log.parent.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, str(TRAIN), "--cfg", sweep.cfg_of(point), *(["--nproc", str(nproc)] if nproc else []),
-                   *sweep.train_overrides(point, root)]
+            cmd = [sys.executable, str(TRAIN), "--cfg", sweep.cfg_of(point),
+                   *(["--nproc", str(nproc)] if nproc else []), *sweep.train_overrides(point, root)]
             say(f"[{i}/{len(points)}] {point.rel}: training (output: {log})")
             started = time.time()
             with open(log, "ab") as out:
@@ -78,7 +78,8 @@ def run_local(sweep: Sweep, root: Path, points: list[Point], nproc: int = 0,
                 child["proc"] = None
             run_dir = root / point.rel
             if rc == 0 and run_finished(run_dir):
-                say(f"[{i}/{len(points)}] {point.rel}: finished in {time.time() - started:.0f} s, {result_text(run_dir)}")
+                took = time.time() - started
+                say(f"[{i}/{len(points)}] {point.rel}: finished in {took:.0f} s, {result_text(run_dir)}")
             else:
                 unfinished.append(point)
                 why = "stopped by a signal" if stop["signum"] is not None else f"failed (exit {rc}): {last_error(log)}"
