@@ -65,7 +65,7 @@ class AuthorsFile:
 
     def describe(self) -> str:
         epoch = f", epoch {self.epoch}" if self.epoch is not None else ""
-        return f"the {self.layout} authors' checkpoint ({REPOS[self.layout]}{epoch})"
+        return f"the {self.layout} authors' checkpoint from {REPOS[self.layout]}{epoch}"
 
 
 def layout_of(names: dict, arch: object) -> str:

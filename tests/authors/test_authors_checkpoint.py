@@ -273,7 +273,7 @@ def test_authors_checkpoint_tools_on_the_command_line(tmp_path, digits_root):
                    "--which", "student", "--out", str(tmp_path / "export" / "resnet.pth"), *overrides)
     assert res.returncode == 0, res.stderr
     assert "exported student of " in res.stdout
-    assert "SimMatch authors' checkpoint (mingkai-zheng/SimMatch, epoch 400)" in res.stdout
+    assert "SimMatch authors' checkpoint from mingkai-zheng/SimMatch, epoch 400" in res.stdout
     plain = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=CLASSES)
     plain.conv1, plain.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
     plain.load_state_dict(torch.load(tmp_path / "export" / "resnet.pth", weights_only=True), strict=True)
