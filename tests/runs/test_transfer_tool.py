@@ -92,6 +92,11 @@ def test_transfer_cache_is_written_once_and_read_after(trained_run, digits_root,
         assert second[key] == first[key], key
     res = call_tool("tools/transfer.py", *map(str, args[:-2]), "--which", "student", "--device", "cpu")
     assert res.returncode == 1 and "the network ran" in res.stderr  # another network: another key
+    monkeypatch.undo()
+    cache.write_bytes(data[: len(data) // 2])  # a damaged cache is computed again and replaced
+    third, out3 = transfer(*args)
+    assert not third["cache_hit"] and "computed and cached in" in out3
+    assert cached(str(cache))["key"] == cache.stem and third["accuracy"] == first["accuracy"]
 
 
 def test_transfer_export_pth_and_run_give_the_same_features(trained_run, digits_root, tmp_path):
