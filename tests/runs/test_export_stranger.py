@@ -33,7 +33,7 @@ def test_best_last_model_card_and_onnx(digits_root, tmp_path):
     top = max(r["teacher_top1"] for r in evals)
     best_it = next(r["iteration"] for r in evals if r["teacher_top1"] == top)  # the first to reach it
     assert json.loads((ckpts / "best.json").read_text()) == {"metric": "teacher_top1", "value": top,
-                                                             "iteration": best_it}
+                                                             "iteration": best_it, "by": "teacher"}
     # keep_ckpts=1 pruned every recovery checkpoint but the newest; the best is never pruned (best.pt and its
     # digest link to the file of the best iteration; older bests are removed)
     best_file = f"best_{best_it:09d}.pt"
