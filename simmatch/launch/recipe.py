@@ -228,7 +228,7 @@ def recipe_lines(cfg: Config, world_size: int) -> list[str]:
            "constant": "constant (optim.schedule=constant)"}.get(o.schedule, "cosine")
         + (", held through each epoch at its first step's value (optim.lr_step=epoch)" if o.lr_step == "epoch"
            else ", set every iteration (optim.lr_step=iteration)"),
-        "  precision    " + {"auto": "bf16 autocast on GPU, fp32 on CPU", "bf16": "bf16 autocast",
+        "  precision    " + {"auto": "bf16 autocast on CUDA, fp32 on the CPU", "bf16": "bf16 autocast",
                              "fp16": "fp16 autocast with a GradScaler", "fp32": "fp32, no autocast",
                              "none": "fp32, no autocast"}[cfg.train.amp] + f" (train.amp={cfg.train.amp})",
         "  optimizer    " + (f"Adam (TensorFlow's form: beta 0.9 / 0.999, eps 1e-8), then the weights decayed "

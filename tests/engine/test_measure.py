@@ -72,7 +72,7 @@ def test_measure_print_config_names_the_authors_precision(name, amp, words):
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("train.amp = "))
     assert f"train.amp={amp}" in line and words in line, line
-    assert "  precision    bf16 autocast on GPU, fp32 on CPU (train.amp=auto)" in res.stdout
+    assert "  precision    bf16 autocast on CUDA, fp32 on the CPU (train.amp=auto)" in res.stdout
     # the one-key change gives the authors' precision
     res = call_tool("tools/train.py", "--cfg", f"yaml/{name}.yaml", "--print-config", "--world-size", "8",
                     f"train.amp={amp}")
