@@ -204,9 +204,10 @@ def test_sweep_summarize_status_and_plot(local_sweep):
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_sweep_slurm_array_preempted_element_ends_bit_identical(local_sweep, slurm_env, digits_root, tmp_path):
-    """Two points as one job array on the local cluster; element 0 preempted (SIGTERM + USR2) after
-    its first checkpoint: it requeues, resumes and ends bit-identical to the local sweep's run (and
-    element 1 to the local run that the kill stopped and the second command resumed)."""
+    """Two points as one job array on the local cluster, one element at a time (--parallel 1); element 0
+    preempted (SIGTERM + USR2) after its first checkpoint: it requeues, resumes and ends bit-identical
+    to the local sweep's run (and element 1 to the local run that the kill stopped and the second
+    command resumed)."""
     from conftest_slurm import events, job_log_tail, metrics_iteration, run_tool, wait_for
     from slurm.launcher import load_job
 
@@ -214,7 +215,7 @@ def test_sweep_slurm_array_preempted_element_ends_bit_identical(local_sweep, slu
     out = tmp_path / "array"
     args = ["--cfg", "yaml/digits.yaml", "--grid", "method.simmatch.temperature=0.05", "--grid",
             "method.simmatch.alpha=0.7,0.9", "--seeds", "0", "--out", str(out), "--nodes", "1", "--gpus-per-node",
-            "0", "--tasks-per-node", "1", "--timeout", "30", *common(digits_root)]
+            "0", "--tasks-per-node", "1", "--timeout", "30", "--parallel", "1", *common(digits_root)]
     proc = run_tool("sweep.py", *args, env=slurm_env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     submitted = json.loads(proc.stdout.splitlines()[-1])["submitted"]
@@ -238,6 +239,9 @@ def test_sweep_slurm_array_preempted_element_ends_bit_identical(local_sweep, slu
         job_log_tail(out)
     assert events(runs[0])[2]["reason"] == "preemption" and events(runs[0])[2]["job_id"] == ids[0]
     assert [e["event"] for e in events(runs[1])] == ["submitted", "started", "finished"]
+    # --parallel 1: one element at a time; the second started only once the first was requeued
+    assert "#SBATCH --array=0-1%1" in (out / "slurm" / f"{ids[0].split('_')[0]}_submission.sh").read_text()
+    assert events(runs[1])[1]["unix"] >= events(runs[0])[2]["unix"]
     for run, name in zip(runs, NAMES[:2]):
         assert_same_weights(final_state(run), final_state(twin / name / "s0"))
     status = run_tool("status.py", str(out), env=slurm_env)
