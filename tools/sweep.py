@@ -87,12 +87,15 @@ def build(args: argparse.Namespace) -> tuple[Sweep, Path]:
 
 
 def live_job(root: Path, point: Point) -> str | None:
-    """'job J is STATE' when the point's newest SLURM job has not ended (it trains, or waits to)."""
+    """'job J is STATE' when the point's newest SLURM job has not ended (it trains, or waits to), or
+    when scontrol cannot say (a job submitted twice would train the run twice at once)."""
     job_id = submissions.last_job_id(submissions.read_events(root / point.rel))
-    if job_id is None or not shutil.which("scontrol"):
+    if job_id is None:
         return None
     state = job_state(job_id)
-    return None if is_ended(state) or state == "UNKNOWN" else f"job {job_id} is {state}"
+    if state == "UNKNOWN":
+        return f"job {job_id}: scontrol did not answer, so it may still run"
+    return None if is_ended(state) else f"job {job_id} is {state}"
 
 
 def preflight(sweep: Sweep, root: Path, points: list[Point], world_size: int) -> None:
