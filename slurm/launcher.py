@@ -133,6 +133,19 @@ def sbatch_script(spec: JobSpec, run_dir: str | Path) -> str:
     return submitit_compat.submission_script(ex)
 
 
+def _refused(exc: Exception, what: str) -> LaunchError:
+    """sbatch's refusal (submitit's error) as one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln or "fatal" in ln]
+    return LaunchError(f"sbatch refused the {what}: {(lines or [str(exc)])[-1][:300]}")
+
+
+def _log_submitted(job: TrainJob, spec: JobSpec, job_id: str, folder: Path, **extra: Any) -> None:
+    submissions.append_event(job.run_dir, submissions.SUBMITTED, job_id=job_id, nodes=spec.nodes,
+                             tasks_per_node=spec.ntasks_per_node, gpus_per_node=spec.gpus_per_node,
+                             timeout_min=spec.timeout_min, max_requeues=spec.max_requeues,
+                             cfg=job.cfg_path, overrides=job.overrides, folder=str(folder), **extra)
+
+
 def submit(job: TrainJob, spec: JobSpec) -> ScontrolSlurmJob:
     """Submit to SLURM and log the submission in the run directory."""
     from submitit.core.utils import FailedJobError, FailedSubmissionError
@@ -141,12 +154,8 @@ def submit(job: TrainJob, spec: JobSpec) -> ScontrolSlurmJob:
     try:
         sjob = ex.submit(job)
     except (FailedJobError, FailedSubmissionError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln or "fatal" in ln]
-        raise LaunchError(f"sbatch refused the job: {(lines or [str(exc)])[-1][:300]}") from None
-    submissions.append_event(job.run_dir, submissions.SUBMITTED, job_id=sjob.job_id, nodes=spec.nodes,
-                             tasks_per_node=spec.ntasks_per_node, gpus_per_node=spec.gpus_per_node,
-                             timeout_min=spec.timeout_min, max_requeues=spec.max_requeues,
-                             cfg=job.cfg_path, overrides=job.overrides, folder=str(ex.folder))
+        raise _refused(exc, "job") from None
+    _log_submitted(job, spec, sjob.job_id, ex.folder)
     return sjob
 
 
@@ -165,15 +174,10 @@ def submit_array(jobs: list[TrainJob], spec: JobSpec, folder: str | Path, parall
     try:
         handles = ex.submit_array(jobs)
     except (FailedJobError, FailedSubmissionError) as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln or "fatal" in ln]
-        raise LaunchError(f"sbatch refused the job array: {(lines or [str(exc)])[-1][:300]}") from None
+        raise _refused(exc, "job array") from None
     ids = [str(h.job_id) for h in handles]
     for job, job_id in zip(jobs, ids):
-        submissions.append_event(job.run_dir, submissions.SUBMITTED, job_id=job_id, nodes=spec.nodes,
-                                 tasks_per_node=spec.ntasks_per_node, gpus_per_node=spec.gpus_per_node,
-                                 timeout_min=spec.timeout_min, max_requeues=spec.max_requeues,
-                                 cfg=job.cfg_path, overrides=job.overrides, folder=str(ex.folder),
-                                 **({"sweep": sweep} if sweep else {}))
+        _log_submitted(job, spec, job_id, ex.folder, **({"sweep": sweep} if sweep else {}))
     return ids
 
 

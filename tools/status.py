@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from simmatch.errors import cli_errors  # noqa: E402
 from simmatch.run.jsonl import read_records  # noqa: E402
 from simmatch.run.lock import holder  # noqa: E402
+from simmatch.run.results import finished_index  # noqa: E402
 from simmatch.run.rundir import RunDir  # noqa: E402
 from slurm import submissions  # noqa: E402
 from slurm.jobstate import UNKNOWN, is_ended, query_job  # noqa: E402
@@ -118,12 +119,12 @@ def finished_text(records: list[dict]) -> str | None:
     """'finished (iteration N of N, top-1 teacher T% / student S%)' when the run's newest training
     record is the trainer's `finished` record (written after the final evaluation); None otherwise
     (still running, stopped, resumed for more, or a run from before that record existed)."""
-    progress = [i for i, r in enumerate(records) if r.get("kind") in ("train", "resume", "finished")]
-    if not progress or records[progress[-1]].get("kind") != "finished":
+    at = finished_index(records)
+    if at is None:
         return None
-    end = records[progress[-1]]
+    end = records[at]
     text = f"iteration {_count_text(end.get('iteration'))} of {_count_text(end.get('total_iters'))}"
-    final = next((r for r in reversed(records[:progress[-1]]) if r.get("kind") == "eval"
+    final = next((r for r in reversed(records[:at]) if r.get("kind") == "eval"
                   and _number(r.get("iteration")) is not None and r.get("iteration") == end.get("iteration")), None)
     if final is not None:
         for label, key in (("top-1", "top1"), ("k-NN top-1", "knn_top1")):
@@ -222,18 +223,19 @@ def _metrics(records: list[dict], n: int) -> str:
     return "\n".join(out)
 
 
-def point_state(run_dir: Path) -> tuple[str, bool]:
-    """(the run's state in one line, whether it has ended: finished, or nothing trains it now)."""
+def point_state(run_dir: Path) -> tuple[str, bool, bool]:
+    """(the run's state in one line, whether it has ended: finished, or nothing trains it now,
+    whether it is finished)."""
     if not run_dir.is_dir():
-        return "not started", True
+        return "not started", True, False
     records = read_records(RunDir(run_dir).metrics)
     newest = RunDir(run_dir).newest_checkpoint()
     state, detail = run_state(run_dir)
     text = state_line(run_dir, state, detail, records, [newest[0]] if newest else []).split(None, 1)[1]
-    finished = finished_text(records) is not None
+    finished = finished_index(records) is not None
     if state == "NO_JOB":
-        return text, finished or not holder(run_dir)
-    return text, finished or is_ended(state) or state in ("COMPLETED", "STOPPED")
+        return text, finished or not holder(run_dir), finished
+    return text, finished or is_ended(state) or state in ("COMPLETED", "STOPPED"), finished
 
 
 def sweep_report(root: Path) -> tuple[str, bool, bool]:
@@ -243,13 +245,13 @@ def sweep_report(root: Path) -> tuple[str, bool, bool]:
     sweep = load_sweep(root)
     points = sweep.points()
     states = [(p, *point_state(root / p.rel)) for p in points]
-    done = sum(text.startswith("finished") or "; finished" in text for _, text, _ in states)
+    done = sum(finished for *_, finished in states)
     width = max(len(p.rel) for p in points)
     grid = ", ".join(f"{k}: {len(v)}" for k, v in sweep.grid.items())
     lines = [f"sweep:      {root} ({len(points)} runs; grid {grid or 'none'}; seeds {sweep.seeds})",
              f"finished:   {done} of {len(points)}",
-             *(f"  {p.rel:<{width}}  {text}" for p, text, _ in states)]
-    return "\n".join(lines), all(ended for _, _, ended in states), done == len(points)
+             *(f"  {p.rel:<{width}}  {text}" for p, text, *_ in states)]
+    return "\n".join(lines), all(ended for _, _, ended, _ in states), done == len(points)
 
 
 def report(run_dir: Path, lines: int) -> str:

@@ -20,3 +20,11 @@ def evaluation_summary(records: list[dict]) -> dict[str, float | int | str]:
     median = last[mid] if len(last) % 2 else (last[mid - 1] + last[mid]) / 2
     return {"metric": metric, "final": values[-1], "best": max(values), f"median_last{LAST_EVALUATIONS}": median,
             "evaluations": len(values)}
+
+
+def finished_index(records: list[dict]) -> int | None:
+    """Where the trainer's `finished` record is, when it is the run's newest progress record
+    (`train`, `resume`, `finished`): the run is finished. None otherwise (still running, stopped,
+    resumed for more, or a run from before that record existed)."""
+    progress = [i for i, r in enumerate(records) if r.get("kind") in ("train", "resume", "finished")]
+    return progress[-1] if progress and records[progress[-1]].get("kind") == "finished" else None

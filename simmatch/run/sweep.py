@@ -18,6 +18,7 @@ from urllib.parse import quote
 from simmatch.errors import UserError
 from simmatch.files.atomic import atomic_write_text
 from simmatch.run.jsonl import read_records
+from simmatch.run.results import finished_index
 from simmatch.run.rundir import RunDir
 
 SWEEP_FILE = "sweep.json"
@@ -197,9 +198,7 @@ def open_sweep(root: Path, wanted: Sweep) -> Sweep:
 def run_finished(run_dir: Path) -> bool:
     """A run is finished when its metrics.jsonl's newest progress record is the trainer's
     `finished` record (written after the final evaluation)."""
-    records = read_records(RunDir(run_dir).metrics)
-    progress = [r.get("kind") for r in records if r.get("kind") in ("train", "resume", "finished")]
-    return bool(progress) and progress[-1] == "finished"
+    return finished_index(read_records(RunDir(run_dir).metrics)) is not None
 
 
 def final_evaluation(run_dir: Path) -> dict:
