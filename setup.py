@@ -28,8 +28,8 @@ setup(
         "dali": ["nvidia-dali-cuda130>=2.4,<2.5"],
         "dali-cuda120": ["nvidia-dali-cuda120>=2.4,<2.5"],
         "demo": ["scikit-learn", "matplotlib"],
-        "test": ["pytest", "pytest-timeout", "scikit-learn", "matplotlib", "tensorboard", "onnx", "onnxruntime",
-                 "ruff"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "filelock", "scikit-learn", "matplotlib",
+                 "tensorboard", "onnx", "onnxruntime", "ruff"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         "onnx": ["onnx", "onnxruntime"],  # tools/export.py --format onnx

@@ -1,11 +1,13 @@
 """Shared test helpers: repository paths, a runner for real multi-process gloo groups, the guard of
 the fast tier (a test not marked slow that starts a process fails), tools run in this process
-(call_tool), finished tiny runs trained once per session (trained_run), and the multi-process runs
+(call_tool), finished tiny runs trained once per test run (trained_run), and the multi-process runs
 that several tests read (two_rank_run) or compare theirs with (four_rank_reference)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import os
 import signal
@@ -15,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from conftest_workers import built_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The data and SLURM fixtures live in their own files; registered here, before any test module
 # imports them, so that their asserts are rewritten too.
 pytest.register_assert_rewrite("conftest_data", "conftest_slurm")
-pytest_plugins = ["conftest_data", "conftest_slurm"]
+pytest_plugins = ["conftest_data", "conftest_slurm", "conftest_workers"]
 
 
 def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
@@ -358,18 +361,20 @@ def call_tool(script: str, *args: str, env: dict[str, str] | None = None,
 
 @pytest.fixture(scope="session")
 def _trained_runs(digits_root, tmp_path_factory):
-    """Finished tiny runs (tiny_overrides plus the given overrides), each trained once per session
+    """Finished tiny runs (tiny_overrides plus the given overrides), each trained once per test run
     through tools/train.py (in this process, call_tool); tests get copies of them from `trained_run`."""
     runs: dict[tuple, Path] = {}
 
     def get(**extra) -> Path:
         key = tuple(sorted((k, str(v)) for k, v in extra.items()))
         if key not in runs:
-            run_dir = tmp_path_factory.mktemp("trained") / "run"
-            overrides = tiny_overrides(digits_root, run_dir, **extra)
-            res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *overrides)
-            assert res.returncode == 0, res.stderr[-3000:]
-            runs[key] = run_dir
+            def train(folder: Path) -> None:
+                overrides = tiny_overrides(digits_root, folder / "run", **extra)
+                res = call_tool("tools/train.py", "--cfg", "yaml/digits.yaml", *overrides)
+                assert res.returncode == 0, res.stderr[-3000:]
+
+            name = "trained-" + hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+            runs[key] = built_once(tmp_path_factory, name, train) / "run"
         return runs[key]
 
     return get
@@ -378,7 +383,7 @@ def _trained_runs(digits_root, tmp_path_factory):
 @pytest.fixture
 def trained_run(_trained_runs, tmp_path):
     """trained_run(name, **overrides): this test's own copy, tmp_path / name, of the finished tiny run
-    of digits_root with tiny_overrides(..., **overrides), trained once per session. The copy's saved
+    of digits_root with tiny_overrides(..., **overrides), trained once per test run. The copy's saved
     config names the copy as its train.run_dir, as if it had been trained there."""
     import shutil
 
@@ -409,12 +414,13 @@ def four_rank_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
 @pytest.fixture(scope="session")
 def four_rank_reference(digits_root, tmp_path_factory) -> Path:
     """The run directory of the uninterrupted `tools/train.py --nproc 4` run of FOUR_RANKS on
-    digits_root, trained once per session; tests only read it."""
-    run_dir = tmp_path_factory.mktemp("four_ranks") / "run"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "4",
-                   *four_rank_overrides(digits_root, run_dir), timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return run_dir
+    digits_root, trained once per test run; tests only read it."""
+    def train(folder: Path) -> None:
+        res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "4",
+                       *four_rank_overrides(digits_root, folder / "run"), timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "four_ranks", train) / "run"
 
 
 # The 2-process run that tests/engine/test_train.py reads for the outputs and tests/config/test_recipe.py
@@ -430,8 +436,13 @@ TWO_RANKS = {"train.scale": "per_gpu", "train.batch_per_gpu": 4, "optim.base_bat
 @pytest.fixture(scope="session")
 def two_rank_run(digits_root, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """(run directory, finished process) of `tools/train.py --nproc 2` with TWO_RANKS on digits_root,
-    trained once per session; tests only read it."""
-    run_dir = tmp_path_factory.mktemp("two_ranks") / "run"
-    res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "2",
-                   *tiny_overrides(digits_root, run_dir, **TWO_RANKS), timeout=600)
-    return run_dir, res
+    trained once per test run; tests only read it."""
+    def train(folder: Path) -> None:
+        res = run_tool("tools/train.py", "--cfg", "yaml/digits.yaml", "--nproc", "2",
+                       *tiny_overrides(digits_root, folder / "run", **TWO_RANKS), timeout=600)
+        process = {"args": res.args, "returncode": res.returncode, "stdout": res.stdout, "stderr": res.stderr}
+        (folder / "process.json").write_text(json.dumps(process))
+
+    folder = built_once(tmp_path_factory, "two_ranks", train)
+    process = json.loads((folder / "process.json").read_text())
+    return folder / "run", subprocess.CompletedProcess(**process)

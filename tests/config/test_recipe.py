@@ -157,13 +157,14 @@ def test_shipped_list_and_complement_on_an_imagenet_shaped_tree(tmp_path):
     from simmatch.data.splits import load_splits, read_list
 
     entries = read_list("shipped:imagenet/simmatch_split_1p_index.txt")
-    train = tmp_path / "train"
+    train, empty = tmp_path / "train", tmp_path / "empty"
+    empty.touch()  # 15,000 names of one empty file: links are made ten times faster than files
     for wnid in sorted({e.split("_")[0] for e in entries}):
         (train / wnid).mkdir(parents=True)
         for extra in ("x1", "x2"):
-            (train / wnid / f"{wnid}_{extra}.JPEG").touch()
+            os.link(empty, train / wnid / f"{wnid}_{extra}.JPEG")
     for e in entries:
-        (train / e.split("_")[0] / e).touch()
+        os.link(empty, train / e.split("_")[0] / e)
     cfg = load_config("yaml/in1k_1pct.yaml", [f"data.root={tmp_path}"])
     s = load_splits(cfg.data, need_val=False)
     assert [f.rsplit("/", 1)[1] for f in s.labeled_files] == entries  # list order = bank order
