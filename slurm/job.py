@@ -56,7 +56,9 @@ def export_distributed_env(job_env: Any) -> Any:
               "(right only when every node is this machine)", file=sys.stderr, flush=True)
     env.master_addr = resolved
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    env.master_port = random.Random(f"{job_env.job_id}.{restart}").randint(20000, 60000)
+    # below Linux's ephemeral range (32768-60999 by default), where the kernel picks the ports of other
+    # processes' connections on the node: such a port may be taken when the store binds
+    env.master_port = random.Random(f"{job_env.job_id}.{restart}").randint(20000, 32767)
     env.export(set_cuda_visible_devices=False, overwrite=True)
     # one CPU thread set per task, not one per core per task
     os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))

@@ -140,12 +140,11 @@ def _simmatch_logging_given_back():
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    """scikit-learn's digits as a JPEG tree at 16 px (written once per test session)."""
+    """scikit-learn's digits as a JPEG tree at 16 px, written once per test run: the runs shared by
+    the workers (built_once) name it in their configs, so every worker reads the same path."""
     from simmatch.data.digits import write_digits
 
-    root = tmp_path_factory.mktemp("digits16")
-    write_digits(root, size=16)
-    return root
+    return built_once(tmp_path_factory, "digits16", lambda root: write_digits(root, size=16))
 
 
 def tiny_overrides(root: Path, run_dir: Path, **extra) -> list[str]:
