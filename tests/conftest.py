@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
-from conftest_workers import built_once
+from conftest_workers import SLURM_FIXTURES, built_once
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ SLURM_TEST_TIMEOUT_S = 1800  # the first one also installs and starts the local 
 # Fixtures that start processes (gloo ranks, the SLURM cluster) or train runs: a test using one belongs
 # to the slow tier (pyproject.toml's addopts leave it out of a plain `pytest`; `pytest -m "" tests`
 # runs everything).
-SLOW_FIXTURES = frozenset({"gloo", "slurm_cluster", "slurm_env", "trained_run", "four_rank_reference", "two_rank_run"})
+SLOW_FIXTURES = frozenset({"gloo", "trained_run", "four_rank_reference", "two_rank_run"}) | SLURM_FIXTURES
 GUARD_MESSAGE = "starts a process: mark it slow"
 
 
