@@ -25,8 +25,9 @@ setup(
     ],
     extras_require={
         # DALI for CUDA 13 drivers (r580+); clusters on CUDA 12 drivers install the `dali-cuda120` extra.
-        "dali": ["nvidia-dali-cuda130>=2.4,<2.5"],
-        "dali-cuda120": ["nvidia-dali-cuda120>=2.4,<2.5"],
+        # numba compiles the CPU graphs' colour jitter (dali_pipelines/jitter_kernel.py).
+        "dali": ["nvidia-dali-cuda130>=2.4,<2.5", "numba>=0.61"],
+        "dali-cuda120": ["nvidia-dali-cuda120>=2.4,<2.5", "numba>=0.61"],
         "demo": ["scikit-learn", "matplotlib"],
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "filelock", "scikit-learn", "matplotlib",
                  "tensorboard", "onnx", "onnxruntime", "ruff"],

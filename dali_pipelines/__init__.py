@@ -4,4 +4,5 @@
 # so a change that keeps every image's output but not the operators bumps this; a stream whose
 # checkpoint names another layout replays its segment from the start instead (the same images
 # and draws), as it does when the reader changed.
-GRAPH_VERSION = 2
+# 3: the CPU graphs' colour jitter is one compiled operator (jitter_kernel.py).
+GRAPH_VERSION = 3

@@ -11,6 +11,10 @@ HSV hue). Every op takes and gives uint8 HWC, rounding and saturating to [0, 255
 op as torchvision does on uint8 images and PIL does; measured against torchvision's float
 ops on real photos the mean absolute difference stays under 1/255 per op
 (tests/data/test_color_parity.py holds it to 2/255).
+
+That is 60-odd DALI operators per jittered image, which DALI's CPU executor runs one after the
+other; the CPU graphs run the same arithmetic as one compiled operator instead
+(`fused_jitter`, jitter_kernel.py), the GPU graphs as these operators (batched GPU kernels).
 """
 from __future__ import annotations
 
@@ -180,16 +184,44 @@ def _step(adjust: Callable, factor) -> Callable:
     return lambda x: adjust(x, factor)
 
 
+@do_not_convert
+def saturation_matrix(factor):
+    """color_twist(saturation=factor)'s matrix as DALI builds it, per image: the operator's float
+    output for three unit pixels (1, 0, 0), (0, 1, 0), (0, 0, 1) is its three columns, exactly."""
+    unit = fn.constant(idata=[1, 0, 0, 0, 1, 0, 0, 0, 1], shape=[1, 3, 3], dtype=types.UINT8, layout="HWC")
+    return fn.color_twist(unit, saturation=factor, dtype=types.FLOAT)
+
+
+@do_not_convert
+def fused_jitter(images, factors: list, order):
+    """The jitter of `color_jitter` in one CPU operator (jitter_kernel.py): the same draws and,
+    image by image, the same levels as the operator graph."""
+    # The order first: DALI seeds its random operators in the order a depth-first walk from the
+    # outputs meets them, and the operator graph meets the order before the factors.
+    order_f = fn.cast(order, dtype=types.FLOAT)
+    nan = order_f * 0.0 + float("nan")  # a disabled op: skipped
+    params = fn.stack(order_f, *[nan if f is None else f for f in factors])
+    matrix = saturation_matrix(order_f * 0.0 + 1.0 if factors[2] is None else factors[2])
+    try:
+        from dali_pipelines.jitter_op import jitter_operator
+    except ImportError as exc:  # the dali extras install numba
+        raise ImportError(f"DALI's CPU colour jitter needs numba: pip install '.[dali]' ({exc})") from None
+    return fn.reshape(jitter_operator()(images, params, matrix), layout="HWC")  # names the layout only
+
+
 def color_jitter(images, brightness: float, contrast: float, saturation: float,
-                 hue: float) -> tuple[Any, dict[str, Any]]:
+                 hue: float, fused: bool | None = None) -> tuple[Any, dict[str, Any]]:
     """torchvision's ColorJitter on uint8 HWC images: the four factors and one of the 24
     orders drawn per image. Returns the jittered uint8 images and the draws (for tests):
     {"order": index into PERMUTATIONS, "brightness": ..., "hue": ...}; an empty range is None.
 
     Every image gets its ops in its drawn order, each rounded and saturated as torchvision's.
-    The hue rotation (about 50 elementwise operators) runs once, on every image: the ops drawn
-    before it run first, in three passes of one op per image (slots 0-2, SKIP where the slot
-    holds the hue or comes after it), those drawn after it in three more passes (slots 1-3).
+    On the CPU (or with `fused=True`) one compiled operator does it (`fused_jitter`); on the GPU
+    (or with `fused=False`) the graph of DALI operators below, whose levels that operator
+    reproduces bit for bit. In that graph the hue rotation (about 50 elementwise operators) runs
+    once, on every image: the ops drawn before it run first, in three passes of one op per
+    image (slots 0-2, SKIP where the slot holds the hue or comes after it), those drawn after it
+    in three more passes (slots 1-3).
     Branching each of the four slots four ways instead would run the hue's operators four
     times on a quarter of the images each: 4x the operator launches, on sub-batches too small
     to keep the thread pool busy (docs/PERFORMANCE.md, "Loader: where the second core went").
@@ -198,6 +230,9 @@ def color_jitter(images, brightness: float, contrast: float, saturation: float,
     """
     factors = draw_factors(brightness, contrast, saturation, hue)
     order = fn.random.uniform(values=list(range(len(PERMUTATIONS))), dtype=types.INT32)
+    draws = {"order": order, **dict(zip(OP_NAMES, factors))}
+    if images.device == "cpu" if fused is None else fused:
+        return fused_jitter(images, factors, order), draws
     steps = [_step(adjust, f) for adjust, f in zip(ADJUST, factors)]
     x = images
     for slot in range(0, 3):
@@ -205,4 +240,4 @@ def color_jitter(images, brightness: float, contrast: float, saturation: float,
     x = steps[HUE](x)
     for slot in range(1, 4):
         x = _apply(_pass_code(order, slot, False), x, steps)
-    return x, {"order": order, **dict(zip(OP_NAMES, factors))}
+    return x, draws

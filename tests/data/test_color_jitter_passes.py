@@ -1,4 +1,6 @@
-"""The colour jitter's graph (dali_pipelines/color.py) gives every image what the earlier graph gave it.
+"""The colour jitter's graph of DALI operators (dali_pipelines/color.py; the GPU graphs run it, and the
+CPU graphs' compiled operator reproduces it: test_jitter_kernel.py) gives every image what the
+earlier graph gave it.
 
 The earlier graph branched each of the four slots four ways (brightness, contrast, saturation,
 hue on the images that drew that op there); the current one runs the ops drawn before the hue in
@@ -93,7 +95,7 @@ def _run(jitter, crops, factors, iters: int = 6) -> list[tuple[np.ndarray, int]]
 
 
 def _current(x, b, c, s, h):
-    out, draws = color.color_jitter(x, b, c, s, h)
+    out, draws = color.color_jitter(x, b, c, s, h, fused=False)  # the operator graph (GPU graphs')
     return out, draws["order"]
 
 

@@ -203,4 +203,6 @@ def test_gpu_graphs_define_without_cuda(name):
     pipe = definition(batch_size=2, num_threads=1, device_id=None, seed=1,
                       cfg=cfg, file_root="/nonexistent",
                       files=["a.jpg"], device="gpu", layout="HWC", **extra)
-    assert len(pipe.serialize()) > 1000
+    graph = pipe.serialize()
+    assert len(graph) > 1000
+    assert b"NumbaFunction" not in graph  # the GPU graphs jitter with DALI's operators (color.py)
