@@ -20,7 +20,9 @@ compiled with gcc into a temporary folder) that sleeps D ms in every open of a p
 data tree or shard folder: an injected stand-in for a network file system's per-open metadata
 round trip, not a real network mount (the reads themselves stay local).
 
-Prints a table, the ratios and, as its last line, one JSON object.
+Prints a table (with `busy`: CPU seconds per second of the measuring process and its workers,
+and that per thread, the CPU utilisation), the ratios, the load average around the measurements
+and, as its last line, one JSON object.
 
     python benchmarks/loader.py --data DIR --backend all --device cpu --batch 32 --threads 2
     python benchmarks/loader.py --data DIR --shards OUT --format both --open-delay-ms 0 1
@@ -142,6 +144,7 @@ def measure(data: str | None, fmt: str, shards: str | None, backend: str, device
            "crop": crop, "strong": strong, "ctaugment": ctaugment, "iters": iters, "seconds": round(seconds, 3),
            "images_per_s": round(batch * iters / seconds, 1),
            "cpu_ms_per_image": round(1000 * cpu / (batch * iters), 2),
+           "cores_busy": round(cpu / seconds, 2),  # CPU seconds per second: 2.0 = two cores all the time
            "epoch_images": streams.num_unlabeled}
     if fmt == "shards":
         # shard files this process (not its DataLoader workers) opened in the timed part
@@ -330,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shim = build_shim(tmp) if any(d > 0 for d in delays) else None
         runs: dict[tuple, list[dict]] = {}
+        load_before = os.getloadavg()
         for _ in range(max(1, args.repeat)):
             for d in delays:
                 for b, f, t in itertools.product(backends, formats, args.threads):
@@ -341,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_child(child_command(args, b, f, t), child_env(extra),
                                   f"{b}/{f} at {d:g} ms, {t} threads")
                     runs.setdefault((b, f, d, t), []).append(r)
+        load_after = os.getloadavg()
         strace = shutil.which("strace")
         opens: dict[tuple, tuple] = {}
         opens_note = ("--no-opens" if args.no_opens else "strace not found") if args.no_opens or not strace else ""
@@ -374,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         row["runs_images_per_s"] = [r["images_per_s"] for r in rs]
         row["images_per_s"] = round(statistics.median(row["runs_images_per_s"]), 1)
         row["cpu_ms_per_image"] = round(statistics.median(r["cpu_ms_per_image"] for r in rs), 2)
+        row["cores_busy"] = round(statistics.median(r["cores_busy"] for r in rs), 2)
         del row["seconds"]
         if "shard_opens_this_process" in row:
             row["shard_opens_this_process"] = [r["shard_opens_this_process"] for r in rs]
@@ -392,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                              r["threads"]))
     for r in rows:
         r["images_per_s_per_thread"] = round(r["images_per_s"] / r["threads"], 1)
+        r["busy_per_thread"] = round(r["cores_busy"] / r["threads"], 2)  # CPU utilisation per thread
 
     def cell(v, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
@@ -406,14 +413,19 @@ def main(argv: list[str] | None = None) -> int:
               f"batches ({args.batch * args.iters} images), by strace -f, in a separate run without delay; "
               f"per epoch: that rate over the unlabeled set; whole run: the traced process from start to exit")
     print(f"{'backend':<8} {'format':<7} {'delay-ms':>8} {'device':<6} {'batch':>5} {'threads':>7} {'crop':>4} "
-          f"{'img/s':>8} {'/thread':>7} {'cpu-ms/img':>10} {'opens':>6} {'opens/1k':>8} {'/epoch':>7} {'whole':>6}")
+          f"{'img/s':>8} {'/thread':>7} {'cpu-ms/img':>10} {'busy':>5} {'/thread':>7} "
+          f"{'opens':>6} {'opens/1k':>8} {'/epoch':>7} {'whole':>6}")
     for r in rows:
         print(f"{r['backend']:<8} {r['format']:<7} {r['open_delay_ms']:>8g} {r['device']:<6} {r['batch']:>5} "
               f"{r['threads']:>7} {r['crop']:>4} {r['images_per_s']:>8.1f} {r['images_per_s_per_thread']:>7.1f} "
-              f"{r['cpu_ms_per_image']:>10.2f} "
+              f"{r['cpu_ms_per_image']:>10.2f} {r['cores_busy']:>5.2f} {r['busy_per_thread']:>7.2f} "
               f"{cell(r['opens'], 'd'):>6} {cell(r['opens_per_1k_images'], '.1f'):>8} "
               f"{cell(r['opens_per_epoch'], '.1f'):>7} {cell(r['opens_whole_run'], 'd'):>6}")
-    result: dict = {"rows": rows, "open_delay_ms": delays, "open_delay": "injected (LD_PRELOAD sleep per open), "
+    # the machine's 1-minute load average before and after the timed children (what else ran)
+    load = {"before": round(load_before[0], 2), "after": round(load_after[0], 2), "cores": os.cpu_count()}
+    print(f"load average (1 min): {load['before']} before, {load['after']} after, on {load['cores']} cores")
+    result: dict = {"rows": rows, "load_average": load, "open_delay_ms": delays,
+                    "open_delay": "injected (LD_PRELOAD sleep per open), "
                     "not a real network mount", "opens_counted_by": "strace" if opens else None}
     if opens_note:
         result["opens_note"] = opens_note

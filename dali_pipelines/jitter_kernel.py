@@ -4,7 +4,7 @@ The operator graph of color.py computes the jitter as 60-odd DALI operators per 
 hue rotation alone is 50 elementwise ones). DALI runs CPU operators one after the other, each
 spread over the thread pool and awaited, and each writes its whole batch to memory before the
 next reads it back: on the CPU the chain costs about 4 ms per jittered 224 px image and keeps
-the second core waiting (docs/PERFORMANCE.md, "Loader: where the second core goes"). This
+the second core waiting (docs/PERFORMANCE.md, "Loader: the colour jitter as one operator"). This
 kernel runs the four adjustments of one image in its drawn order in one pass per adjustment
 over three float planes, with the same float operations in the same order as the operator
 graph, so it gives every image the same levels, bit for bit (tests/data/test_jitter_kernel.py).
