@@ -20,9 +20,8 @@ compiled with gcc into a temporary folder) that sleeps D ms in every open of a p
 data tree or shard folder: an injected stand-in for a network file system's per-open metadata
 round trip, not a real network mount (the reads themselves stay local).
 
-Prints a table (with `busy`: CPU seconds per second of the measuring process and its workers,
-and that per thread, the CPU utilisation), the ratios, the load average around the measurements
-and, as its last line, one JSON object.
+Prints a table (`busy`: CPU seconds per second of the process and its workers, and per thread: the
+CPU utilisation), the ratios, the load average around them and, last, one JSON object.
 
     python benchmarks/loader.py --data DIR --backend all --device cpu --batch 32 --threads 2
     python benchmarks/loader.py --data DIR --shards OUT --format both --open-delay-ms 0 1
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         shim = build_shim(tmp) if any(d > 0 for d in delays) else None
         runs: dict[tuple, list[dict]] = {}
-        load_before = os.getloadavg()
+        load_before = os.getloadavg()  # the 1-minute load average around the timed children: what else ran
         for _ in range(max(1, args.repeat)):
             for d in delays:
                 for b, f, t in itertools.product(backends, formats, args.threads):
@@ -421,11 +420,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['cpu_ms_per_image']:>10.2f} {r['cores_busy']:>5.2f} {r['busy_per_thread']:>7.2f} "
               f"{cell(r['opens'], 'd'):>6} {cell(r['opens_per_1k_images'], '.1f'):>8} "
               f"{cell(r['opens_per_epoch'], '.1f'):>7} {cell(r['opens_whole_run'], 'd'):>6}")
-    # the machine's 1-minute load average before and after the timed children (what else ran)
     load = {"before": round(load_before[0], 2), "after": round(load_after[0], 2), "cores": os.cpu_count()}
     print(f"load average (1 min): {load['before']} before, {load['after']} after, on {load['cores']} cores")
-    result: dict = {"rows": rows, "load_average": load, "open_delay_ms": delays,
-                    "open_delay": "injected (LD_PRELOAD sleep per open), "
+    result: dict = {"rows": rows, "load_average": load, "open_delay_ms": delays, "open_delay": "injected (LD_PRELOAD "
+                    "sleep per open), "
                     "not a real network mount", "opens_counted_by": "strace" if opens else None}
     if opens_note:
         result["opens_note"] = opens_note

@@ -85,7 +85,9 @@ def test_loader_benchmark_tiny(digits_root):
     assert out["parallel_efficiency"] == {
         f"{b}/folder/0ms@2": pytest.approx(speed[(b, 2)] / (2 * speed[(b, 1)]), abs=0.01) for b in ("dali", "torch")}
     for r in out["rows"]:  # the CPU utilisation: CPU per image x images per second, per thread
-        assert 0 < r["cores_busy"] == pytest.approx(r["cpu_ms_per_image"] * r["images_per_s"] / 1000, rel=0.1, abs=0.02)
+        # (/proc counts CPU time in 10 ms ticks: a run this short may count none)
+        busy = r["cpu_ms_per_image"] * r["images_per_s"] / 1000
+        assert 0 <= r["cores_busy"] == pytest.approx(busy, rel=0.1, abs=0.02)
         assert r["busy_per_thread"] == pytest.approx(r["cores_busy"] / r["threads"], abs=0.006)
     assert set(out["load_average"]) == {"before", "after", "cores"}
 
