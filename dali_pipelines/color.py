@@ -231,7 +231,8 @@ def color_jitter(images, brightness: float, contrast: float, saturation: float,
     factors = draw_factors(brightness, contrast, saturation, hue)
     order = fn.random.uniform(values=list(range(len(PERMUTATIONS))), dtype=types.INT32)
     draws = {"order": order, **dict(zip(OP_NAMES, factors))}
-    if images.device == "cpu" if fused is None else fused:
+    use_kernel = images.device == "cpu" if fused is None else fused
+    if use_kernel:
         return fused_jitter(images, factors, order), draws
     steps = [_step(adjust, f) for adjust, f in zip(ADJUST, factors)]
     x = images

@@ -57,8 +57,8 @@ def contrast(r, g, b, factor):
     """brightness_contrast(contrast=f, contrast_center=the image's mean grey) on uint8.
 
     The channel means are sums of integer levels (exact in float64) divided in float32, as DALI's
-    mean reduction gives them while a channel's sum stays below 2^24 (any image up to 256 x 256
-    px); the grey is their luma, summed in color.grey_mean's order."""
+    mean reduction gives them (compared up to 400 x 560 px, sums past float32's 2^24); the grey
+    is their luma, summed in color.grey_mean's order."""
     n = F32(r.size)
     s_r = s_g = s_b = 0.0
     for i in range(r.size):

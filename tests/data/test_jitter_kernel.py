@@ -2,7 +2,7 @@
 image what the graph of DALI operators gives it (the GPU graphs' jitter, color.py): the same draws
 from the same seed and the same levels, bit for bit.
 
-Run on real photos (crops of scikit-learn's two photographs, of many sizes, up to 224 x 224) and
+Run on real photos (crops of scikit-learn's two photographs, of many sizes up to 400 x 560) and
 on images made to hit the kernel's edges (grey pixels, ties for the largest channel, 0 and 255),
 with every op enabled and with disabled ops (an empty factor range), and as part of the whole
 unlabeled pipeline on JPEG files. That the levels are torchvision's is test_color_parity.py's
@@ -28,14 +28,16 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def photo_crops() -> list[np.ndarray]:
-    """32 crops of 20-224 px a side from scikit-learn's two photographs, uint8 HWC."""
+    """32 crops of 20-224 px a side from scikit-learn's two photographs, and two of 400 x 560 px
+    (a channel's sum past 2^24, where float32 sums stop being exact), uint8 HWC."""
     from sklearn.datasets import load_sample_images
 
     rng = np.random.default_rng(3)
     out = []
     for i in range(32):
         photo = load_sample_images().images[i % 2]
-        h, w = (224, 224) if i < 4 else (int(rng.integers(20, 225)), int(rng.integers(20, 225)))
+        h, w = int(rng.integers(20, 225)), int(rng.integers(20, 225))
+        h, w = (400, 560) if i < 2 else (224, 224) if i < 6 else (h, w)
         y, x = int(rng.integers(0, photo.shape[0] - h)), int(rng.integers(0, photo.shape[1] - w))
         out.append(np.ascontiguousarray(photo[y:y + h, x:x + w]))
     return out
