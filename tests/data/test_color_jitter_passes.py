@@ -20,8 +20,9 @@ import pytest
 pytest.importorskip("nvidia.dali")
 pytest.importorskip("sklearn")
 
-from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from nvidia.dali import fn, types  # noqa: E402
 
+from conftest_data import jittered_levels  # noqa: E402
 from dali_pipelines import color  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -78,22 +79,6 @@ def crops() -> list[np.ndarray]:
     return out
 
 
-def _run(jitter, crops, factors, iters: int = 6) -> list[tuple[np.ndarray, int]]:
-    @pipeline_def(batch_size=len(crops), num_threads=2, device_id=None, seed=17, enable_conditionals=True)
-    def pipe():
-        x = fn.external_source(source=lambda: crops, batch=True, layout="HWC")
-        out, order = jitter(x, *factors)
-        return out, order
-
-    p = pipe()
-    p.build()
-    seen = []
-    for _ in range(iters):
-        out, order = p.run()
-        seen += [(np.array(out.at(i)), int(np.array(order.at(i)))) for i in range(len(crops))]
-    return seen
-
-
 def _current(x, b, c, s, h):
     out, draws = color.color_jitter(x, b, c, s, h, fused=False)  # the operator graph (GPU graphs')
     return out, draws["order"]
@@ -101,7 +86,8 @@ def _current(x, b, c, s, h):
 
 @pytest.mark.parametrize("factors", [(0.4, 0.4, 0.4, 0.1), (0.4, 0.4, 0.4, 0.0), (0.8, 0.0, 0.9, 0.5)])
 def test_the_jitter_gives_each_image_the_earlier_graphs_levels(crops, factors):
-    earlier, current = _run(FourWaySlots.jitter, crops, factors), _run(_current, crops, factors)
+    earlier = jittered_levels(FourWaySlots.jitter, crops, factors, 6)
+    current = jittered_levels(_current, crops, factors, 6)
     assert len({order for _, order in current}) == 24  # every order drawn, each branch exercised
     assert [o for _, o in earlier] == [o for _, o in current]
     diff = [int(np.abs(a.astype(int) - b).max()) for (a, _), (b, _) in zip(earlier, current)]

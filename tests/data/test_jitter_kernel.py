@@ -19,8 +19,7 @@ pytest.importorskip("nvidia.dali")
 pytest.importorskip("numba")
 pytest.importorskip("sklearn")
 
-from nvidia.dali import fn, pipeline_def  # noqa: E402
-
+from conftest_data import jittered_levels  # noqa: E402
 from dali_pipelines import color  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -54,20 +53,12 @@ def edge_images() -> list[np.ndarray]:
 
 
 def jittered(images: list[np.ndarray], factors: tuple, fused: bool, iters: int = 4):
-    """(levels, order) per image and iteration, from color_jitter with the given graph; seed 17."""
-    @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=17, enable_conditionals=True)
-    def pipe():
-        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        out, draws = color.color_jitter(x, *factors, fused=fused)
+    """(levels, order) per image and iteration, from color_jitter with the kernel or the operators."""
+    def jitter(x, *f):
+        out, draws = color.color_jitter(x, *f, fused=fused)
         return out, draws["order"]
 
-    p = pipe()
-    p.build()
-    seen = []
-    for _ in range(iters):
-        out, order = p.run()
-        seen += [(np.array(out.at(i)), int(np.array(order.at(i)))) for i in range(len(images))]
-    return seen
+    return jittered_levels(jitter, images, factors, iters)
 
 
 def assert_same(operators, kernel) -> None:
