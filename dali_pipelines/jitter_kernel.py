@@ -30,7 +30,6 @@ LUMA_R, LUMA_G, LUMA_B = F32(0.2989), F32(0.587), F32(0.114)
 # For each of the 24 orders (color.PERMUTATIONS), the op at each slot: brightness 0, contrast 1,
 # saturation 2, hue 3.
 ORDERS = np.array(list(itertools.permutations(range(4))), dtype=np.int32)
-PARAMS = 5  # the order's index (as a float), then the brightness, contrast, saturation and hue factors
 
 
 @njit(inline="always", cache=True)
@@ -43,13 +42,12 @@ def level(v):
 
 @njit(cache=True)
 def brightness(r, g, b, factor):
-    """DALI's brightness_contrast(brightness=f) on uint8: x * f, its multiplier and addend formed
-    as that operator forms them (the multiplier is f * 255 / 255)."""
+    """DALI's brightness_contrast(brightness=f) on uint8: x * f, its multiplier formed as that
+    operator forms it (f * 255 / 255); its addend is 0 here."""
     mul = (factor * TOP) / TOP
-    add = mul * (F32(128.0) - ONE * F32(128.0))
     for plane in (r, g, b):
         for i in range(plane.size):
-            plane[i] = level(plane[i] * mul + add)
+            plane[i] = level(plane[i] * mul)
 
 
 @njit(cache=True)
@@ -66,11 +64,10 @@ def contrast(r, g, b, factor):
         s_g += g[i]
         s_b += b[i]
     centre = (F32(s_r) / n * LUMA_R + F32(s_g) / n * LUMA_G) + F32(s_b) / n * LUMA_B
-    add = ONE * (centre - factor * centre)
-    mul = ONE * factor
+    add = centre - factor * centre
     for plane in (r, g, b):
         for i in range(plane.size):
-            plane[i] = level(plane[i] * mul + add)
+            plane[i] = level(plane[i] * factor + add)
 
 
 @njit(cache=True)
@@ -115,8 +112,9 @@ def hue(r, g, b, factor):
 
 @njit(cache=True)
 def jitter_image(out, image, params, sat_matrix):
-    """out (uint8 HWC) = `image` jittered: the adjustments in the order ORDERS[params[0]], each
-    with its factor params[1 + op] (NaN: skipped)."""
+    """out (uint8 HWC) = `image` jittered. `params` (float32): the order's index, then the
+    brightness, contrast, saturation and hue factors; the adjustments run in the order
+    ORDERS[params[0]], each with its factor params[1 + op] (NaN: skipped)."""
     src = image.reshape(-1)
     n = src.size // 3
     r = np.empty(n, np.float32)

@@ -17,8 +17,9 @@ from dali_pipelines.jitter_kernel import output_shapes, run_one_sample
 
 @functools.cache
 def jitter_operator():
-    """The DALI operator: inputs (uint8 HWC images, float32 params of jitter_kernel.PARAMS,
-    float32 1 x 3 x 3 saturation matrices), output the jittered uint8 images (no layout set)."""
+    """The DALI operator: inputs (uint8 HWC images, float32 params as jitter_kernel.jitter_image
+    reads them, float32 1 x 3 x 3 saturation matrices), output the jittered uint8 images (no
+    layout set)."""
     from nvidia.dali import types
     from nvidia.dali.plugin.numba import NumbaFunction
 
